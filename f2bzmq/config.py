@@ -1,0 +1,267 @@
+"""fail2ban-cluster.conf: one INI file for every role, overridden by a .local beside it.
+
+Every key is declared once below with its default and its parser, so a typo or a
+wrong value stops start-up with one line naming the file, section and key.
+"""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .protocol import ProtocolError, check_name
+
+DEFAULT_PATHS = ("/etc/fail2ban-cluster/fail2ban-cluster.conf", "fail2ban-cluster.conf")
+
+
+class ConfigError(Exception):
+    """A configuration mistake; str() is the one line to show the operator."""
+
+
+def _text(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _name(value: str) -> str:
+    try:
+        return check_name(value, "value")
+    except ProtocolError:
+        raise ValueError("must be 1-64 letters, digits or ._- characters") from None
+
+
+def _node(value: str) -> str:
+    return _name(value or socket.gethostname().split(".")[0])
+
+
+def _number(kind: type, low: float, high: float) -> Callable[[str], float]:
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a {kind.__name__}") from None
+        if not low <= number <= high:
+            raise ValueError(f"{value} is out of range {low}..{high}")
+        return number
+
+    return parse
+
+
+def _bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+def _words(value: str) -> list[str]:
+    return value.replace(",", " ").split()
+
+
+def _hosts(value: str) -> list[str]:
+    hosts = _words(value)
+    if not hosts:
+        raise ValueError("names no host")
+    for host in hosts:
+        if host == "*":
+            continue
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            if not all(part.isalnum() or "-" in part for part in host.split(".")):
+                raise ValueError(f"{host!r} is not a host name or address") from None
+    return hosts
+
+
+def _networks(value: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    networks = []
+    for word in _words(value):
+        try:
+            networks.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            raise ValueError(f"{word!r} is not an address or CIDR network") from None
+    return networks
+
+
+def _jail_names(value: str) -> list[str]:
+    return [_name(word) for word in _words(value)]
+
+
+def _jail_map(value: str) -> dict[str, str]:
+    mapping = {}
+    for line in value.replace(",", "\n").splitlines():
+        if not line.strip():
+            continue
+        cluster_jail, sep, local_jail = line.partition("=")
+        if not sep:
+            raise ValueError(f"{line.strip()!r} is not 'cluster_jail = local_jail'")
+        mapping[_name(cluster_jail.strip())] = _name(local_jail.strip())
+    return mapping
+
+
+def _loglevel(value: str) -> int:
+    level = logging.getLevelName(value.upper())
+    if not isinstance(level, int):
+        raise ValueError(f"{value!r} is not one of DEBUG, INFO, NOTICE, WARNING, ERROR")
+    return level
+
+
+def _logtarget(value: str) -> str:
+    if value.upper() in ("AUTO", "STDERR", "SYSLOG"):
+        return value.upper()
+    if not os.path.isabs(value):
+        raise ValueError("must be AUTO, STDERR, SYSLOG or an absolute file path")
+    return value
+
+
+# (section, key) -> (default, parser). The shipped fail2ban-cluster.conf documents each.
+SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
+    ("general", "node"): ("", _node),
+    ("general", "hubs"): ("127.0.0.1", _hosts),
+    ("general", "report_port"): ("5690", _number(int, 1, 65535)),
+    ("general", "publish_port"): ("5691", _number(int, 1, 65535)),
+    ("general", "snapshot_port"): ("5692", _number(int, 1, 65535)),
+    ("general", "state_dir"): ("/var/lib/fail2ban-cluster", _text),
+    ("general", "run_dir"): ("/run/fail2ban-cluster", _text),
+    ("general", "logtarget"): ("AUTO", _logtarget),
+    ("general", "loglevel"): ("INFO", _loglevel),
+    ("general", "fail2ban_socket"): ("/var/run/fail2ban/fail2ban.sock", _text),
+    ("general", "fail2ban_client"): ("fail2ban-client", _text),
+    ("general", "sync_jail"): ("cluster", _name),
+    ("general", "jail_map"): ("", _jail_map),
+    ("monitor", "logpath"): ("/var/log/fail2ban.log", _text),
+    ("monitor", "ignore_jails"): ("", _jail_names),
+    ("monitor", "ack_timeout"): ("5", _number(float, 0.1, 3600)),
+    ("monitor", "in_flight"): ("100", _number(int, 1, 100000)),
+    ("monitor", "start_at"): ("end", lambda v: _choice(v, ("end", "beginning"))),
+    ("publisher", "bind"): ("127.0.0.1", _hosts),
+    ("publisher", "default_bantime"): ("600", _number(int, -1, 2**31 - 1)),
+    ("publisher", "heartbeat_interval"): ("1", _number(float, 0.05, 3600)),
+    ("publisher", "send_hwm"): ("100000", _number(int, 1000, 10**8)),
+    ("publisher", "allow_networks"): ("true", _bool),
+    ("subscriber", "allowlist"): ("127.0.0.0/8 ::1/128", _networks),
+    ("subscriber", "batch_size"): ("200", _number(int, 1, 10000)),
+    ("subscriber", "heartbeat_timeout"): ("5", _number(float, 0.1, 3600)),
+}
+
+
+def _choice(value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    """Parsed settings; `get(section, key)` returns the parsed value."""
+
+    path: str
+    values: dict[tuple[str, str], object]
+
+    def get(self, section: str, key: str):
+        return self.values[(section, key)]
+
+    @property
+    def node(self) -> str:
+        return self.values[("general", "node")]
+
+    def endpoints(self, port_key: str) -> list[str]:
+        """tcp:// endpoints of every hub for one of the three ports."""
+        port = self.values[("general", port_key)]
+        return [tcp_endpoint(host, port) for host in self.values[("general", "hubs")]]
+
+    def binds(self, port_key: str) -> list[str]:
+        port = self.values[("general", port_key)]
+        return [tcp_endpoint(host, port) for host in self.values[("publisher", "bind")]]
+
+    def state_path(self, name: str) -> Path:
+        return Path(self.values[("general", "state_dir")]) / name
+
+    def sync_jails(self) -> set[str]:
+        """Local jails the subscriber writes into: the monitor must not report them back."""
+        return {
+            self.values[("general", "sync_jail")],
+            *self.values[("general", "jail_map")].values(),
+        }
+
+
+def tcp_endpoint(host: str, port: int) -> str:
+    bare = host.strip("[]")
+    if ":" in bare:
+        return f"tcp://[{bare}]:{port}"
+    return f"tcp://{bare}:{port}"
+
+
+def find_config(path: str | None) -> str:
+    """The file to read: the one given, else the first default that exists."""
+    if path is not None:
+        return path
+    for candidate in DEFAULT_PATHS:
+        if os.path.exists(candidate):
+            return candidate
+    raise ConfigError(
+        f"no configuration file: looked for {' and '.join(DEFAULT_PATHS)}; use -c PATH"
+    )
+
+
+# Relative paths in these keys are taken from the configuration file's folder, so a
+# daemon (whose working directory is /) finds the same files as the command that started it.
+PATH_KEYS = {
+    ("general", "state_dir"),
+    ("general", "run_dir"),
+    ("general", "fail2ban_socket"),
+    ("monitor", "logpath"),
+}
+
+
+def load_config(path: str) -> Config:
+    """Read path and its optional .local override; raise ConfigError naming file, section, key."""
+    raw: dict[tuple[str, str], tuple[str, str]] = {}  # (section, key) -> (value, file)
+    local = str(Path(path).with_suffix(".local"))
+    for file, required in ((path, True), (local, False)):
+        if not required and not os.path.exists(file):
+            continue
+        for key, value in _read_ini(file).items():
+            raw[key] = (value, file)
+    values = {}
+    for (section, key), (default, parse) in SCHEMA.items():
+        value, file = raw.pop((section, key), (default, path))
+        try:
+            values[(section, key)] = parse(value.strip())
+            if (section, key) in PATH_KEYS:
+                values[(section, key)] = str(Path(path).resolve().parent / values[(section, key)])
+        except ValueError as error:
+            raise ConfigError(f"{file}: [{section}] {key}: {error}") from None
+    if raw:
+        (section, key), (_, file) = next(iter(raw.items()))
+        raise ConfigError(f"{file}: [{section}] {key}: unknown key")
+    return Config(path, values)
+
+
+def _read_ini(file: str) -> dict[tuple[str, str], str]:
+    parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
+    try:
+        with open(file, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as error:
+        raise ConfigError(f"{file}: cannot read: {error.strerror}") from None
+    except (configparser.Error, UnicodeDecodeError) as error:
+        first = str(error).splitlines()[0]
+        raise ConfigError(f"{file}: not a valid INI file: {first}") from None
+    known_sections = {section for section, _ in SCHEMA}
+    found = {}
+    for section in parser.sections():
+        if section not in known_sections:
+            raise ConfigError(f"{file}: [{section}]: unknown section")
+        for key, value in parser.items(section):
+            found[(section, key)] = value
+    return found

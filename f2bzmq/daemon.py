@@ -1,0 +1,233 @@
+"""start / stop / restart / status / run for one role, with a PID file and python-daemon.
+
+`start` forks a daemon and waits on a pipe until the daemon says it is up (or why it
+is not), so a port already in use is reported on the terminal, not only in a log.
+Every ZeroMQ context is made after the fork: one made before it hangs the daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import daemon
+
+from .config import Config
+from .runtime import setup_logging
+
+log = logging.getLogger("f2bzmq")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_NOT_RUNNING = 3  # LSB: program is not running
+START_TIMEOUT = 20.0
+
+
+class RoleControl:
+    """Runs and controls one role's daemon: `factory(config, status_path)` builds its reactor."""
+
+    def __init__(self, role: str, config: Config, factory: Callable) -> None:
+        self.role = role
+        self.config = config
+        self.factory = factory
+        run_dir = Path(config.get("general", "run_dir"))
+        self.pidfile = run_dir / f"{role}.pid"
+        self.status_file = run_dir / f"{role}.status"
+
+    def running_pid(self) -> int | None:
+        """The PID in the PID file if that process is alive; a stale file is removed."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            self.pidfile.unlink(missing_ok=True)
+            return None
+        except PermissionError:
+            pass
+        return pid
+
+    def run(self, foreground: bool = True) -> int:
+        """Run the role's loop in this process until SIGTERM or SIGINT."""
+        setup_logging(
+            self.role,
+            self.config.get("general", "logtarget"),
+            self.config.get("general", "loglevel"),
+            foreground,
+        )
+        pid = self.running_pid()
+        if pid is not None and pid != os.getpid():
+            print(f"fail2ban-{self.role} is already running (pid {pid})", file=sys.stderr)
+            return EXIT_FAILED
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            reactor = self.factory(self.config, self.status_file)
+        except Exception as error:
+            log.error("cannot start the %s: %s", self.role, error)
+            if foreground:
+                print(f"fail2ban-{self.role}: cannot start: {error}", file=sys.stderr)
+            return EXIT_FAILED
+        self.pidfile.write_text(f"{os.getpid()}\n")
+        try:
+            reactor.run()
+        finally:
+            self.pidfile.unlink(missing_ok=True)
+            self.status_file.unlink(missing_ok=True)
+        return EXIT_OK
+
+    def start(self) -> int:
+        pid = self.running_pid()
+        if pid is not None:
+            print(f"fail2ban-{self.role} is already running (pid {pid})", file=sys.stderr)
+            return EXIT_FAILED
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        read_fd, write_fd = os.pipe()
+        if os.fork() == 0:
+            os.close(read_fd)
+            self._daemonize(write_fd)
+        os.close(write_fd)
+        message = _read_all(read_fd, START_TIMEOUT)
+        if message.startswith("ok "):
+            print(f"fail2ban-{self.role} started (pid {message.split()[1]})")
+            return EXIT_OK
+        reason = message.strip() or "the daemon exited during start-up; see its log"
+        print(f"fail2ban-{self.role}: cannot start: {reason}", file=sys.stderr)
+        return EXIT_FAILED
+
+    def _daemonize(self, ready_fd: int) -> None:
+        """In the forked child: detach, build the reactor, report on the pipe, run."""
+        code = EXIT_FAILED
+        try:
+            with daemon.DaemonContext(
+                files_preserve=[ready_fd], detach_process=True, umask=0o022, working_directory="/"
+            ):
+                setup_logging(
+                    self.role,
+                    self.config.get("general", "logtarget"),
+                    self.config.get("general", "loglevel"),
+                    foreground=False,
+                )
+                try:
+                    reactor = self.factory(self.config, self.status_file)
+                    self.pidfile.write_text(f"{os.getpid()}\n")
+                except Exception as error:
+                    log.error("cannot start the %s: %s", self.role, error)
+                    os.write(ready_fd, f"{error}\n".encode())
+                    os._exit(EXIT_FAILED)
+                os.write(ready_fd, f"ok {os.getpid()}\n".encode())
+                os.close(ready_fd)
+                try:
+                    reactor.run()
+                    code = EXIT_OK
+                except Exception:
+                    log.exception("the %s stopped on an error", self.role)
+                finally:
+                    self.pidfile.unlink(missing_ok=True)
+                    self.status_file.unlink(missing_ok=True)
+        finally:
+            os._exit(code)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        pid = self.running_pid()
+        if pid is None:
+            print(f"fail2ban-{self.role} is not running")
+            return EXIT_OK
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                self.pidfile.unlink(missing_ok=True)
+                print(f"fail2ban-{self.role} stopped")
+                return EXIT_OK
+            time.sleep(0.05)
+        print(
+            f"fail2ban-{self.role} (pid {pid}) did not stop within {timeout:.0f} s", file=sys.stderr
+        )
+        return EXIT_FAILED
+
+    def restart(self) -> int:
+        code = self.stop()
+        return code if code != EXIT_OK else self.start()
+
+    def status(self) -> int:
+        pid = self.running_pid()
+        if pid is None:
+            print(f"fail2ban-{self.role} is not running")
+            return EXIT_NOT_RUNNING
+        try:
+            status = json.loads(self.status_file.read_text())
+        except (OSError, ValueError):
+            print(f"fail2ban-{self.role} is running (pid {pid}); no status reported yet")
+            return EXIT_OK
+        print(format_status(self.role, pid, status))
+        age = time.time() - status.get("updated", 0)
+        if age > 30:
+            print(f"`- warning: the daemon has not updated its status for {age:.0f} s")
+            return EXIT_FAILED
+        return EXIT_OK
+
+
+def format_status(role: str, pid: int, status: dict) -> str:
+    """fail2ban-client style tree of the daemon's own figures."""
+    lines = [f"Status of fail2ban-{role} (pid {pid}, node {status.get('node')})"]
+    items = [(k, v) for k, v in sorted(status.items()) if k not in ("role", "node", "pid")]
+    for index, (key, value) in enumerate(items):
+        branch = "`-" if index == len(items) - 1 else "|-"
+        if key == "updated":
+            value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+        if isinstance(value, dict) and value:
+            lines.append(f"{branch} {key}:")
+            keys = list(value)
+            for number, sub in enumerate(keys):
+                inner = "`-" if number == len(keys) - 1 else "|-"
+                pad = "   " if branch == "`-" else "|  "
+                lines.append(f"{pad}{inner} {sub}: {_flat(value[sub])}")
+        else:
+            lines.append(f"{branch} {key}: {_flat(value)}")
+    return "\n".join(lines)
+
+
+def _flat(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_flat(v)}" for k, v in value.items()) or "none"
+    if value is None:
+        return "never"
+    return str(value)
+
+
+def _read_all(fd: int, timeout: float) -> str:
+    """Read the daemon's start-up word until it closes the pipe or the time is up."""
+    import select
+
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError as error:
+                if error.errno == errno.EINTR:
+                    continue
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if b"\n" in chunk:
+                break
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "replace")

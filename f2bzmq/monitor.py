@@ -1,0 +1,271 @@
+"""The node's reporter: fail2ban.log lines in, events to every hub, kept until ACKed.
+
+One poll loop over a wake-up pipe (woken by the log follower's inotify thread and
+by signals) and one DEALER per hub (`reporters`). Every event is in the outbox on
+disk before it is sent; a DEALER lets many events be in flight, each ACKed by id,
+and a hub that stays silent past `ack_timeout` gets a fresh socket and the events
+again, after a capped exponential backoff (a duplicate is harmless: hubs drop
+event ids they have seen).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from . import protocol
+from .config import Config
+from .fail2ban import Fail2banClient, Fail2banError
+from .logparse import BanReporter, Kind, LogRecord
+from .outbox import Outbox
+from .protocol import BanEvent, ProtocolError
+from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, write_status
+from .tail import LogFollower, LogPosition
+
+log = logging.getLogger("f2bzmq.monitor")
+
+MAX_BACKOFF = 30.0
+BANTIME_CACHE = 60.0  # seconds a jail's bantime read from fail2ban stays trusted
+SAFETY_CHECK = 5.0  # inotify can drop events under load: stat the log this often
+
+
+class HubReporter:
+    """One hub: its DEALER socket and the events sent to it but not yet answered."""
+
+    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+        self.context = context
+        self.endpoint = endpoint
+        self.in_flight: dict[str, tuple[int, float]] = {}  # event id -> (outbox row, sent at)
+        self.cursor = 0  # last outbox row sent
+        self.failures = 0  # consecutive timeouts, for the backoff
+        self.paused_until = 0.0
+        self.last_ack: float | None = None
+        self.socket = self._connect()
+
+    def _connect(self) -> zmq.Socket:
+        sock = self.context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.sndhwm = 100000
+        sock.connect(self.endpoint)
+        return sock
+
+    def reset(self, now: float) -> None:
+        """The hub did not answer in time: new socket, resend all after a backoff."""
+        self.socket.close()
+        self.socket = self._connect()
+        self.in_flight.clear()
+        self.cursor = 0
+        self.failures += 1
+        self.paused_until = now + min(MAX_BACKOFF, 0.5 * 2 ** (self.failures - 1))
+
+    def oldest(self) -> float | None:
+        return min((sent for _, sent in self.in_flight.values()), default=None)
+
+
+class Monitor:
+    """The node's reactor: log lines to the outbox, the outbox to the hubs."""
+
+    def __init__(self, config: Config, status_path=None) -> None:
+        self.config = config
+        self.status_path = status_path
+        self.node = config.node
+        self.ack_timeout = config.get("monitor", "ack_timeout")
+        self.window = config.get("monitor", "in_flight")
+        ignore = set(config.get("monitor", "ignore_jails")) | config.sync_jails()
+        self.reporter = BanReporter(ignore)
+        self.fail2ban = Fail2banClient(
+            config.get("general", "fail2ban_socket"),
+            client_program=config.get("general", "fail2ban_client"),
+        )
+        self.bantimes: dict[str, tuple[int | None, float]] = {}
+        config.state_path("").mkdir(parents=True, exist_ok=True)
+        endpoints = config.endpoints("report_port")
+        self.outbox = Outbox(config.state_path("monitor.sqlite3"), endpoints)
+        saved = self.outbox.position()
+        self.wakeup = Wakeup()
+        self.signals = StopSignals(self.wakeup)
+        self.follower = LogFollower(
+            config.get("monitor", "logpath"),
+            position=None if saved is None else LogPosition.from_json(saved),
+            wake=self.wakeup.wake,
+            from_end=config.get("monitor", "start_at") == "end",
+        )
+        self.refusals = RateLimitedLog(log)
+        self.counters = {"reported": 0, "acked": 0, "refused": 0}
+        self.context = zmq.Context()
+        self.hubs = [HubReporter(self.context, endpoint) for endpoint in endpoints]
+
+    def run(self) -> None:
+        log.log(
+            NOTICE,
+            "monitor %s started: following %s, reporting to %s, %d events waiting",
+            self.node,
+            self.config.get("monitor", "logpath"),
+            " ".join(hub.endpoint for hub in self.hubs),
+            self.outbox.depth(),
+        )
+        self.follower.start()
+        poller = zmq.Poller()
+        poller.register(self.wakeup.read_fd, zmq.POLLIN)
+        for hub in self.hubs:
+            poller.register(hub.socket, zmq.POLLIN)
+        next_check = next_status = 0.0
+        self.read_log()
+        while not self.signals.stopping:
+            self.send_pending()
+            ready = dict(poller.poll(self._timeout_ms()))
+            if self.wakeup.read_fd in ready:
+                self.wakeup.drain()
+                self.read_log()
+            now = time.monotonic()
+            for hub in self.hubs:
+                if hub.socket in ready:
+                    self.handle_replies(hub)
+                oldest = hub.oldest()
+                if oldest is not None and now - oldest > self.ack_timeout:
+                    log.warning(
+                        "no answer from %s for %.1f s: %d events wait in the outbox; retrying",
+                        hub.endpoint,
+                        now - oldest,
+                        self.outbox.depth(hub.endpoint),
+                    )
+                    poller.unregister(hub.socket)
+                    hub.reset(now)
+                    poller.register(hub.socket, zmq.POLLIN)
+            if now >= next_check:
+                self.follower.check()
+                next_check = now + SAFETY_CHECK
+            if self.status_path is not None and now >= next_status:
+                write_status(self.status_path, self.status())
+                next_status = now + 2
+        self.close()
+
+    def _timeout_ms(self) -> int:
+        now = time.monotonic()
+        deadlines = [now + SAFETY_CHECK]
+        for hub in self.hubs:
+            oldest = hub.oldest()
+            if oldest is not None:
+                deadlines.append(oldest + self.ack_timeout)
+            if hub.paused_until > now:
+                deadlines.append(hub.paused_until)
+        return max(1, int((min(deadlines) - now) * 1000) + 1)
+
+    def read_log(self) -> None:
+        """Turn new log lines into events, stored with the new log position in one commit."""
+        for _ in range(10000):
+            lines = self.follower.read_lines()
+            records = self.reporter.feed_lines(lines)
+            events = [self.make_event(record) for record in records]
+            events = [event for event in events if event is not None]
+            if lines or events:
+                self.outbox.add(events, self.follower.position().to_json())
+            for event in events:
+                log.log(NOTICE, "%s: queued for the cluster", event.describe())
+            self.counters["reported"] += len(events)
+            if not self.follower.has_more():
+                return
+
+    def make_event(self, record: LogRecord) -> BanEvent | None:
+        action = protocol.BAN if record.kind is Kind.BAN else protocol.UNBAN
+        bantime = None
+        if action == protocol.BAN:
+            bantime = record.bantime if record.bantime is not None else self.bantime(record.jail)
+        try:
+            return BanEvent.new(self.node, record.jail, action, record.ip, record.time, bantime)
+        except ProtocolError as error:
+            self.refusals.warning(
+                str(error), "[%s] %s not reported: %s", record.jail, record.ip, error
+            )
+            return None
+
+    def bantime(self, jail: str) -> int | None:
+        """The jail's bantime from fail2ban, cached; None when fail2ban can't say."""
+        now = time.monotonic()
+        cached = self.bantimes.get(jail)
+        if cached is not None and now - cached[1] < BANTIME_CACHE:
+            return cached[0]
+        try:
+            value = int(self.fail2ban.bantime(jail))
+            value = value if value == protocol.PERMANENT or value > 0 else None
+        except (Fail2banError, OSError, ValueError) as error:
+            self.refusals.warning("bantime", "cannot read the bantime of [%s]: %s", jail, error)
+            value = None
+        self.bantimes[jail] = (value, now)
+        return value
+
+    def send_pending(self) -> None:
+        now = time.monotonic()
+        for hub in self.hubs:
+            if hub.paused_until > now:
+                continue
+            room = self.window - len(hub.in_flight)
+            if room <= 0:
+                continue
+            for row, body in self.outbox.pending(hub.endpoint, room, hub.cursor):
+                event_id = BanEvent.decode(body).id
+                hub.socket.send_multipart([protocol.PROTOCOL, protocol.EVENT, body])
+                hub.in_flight[event_id] = (row, now)
+                hub.cursor = row
+
+    def handle_replies(self, hub: HubReporter) -> None:
+        for _ in range(10000):
+            try:
+                frames = hub.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                kind, rest = protocol.split_message(frames)
+                if kind not in (protocol.ACK, protocol.NAK) or len(rest) != 1:
+                    raise ProtocolError("expected an ack or a nak")
+                body = protocol.decode_object(rest[0], 4096)
+            except ProtocolError as error:
+                self.refusals.warning(str(error), "odd reply from %s: %s", hub.endpoint, error)
+                continue
+            event_id = body.get("id")
+            if event_id not in hub.in_flight:
+                continue
+            del hub.in_flight[event_id]
+            hub.failures = 0
+            hub.last_ack = time.time()
+            if kind == protocol.NAK:
+                reason = str(body.get("reason", "no reason given"))[:200]
+                if body.get("retry") is True:
+                    hub.cursor = 0  # sent again from the outbox on the next round
+                    continue
+                self.counters["refused"] += 1
+                log.error("%s refused event %s: %s; dropped", hub.endpoint, event_id, reason)
+            else:
+                self.counters["acked"] += 1
+            self.outbox.ack(hub.endpoint, event_id)
+
+    def status(self) -> dict:
+        position = self.follower.position()
+        return {
+            "role": "monitor",
+            "node": self.node,
+            "logpath": str(self.config.get("monitor", "logpath")),
+            "position": position.offset,
+            "outbox": self.outbox.depth(),
+            "hubs": {
+                hub.endpoint: {
+                    "waiting": self.outbox.depth(hub.endpoint),
+                    "in_flight": len(hub.in_flight),
+                    "last_ack": hub.last_ack,
+                }
+                for hub in self.hubs
+            },
+            **self.counters,
+        }
+
+    def close(self) -> None:
+        self.follower.stop()
+        for hub in self.hubs:
+            hub.socket.close()
+        self.context.term()
+        self.outbox.close()
+        self.fail2ban.close()
+        self.wakeup.close()
+        log.log(NOTICE, "monitor %s stopped", self.node)

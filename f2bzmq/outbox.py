@@ -1,0 +1,76 @@
+"""The monitor's durable outbox: events wait on disk until every publisher ACKed them.
+
+The log position is stored in the same SQLite transaction as the events made from
+the lines before it, so a monitor killed at any point neither loses a line nor
+reports one twice.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+
+from .protocol import BanEvent
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL, target TEXT NOT NULL, body BLOB NOT NULL,
+    UNIQUE (id, target));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class Outbox:
+    """Events not yet ACKed, one row per (event, publisher), in the order they were made."""
+
+    def __init__(self, path: str | os.PathLike, targets: Sequence[str]):
+        self.targets = list(targets)  # publisher endpoints every event must reach
+        self.db = sqlite3.connect(os.fspath(path), isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+        # A publisher removed from the configuration will never ACK: forget its rows.
+        marks = ",".join("?" * len(self.targets))
+        with self.db:
+            self.db.execute(f"DELETE FROM outbox WHERE target NOT IN ({marks})", self.targets)
+
+    def add(self, events: Iterable[BanEvent], position: str | None = None) -> None:
+        """Store new events (and the log position after them) in one transaction."""
+        rows = [(e.id, t, e.encode()) for e in events for t in self.targets]
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT OR IGNORE INTO outbox (id, target, body) VALUES (?, ?, ?)", rows
+            )
+            if position is not None:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('position', ?)", (position,))
+
+    def pending(self, target: str, limit: int, after: int = 0) -> list[tuple[int, bytes]]:
+        """Up to `limit` (row, body) waiting for `target`, oldest first, past row `after`."""
+        return self.db.execute(
+            "SELECT seq, body FROM outbox WHERE target = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (target, after, limit),
+        ).fetchall()
+
+    def ack(self, target: str, event_id: str) -> bool:
+        """The publisher at `target` has the event: forget it there. False if unknown."""
+        with self.db:
+            cursor = self.db.execute(
+                "DELETE FROM outbox WHERE id = ? AND target = ?", (event_id, target)
+            )
+        return cursor.rowcount > 0
+
+    def depth(self, target: str | None = None) -> int:
+        if target is None:
+            return self.db.execute("SELECT COUNT(DISTINCT id) FROM outbox").fetchone()[0]
+        query = "SELECT COUNT(*) FROM outbox WHERE target = ?"
+        return self.db.execute(query, (target,)).fetchone()[0]
+
+    def position(self) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'position'").fetchone()
+        return None if row is None else row[0]
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,192 @@
+"""Wire protocol v1: the ban event, its strict validation, and the message frames.
+
+Every message is a multipart ZeroMQ message whose first frame is PROTOCOL and
+second frame names the message kind; bodies are strict JSON objects. Nothing here
+touches a socket, so every rule is tested without one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, replace
+
+PROTOCOL = b"F2BZMQ1"
+
+# Message kinds (second frame).
+EVENT = b"event"  # monitor -> publisher: [PROTOCOL, EVENT, event]
+ACK = b"ack"  # publisher -> monitor: [PROTOCOL, ACK, {"id": …}]
+NAK = b"nak"  # publisher -> monitor: [PROTOCOL, NAK, {"id": …, "reason": …}]
+UPDATE = b"update"  # PUB: [PROTOCOL, UPDATE, {"publisher": …, "seq": n}, event]
+HUGZ = b"hugz"  # PUB heartbeat: [PROTOCOL, HUGZ, {"publisher": …, "seq": n}]
+SNAPSHOT_REQUEST = b"icanhaz"  # subscriber -> publisher: [PROTOCOL, SNAPSHOT_REQUEST, {}]
+SNAPSHOT_PART = b"snapshot"  # publisher -> subscriber: [PROTOCOL, SNAPSHOT_PART, header, [events]]
+
+BAN = "ban"
+UNBAN = "unban"
+PERMANENT = -1
+
+MAX_BODY = 4096  # bytes of one event's JSON; a real event is about 250
+MAX_NAME = 64
+# fail2ban refuses jail names it can't use in a command line or a chain name; we
+# are stricter still: letters, digits and ._- only, so a name is never a path or a flag.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ID = re.compile(r"^[0-9a-f]{32}$")
+_FIELDS = {"id", "node", "jail", "action", "ip", "time", "bantime"}
+_REQUIRED = {"id", "node", "jail", "action", "ip", "time"}
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the protocol; the text is the reason sent back in a NAK."""
+
+
+@dataclass(frozen=True)
+class BanEvent:
+    """One ban or unban of an address in a jail, as reported by one node."""
+
+    id: str
+    node: str
+    jail: str
+    action: str
+    ip: str
+    time: float
+    bantime: int | None = None  # seconds; PERMANENT for ever; None when the origin didn't know
+
+    @classmethod
+    def new(
+        cls,
+        node: str,
+        jail: str,
+        action: str,
+        ip: str,
+        when: float | None = None,
+        bantime: int | None = None,
+    ) -> BanEvent:
+        """Make a validated event with a fresh unique id."""
+        event = cls(uuid.uuid4().hex, node, jail, action, ip, when or time.time(), bantime)
+        return event.validated()
+
+    def validated(self, allow_networks: bool = True) -> BanEvent:
+        """Check every field; return the event with its address in canonical form."""
+        if not isinstance(self.id, str) or not _ID.match(self.id):
+            raise ProtocolError("id must be 32 lowercase hex digits")
+        check_name(self.node, "node")
+        check_name(self.jail, "jail")
+        if self.action not in (BAN, UNBAN):
+            raise ProtocolError(f"action must be {BAN!r} or {UNBAN!r}")
+        ip = canonical_address(self.ip, allow_networks)
+        if isinstance(self.time, bool) or not isinstance(self.time, (int, float)):
+            raise ProtocolError("time must be a number")
+        if not 0 < self.time < 2**33:
+            raise ProtocolError("time is out of range")
+        if self.bantime is not None and (
+            isinstance(self.bantime, bool)
+            or not isinstance(self.bantime, int)
+            or not (self.bantime == PERMANENT or 0 < self.bantime < 2**31)
+        ):
+            raise ProtocolError("bantime must be a positive number of seconds or -1")
+        if self.action == UNBAN and self.bantime is not None:
+            raise ProtocolError("an unban has no bantime")
+        return replace(self, ip=ip, time=float(self.time))
+
+    def expiry(self, default_bantime: int) -> float | None:
+        """When this ban ends (unix time), or None for a permanent ban."""
+        bantime = default_bantime if self.bantime is None else self.bantime
+        return None if bantime == PERMANENT else self.time + bantime
+
+    def encode(self) -> bytes:
+        body = {
+            "id": self.id,
+            "node": self.node,
+            "jail": self.jail,
+            "action": self.action,
+            "ip": self.ip,
+            "time": self.time,
+        }
+        if self.bantime is not None:
+            body["bantime"] = self.bantime
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes, allow_networks: bool = True) -> BanEvent:
+        """Parse and validate an event body; raise ProtocolError with the reason."""
+        body = decode_object(data, MAX_BODY)
+        unknown = set(body) - _FIELDS
+        if unknown:
+            raise ProtocolError(f"unknown field {sorted(unknown)[0]!r}")
+        missing = _REQUIRED - set(body)
+        if missing:
+            raise ProtocolError(f"missing field {sorted(missing)[0]!r}")
+        event = cls(
+            body["id"],
+            body["node"],
+            body["jail"],
+            body["action"],
+            body["ip"],
+            body["time"],
+            body.get("bantime"),
+        )
+        return event.validated(allow_networks)
+
+    def describe(self) -> str:
+        """fail2ban-style text: '[sshd] Ban 192.0.2.10 from node1'."""
+        verb = "Ban" if self.action == BAN else "Unban"
+        return f"[{self.jail}] {verb} {self.ip} from {self.node}"
+
+
+def check_name(value: object, field: str) -> str:
+    """A node or jail name: letters, digits and ._- only, at most 64 characters."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ProtocolError(f"{field} must be 1-{MAX_NAME} letters, digits or ._- characters")
+    return value
+
+
+def canonical_address(value: object, allow_networks: bool = True) -> str:
+    """Parse an address with ipaddress; networks only in CIDR form and only when allowed."""
+    if not isinstance(value, str) or not 2 <= len(value) <= 49:
+        raise ProtocolError("ip must be an IPv4 or IPv6 address")
+    try:
+        if "/" not in value:
+            return str(ipaddress.ip_address(value))
+        if not allow_networks:
+            raise ProtocolError("networks are not allowed here")
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError as error:
+        raise ProtocolError(f"ip {value!r} is not an address: {error}") from None
+    if network.num_addresses == 1:
+        return str(network.network_address)
+    return str(network)
+
+
+def decode_object(data: bytes, limit: int) -> dict:
+    """Strict JSON object of at most `limit` bytes."""
+    if len(data) > limit:
+        raise ProtocolError(f"body is larger than {limit} bytes")
+    try:
+        body = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ProtocolError(f"body is not JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("body must be a JSON object")
+    return body
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def encode_object(body: dict) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def split_message(frames: list[bytes]) -> tuple[bytes, list[bytes]]:
+    """Check the protocol frame; return the kind and the remaining frames."""
+    if len(frames) < 2:
+        raise ProtocolError("message has too few frames")
+    if frames[0] != PROTOCOL:
+        shown = frames[0][:20].decode("ascii", "replace")
+        raise ProtocolError(f"unknown protocol {shown!r}, expected {PROTOCOL.decode()}")
+    return frames[1], frames[2:]

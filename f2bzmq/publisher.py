@@ -1,0 +1,246 @@
+"""The hub: takes reports from monitors, keeps the cluster's ban table, broadcasts changes.
+
+One poll loop over three sockets, after zguide's Clone server: `collector`
+(ROUTER) takes events and answers ACK/NAK, `broadcaster` (PUB) sends updates and
+heartbeats, `snapshots` (ROUTER) hands the whole table to subscribers that
+(re)connect or saw a gap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from . import protocol
+from .config import Config
+from .protocol import BanEvent, ProtocolError
+from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, write_status
+from .state import Outcome, StateStore, Update
+
+log = logging.getLogger("f2bzmq.publisher")
+
+MAX_MESSAGE = 64 * 1024  # a whole report message; larger ones disconnect the peer
+DRAIN_LIMIT = 1000  # reports taken per commit: one fsync ACKs them all
+SNAPSHOT_PART = 500  # events per snapshot message
+
+
+class Publisher:
+    """The hub's reactor."""
+
+    def __init__(self, config: Config, status_path=None) -> None:
+        self.config = config
+        self.status_path = status_path
+        self.default_bantime = config.get("publisher", "default_bantime")
+        self.allow_networks = config.get("publisher", "allow_networks")
+        self.heartbeat_interval = config.get("publisher", "heartbeat_interval")
+        state_dir = config.state_path("")
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = StateStore(config.state_path("publisher.sqlite3"))
+        self.table = self.store.load(config.node, self.default_bantime, 86400.0)
+        self.refusals = RateLimitedLog(log)
+        self.counters = {"accepted": 0, "refused": 0, "duplicates": 0, "broadcast": 0}
+        self.nodes: dict[str, float] = {}  # node name -> last report time
+        self.context = zmq.Context()
+        self.collector = self._socket(zmq.ROUTER, config.binds("report_port"))
+        self.broadcaster = self._socket(zmq.PUB, config.binds("publish_port"))
+        self.snapshots = self._socket(zmq.ROUTER, config.binds("snapshot_port"))
+        self.wakeup = Wakeup()
+        self.signals = StopSignals(self.wakeup)
+        self.next_hugz = 0.0
+
+    def _socket(self, kind: int, endpoints: list[str]) -> zmq.Socket:
+        sock = self.context.socket(kind)
+        sock.linger = 1000
+        if kind == zmq.PUB:
+            # PUB drops silently past the high-water mark; sequence numbers make a
+            # drop visible to subscribers, a high mark makes it rare.
+            sock.sndhwm = self.config.get("publisher", "send_hwm")
+        else:
+            sock.maxmsgsize = MAX_MESSAGE
+            sock.router_mandatory = False
+        for endpoint in endpoints:
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as error:
+                raise RuntimeError(f"cannot bind {endpoint}: {error}") from None
+        return sock
+
+    def run(self) -> None:
+        log.log(
+            NOTICE,
+            "publisher %s started: reports on %s, updates on %s, snapshots on %s; "
+            "%d active bans, sequence %d",
+            self.config.node,
+            " ".join(self.config.binds("report_port")),
+            " ".join(self.config.binds("publish_port")),
+            " ".join(self.config.binds("snapshot_port")),
+            len(self.table.bans),
+            self.table.sequence,
+        )
+        poller = zmq.Poller()
+        poller.register(self.collector, zmq.POLLIN)
+        poller.register(self.snapshots, zmq.POLLIN)
+        poller.register(self.wakeup.read_fd, zmq.POLLIN)
+        next_status = 0.0
+        while not self.signals.stopping:
+            now = time.time()
+            deadline = min(self.next_hugz, self.table.next_expiry() or now + 3600)
+            ready = dict(poller.poll(max(0, int((deadline - now) * 1000)) + 1))
+            if self.wakeup.read_fd in ready:
+                self.wakeup.drain()
+            if self.collector in ready:
+                self.handle_reports()
+            if self.snapshots in ready:
+                self.handle_snapshots()
+            now = time.time()
+            self.flush_ttl(now)
+            if now >= self.next_hugz:
+                self.send_hugz(now)
+            if self.status_path is not None and now >= next_status:
+                write_status(self.status_path, self.status())
+                next_status = now + 2
+        self.close()
+
+    def handle_reports(self) -> None:
+        """Take every waiting report, commit them in one transaction, then answer and broadcast."""
+        replies: list[list[bytes]] = []
+        updates: list[Update] = []
+        now = time.time()
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = self.collector.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            peer, body = frames[0], frames[1:]
+            reply, update = self.handle_report(body, now)
+            replies.append([peer, *reply])
+            if update is not None:
+                updates.append(update)
+        self.store.commit(self.table)
+        for reply in replies:
+            self.collector.send_multipart(reply)
+        for update in updates:
+            self.broadcast(update)
+
+    def handle_report(self, frames: list[bytes], now: float) -> tuple[list[bytes], Update | None]:
+        """Validate and apply one report; return the reply frames and what to broadcast."""
+        event_id = ""
+        try:
+            kind, rest = protocol.split_message(frames)
+            if kind != protocol.EVENT or len(rest) != 1:
+                raise ProtocolError(f"expected one {protocol.EVENT.decode()} body")
+            event = BanEvent.decode(rest[0], self.allow_networks)
+            event_id = event.id
+        except ProtocolError as error:
+            self.counters["refused"] += 1
+            self.refusals.warning(str(error), "refused a report: %s", error)
+            body = {"id": event_id, "reason": str(error), "retry": False}
+            return [protocol.PROTOCOL, protocol.NAK, protocol.encode_object(body)], None
+        outcome, update = self.table.apply(event, now)
+        self.nodes[event.node] = now
+        if outcome is Outcome.DUPLICATE:
+            self.counters["duplicates"] += 1
+        else:
+            self.counters["accepted"] += 1
+        if update is not None:
+            log.log(NOTICE, "%s", event.describe())
+        else:
+            log.debug("%s: %s", event.describe(), outcome.value)
+        reply = {"id": event.id, "outcome": outcome.value}
+        return [protocol.PROTOCOL, protocol.ACK, protocol.encode_object(reply)], update
+
+    def broadcast(self, update: Update) -> None:
+        header = {"publisher": self.table.instance, "seq": update.seq}
+        self.broadcaster.send_multipart(
+            [
+                protocol.PROTOCOL,
+                protocol.UPDATE,
+                protocol.encode_object(header),
+                update.event.encode(),
+            ]
+        )
+        self.counters["broadcast"] += 1
+
+    def flush_ttl(self, now: float) -> None:
+        """Lift bans whose time is up, even when their origin never reports the Unban."""
+        expiry = self.table.next_expiry()
+        if expiry is None or expiry > now:
+            return
+        updates = self.table.expire(now)
+        self.store.commit(self.table)
+        for update in updates:
+            log.log(NOTICE, "[%s] Unban %s: ban time is up", update.event.jail, update.event.ip)
+            self.broadcast(update)
+
+    def send_hugz(self, now: float) -> None:
+        """Heartbeat with the current sequence, so silence means a dead link and a gap shows."""
+        header = {"publisher": self.table.instance, "seq": self.table.sequence}
+        self.broadcaster.send_multipart(
+            [protocol.PROTOCOL, protocol.HUGZ, protocol.encode_object(header)]
+        )
+        self.next_hugz = now + self.heartbeat_interval
+
+    def handle_snapshots(self) -> None:
+        for _ in range(100):
+            try:
+                frames = self.snapshots.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            peer, body = frames[0], frames[1:]
+            try:
+                kind, _ = protocol.split_message(body)
+                if kind != protocol.SNAPSHOT_REQUEST:
+                    raise ProtocolError(f"expected {protocol.SNAPSHOT_REQUEST.decode()}")
+            except ProtocolError as error:
+                self.refusals.warning(str(error), "refused a snapshot request: %s", error)
+                continue
+            self.send_snapshot(peer)
+
+    def send_snapshot(self, peer: bytes) -> None:
+        sequence, events = self.table.snapshot()
+        parts = [events[i : i + SNAPSHOT_PART] for i in range(0, len(events), SNAPSHOT_PART)]
+        parts = parts or [[]]
+        for number, part in enumerate(parts):
+            header = {
+                "publisher": self.table.instance,
+                "seq": sequence,
+                "part": number,
+                "last": number == len(parts) - 1,
+            }
+            body = b"[" + b",".join(event.encode() for event in part) + b"]"
+            self.snapshots.send_multipart(
+                [
+                    peer,
+                    protocol.PROTOCOL,
+                    protocol.SNAPSHOT_PART,
+                    protocol.encode_object(header),
+                    body,
+                ]
+            )
+        log.debug("sent a snapshot of %d bans at sequence %d", len(events), sequence)
+
+    def status(self) -> dict:
+        per_jail: dict[str, int] = {}
+        for jail, _ in self.table.bans:
+            per_jail[jail] = per_jail.get(jail, 0) + 1
+        return {
+            "role": "publisher",
+            "node": self.config.node,
+            "sequence": self.table.sequence,
+            "active_bans": per_jail,
+            "nodes": {node: round(seen) for node, seen in self.nodes.items()},
+            **self.counters,
+        }
+
+    def close(self) -> None:
+        self.store.commit(self.table)
+        self.store.close()
+        for sock in (self.collector, self.broadcaster, self.snapshots):
+            sock.close()
+        self.context.term()
+        self.wakeup.close()
+        log.log(
+            NOTICE, "publisher %s stopped at sequence %d", self.config.node, self.table.sequence
+        )

@@ -1,0 +1,118 @@
+"""What every daemon's poll loop shares: a wake-up pipe, stop signals, logging, the status file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NOTICE = 25  # fail2ban's level between INFO and WARNING
+logging.addLevelName(NOTICE, "NOTICE")
+
+
+class Wakeup:
+    """A self-pipe a poll loop watches, so threads and signal handlers can wake it."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+
+    def wake(self) -> None:
+        # A full pipe means the loop is awake already.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self.write_fd, b"x")
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT ask the loop to finish its work and stop; SIGHUP asks it to reload."""
+
+    def __init__(self, wakeup: Wakeup) -> None:
+        self.stopping = False
+        self.reload = False
+        self.wakeup = wakeup
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, self._reload)
+
+    def _stop(self, signum, frame) -> None:
+        self.stopping = True
+        self.wakeup.wake()
+
+    def _reload(self, signum, frame) -> None:
+        self.reload = True
+        self.wakeup.wake()
+
+
+class RateLimitedLog:
+    """Logs a repeated problem once per interval, then says how many were left unsaid."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.last: dict[str, tuple[float, int]] = {}
+
+    def warning(self, key: str, message: str, *args) -> None:
+        now = time.monotonic()
+        logged_at, suppressed = self.last.get(key, (0.0, 0))
+        if logged_at and now - logged_at < self.interval:
+            self.last[key] = (logged_at, suppressed + 1)
+            return
+        if suppressed:
+            message += f" ({suppressed} more like it not logged)"
+        self.logger.warning(message, *args)
+        self.last[key] = (now, 0)
+        if len(self.last) > 10000:  # a hostile peer must not grow this without bound
+            self.last.clear()
+
+
+def setup_logging(role: str, target: str, level: int, foreground: bool) -> None:
+    """fail2ban-like lines to stderr, syslog or a file; 'AUTO' is stderr in the foreground."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    name = f"f2bzmq.{role}"
+    if target == "AUTO":
+        target = "STDERR" if foreground else f"/var/log/fail2ban-cluster/{role}.log"
+    if target == "STDERR":
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        fmt = f"%(asctime)s {name:<20} [%(process)d]: %(levelname)-7s %(message)s"
+    elif target == "SYSLOG":
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        fmt = f"{name}[%(process)d]: %(levelname)-7s %(message)s"
+    else:
+        path = Path(target.replace("{role}", role))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.WatchedFileHandler(path)
+        fmt = f"%(asctime)s {name:<20} [%(process)d]: %(levelname)-7s %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def write_status(path: Path, status: dict) -> None:
+    """Replace the status file atomically, so `status` never reads half of it."""
+    status = dict(status, updated=time.time(), pid=os.getpid())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(status, handle, indent=1, sort_keys=True)
+    os.replace(tmp, path)

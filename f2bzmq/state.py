@@ -1,0 +1,209 @@
+"""The cluster's ban table: which addresses are banned in which jail, by whom, until when.
+
+`BanTable` is pure (events in, broadcasts out) so the publisher's rules are tested
+without sockets; `StateStore` keeps it in SQLite so a publisher killed at any
+moment loses nothing it has ACKed.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .protocol import BAN, UNBAN, BanEvent
+
+
+class Outcome(str, Enum):
+    """What applying one reported event did to the table."""
+
+    BANNED = "banned"  # new in the cluster: broadcast
+    UNBANNED = "unbanned"  # the last origin lifted it: broadcast
+    EXTENDED = "extended"  # already banned; this origin's ban was recorded, nothing to broadcast
+    REDUNDANT = "redundant"  # changes nothing (unban of what isn't banned by that node)
+    EXPIRED = "expired"  # a ban whose time was already up when it arrived
+    DUPLICATE = "duplicate"  # the same event id was seen before
+
+
+@dataclass(frozen=True)
+class Update:
+    """One broadcast change with its sequence number."""
+
+    seq: int
+    event: BanEvent
+
+
+@dataclass
+class ActiveBan:
+    """One (jail, address) the cluster bans, and each origin node's expiry (None = permanent)."""
+
+    event: BanEvent  # the ban that started it: what snapshots hand out
+    origins: dict[str, float | None] = field(default_factory=dict)
+
+    def expiry(self) -> float | None:
+        ends = list(self.origins.values())
+        return None if None in ends else max(ends)
+
+
+class BanTable:
+    """Active bans, the broadcast sequence number and the ids already seen."""
+
+    def __init__(self, publisher: str, default_bantime: int, dedupe_window: float = 86400.0):
+        self.publisher = publisher  # node name used for the unbans the table itself decides
+        self.default_bantime = default_bantime
+        self.dedupe_window = dedupe_window
+        self.instance = uuid.uuid4().hex  # changes when the state is lost: subscribers resync
+        self.sequence = 0
+        self.bans: dict[tuple[str, str], ActiveBan] = {}
+        self.seen: dict[str, float] = {}
+        self.journal: list[tuple] = []  # changes not yet persisted, in order
+
+    def apply(self, event: BanEvent, now: float) -> tuple[Outcome, Update | None]:
+        """Record a validated event from a node; return what it did and what to broadcast."""
+        if event.id in self.seen:
+            return Outcome.DUPLICATE, None
+        self.seen[event.id] = now
+        self.journal.append(("seen", event.id, now))
+        key = (event.jail, event.ip)
+        active = self.bans.get(key)
+        if event.action == BAN:
+            expiry = event.expiry(self.default_bantime)
+            if expiry is not None and expiry <= now:
+                return Outcome.EXPIRED, None
+            if active is None:
+                active = self.bans[key] = ActiveBan(event)
+                active.origins[event.node] = expiry
+                self.journal.append(("origin", event, event.node, expiry))
+                return Outcome.BANNED, self._broadcast(event)
+            previous = active.origins.get(event.node, 0.0)
+            if event.node not in active.origins or _later(expiry, previous):
+                active.origins[event.node] = expiry
+                self.journal.append(("origin", active.event, event.node, expiry))
+            return Outcome.EXTENDED, None
+        if active is None or event.node not in active.origins:
+            return Outcome.REDUNDANT, None
+        return self._lift(key, event.node, event)
+
+    def expire(self, now: float) -> list[Update]:
+        """Drop origins whose ban time is up; broadcast an unban where none is left."""
+        updates = []
+        for key, active in list(self.bans.items()):
+            for node, ends in list(active.origins.items()):
+                if ends is not None and ends <= now:
+                    unban = BanEvent.new(self.publisher, key[0], UNBAN, key[1], now)
+                    _, update = self._lift(key, node, unban)
+                    if update is not None:
+                        updates.append(update)
+        for event_id, seen_at in list(self.seen.items()):
+            if seen_at + self.dedupe_window <= now:
+                del self.seen[event_id]
+                self.journal.append(("forget", event_id))
+        return updates
+
+    def next_expiry(self) -> float | None:
+        """The earliest time any origin's ban ends, for the publisher's timer."""
+        ends = [e for a in self.bans.values() for e in a.origins.values() if e is not None]
+        return min(ends, default=None)
+
+    def snapshot(self) -> tuple[int, list[BanEvent]]:
+        """The sequence number and every active ban, for a (re)connecting subscriber."""
+        return self.sequence, [active.event for active in self.bans.values()]
+
+    def _lift(self, key: tuple[str, str], node: str, event: BanEvent):
+        active = self.bans[key]
+        del active.origins[node]
+        self.journal.append(("drop", key[0], key[1], node))
+        if active.origins:
+            return Outcome.EXTENDED, None
+        del self.bans[key]
+        return Outcome.UNBANNED, self._broadcast(event)
+
+    def _broadcast(self, event: BanEvent) -> Update:
+        self.sequence += 1
+        self.journal.append(("sequence", self.sequence))
+        return Update(self.sequence, event)
+
+
+def _later(expiry: float | None, previous: float | None) -> bool:
+    if previous is None:
+        return False
+    return expiry is None or expiry > previous
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS bans (
+    jail TEXT NOT NULL, ip TEXT NOT NULL, node TEXT NOT NULL,
+    event TEXT NOT NULL, expiry REAL,
+    PRIMARY KEY (jail, ip, node));
+CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, at REAL NOT NULL);
+"""
+
+
+class StateStore:
+    """SQLite home of a BanTable; `commit` writes the table's journal in one transaction."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.db = sqlite3.connect(self.path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # FULL: an ACK is sent only after the commit reached the disk.
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+
+    def load(self, publisher: str, default_bantime: int, dedupe_window: float) -> BanTable:
+        table = BanTable(publisher, default_bantime, dedupe_window)
+        meta = dict(self.db.execute("SELECT key, value FROM meta"))
+        if "instance" in meta:
+            table.instance = meta["instance"]
+            table.sequence = int(meta.get("sequence", "0"))
+        else:
+            self.db.execute("INSERT INTO meta VALUES ('instance', ?)", (table.instance,))
+        rows = self.db.execute("SELECT jail, ip, node, event, expiry FROM bans ORDER BY rowid")
+        for jail, ip, node, text, expiry in rows:
+            active = table.bans.get((jail, ip))
+            if active is None:
+                event = BanEvent.decode(text.encode())
+                active = table.bans[(jail, ip)] = ActiveBan(event)
+            active.origins[node] = expiry
+        table.seen = dict(self.db.execute("SELECT id, at FROM seen"))
+        return table
+
+    def commit(self, table: BanTable) -> None:
+        """Persist every change since the last commit, atomically."""
+        if not table.journal:
+            return
+        with self.db:
+            self.db.execute("BEGIN")
+            self._write(table.journal)
+        table.journal.clear()
+
+    def _write(self, journal: Iterable[tuple]) -> None:
+        execute = self.db.execute
+        for change in journal:
+            what = change[0]
+            if what == "seen":
+                execute("INSERT OR REPLACE INTO seen VALUES (?, ?)", change[1:])
+            elif what == "forget":
+                execute("DELETE FROM seen WHERE id = ?", change[1:])
+            elif what == "origin":
+                event, node, expiry = change[1:]
+                execute(
+                    "INSERT OR REPLACE INTO bans VALUES (?, ?, ?, ?, ?)",
+                    (event.jail, event.ip, node, event.encode().decode(), expiry),
+                )
+            elif what == "drop":
+                execute("DELETE FROM bans WHERE jail = ? AND ip = ? AND node = ?", change[1:])
+            elif what == "sequence":
+                execute("INSERT OR REPLACE INTO meta VALUES ('sequence', ?)", (str(change[1]),))
+
+    def counts(self) -> dict[str, int]:
+        """Active bans per jail, read from the disk: what `status` shows."""
+        rows = self.db.execute("SELECT jail, COUNT(DISTINCT ip) FROM bans GROUP BY jail")
+        return dict(rows)
+
+    def close(self) -> None:
+        self.db.close()

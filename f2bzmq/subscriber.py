@@ -1,0 +1,402 @@
+"""The node side: follow the hub's updates and keep the local sync jail equal to the cluster.
+
+`ClusterView` and `desired_bans` are pure; `Subscriber` is one poll loop over one
+SUB socket (`updates`) and one DEALER (`snapshots`) per hub, plus fail2ban's socket.
+It catches up from a snapshot at start, after a gap in sequence numbers, and after
+the hub's heartbeats stopped, then reconciles the jail with what the cluster bans.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import zmq
+
+from . import protocol
+from .config import Config
+from .fail2ban import Fail2banClient, Fail2banError
+from .protocol import BanEvent, ProtocolError
+from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, write_status
+
+log = logging.getLogger("f2bzmq.subscriber")
+
+MAX_MESSAGE = 4 * 1024 * 1024  # a snapshot part of 500 events is about 130 kB
+SNAPSHOT_TIMEOUT = 10.0
+RETRY_INTERVAL = 2.0  # fail2ban unreachable: try again this often
+
+
+@dataclass
+class ClusterView:
+    """What one hub says the cluster bans: (jail, address) -> the ban event."""
+
+    bans: dict[tuple[str, str], BanEvent] = field(default_factory=dict)
+
+    def apply(self, event: BanEvent) -> None:
+        key = (event.jail, event.ip)
+        if event.action == protocol.BAN:
+            self.bans.setdefault(key, event)
+        else:
+            self.bans.pop(key, None)
+
+
+class LocalPolicy:
+    """This node's rules: which jail a cluster ban goes to, and what it never bans."""
+
+    def __init__(self, node: str, sync_jail: str, jail_map: dict[str, str], allowlist) -> None:
+        self.node = node
+        self.sync_jail = sync_jail
+        self.jail_map = jail_map
+        self.allowlist = list(allowlist)
+
+    def local_jail(self, cluster_jail: str) -> str:
+        return self.jail_map.get(cluster_jail, self.sync_jail)
+
+    def allowed(self, ip: str) -> bool:
+        """True when the allowlist covers the address or overlaps the network."""
+        network = ipaddress.ip_network(ip, strict=False)
+        return any(
+            network.version == allowed.version and network.overlaps(allowed)
+            for allowed in self.allowlist
+        )
+
+    def wants(self, event: BanEvent) -> bool:
+        """A cluster ban this node applies: not its own report and not allowlisted."""
+        return event.node != self.node and not self.allowed(event.ip)
+
+    def local_jails(self) -> set[str]:
+        return {self.sync_jail, *self.jail_map.values()}
+
+
+def desired_bans(views: Iterable[ClusterView], policy: LocalPolicy) -> dict[str, set[str]]:
+    """Local jail -> addresses it must ban, from every hub's view."""
+    wanted: dict[str, set[str]] = {jail: set() for jail in policy.local_jails()}
+    for view in views:
+        for event in view.bans.values():
+            if policy.wants(event):
+                wanted[policy.local_jail(event.jail)].add(event.ip)
+    return wanted
+
+
+class HubLink:
+    """The sockets to one hub and where this node stands in its update stream."""
+
+    def __init__(self, context: zmq.Context, publish: str, snapshot: str) -> None:
+        self.publish_endpoint = publish
+        self.snapshot_endpoint = snapshot
+        self.context = context
+        self.view = ClusterView()
+        self.instance: str | None = None  # the hub state's identity; a new one means resync
+        self.sequence = 0  # last sequence applied
+        self.synced = False  # a snapshot has been applied since the last loss of contact
+        self.heard = time.monotonic()
+        self.snapshot_asked: float | None = None
+        self.snapshot_parts: list[BanEvent] = []
+        self.buffered: list[tuple[int, BanEvent]] = []  # updates that came during a snapshot
+        self.snapshots_received = 0
+        self.updates = context.socket(zmq.SUB)
+        self.updates.maxmsgsize = MAX_MESSAGE
+        self.updates.rcvhwm = 1_000_000
+        self.updates.linger = 0
+        self.updates.setsockopt(zmq.SUBSCRIBE, protocol.PROTOCOL)
+        self.updates.connect(publish)
+        self.snapshots = self._snapshot_socket()
+
+    def _snapshot_socket(self) -> zmq.Socket:
+        sock = self.context.socket(zmq.DEALER)
+        sock.maxmsgsize = MAX_MESSAGE
+        sock.linger = 0
+        sock.connect(self.snapshot_endpoint)
+        return sock
+
+    def ask_snapshot(self, now: float) -> None:
+        """Request the whole table; a fresh socket drops any half-received older answer."""
+        if self.snapshot_asked is not None:
+            self.snapshots.close()
+            self.snapshots = self._snapshot_socket()
+        self.snapshot_parts = []
+        self.snapshot_asked = now
+        self.snapshots.send_multipart([protocol.PROTOCOL, protocol.SNAPSHOT_REQUEST, b"{}"])
+
+    def close(self) -> None:
+        self.updates.close()
+        self.snapshots.close()
+
+
+class Subscriber:
+    """The node's reactor: hub updates in, fail2ban banip/unbanip out."""
+
+    def __init__(self, config: Config, status_path=None) -> None:
+        self.config = config
+        self.status_path = status_path
+        self.policy = LocalPolicy(
+            config.node,
+            config.get("general", "sync_jail"),
+            config.get("general", "jail_map"),
+            config.get("subscriber", "allowlist"),
+        )
+        self.batch_size = config.get("subscriber", "batch_size")
+        self.heartbeat_timeout = config.get("subscriber", "heartbeat_timeout")
+        self.fail2ban = Fail2banClient(
+            config.get("general", "fail2ban_socket"),
+            client_program=config.get("general", "fail2ban_client"),
+        )
+        self.refusals = RateLimitedLog(log)
+        self.context = zmq.Context()
+        self.links = [
+            HubLink(self.context, publish, snapshot)
+            for publish, snapshot in zip(
+                config.endpoints("publish_port"), config.endpoints("snapshot_port")
+            )
+        ]
+        self.applied: dict[str, set[str]] | None = None  # what fail2ban has; None = unknown
+        self.pending = False  # the jails may differ from the cluster: reconcile
+        self.next_retry = 0.0
+        self.fail2ban_ok = False
+        self.counters = {"banned": 0, "unbanned": 0, "refused": 0, "snapshots": 0}
+        self.wakeup = Wakeup()
+        self.signals = StopSignals(self.wakeup)
+
+    def run(self) -> None:
+        log.log(
+            NOTICE,
+            "subscriber %s started: hubs %s, sync jail %s",
+            self.config.node,
+            " ".join(link.publish_endpoint for link in self.links),
+            self.policy.sync_jail,
+        )
+        poller = zmq.Poller()
+        poller.register(self.wakeup.read_fd, zmq.POLLIN)
+        for link in self.links:
+            poller.register(link.updates, zmq.POLLIN)
+            poller.register(link.snapshots, zmq.POLLIN)
+            link.ask_snapshot(time.monotonic())
+        next_status = 0.0
+        while not self.signals.stopping:
+            ready = dict(poller.poll(self._timeout_ms()))
+            if self.wakeup.read_fd in ready:
+                self.wakeup.drain()
+            now = time.monotonic()
+            for link in self.links:
+                if link.updates in ready:
+                    self.handle_updates(link, now)
+                if link.snapshots in ready:
+                    self.handle_snapshot(link, now)
+                old_socket = link.snapshots
+                self.check_link(link, now)
+                if link.snapshots is not old_socket:
+                    poller.unregister(old_socket)
+                    poller.register(link.snapshots, zmq.POLLIN)
+            if self.pending and now >= self.next_retry:
+                self.reconcile()
+            if self.status_path is not None and now >= next_status:
+                write_status(self.status_path, self.status())
+                next_status = now + 2
+        self.close()
+
+    def _timeout_ms(self) -> int:
+        if self.pending:
+            return max(1, int((self.next_retry - time.monotonic()) * 1000))
+        return int(min(self.heartbeat_timeout / 2, 1.0) * 1000)
+
+    def handle_updates(self, link: HubLink, now: float) -> None:
+        """Take every waiting update; a gap or a new hub identity asks for a snapshot."""
+        for _ in range(10000):
+            try:
+                frames = link.updates.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                kind, rest = protocol.split_message(frames)
+                if kind not in (protocol.UPDATE, protocol.HUGZ):
+                    raise ProtocolError(f"unexpected {kind[:20]!r} on the update stream")
+                header = protocol.decode_object(rest[0], 256) if rest else {}
+                instance, sequence = header.get("publisher"), header.get("seq")
+                if not isinstance(instance, str) or not isinstance(sequence, int):
+                    raise ProtocolError("header lacks publisher or seq")
+                event = None
+                if kind == protocol.UPDATE:
+                    if len(rest) != 2:
+                        raise ProtocolError("an update has a header and one event")
+                    event = BanEvent.decode(rest[1])
+            except ProtocolError as error:
+                self.counters["refused"] += 1
+                self.refusals.warning(str(error), "ignored a message from the hub: %s", error)
+                continue
+            link.heard = now
+            if link.snapshot_asked is not None:
+                if event is not None:
+                    link.buffered.append((sequence, event))
+                continue
+            if instance != link.instance:
+                log.info("hub %s has new state %s: resync", link.publish_endpoint, instance[:8])
+                link.ask_snapshot(now)
+                if event is not None:
+                    link.buffered.append((sequence, event))
+                continue
+            if event is None:
+                if sequence != link.sequence:
+                    log.warning(
+                        "missed updates from %s (at %d, hub at %d): resync",
+                        link.publish_endpoint,
+                        link.sequence,
+                        sequence,
+                    )
+                    link.ask_snapshot(now)
+                continue
+            if sequence <= link.sequence:
+                continue
+            if sequence != link.sequence + 1:
+                log.warning(
+                    "missed updates from %s (%d to %d): resync",
+                    link.publish_endpoint,
+                    link.sequence + 1,
+                    sequence - 1,
+                )
+                link.ask_snapshot(now)
+                link.buffered.append((sequence, event))
+                continue
+            link.sequence = sequence
+            link.view.apply(event)
+            log.debug("update %d: %s", sequence, event.describe())
+            self.pending = True
+
+    def handle_snapshot(self, link: HubLink, now: float) -> None:
+        for _ in range(1000):
+            try:
+                frames = link.snapshots.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                kind, rest = protocol.split_message(frames)
+                if kind != protocol.SNAPSHOT_PART or len(rest) != 2:
+                    raise ProtocolError("expected a snapshot part")
+                header = protocol.decode_object(rest[0], 256)
+                items = json.loads(rest[1])
+                if not isinstance(items, list):
+                    raise ProtocolError("snapshot body must be a list")
+                events = [BanEvent.decode(json.dumps(item).encode()) for item in items]
+            except (ProtocolError, ValueError) as error:
+                self.counters["refused"] += 1
+                self.refusals.warning(str(error), "ignored a snapshot part: %s", error)
+                continue
+            if link.snapshot_asked is None:
+                continue
+            link.snapshot_parts.extend(events)
+            if header.get("last") is True:
+                self.finish_snapshot(link, header, now)
+
+    def finish_snapshot(self, link: HubLink, header: dict, now: float) -> None:
+        """Replace the view with the snapshot, then replay the updates that came after it."""
+        link.view = ClusterView()
+        for event in link.snapshot_parts:
+            link.view.apply(event)
+        link.instance = header.get("publisher")
+        link.sequence = int(header.get("seq", 0))
+        for sequence, event in sorted(link.buffered, key=lambda item: item[0]):
+            if sequence == link.sequence + 1:
+                link.view.apply(event)
+                link.sequence = sequence
+        link.buffered = []
+        link.snapshot_parts = []
+        link.snapshot_asked = None
+        link.synced = True
+        link.heard = now
+        link.snapshots_received += 1
+        self.counters["snapshots"] += 1
+        log.info(
+            "snapshot from %s: %d bans at sequence %d",
+            link.snapshot_endpoint,
+            len(link.view.bans),
+            link.sequence,
+        )
+        self.pending = True
+
+    def check_link(self, link: HubLink, now: float) -> None:
+        """Silence past the heartbeat timeout, or a snapshot that never came: ask again."""
+        if link.snapshot_asked is not None:
+            if now - link.snapshot_asked > SNAPSHOT_TIMEOUT:
+                log.warning("no snapshot from %s yet: asking again", link.snapshot_endpoint)
+                link.ask_snapshot(now)
+            return
+        if now - link.heard > self.heartbeat_timeout:
+            log.warning(
+                "no heartbeat from %s for %.0f s: resync when it is back",
+                link.publish_endpoint,
+                now - link.heard,
+            )
+            link.ask_snapshot(now)
+
+    def reconcile(self) -> None:
+        """Make each local jail hold exactly what the cluster bans, in bounded batches."""
+        synced = [link.view for link in self.links if link.synced]
+        if not synced:
+            # Knowing nothing of the cluster is no reason to lift what the jail holds.
+            self.pending = False
+            return
+        try:
+            if self.applied is None:
+                self.applied = {
+                    jail: set(self.fail2ban.banned(jail)) for jail in self.policy.local_jails()
+                }
+            wanted = desired_bans(synced, self.policy)
+            for jail, addresses in wanted.items():
+                have = self.applied[jail]
+                self._apply(jail, sorted(addresses - have), ban=True)
+                self._apply(jail, sorted(have - addresses), ban=False)
+        except (Fail2banError, OSError) as error:
+            if self.fail2ban_ok or self.applied is None:
+                log.error("fail2ban is not reachable: %s; retrying", error)
+            self.fail2ban_ok = False
+            self.applied = None  # fail2ban may have restarted: read its jails again
+            self.next_retry = time.monotonic() + RETRY_INTERVAL
+            return
+        if not self.fail2ban_ok:
+            log.info("fail2ban is reachable at %s", self.config.get("general", "fail2ban_socket"))
+        self.fail2ban_ok = True
+        self.pending = False
+
+    def _apply(self, jail: str, addresses: list[str], ban: bool) -> None:
+        for start in range(0, len(addresses), self.batch_size):
+            batch = addresses[start : start + self.batch_size]
+            if ban:
+                self.fail2ban.ban(jail, batch)
+                self.applied[jail].update(batch)
+                self.counters["banned"] += len(batch)
+            else:
+                self.fail2ban.unban(jail, batch)
+                self.applied[jail].difference_update(batch)
+                self.counters["unbanned"] += len(batch)
+            verb = "Ban" if ban else "Unban"
+            for ip in batch:
+                log.log(NOTICE, "[%s] %s %s", jail, verb, ip)
+
+    def status(self) -> dict:
+        return {
+            "role": "subscriber",
+            "node": self.config.node,
+            "fail2ban": "reachable" if self.fail2ban_ok else "unreachable",
+            "hubs": {
+                link.publish_endpoint: {
+                    "sequence": link.sequence,
+                    "synced": link.synced,
+                    "silent_for": round(time.monotonic() - link.heard, 1),
+                    "cluster_bans": len(link.view.bans),
+                }
+                for link in self.links
+            },
+            "applied": {jail: len(ips) for jail, ips in (self.applied or {}).items()},
+            **self.counters,
+        }
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+        self.context.term()
+        self.fail2ban.close()
+        self.wakeup.close()
+        log.log(NOTICE, "subscriber %s stopped", self.config.node)
