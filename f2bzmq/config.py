@@ -10,6 +10,7 @@ import configparser
 import ipaddress
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ def _words(value: str) -> list[str]:
     return value.replace(",", " ").split()
 
 
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*$")
+
+
 def _hosts(value: str) -> list[str]:
     hosts = _words(value)
     if not hosts:
@@ -77,7 +81,7 @@ def _hosts(value: str) -> list[str]:
         try:
             ipaddress.ip_address(host.strip("[]"))
         except ValueError:
-            if not all(part.isalnum() or "-" in part for part in host.split(".")):
+            if not _HOSTNAME.match(host):
                 raise ValueError(f"{host!r} is not a host name or address") from None
     return hosts
 

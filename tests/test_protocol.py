@@ -1,0 +1,102 @@
+"""Event validation and encoding: every rule, no socket."""
+
+import json
+
+import pytest
+
+from f2bzmq import protocol
+from f2bzmq.protocol import BanEvent, ProtocolError
+
+
+def event_body(**changes) -> bytes:
+    body = {
+        "id": "0123456789abcdef0123456789abcdef",
+        "node": "node1",
+        "jail": "sshd",
+        "action": "ban",
+        "ip": "192.0.2.10",
+        "time": 1795000000.5,
+        "bantime": 600,
+    }
+    body.update(changes)
+    return json.dumps({k: v for k, v in body.items() if v is not ...}).encode()
+
+
+def test_round_trip():
+    event = BanEvent.new("node1", "sshd", "ban", "2001:DB8::1", 1795000000.0, 600)
+    assert event.ip == "2001:db8::1"
+    assert BanEvent.decode(event.encode()) == event
+    assert len(event.id) == 32
+
+
+def test_networks_are_canonical_and_optional():
+    assert BanEvent.decode(event_body(ip="10.0.0.7/24")).ip == "10.0.0.0/24"
+    assert BanEvent.decode(event_body(ip="10.0.0.7/32")).ip == "10.0.0.7"
+    with pytest.raises(ProtocolError, match="networks are not allowed"):
+        BanEvent.decode(event_body(ip="10.0.0.0/24"), allow_networks=False)
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        ({"ip": "not-an-ip"}, "not an address"),
+        ({"ip": "192.0.2.10; reboot"}, "not an address"),
+        ({"ip": 3232235521}, "ip must be"),
+        ({"jail": "../etc"}, "jail must be"),
+        ({"jail": "sshd; rm -rf /"}, "jail must be"),
+        ({"jail": "-s"}, "jail must be"),
+        ({"jail": "x" * 65}, "jail must be"),
+        ({"node": ""}, "node must be"),
+        ({"node": "node\n1"}, "node must be"),
+        ({"action": "flush"}, "action must be"),
+        ({"id": "short"}, "id must be"),
+        ({"time": "now"}, "time must be"),
+        ({"time": True}, "time must be"),
+        ({"time": -5}, "out of range"),
+        ({"bantime": 0}, "bantime"),
+        ({"bantime": 1.5}, "bantime"),
+        ({"bantime": -2}, "bantime"),
+        ({"action": "unban"}, "an unban has no bantime"),
+        ({"extra": 1}, "unknown field 'extra'"),
+        ({"jail": ...}, "missing field 'jail'"),
+    ],
+)
+def test_invalid_events_are_refused_with_a_reason(changes, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        BanEvent.decode(event_body(**changes))
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"\xff\xfe", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"time": NaN}', "not JSON"),
+        (b"{" + b" " * 5000 + b"}", "larger than"),
+    ],
+)
+def test_bodies_that_are_not_json_objects(data, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        BanEvent.decode(data)
+
+
+def test_split_message_checks_the_protocol_frame():
+    assert protocol.split_message([protocol.PROTOCOL, protocol.EVENT, b"{}"]) == (
+        protocol.EVENT,
+        [b"{}"],
+    )
+    with pytest.raises(ProtocolError, match="unknown protocol 'F2BZMQ9'"):
+        protocol.split_message([b"F2BZMQ9", protocol.EVENT, b"{}"])
+    with pytest.raises(ProtocolError, match="too few frames"):
+        protocol.split_message([protocol.PROTOCOL])
+
+
+def test_expiry():
+    event = BanEvent.decode(event_body())
+    assert event.expiry(default_bantime=60) == 1795000000.5 + 600
+    assert BanEvent.decode(event_body(bantime=...)).expiry(60) == 1795000000.5 + 60
+    assert BanEvent.decode(event_body(bantime=-1)).expiry(60) is None
+
+
+def test_describe_reads_like_fail2ban():
+    assert BanEvent.decode(event_body()).describe() == "[sshd] Ban 192.0.2.10 from node1"

@@ -1,0 +1,101 @@
+"""The ban table's rules and its SQLite home."""
+
+from f2bzmq.protocol import BAN, UNBAN, BanEvent
+from f2bzmq.state import BanTable, Outcome, StateStore
+
+NOW = 1_795_000_000.0
+
+
+def ev(node, action, ip="192.0.2.10", jail="sshd", when=NOW, bantime=600):
+    return BanEvent.new(node, jail, action, ip, when, bantime if action == BAN else None)
+
+
+def test_first_ban_is_broadcast_with_the_next_sequence():
+    table = BanTable("hub", 600)
+    outcome, update = table.apply(ev("node1", BAN), NOW)
+    assert outcome is Outcome.BANNED
+    assert update.seq == 1 and update.event.node == "node1"
+    assert table.snapshot()[0] == 1
+
+
+def test_same_ban_from_another_node_is_acked_not_broadcast():
+    table = BanTable("hub", 600)
+    table.apply(ev("node1", BAN), NOW)
+    assert table.apply(ev("node2", BAN), NOW) == (Outcome.EXTENDED, None)
+    assert table.sequence == 1
+
+
+def test_unban_is_broadcast_only_when_the_last_origin_lifts_it():
+    table = BanTable("hub", 600)
+    table.apply(ev("node1", BAN), NOW)
+    table.apply(ev("node2", BAN), NOW)
+    assert table.apply(ev("node1", UNBAN), NOW) == (Outcome.EXTENDED, None)
+    outcome, update = table.apply(ev("node2", UNBAN), NOW)
+    assert outcome is Outcome.UNBANNED and update.seq == 2 and update.event.action == UNBAN
+    assert table.snapshot() == (2, [])
+
+
+def test_unban_by_a_node_that_did_not_ban_changes_nothing():
+    table = BanTable("hub", 600)
+    table.apply(ev("node1", BAN), NOW)
+    assert table.apply(ev("node2", UNBAN), NOW) == (Outcome.REDUNDANT, None)
+    assert len(table.bans) == 1
+
+
+def test_duplicate_ids_are_dropped():
+    table = BanTable("hub", 600)
+    event = ev("node1", BAN)
+    table.apply(event, NOW)
+    assert table.apply(event, NOW) == (Outcome.DUPLICATE, None)
+
+
+def test_a_ban_already_over_when_it_arrives_is_not_broadcast():
+    table = BanTable("hub", 600)
+    assert table.apply(ev("node1", BAN, when=NOW - 700), NOW) == (Outcome.EXPIRED, None)
+
+
+def test_expiry_lifts_the_ban_when_the_longest_origin_ends():
+    table = BanTable("hub", 600)
+    table.apply(ev("node1", BAN, bantime=60), NOW)
+    table.apply(ev("node2", BAN, bantime=120), NOW)
+    assert table.next_expiry() == NOW + 60
+    assert table.expire(NOW + 61) == []
+    (update,) = table.expire(NOW + 121)
+    assert update.event.action == UNBAN and update.event.node == "hub" and update.seq == 2
+    assert table.bans == {}
+
+
+def test_permanent_bans_never_expire_and_unknown_bantime_uses_the_default():
+    table = BanTable("hub", 100)
+    table.apply(ev("node1", BAN, ip="192.0.2.1", bantime=-1), NOW)
+    table.apply(ev("node1", BAN, ip="192.0.2.2", bantime=None), NOW)
+    (update,) = table.expire(NOW + 10**6)
+    assert update.event.ip == "192.0.2.2"
+    assert [e.ip for e in table.snapshot()[1]] == ["192.0.2.1"]
+
+
+def test_store_keeps_everything_that_was_committed(tmp_path):
+    store = StateStore(tmp_path / "state.sqlite3")
+    table = store.load("hub", 600, 86400)
+    first = ev("node1", BAN, ip="192.0.2.1")
+    table.apply(first, NOW)
+    table.apply(ev("node2", BAN, ip="192.0.2.1", bantime=-1), NOW)
+    table.apply(ev("node1", BAN, ip="2001:db8::7"), NOW)
+    table.apply(ev("node1", UNBAN, ip="2001:db8::7"), NOW)
+    store.commit(table)
+    table.apply(ev("node1", BAN, ip="198.51.100.9"), NOW)  # never committed
+    store.close()
+
+    again = StateStore(tmp_path / "state.sqlite3").load("hub", 600, 86400)
+    assert again.instance == table.instance
+    assert again.sequence == 3
+    assert set(again.bans) == {("sshd", "192.0.2.1")}
+    assert again.bans[("sshd", "192.0.2.1")].origins == {"node1": NOW + 600, "node2": None}
+    assert again.bans[("sshd", "192.0.2.1")].event == first
+    assert again.apply(first, NOW) == (Outcome.DUPLICATE, None)
+
+
+def test_a_new_store_has_a_new_instance(tmp_path):
+    one = StateStore(tmp_path / "a.sqlite3").load("hub", 600, 86400)
+    two = StateStore(tmp_path / "b.sqlite3").load("hub", 600, 86400)
+    assert one.instance != two.instance
