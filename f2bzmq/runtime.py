@@ -106,6 +106,9 @@ def setup_logging(role: str, target: str, level: int, foreground: bool) -> None:
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     root.setLevel(level)
+    # watchdog logs every inotify event at DEBUG; with our log beside fail2ban's,
+    # each of those lines would be another event: keep it to warnings.
+    logging.getLogger("watchdog").setLevel(max(level, logging.WARNING))
 
 
 def write_status(path: Path, status: dict) -> None:

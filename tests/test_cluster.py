@@ -1,0 +1,92 @@
+"""End to end: a real ban on node1 reaches node2's and node3's fail2ban through the three roles."""
+
+import pytest
+from cluster import Cluster
+
+ATTACKER = "192.0.2.10"
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with Cluster(tmp_path, size=3) as running:
+        yield running
+
+
+def wait_banned(cluster, node, jail, ip, present=True, timeout=20):
+    try:
+        cluster[node].fail2ban.wait_banned(jail, ip, present, timeout)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{cluster.diagnostics()}") from None
+
+
+def test_ban_and_unban_on_one_node_reach_every_other_node(cluster):
+    node1 = cluster["node1"]
+    node1.fail2ban.attack(ATTACKER)
+    wait_banned(cluster, "node1", "sshd", ATTACKER)
+    wait_banned(cluster, "node2", "cluster", ATTACKER)
+    wait_banned(cluster, "node3", "cluster", ATTACKER)
+
+    with node1.fail2ban.client() as client:
+        client.unban("sshd", [ATTACKER])
+    wait_banned(cluster, "node2", "cluster", ATTACKER, present=False)
+    wait_banned(cluster, "node3", "cluster", ATTACKER, present=False)
+    assert "[sshd] Unban 192.0.2.10 from node1" in cluster.hub.log_text()
+
+
+def test_origin_does_not_get_its_own_ban_back(cluster):
+    cluster["node1"].fail2ban.attack(ATTACKER)
+    wait_banned(cluster, "node2", "cluster", ATTACKER)
+    wait_banned(cluster, "node3", "cluster", ATTACKER)
+    # node2's and node3's sync-jail bans are written to their logs as "[cluster] Ban";
+    # their monitors must not report them, and node1 must not get the address back.
+    assert cluster["node1"].fail2ban.banned("cluster") == []
+    assert "[cluster] Ban" not in cluster.hub.log_text()
+
+
+def test_restarting_fail2ban_on_one_node_changes_nothing_elsewhere(cluster):
+    node1 = cluster["node1"]
+    addresses = ["192.0.2.10", "198.51.100.20", "2001:db8::30"]
+    for ip in addresses:
+        node1.fail2ban.attack(ip)
+    for ip in addresses:
+        wait_banned(cluster, "node2", "cluster", ip)
+        wait_banned(cluster, "node3", "cluster", ip)
+
+    node1.fail2ban.restart()  # writes Flush + Unban for each ticket, then Restore Ban
+    node1.fail2ban.wait_banned("sshd", addresses[-1])
+    assert wait_for_log(node1, "monitor", "Restore Ban", present_in="fail2ban")
+    # Give the monitor time to read the restart's lines, then compare: nothing changed.
+    marker = "2001:db8::99"
+    node1.fail2ban.attack(marker)
+    wait_banned(cluster, "node2", "cluster", marker)
+    wait_banned(cluster, "node3", "cluster", marker)
+    for node in ("node2", "node3"):
+        assert sorted(cluster[node].fail2ban.banned("cluster")) == sorted([*addresses, marker])
+    assert "Unban" not in cluster.hub.log_text()
+
+
+def test_a_subscriber_started_late_catches_up_from_the_snapshot(cluster):
+    node3 = cluster["node3"]
+    node3.subscriber.stop()
+    cluster["node1"].fail2ban.attack(ATTACKER)
+    wait_banned(cluster, "node2", "cluster", ATTACKER)
+    assert node3.fail2ban.banned("cluster") == []
+    node3.subscriber.start()
+    wait_banned(cluster, "node3", "cluster", ATTACKER)
+
+
+def test_allowlisted_addresses_are_never_banned(tmp_path):
+    with Cluster(tmp_path, size=2, subscriber={"allowlist": "127.0.0.0/8 ::1 192.0.2.0/24"}) as c:
+        c["node1"].fail2ban.attack("192.0.2.55")
+        c["node1"].fail2ban.attack("198.51.100.55")
+        wait_banned(c, "node2", "cluster", "198.51.100.55")
+        assert "192.0.2.55" not in c["node2"].fail2ban.banned("cluster")
+        assert "[sshd] Ban 192.0.2.55 from node1" in c.hub.log_text()
+
+
+def wait_for_log(node, role, text, present_in="fail2ban"):
+    from f2bserver import wait_until
+
+    if present_in == "fail2ban":
+        return wait_until(lambda: text in node.fail2ban.log.read_text(), 20, 0.1)
+    return wait_until(lambda: text in node.log_text(role), 20, 0.1)
