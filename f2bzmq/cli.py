@@ -78,6 +78,22 @@ def main(role: str, argv: list[str] | None = None) -> int:
     return getattr(control, args.command)()
 
 
+def umbrella_main(argv: list[str]) -> int:
+    """`python3 -m f2bzmq ROLE …` or `python3 -m f2bzmq demo`."""
+    usage = "usage: python3 -m f2bzmq {monitor|publisher|subscriber} [-c PATH] COMMAND | demo"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    if argv[0] in ROLES:
+        return main(argv[0], argv[1:])
+    if argv[0] == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
+    print(f"f2bzmq: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
+    return 2
+
+
 def monitor_main() -> None:
     sys.exit(main("monitor"))
 

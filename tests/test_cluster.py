@@ -1,7 +1,8 @@
 """End to end: a real ban on node1 reaches node2's and node3's fail2ban through the three roles."""
 
 import pytest
-from cluster import Cluster
+
+from f2bzmq.lab import Cluster
 
 ATTACKER = "192.0.2.10"
 
@@ -85,7 +86,7 @@ def test_allowlisted_addresses_are_never_banned(tmp_path):
 
 
 def wait_for_log(node, role, text, present_in="fail2ban"):
-    from f2bserver import wait_until
+    from f2bzmq.lab import wait_until
 
     if present_in == "fail2ban":
         return wait_until(lambda: text in node.fail2ban.log.read_text(), 20, 0.1)

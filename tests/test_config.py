@@ -1,4 +1,4 @@
-"""Configuration: the shipped file, .local overrides, and one-line errors naming file, section, key."""
+"""Configuration: shipped file, .local overrides, one-line errors naming file, section, key."""
 
 from pathlib import Path
 

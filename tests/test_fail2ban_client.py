@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from f2bserver import Fail2banServer, process_alive
 
 from f2bzmq.fail2ban import (
     Fail2banClient,
@@ -22,6 +21,7 @@ from f2bzmq.fail2ban import (
     parse_int,
     parse_jail_list,
 )
+from f2bzmq.lab import Fail2banServer, process_alive
 
 # A program that is certainly not installed: a client given it can only use its socket.
 NO_PROGRAM = "f2bzmq-test-no-such-program"

@@ -66,10 +66,10 @@ def test_increase_ban_carries_the_new_bantime(message, seconds):
     [
         ("fail2ban.jail           [2577]: INFO    Jail 'sshd' started", Kind.JAIL_STARTED, "sshd"),
         ("fail2ban.jail           [2577]: INFO    Jail 'sshd' stopped", Kind.JAIL_STOPPED, "sshd"),
-        ("fail2ban.server         [2577]: INFO    Jail 'sshd' reloaded", Kind.JAIL_RELOADED, "sshd"),
-        ("fail2ban.server         [2632]: INFO    Starting Fail2ban v1.0.2", Kind.SERVER_STARTING, None),
-        ("fail2ban.server         [2577]: INFO    Shutdown in progress...", Kind.SERVER_STOPPING, None),
-        ("fail2ban.server         [2577]: INFO    Stopping all jails", Kind.SERVER_STOPPING, None),
+        ("fail2ban.server [2577]: INFO    Jail 'sshd' reloaded", Kind.JAIL_RELOADED, "sshd"),
+        ("fail2ban.server [2632]: INFO    Starting Fail2ban v1.0.2", Kind.SERVER_STARTING, None),
+        ("fail2ban.server [2577]: INFO    Shutdown in progress...", Kind.SERVER_STOPPING, None),
+        ("fail2ban.server [2577]: INFO    Stopping all jails", Kind.SERVER_STOPPING, None),
     ],
 )
 def test_jail_and_server_lines(text, kind, jail):
@@ -175,18 +175,15 @@ def test_shutdown_without_flushable_action_reports_no_unban():
 
 def test_flush_of_one_jail_ends_with_the_jails_next_line():
     reporter = BanReporter()
-    assert (
-        report(
-            reporter,
-            "[sshd] Flush ticket(s) with dummy",
-            "[sshd] Unban 192.0.2.11",
-            "[web] Unban 192.0.2.20",
-            "[sshd] Ban 192.0.2.12",
-            "[sshd] Unban 192.0.2.12",
-        )
-        == [
-            ("unban", "web", "192.0.2.20"),
-            ("ban", "sshd", "192.0.2.12"),
-            ("unban", "sshd", "192.0.2.12"),
-        ]
-    )
+    assert report(
+        reporter,
+        "[sshd] Flush ticket(s) with dummy",
+        "[sshd] Unban 192.0.2.11",
+        "[web] Unban 192.0.2.20",
+        "[sshd] Ban 192.0.2.12",
+        "[sshd] Unban 192.0.2.12",
+    ) == [
+        ("unban", "web", "192.0.2.20"),
+        ("ban", "sshd", "192.0.2.12"),
+        ("unban", "sshd", "192.0.2.12"),
+    ]
