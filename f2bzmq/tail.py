@@ -1,0 +1,475 @@
+"""Follow fail2ban's log file: complete new lines, across rotation and restarts.
+
+The monitor's poll loop owns the timing: a watchdog observer only calls ``wake()``,
+and the loop calls ``LogFollower.read_lines()``. Nothing here sleeps or loops on a timer.
+
+Each file the log path has named while we followed it is a *generation*. Rotation rule:
+
+* ``read_lines`` compares ``os.stat(path)`` with the identity of the file it reads. When the
+  path names a new file, the old generation is *retired*, not closed: with ``create`` rotation
+  fail2ban keeps writing to the renamed file until ``fail2ban-client flushlogs``.
+* Generations are read strictly in order: a newer one is read only once every older one
+  is closed, so lines come out in the order fail2ban wrote them.
+* A retired generation is closed once it is at end of file and either the next generation
+  already had data before that last drain (fail2ban writes the new file only after its
+  last write to the old one, so the old one is complete) or it has been quiet for
+  ``rotate_grace`` seconds (fail2ban reopened but logged nothing, or was never told to).
+* ``copytruncate`` keeps the inode: a size below what we read, or a changed first line
+  (the file regrew past our offset before we looked), means truncation. The rest of the
+  old content is read from the rotated copy (found by its first line) before the file
+  is read again from 0.
+* A restart from a persisted ``LogPosition`` finds its file by inode among the rotated
+  siblings (or, after ``copytruncate``, its copy by first line), drains it, then reads the
+  current file from 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 256 * 1024
+# The identity of a file's content is its first line, capped so that a huge first line
+# (or one still being written) hashes the same however much more is appended.
+HEAD_BYTES = 4096
+# A line longer than this is returned in pieces, so the buffer stays bounded.
+MAX_LINE_BYTES = 1024 * 1024
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".lzma", ".Z", ".zip")
+# inotify events that can mean new bytes or a new file; opens and reads (ours too) are not.
+WAKE_EVENT_TYPES = frozenset({"created", "modified", "moved", "deleted", "closed"})
+
+
+@dataclass(frozen=True)
+class LogPosition:
+    """Where reading stopped: the file's identity and the byte offset after the last complete
+    line returned."""
+
+    device: int
+    inode: int
+    head_hash: str  # sha1 hex of the file's first line; "" while it has none
+    offset: int
+
+    def to_json(self) -> str:
+        """Encode for the caller's state store."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LogPosition:
+        """Decode what ``to_json`` wrote; ValueError if it is not a position."""
+        try:
+            data = json.loads(text)
+            position = cls(
+                device=data["device"],
+                inode=data["inode"],
+                head_hash=data["head_hash"],
+                offset=data["offset"],
+            )
+        except (TypeError, KeyError, json.JSONDecodeError) as err:
+            raise ValueError(f"not a log position: {text!r}") from err
+        ints = (position.device, position.inode, position.offset)
+        if not all(type(v) is int and v >= 0 for v in ints) or type(position.head_hash) is not str:
+            raise ValueError(f"not a log position: {text!r}")
+        return position
+
+
+NO_POSITION = LogPosition(device=0, inode=0, head_hash="", offset=0)
+
+
+def head_hash(fd: int) -> str:
+    """sha1 hex of the file's first line (at most HEAD_BYTES), "" until that line is whole."""
+    data = os.pread(fd, HEAD_BYTES, 0)
+    end = data.find(b"\n")
+    if end >= 0:
+        data = data[: end + 1]
+    elif len(data) < HEAD_BYTES:
+        return ""
+    return hashlib.sha1(data).hexdigest()
+
+
+def _end_of_last_line(fd: int, size: int) -> int:
+    """Offset just after the last newline before ``size``: where a reader skipping history
+    starts, so a line being written right now is still returned whole."""
+    end = size
+    while end > 0:
+        start = max(0, end - READ_CHUNK)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
+
+
+class _Generation:
+    """One file the log path named: its descriptor, identity and read state."""
+
+    def __init__(self, fd: int | None, device: int, inode: int, head: str) -> None:
+        self.fd = fd  # None for a truncated remnant whose rest lives only in `pending`
+        self.device = device
+        self.inode = inode
+        self.head_hash = head
+        self.offset = 0  # just after the last line returned
+        self.pending = bytearray()  # read past `offset`: unreturned whole lines, then a partial
+        self.complete = False  # nobody writes to it any more (a copytruncate copy, a remnant)
+        self.quiet_since = time.monotonic()  # when it last gave us bytes, for rotate_grace
+        self.seen_mtime_ns = 0  # for check(): a rewrite to the same size still changes mtime
+
+    @classmethod
+    def open(cls, path: str) -> _Generation | None:
+        """Open a regular file from offset 0, or None if it is not there."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ValueError(f"{path} is not a regular file")
+        generation = cls(fd, st.st_dev, st.st_ino, head_hash(fd))
+        generation.seen_mtime_ns = st.st_mtime_ns
+        return generation
+
+    @property
+    def read_offset(self) -> int:
+        return self.offset + len(self.pending)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size if self.fd is not None else self.read_offset
+
+    def has_data(self) -> bool:
+        return self.offset > 0 or bool(self.pending) or self.size() > 0
+
+    def has_unread(self) -> bool:
+        return b"\n" in self.pending or self.size() > self.read_offset
+
+    def position(self) -> LogPosition:
+        return LogPosition(self.device, self.inode, self.head_hash, self.offset)
+
+    def take_lines(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` whole lines, reading in big chunks; a partial last line stays pending."""
+        lines: list[bytes] = []
+        start = 0
+        while True:
+            while len(lines) < limit:
+                end = self.pending.find(b"\n", start)
+                if end < 0:
+                    break
+                lines.append(bytes(self.pending[start:end]))
+                start = end + 1
+            if len(lines) >= limit or self.fd is None:
+                break
+            self._consume(start)
+            start = 0
+            if len(self.pending) >= MAX_LINE_BYTES:
+                log.warning("line longer than %d bytes returned in pieces", MAX_LINE_BYTES)
+                lines.append(bytes(self.pending[:MAX_LINE_BYTES]))
+                start = MAX_LINE_BYTES
+                continue
+            chunk = os.pread(self.fd, READ_CHUNK, self.read_offset)
+            if not chunk:
+                break
+            self.pending += chunk
+            self.quiet_since = time.monotonic()
+        self._consume(start)
+        if lines and not self.head_hash and self.fd is not None:
+            self.head_hash = head_hash(self.fd)
+        return lines
+
+    def _consume(self, count: int) -> None:
+        del self.pending[:count]
+        self.offset += count
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class _WakeOnLogEvents(FileSystemEventHandler):
+    """Calls wake() for events about the log file or a file rotated from it."""
+
+    def __init__(self, basename: str, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._basename = basename
+        self._wake = wake
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory or event.event_type not in WAKE_EVENT_TYPES:
+            return
+        for path in (event.src_path, event.dest_path):
+            if path and os.path.basename(os.fsdecode(path)).startswith(self._basename):
+                self._wake()
+                return
+
+
+class LogFollower:
+    """Returns the complete new lines of one log file, losing and repeating none across
+    rotation and restarts. All methods but ``wake`` belong to the caller's thread."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        position: LogPosition | None = None,
+        wake: Callable[[], None] | None = None,
+        from_end: bool = False,
+        rotate_grace: float = 2.0,
+    ) -> None:
+        """Resume at ``position`` (persisted by the caller) if given; otherwise start at the
+        current end (``from_end``, so a first start does not replay history) or at 0. A file
+        that does not exist yet is read from 0 once it appears. ``rotate_grace`` is how long
+        a rotated-away file that no newer file has superseded stays open for late lines."""
+        self._path = os.path.abspath(os.fspath(path))
+        self._wake = wake if wake is not None else _ignore
+        self._rotate_grace = rotate_grace
+        self._current: _Generation | None = None  # what the path names, or where we resume
+        self._retired: list[_Generation] = []  # older generations still draining, oldest first
+        self._position = position if position is not None else NO_POSITION
+        self._more = False  # the last read_lines stopped at max_lines with lines left
+        self._observer: Observer | None = None
+        self._stopped = False
+        if position is not None:
+            self._resume(position)
+            return
+        self._current = _Generation.open(self._path)
+        if self._current is not None:
+            if from_end:
+                self._current.offset = _end_of_last_line(self._current.fd, self._current.size())
+            self._position = self._current.position()
+
+    def start(self) -> None:
+        """Watch the log's directory with inotify (through watchdog) and call wake() on change."""
+        if self._observer is not None:
+            return
+        handler = _WakeOnLogEvents(os.path.basename(self._path), self._wake)
+        self._observer = Observer()
+        self._observer.schedule(handler, os.path.dirname(self._path), recursive=False)
+        self._observer.start()
+
+    def stop(self) -> None:
+        """Stop and join the observer and close the files; position() stays valid."""
+        self._stopped = True
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join()
+            self._observer = None
+        for generation in self._generations():
+            generation.close()
+        self._retired.clear()
+        self._current = None
+
+    def position(self) -> LogPosition:
+        """Position after the last line returned by read_lines, for the caller to persist."""
+        return self._position
+
+    def has_more(self) -> bool:
+        """True when the last read_lines stopped at max_lines and more lines are ready."""
+        return self._more
+
+    def check(self) -> None:
+        """Call wake() if a cheap stat shows something to do: watchdog can drop events."""
+        if self._needs_read():
+            self._wake()
+
+    def read_lines(self, max_lines: int = 1000) -> list[str]:
+        """Up to max_lines new complete lines, without newline, decoded as UTF-8."""
+        if max_lines < 1:
+            raise ValueError(f"max_lines must be at least 1, not {max_lines}")
+        if self._stopped:
+            raise RuntimeError("LogFollower.read_lines after stop()")
+        self._follow_path()
+        self._detect_truncation()
+        lines: list[bytes] = []
+        last: _Generation | None = None
+        generations = self._generations()
+        for index, generation in enumerate(generations):
+            successor = generations[index + 1] if index + 1 < len(generations) else None
+            # Looked at before the final drain: data in the successor means every write to
+            # this generation happened before now and the drain below sees it.
+            finished = generation.complete or (successor is not None and successor.has_data())
+            taken = generation.take_lines(max_lines - len(lines))
+            if taken:
+                lines.extend(taken)
+                last = generation
+            if len(lines) >= max_lines or successor is None:
+                break
+            quiet_for = time.monotonic() - generation.quiet_since
+            if not (finished or quiet_for >= self._rotate_grace):
+                break  # it may still get lines, and newer ones must wait for them
+            if generation.pending:
+                # fail2ban writes whole lines; a cut one could name the wrong address
+                log.warning("dropping an unfinished last line of %d bytes", len(generation.pending))
+            generation.close()
+            self._retired.remove(generation)
+        if last is not None:
+            self._position = last.position()
+        self._more = len(lines) >= max_lines and any(g.has_unread() for g in self._generations())
+        return [line.decode("utf-8", errors="replace") for line in lines]
+
+    def _generations(self) -> list[_Generation]:
+        current = [self._current] if self._current is not None else []
+        return [*self._retired, *current]
+
+    def _stat_path(self) -> os.stat_result | None:
+        try:
+            return os.stat(self._path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _needs_read(self) -> bool:
+        if self._stopped:
+            return False
+        if self._more or self._retired:
+            return True
+        st = self._stat_path()
+        current = self._current
+        if current is None or current.fd is None:
+            return st is not None
+        if st is not None and (st.st_dev, st.st_ino) != (current.device, current.inode):
+            return True
+        fst = os.fstat(current.fd)
+        return fst.st_size != current.read_offset or fst.st_mtime_ns != current.seen_mtime_ns
+
+    def _follow_path(self) -> None:
+        """Switch to the file the path names now, retiring the one we read."""
+        st = self._stat_path()
+        current = self._current
+        if st is None:
+            return  # deleted and not recreated yet: keep reading what we hold
+        if current is not None and (st.st_dev, st.st_ino) == (current.device, current.inode):
+            return
+        new = _Generation.open(self._path)
+        if new is None:
+            return
+        if current is not None:
+            if (new.device, new.inode) == (current.device, current.inode):
+                new.close()
+                return
+            log.info("log rotation detected for %s", self._path)
+            current.quiet_since = time.monotonic()
+            self._retired.append(current)
+        self._current = new
+
+    def _detect_truncation(self) -> None:
+        """Notice copytruncate: a size below what we read, or a different first line."""
+        current = self._current
+        if current is None or current.fd is None:
+            return
+        st = os.fstat(current.fd)
+        current.seen_mtime_ns = st.st_mtime_ns
+        old_head = current.head_hash
+        now_head = head_hash(current.fd)
+        if st.st_size >= current.read_offset and (not old_head or now_head == old_head):
+            current.head_hash = now_head
+            return
+        log.info("log truncation detected for %s", self._path)
+        rest = self._find_copy(old_head, current.offset, bytes(current.pending))
+        if rest is None:
+            # no copy: what we already read is all there is of the old content
+            rest = _Generation(None, current.device, current.inode, old_head)
+            rest.offset = current.offset
+        rest.pending = current.pending
+        rest.complete = True
+        self._retired.append(rest)
+        current.offset = 0
+        current.pending = bytearray()
+        current.head_hash = now_head
+
+    def _resume(self, position: LogPosition) -> None:
+        """Start from a persisted position, draining a file rotated while we were down."""
+        current = _Generation.open(self._path)
+        if current is not None and (current.device, current.inode) == (
+            position.device,
+            position.inode,
+        ):
+            self._current = current
+            if position.offset == 0 or (
+                current.size() >= position.offset and current.head_hash == position.head_hash
+            ):
+                current.offset = position.offset
+                return
+            log.info("%s was truncated while we were down", self._path)
+            copy = self._find_copy(position.head_hash, position.offset, b"")
+            if copy is not None:
+                copy.complete = True
+                self._retired.append(copy)
+            return
+        if current is not None:
+            current.close()
+        # Resumed as the current generation: read_lines sees that the path names another
+        # file, retires this one and reads the new one from 0 once this one is done.
+        self._current = self._find_rotated(position)
+        if self._current is None:
+            self._current = _Generation.open(self._path)
+
+    def _siblings(self, prefix_only: bool) -> list[os.DirEntry[str]]:
+        """Uncompressed files next to the log, ``path.1`` first."""
+        directory, basename = os.path.split(self._path)
+        try:
+            with os.scandir(directory) as entries:
+                found = [
+                    entry
+                    for entry in entries
+                    if entry.name != basename
+                    and not entry.name.endswith(COMPRESSED_SUFFIXES)
+                    and (entry.name.startswith(basename) or not prefix_only)
+                ]
+        except FileNotFoundError:
+            return []
+        return sorted(found, key=lambda entry: (entry.name != basename + ".1", entry.name))
+
+    def _find_rotated(self, position: LogPosition) -> _Generation | None:
+        """The file rotated away from the path that holds ``position``, found by inode."""
+        if position.inode == 0:
+            return None
+        for entry in self._siblings(prefix_only=False):
+            if entry.inode() != position.inode or not entry.is_file(follow_symlinks=False):
+                continue
+            generation = _Generation.open(entry.path)
+            if generation is None:
+                continue
+            if (
+                (generation.device, generation.inode) == (position.device, position.inode)
+                and generation.size() >= position.offset
+                and (position.offset == 0 or generation.head_hash == position.head_hash)
+            ):
+                log.info("resuming in %s, rotated while we were down", entry.path)
+                generation.offset = position.offset
+                return generation
+            generation.close()
+        return None
+
+    def _find_copy(self, head: str, offset: int, pending: bytes) -> _Generation | None:
+        """The copy copytruncate made: same first line, and our unreturned ``pending`` bytes
+        at ``offset``. Positioned at ``offset``; the caller hands it ``pending``."""
+        if not head:
+            return None
+        for entry in self._siblings(prefix_only=True):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            generation = _Generation.open(entry.path)
+            if generation is None:
+                continue
+            if (
+                generation.head_hash == head
+                and generation.size() >= offset + len(pending)
+                and os.pread(generation.fd, len(pending), offset) == pending
+            ):
+                log.info("reading the rest of the truncated log from %s", entry.path)
+                generation.offset = offset
+                return generation
+            generation.close()
+        return None
+
+
+def _ignore() -> None:
+    """Default wake: a caller that only polls has nothing to wake."""

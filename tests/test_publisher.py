@@ -1,0 +1,153 @@
+"""The publisher over real ZeroMQ sockets: ACK/NAK, broadcasts with sequence numbers, snapshots."""
+
+import json
+import signal
+
+import pytest
+import zmq
+
+from f2bzmq import protocol
+from f2bzmq.lab import Hub, free_ports, wait_until
+from f2bzmq.protocol import BanEvent
+
+
+class Peer:
+    """A monitor's DEALER, a subscriber's SUB and a snapshot DEALER, all on one hub."""
+
+    def __init__(self, ports):
+        self.context = zmq.Context()
+        self.reports = self.context.socket(zmq.DEALER)
+        self.reports.connect(f"tcp://127.0.0.1:{ports[0]}")
+        self.updates = self.context.socket(zmq.SUB)
+        self.updates.setsockopt(zmq.SUBSCRIBE, protocol.PROTOCOL + b"")
+        self.updates.connect(f"tcp://127.0.0.1:{ports[1]}")
+        self.snapshots_endpoint = f"tcp://127.0.0.1:{ports[2]}"
+        for sock in (self.reports, self.updates):
+            sock.rcvtimeo = 10000
+            sock.linger = 0
+
+    def report(self, *frames: bytes) -> tuple[bytes, dict]:
+        self.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, *frames])
+        _, kind, body = self.reports.recv_multipart()
+        return kind, json.loads(body)
+
+    def next_update(self) -> tuple[dict, BanEvent]:
+        """The next update, skipping heartbeats."""
+        for _ in range(100):
+            frames = self.updates.recv_multipart()
+            if frames[1] == protocol.UPDATE:
+                return json.loads(frames[2]), BanEvent.decode(frames[3])
+        raise AssertionError("only heartbeats")
+
+    def snapshot(self) -> tuple[dict, list[BanEvent]]:
+        sock = self.context.socket(zmq.DEALER)
+        sock.rcvtimeo = 10000
+        sock.linger = 0
+        sock.connect(self.snapshots_endpoint)
+        sock.send_multipart([protocol.PROTOCOL, protocol.SNAPSHOT_REQUEST, b"{}"])
+        events = []
+        while True:
+            _, kind, header, body = sock.recv_multipart()
+            assert kind == protocol.SNAPSHOT_PART
+            header = json.loads(header)
+            events += [BanEvent.decode(json.dumps(item).encode()) for item in json.loads(body)]
+            if header["last"]:
+                sock.close()
+                return header, events
+
+    def close(self):
+        self.context.destroy(linger=0)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    ports = free_ports(3)
+    hub = Hub(tmp_path, ports)
+    hub.publisher.start()
+    peer = Peer(ports)
+    try:
+        assert wait_until(lambda: "publisher hub started" in hub.log_text(), 15, 0.05)
+        # A SUB socket only gets what is published after it has joined: wait for a heartbeat.
+        assert peer.updates.recv_multipart()[1] == protocol.HUGZ
+        yield hub, peer
+    finally:
+        peer.close()
+        hub.publisher.stop()
+
+
+def ban(ip="192.0.2.10", node="node1", bantime=600):
+    return BanEvent.new(node, "sshd", "ban", ip, bantime=bantime)
+
+
+def test_a_new_ban_is_acked_and_broadcast_with_a_sequence_number(hub):
+    _, peer = hub
+    event = ban()
+    assert peer.report(event.encode()) == (protocol.ACK, {"id": event.id, "outcome": "banned"})
+    header, update = peer.next_update()
+    assert header["seq"] == 1 and update == event
+
+
+def test_duplicates_and_known_bans_are_acked_but_not_broadcast(hub):
+    _, peer = hub
+    first = ban()
+    peer.report(first.encode())
+    assert peer.report(first.encode())[1]["outcome"] == "duplicate"
+    assert peer.report(ban(node="node2").encode())[1]["outcome"] == "extended"
+    second = ban("198.51.100.1")
+    peer.report(second.encode())
+    assert peer.next_update()[1] == first
+    header, update = peer.next_update()
+    assert (header["seq"], update) == (2, second)
+
+
+@pytest.mark.parametrize(
+    "frames, reason",
+    [
+        ([ban().encode().replace(b'"id":"', b'"id":"zz')], "id must be 32"),
+        ([ban().encode().replace(b"192.0.2.10", b"0.0.0.0/0; reboot")], "not an address"),
+        ([b"not json"], "not JSON"),
+        ([], "expected one event body"),
+        ([b"{}", b"{}"], "expected one event body"),
+        ([b"{" + b" " * 10000 + b"}"], "larger than"),
+    ],
+)
+def test_invalid_reports_get_a_nak_with_the_reason_and_change_nothing(hub, frames, reason):
+    _, peer = hub
+    kind, body = peer.report(*frames)
+    assert kind == protocol.NAK and reason in body["reason"] and body["retry"] is False
+    good = ban()
+    assert peer.report(good.encode())[1]["outcome"] == "banned"
+    assert peer.next_update()[0]["seq"] == 1
+
+
+def test_wrong_protocol_frame_is_refused(hub):
+    _, peer = hub
+    peer.reports.send_multipart([b"F2BZMQ9", protocol.EVENT, ban().encode()])
+    _, kind, body = peer.reports.recv_multipart()
+    assert kind == protocol.NAK and "unknown protocol 'F2BZMQ9'" in json.loads(body)["reason"]
+
+
+def test_snapshot_has_every_active_ban_and_survives_kill_9(hub):
+    hub_, peer = hub
+    events = [ban(f"10.0.{i // 250}.{i % 250 + 1}") for i in range(1200)]
+    for event in events:
+        peer.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, event.encode()])
+    acks = [peer.reports.recv_multipart() for _ in events]
+    assert {json.loads(body)["outcome"] for _, _, body in acks} == {"banned"}
+    header, snapshot = peer.snapshot()
+    assert header["seq"] == 1200 and sorted(e.ip for e in snapshot) == sorted(e.ip for e in events)
+
+    # Everything ACKed is on disk: a crash right after changes nothing.
+    hub_.publisher.stop(signal.SIGKILL)
+    hub_.publisher.start()
+    again, snapshot = peer.snapshot()
+    assert again["seq"] == 1200 and again["publisher"] == header["publisher"]
+    assert len(snapshot) == 1200
+
+
+def test_expired_bans_are_lifted_and_broadcast(hub):
+    _, peer = hub
+    peer.report(ban(bantime=1).encode())
+    peer.next_update()
+    header, update = peer.next_update()
+    assert (header["seq"], update.action, update.ip) == (2, "unban", "192.0.2.10")
