@@ -1,0 +1,88 @@
+"""The subscriber's pure rules: which local jail gets what, and what it never bans."""
+
+import ipaddress
+import shutil
+from pathlib import Path
+
+from f2bzmq.lab import Fail2banServer
+from f2bzmq.protocol import BanEvent
+from f2bzmq.subscriber import ClusterView, LocalPolicy, desired_bans
+
+
+def policy(**changes):
+    values = {
+        "node": "node2",
+        "sync_jail": "cluster",
+        "jail_map": {"sshd": "sshd-cluster"},
+        "allowlist": [ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "10.1.0.0/16")],
+    }
+    values.update(changes)
+    return LocalPolicy(**values)
+
+
+def view(*events):
+    result = ClusterView()
+    for event in events:
+        result.apply(event)
+    return result
+
+
+def ban(ip, jail="nginx", node="node1"):
+    return BanEvent.new(node, jail, "ban", ip, bantime=600)
+
+
+def test_mapped_jails_and_the_sync_jail():
+    wanted = desired_bans([view(ban("192.0.2.1", "sshd"), ban("192.0.2.2"))], policy())
+    assert wanted == {"sshd-cluster": {"192.0.2.1"}, "cluster": {"192.0.2.2"}}
+
+
+def test_own_reports_and_allowlisted_addresses_are_left_out():
+    events = [
+        ban("192.0.2.3", node="node2"),
+        ban("127.0.0.1"),
+        ban("10.1.2.3"),
+        ban("10.0.0.0/8"),  # overlaps the allowlisted 10.1.0.0/16
+        ban("::1"),
+        ban("2001:db8::5"),
+    ]
+    assert desired_bans([view(*events)], policy()) == {
+        "sshd-cluster": set(),
+        "cluster": {"2001:db8::5"},
+    }
+
+
+def test_unban_removes_and_views_of_several_hubs_unite():
+    one = view(ban("192.0.2.1"), ban("192.0.2.2"))
+    one.apply(BanEvent.new("node1", "nginx", "unban", "192.0.2.1"))
+    two = view(ban("198.51.100.1"))
+    assert desired_bans([one, two], policy(jail_map={}))["cluster"] == {
+        "192.0.2.2",
+        "198.51.100.1",
+    }
+
+
+def test_the_same_address_from_two_jails_is_one_local_ban():
+    both = view(ban("192.0.2.1", "nginx"), ban("192.0.2.1", "postfix"))
+    assert desired_bans([both], policy(jail_map={}))["cluster"] == {"192.0.2.1"}
+    both.apply(BanEvent.new("node1", "nginx", "unban", "192.0.2.1"))
+    assert desired_bans([both], policy(jail_map={}))["cluster"] == {"192.0.2.1"}
+
+
+def test_shipped_fail2ban_snippets_load_in_a_real_fail2ban(tmp_path):
+    """The jail.d and filter.d files from fail2ban/ with Debian's own jail.conf."""
+    shipped = Path(__file__).resolve().parent.parent / "fail2ban"
+    server = Fail2banServer(tmp_path, "node", jails=Path("/etc/fail2ban/jail.conf").read_text())
+    for name in ("paths-common.conf", "paths-debian.conf"):
+        (server.config / name).symlink_to(Path("/etc/fail2ban") / name)
+    (server.config / "jail.d").mkdir()
+    shutil.copy(shipped / "jail.d" / "f2bzmq-cluster.conf", server.config / "jail.d")
+    shutil.copy(shipped / "filter.d" / "f2bzmq-cluster.conf", server.config / "filter.d")
+    # Only the action is replaced: the real one would change this machine's firewall.
+    (server.config / "jail.local").write_text(
+        f"[cluster]\naction = dummy[target={server.directory / 'cluster.dummy'}]\n"
+    )
+    with server, server.client() as client:
+        assert client.jails() == ["cluster"]
+        assert client.bantime("cluster") == 86400
+        assert client.ban("cluster", ["192.0.2.1", "2001:db8::1"]) == 2
+        assert sorted(server.banned("cluster")) == ["192.0.2.1", "2001:db8::1"]
