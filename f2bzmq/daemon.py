@@ -20,7 +20,7 @@ from pathlib import Path
 import daemon
 
 from .config import Config
-from .runtime import setup_logging
+from .runtime import clock, setup_logging
 
 log = logging.getLogger("f2bzmq")
 
@@ -179,20 +179,18 @@ class RoleControl:
 
 
 def format_status(role: str, pid: int, status: dict) -> str:
-    """fail2ban-client style tree of the daemon's own figures."""
+    """fail2ban-client style tree of the daemon's own figures, in the daemon's order."""
     lines = [f"Status of fail2ban-{role} (pid {pid}, node {status.get('node')})"]
-    items = [(k, v) for k, v in sorted(status.items()) if k not in ("role", "node", "pid")]
+    status = dict(status, updated=clock(status.get("updated")))
+    items = [(k, v) for k, v in status.items() if k not in ("role", "node", "pid")]
     for index, (key, value) in enumerate(items):
-        branch = "`-" if index == len(items) - 1 else "|-"
-        if key == "updated":
-            value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+        last = index == len(items) - 1
+        branch, pad = ("`-", "   ") if last else ("|-", "|  ")
         if isinstance(value, dict) and value:
             lines.append(f"{branch} {key}:")
-            keys = list(value)
-            for number, sub in enumerate(keys):
-                inner = "`-" if number == len(keys) - 1 else "|-"
-                pad = "   " if branch == "`-" else "|  "
-                lines.append(f"{pad}{inner} {sub}: {_flat(value[sub])}")
+            for number, (sub, subvalue) in enumerate(value.items()):
+                inner = "`-" if number == len(value) - 1 else "|-"
+                lines.append(f"{pad}{inner} {sub}: {_flat(subvalue)}")
         else:
             lines.append(f"{branch} {key}: {_flat(value)}")
     return "\n".join(lines)

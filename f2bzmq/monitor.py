@@ -21,7 +21,7 @@ from .fail2ban import Fail2banClient, Fail2banError
 from .logparse import BanReporter, Kind, LogRecord
 from .outbox import Outbox
 from .protocol import BanEvent, ProtocolError
-from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, write_status
+from .runtime import NOTICE, RateLimitedLog, StatusFile, StopSignals, Wakeup, clock
 from .tail import LogFollower, LogPosition
 
 log = logging.getLogger("f2bzmq.monitor")
@@ -69,7 +69,7 @@ class Monitor:
 
     def __init__(self, config: Config, status_path=None) -> None:
         self.config = config
-        self.status_path = status_path
+        self.status_file = StatusFile(status_path)
         self.node = config.node
         self.ack_timeout = config.get("monitor", "ack_timeout")
         self.window = config.get("monitor", "in_flight")
@@ -111,7 +111,7 @@ class Monitor:
         poller.register(self.wakeup.read_fd, zmq.POLLIN)
         for hub in self.hubs:
             poller.register(hub.socket, zmq.POLLIN)
-        next_check = next_status = 0.0
+        next_check = 0.0
         self.read_log()
         while not self.signals.stopping:
             self.send_pending()
@@ -137,14 +137,12 @@ class Monitor:
             if now >= next_check:
                 self.follower.check()
                 next_check = now + SAFETY_CHECK
-            if self.status_path is not None and now >= next_status:
-                write_status(self.status_path, self.status())
-                next_status = now + 2
+            self.status_file.update(time.monotonic(), self.status)
         self.close()
 
     def _timeout_ms(self) -> int:
         now = time.monotonic()
-        deadlines = [now + SAFETY_CHECK]
+        deadlines = [now + SAFETY_CHECK, self.status_file.next_due]
         for hub in self.hubs:
             oldest = hub.oldest()
             if oldest is not None:
@@ -242,22 +240,23 @@ class Monitor:
             self.outbox.ack(hub.endpoint, event_id)
 
     def status(self) -> dict:
-        position = self.follower.position()
         return {
             "role": "monitor",
             "node": self.node,
-            "logpath": str(self.config.get("monitor", "logpath")),
-            "position": position.offset,
-            "outbox": self.outbox.depth(),
-            "hubs": {
+            "Log file": str(self.config.get("monitor", "logpath")),
+            "Log position": self.follower.position().offset,
+            "Events reported": self.counters["reported"],
+            "Events ACKed": self.counters["acked"],
+            "Events refused": self.counters["refused"],
+            "Outbox depth": self.outbox.depth(),
+            "Hubs": {
                 hub.endpoint: {
                     "waiting": self.outbox.depth(hub.endpoint),
-                    "in_flight": len(hub.in_flight),
-                    "last_ack": hub.last_ack,
+                    "in flight": len(hub.in_flight),
+                    "last ACK": clock(hub.last_ack),
                 }
                 for hub in self.hubs
             },
-            **self.counters,
         }
 
     def close(self) -> None:

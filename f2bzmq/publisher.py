@@ -16,7 +16,7 @@ import zmq
 from . import protocol
 from .config import Config
 from .protocol import BanEvent, ProtocolError
-from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, write_status
+from .runtime import NOTICE, RateLimitedLog, StatusFile, StopSignals, Wakeup, clock
 from .state import Outcome, StateStore, Update
 
 log = logging.getLogger("f2bzmq.publisher")
@@ -31,7 +31,7 @@ class Publisher:
 
     def __init__(self, config: Config, status_path=None) -> None:
         self.config = config
-        self.status_path = status_path
+        self.status_file = StatusFile(status_path)
         self.default_bantime = config.get("publisher", "default_bantime")
         self.allow_networks = config.get("publisher", "allow_networks")
         self.heartbeat_interval = config.get("publisher", "heartbeat_interval")
@@ -83,10 +83,10 @@ class Publisher:
         poller.register(self.collector, zmq.POLLIN)
         poller.register(self.snapshots, zmq.POLLIN)
         poller.register(self.wakeup.read_fd, zmq.POLLIN)
-        next_status = 0.0
         while not self.signals.stopping:
             now = time.time()
-            deadline = min(self.next_hugz, self.table.next_expiry() or now + 3600)
+            status_due = now + self.status_file.next_due - time.monotonic()
+            deadline = min(self.next_hugz, self.table.next_expiry() or now + 3600, status_due)
             ready = dict(poller.poll(max(0, int((deadline - now) * 1000)) + 1))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
@@ -98,9 +98,7 @@ class Publisher:
             self.flush_ttl(now)
             if now >= self.next_hugz:
                 self.send_hugz(now)
-            if self.status_path is not None and now >= next_status:
-                write_status(self.status_path, self.status())
-                next_status = now + 2
+            self.status_file.update(time.monotonic(), self.status)
         self.close()
 
     def handle_reports(self) -> None:
@@ -228,10 +226,14 @@ class Publisher:
         return {
             "role": "publisher",
             "node": self.config.node,
-            "sequence": self.table.sequence,
-            "active_bans": per_jail,
-            "nodes": {node: round(seen) for node, seen in self.nodes.items()},
-            **self.counters,
+            "Sequence number": self.table.sequence,
+            "Currently banned": len(self.table.bans),
+            "Banned per jail": per_jail,
+            "Nodes (last report)": {node: clock(seen) for node, seen in self.nodes.items()},
+            "Events accepted": self.counters["accepted"],
+            "Events refused": self.counters["refused"],
+            "Duplicates dropped": self.counters["duplicates"],
+            "Updates broadcast": self.counters["broadcast"],
         }
 
     def close(self) -> None:

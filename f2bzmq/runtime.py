@@ -11,6 +11,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 NOTICE = 25  # fail2ban's level between INFO and WARNING
@@ -111,11 +112,35 @@ def setup_logging(role: str, target: str, level: int, foreground: bool) -> None:
     logging.getLogger("watchdog").setLevel(max(level, logging.WARNING))
 
 
+STATUS_INTERVAL = 2.0
+
+
+class StatusFile:
+    """The daemon's figures, rewritten every couple of seconds for `status` to read."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.next_due = 0.0  # time.monotonic() of the next write
+
+    def update(self, now: float, status: Callable[[], dict]) -> None:
+        if self.path is None or now < self.next_due:
+            return
+        self.next_due = now + STATUS_INTERVAL
+        write_status(self.path, status())
+
+
 def write_status(path: Path, status: dict) -> None:
     """Replace the status file atomically, so `status` never reads half of it."""
     status = dict(status, updated=time.time(), pid=os.getpid())
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as handle:
-        json.dump(status, handle, indent=1, sort_keys=True)
+        json.dump(status, handle, indent=1)
     os.replace(tmp, path)
+
+
+def clock(epoch: float | None) -> str | None:
+    """A unix time as the local 'YYYY-MM-DD HH:MM:SS' fail2ban users read in logs."""
+    if epoch is None:
+        return None
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))

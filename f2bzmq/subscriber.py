@@ -21,7 +21,7 @@ from . import protocol
 from .config import Config
 from .fail2ban import Fail2banClient, Fail2banError
 from .protocol import BanEvent, ProtocolError
-from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, write_status
+from .runtime import NOTICE, RateLimitedLog, StatusFile, StopSignals, Wakeup
 
 log = logging.getLogger("f2bzmq.subscriber")
 
@@ -132,7 +132,7 @@ class Subscriber:
 
     def __init__(self, config: Config, status_path=None) -> None:
         self.config = config
-        self.status_path = status_path
+        self.status_file = StatusFile(status_path)
         self.policy = LocalPolicy(
             config.node,
             config.get("general", "sync_jail"),
@@ -175,7 +175,6 @@ class Subscriber:
             poller.register(link.updates, zmq.POLLIN)
             poller.register(link.snapshots, zmq.POLLIN)
             link.ask_snapshot(time.monotonic())
-        next_status = 0.0
         while not self.signals.stopping:
             ready = dict(poller.poll(self._timeout_ms()))
             if self.wakeup.read_fd in ready:
@@ -193,9 +192,7 @@ class Subscriber:
                     poller.register(link.snapshots, zmq.POLLIN)
             if self.pending and now >= self.next_retry:
                 self.reconcile()
-            if self.status_path is not None and now >= next_status:
-                write_status(self.status_path, self.status())
-                next_status = now + 2
+            self.status_file.update(time.monotonic(), self.status)
         self.close()
 
     def _timeout_ms(self) -> int:
@@ -376,21 +373,25 @@ class Subscriber:
                 log.log(NOTICE, "[%s] %s %s", jail, verb, ip)
 
     def status(self) -> dict:
+        now = time.monotonic()
         return {
             "role": "subscriber",
             "node": self.config.node,
-            "fail2ban": "reachable" if self.fail2ban_ok else "unreachable",
-            "hubs": {
+            "fail2ban": "reachable" if self.fail2ban_ok else "NOT reachable",
+            "Banned in local jails": {jail: len(ips) for jail, ips in (self.applied or {}).items()},
+            "Bans applied": self.counters["banned"],
+            "Unbans applied": self.counters["unbanned"],
+            "Snapshots received": self.counters["snapshots"],
+            "Messages refused": self.counters["refused"],
+            "Hubs": {
                 link.publish_endpoint: {
-                    "sequence": link.sequence,
                     "synced": link.synced,
-                    "silent_for": round(time.monotonic() - link.heard, 1),
-                    "cluster_bans": len(link.view.bans),
+                    "sequence": link.sequence,
+                    "cluster bans": len(link.view.bans),
+                    "last heard": f"{now - link.heard:.1f} s ago",
                 }
                 for link in self.links
             },
-            "applied": {jail: len(ips) for jail, ips in (self.applied or {}).items()},
-            **self.counters,
         }
 
     def close(self) -> None:

@@ -91,3 +91,26 @@ def wait_for_log(node, role, text, present_in="fail2ban"):
     if present_in == "fail2ban":
         return wait_until(lambda: text in node.fail2ban.log.read_text(), 20, 0.1)
     return wait_until(lambda: text in node.log_text(role), 20, 0.1)
+
+
+def test_status_of_each_role_reports_what_happened(cluster):
+    import subprocess
+    import sys
+
+    from f2bzmq.lab import wait_until
+
+    cluster["node1"].fail2ban.attack(ATTACKER)
+    wait_banned(cluster, "node2", "cluster", ATTACKER)
+    expected = [
+        ("publisher", cluster.hub.config, "|- Currently banned: 1"),
+        ("monitor", cluster["node1"].config, "|- Events ACKed: 1"),
+        ("subscriber", cluster["node2"].config, "|- Bans applied: 1"),
+    ]
+    for role, config, line in expected:
+        command = [sys.executable, "-m", "f2bzmq", role, "-c", str(config), "status"]
+
+        def shows(command=command, line=line) -> bool:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+            return done.returncode == 0 and line in done.stdout.splitlines()
+
+        assert wait_until(shows, 15, 0.3), subprocess.run(command, capture_output=True, text=True)

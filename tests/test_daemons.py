@@ -60,7 +60,7 @@ def test_start_status_stop(config):
 
     def reports() -> bool:
         done = publisher(config, "status")
-        return done.returncode == 0 and "|- sequence: 0" in done.stdout
+        return done.returncode == 0 and "|- Sequence number: 0" in done.stdout
 
     assert wait_until(reports, 15, 0.2), publisher(config, "status").stdout
 
