@@ -74,7 +74,7 @@ class Fail2banServer:
         self,
         root: Path,
         name: str = "node",
-        jails: str | None = None,
+        jails: str | Callable[[Fail2banServer], str] | None = None,
         sshd_maxretry: int = 2,
         bantime: int = 600,
         sync_jail: str = "cluster",
@@ -99,7 +99,7 @@ class Fail2banServer:
         self._pid: int | None = None
         self._attacks = 0
         self._write_config(
-            jails if jails is not None else self.default_jails(bantime, sync_bantime)
+            jails(self) if callable(jails) else jails or self.default_jails(bantime, sync_bantime)
         )
 
     def default_jails(self, bantime: int, sync_bantime: int) -> str:
@@ -228,15 +228,18 @@ class Fail2banServer:
             raise RuntimeError(f"fail2ban-client get {jail} banip failed: {done.stderr.strip()}")
         return done.stdout.split()
 
-    def attack(self, ip: str, count: int | None = None) -> None:
-        """Append sshd failures from ip to auth_log: by default just enough for a ban."""
+    def attack(self, *ips: str, count: int | None = None) -> None:
+        """Append sshd failures from each ip to auth_log: by default just enough for a ban."""
         stamp = time.strftime("%b %d %H:%M:%S")
-        # A pid of its own per attack: fail2ban's sshd filter ties lines of one sshd pid together.
-        self._attacks += 1
-        pid = 1000 + self._attacks
-        line = f"{stamp} host sshd[{pid}]: Failed password for root from {ip} port 50000 ssh2\n"
+        lines = []
+        for ip in ips:
+            # A pid of its own per attacker: fail2ban's sshd filter ties one pid's lines together.
+            self._attacks += 1
+            pid = 1000 + self._attacks
+            line = f"{stamp} host sshd[{pid}]: Failed password for root from {ip} port 50000 ssh2\n"
+            lines.append(line * (self.sshd_maxretry if count is None else count))
         with self.auth_log.open("a") as log:
-            log.write(line * (self.sshd_maxretry if count is None else count))
+            log.write("".join(lines))
 
     def wait_banned(self, jail: str, ip: str, present: bool = True, timeout: float = 20) -> None:
         """Wait until ip is (or, with present=False, is no longer) banned in jail."""
@@ -349,13 +352,19 @@ def write_config(path: Path, node: str, ports: list[int], directory: Path, **ext
 
 
 class Hub:
-    """The publisher, in its own folder."""
+    """A publisher in its own folder, listening on its own loopback address."""
 
-    def __init__(self, root: Path, ports: list[int], **extra: dict) -> None:
-        self.directory = root / "hub"
+    def __init__(
+        self, root: Path, ports: list[int], name: str = "hub", address: str = "127.0.0.1", **extra
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.directory = root / name
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config = self.directory / "fail2ban-cluster.conf"
-        write_config(self.config, "hub", ports, self.directory, **extra)
+        sections = {section: dict(values) for section, values in extra.items()}
+        sections.setdefault("publisher", {})["bind"] = address
+        write_config(self.config, name, ports, self.directory, **sections)
         self.publisher = RoleProcess("publisher", self.config, self.directory)
 
     def log_text(self) -> str:
@@ -366,14 +375,17 @@ class Hub:
 class Node:
     """One server of the cluster: its fail2ban-server, monitor and subscriber."""
 
-    def __init__(self, root: Path, name: str, ports: list[int], **extra: dict) -> None:
+    def __init__(
+        self, root: Path, name: str, ports: list[int], fail2ban: dict | None = None, **extra
+    ) -> None:
         self.name = name
-        self.fail2ban = Fail2banServer(root, name)
+        self.fail2ban = Fail2banServer(root, name, **(fail2ban or {}))
         self.directory = self.fail2ban.directory
         self.config = self.directory / "fail2ban-cluster.conf"
-        extra.setdefault("general", {})["fail2ban_socket"] = str(self.fail2ban.socket)
-        extra.setdefault("monitor", {})["logpath"] = str(self.fail2ban.log)
-        write_config(self.config, name, ports, self.directory, **extra)
+        sections = {section: dict(values) for section, values in extra.items()}
+        sections.setdefault("general", {})["fail2ban_socket"] = str(self.fail2ban.socket)
+        sections.setdefault("monitor", {})["logpath"] = str(self.fail2ban.log)
+        write_config(self.config, name, ports, self.directory, **sections)
         self.monitor = RoleProcess("monitor", self.config, self.directory)
         self.subscriber = RoleProcess("subscriber", self.config, self.directory)
 
@@ -395,18 +407,40 @@ class Node:
 
 
 class Cluster:
-    """A hub and `size` nodes named node1..nodeN; a context manager that cleans up everything."""
+    """`hubs` publishers and `size` nodes named node1..nodeN; cleans up everything on exit.
 
-    def __init__(self, root: Path, size: int = 3, **extra: dict) -> None:
+    Hubs share the ports and differ by loopback address (127.0.0.1, 127.0.0.2, …), the
+    way redundant hubs on different servers share one configuration. `fail2ban` holds
+    keyword arguments for every node's Fail2banServer (e.g. `jails`, `bantime`); the
+    other keyword arguments are configuration sections: `subscriber={"batch_size": "50"}`.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        size: int = 3,
+        hubs: int = 1,
+        fail2ban: dict | None = None,
+        **extra: dict,
+    ) -> None:
         self.ports = free_ports(3)
-        self.hub = Hub(root, self.ports, **extra)
+        addresses = [f"127.0.0.{i}" for i in range(1, hubs + 1)]
+        self.hubs = [
+            Hub(root, self.ports, "hub" if i == 0 else f"hub{i + 1}", address, **extra)
+            for i, address in enumerate(addresses)
+        ]
+        self.hub = self.hubs[0]
+        sections = {section: dict(values) for section, values in extra.items()}
+        sections.setdefault("general", {})["hubs"] = " ".join(addresses)
         self.nodes = {
-            f"node{i}": Node(root, f"node{i}", self.ports, **extra) for i in range(1, size + 1)
+            f"node{i}": Node(root, f"node{i}", self.ports, fail2ban, **sections)
+            for i in range(1, size + 1)
         }
 
     def __enter__(self) -> Cluster:
         try:
-            self.hub.publisher.start()
+            for hub in self.hubs:
+                hub.publisher.start()
             for node in self.nodes.values():
                 node.start()
             self.wait_ready()
@@ -433,7 +467,8 @@ class Cluster:
                 node.stop()
             except Exception as error:  # keep cleaning up the others
                 errors.append(error)
-        self.hub.publisher.stop()
+        for hub in self.hubs:
+            hub.publisher.stop()
         if errors:
             raise errors[0]
 
@@ -442,7 +477,7 @@ class Cluster:
 
     def diagnostics(self) -> str:
         """Every daemon's log tail, for a failing assertion's message."""
-        parts = [f"--- hub publisher ---\n{tail(self.hub.log_text())}"]
+        parts = [f"--- {hub.name} publisher ---\n{tail(hub.log_text())}" for hub in self.hubs]
         for node in self.nodes.values():
             for role in ("monitor", "subscriber"):
                 parts.append(f"--- {node.name} {role} ---\n{tail(node.log_text(role))}")
