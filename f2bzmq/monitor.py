@@ -73,6 +73,7 @@ class Monitor:
         self.node = config.node
         self.ack_timeout = config.get("monitor", "ack_timeout")
         self.window = config.get("monitor", "in_flight")
+        self.outbox_max = config.get("monitor", "outbox_max")
         ignore = set(config.get("monitor", "ignore_jails")) | config.sync_jails()
         self.reporter = BanReporter(ignore)
         self.fail2ban = Fail2banClient(
@@ -160,11 +161,23 @@ class Monitor:
             events = [event for event in events if event is not None]
             if lines or events:
                 self.outbox.add(events, self.follower.position().to_json())
+            if events:
+                self.trim_outbox()
             for event in events:
                 log.log(NOTICE, "%s: queued for the cluster", event.describe())
             self.counters["reported"] += len(events)
             if not self.follower.has_more():
                 return
+
+    def trim_outbox(self) -> None:
+        dropped = self.outbox.trim(self.outbox_max)
+        if dropped:
+            log.warning(
+                "outbox full (%d events): dropped the %d oldest, unbans first; "
+                "are the hubs reachable?",
+                self.outbox_max,
+                dropped,
+            )
 
     def make_event(self, record: LogRecord) -> BanEvent | None:
         action = protocol.BAN if record.kind is Kind.BAN else protocol.UNBAN

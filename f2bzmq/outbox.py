@@ -18,6 +18,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL, target TEXT NOT NULL, body BLOB NOT NULL,
     UNIQUE (id, target));
+CREATE INDEX IF NOT EXISTS outbox_target ON outbox (target, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -46,6 +47,33 @@ class Outbox:
             )
             if position is not None:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('position', ?)", (position,))
+
+    def trim(self, limit: int) -> int:
+        """Keep at most `limit` events: drop the oldest unbans first, then the oldest bans.
+
+        An unban lost costs little (the hub lifts the ban when its time is up); a ban
+        lost leaves an attacker free elsewhere. Returns how many events were dropped.
+        """
+        excess = self.depth() - limit
+        if excess <= 0:
+            return 0
+        dropped = 0
+        with self.db:
+            self.db.execute("BEGIN")
+            for action in (b'"action":"unban"', b'"action":"ban"'):
+                if dropped >= excess:
+                    break
+                ids = [
+                    row[0]
+                    for row in self.db.execute(
+                        "SELECT id FROM outbox WHERE instr(body, ?) > 0 "
+                        "GROUP BY id ORDER BY MIN(seq) LIMIT ?",
+                        (action, excess - dropped),
+                    )
+                ]
+                self.db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+                dropped += len(ids)
+        return dropped
 
     def pending(self, target: str, limit: int, after: int = 0) -> list[tuple[int, bytes]]:
         """Up to `limit` (row, body) waiting for `target`, oldest first, past row `after`."""
