@@ -7,6 +7,7 @@ moment loses nothing it has ACKed.
 
 from __future__ import annotations
 
+import heapq
 import os
 import sqlite3
 import uuid
@@ -43,10 +44,6 @@ class ActiveBan:
     event: BanEvent  # the ban that started it: what snapshots hand out
     origins: dict[str, float | None] = field(default_factory=dict)
 
-    def expiry(self) -> float | None:
-        ends = list(self.origins.values())
-        return None if None in ends else max(ends)
-
 
 class BanTable:
     """Active bans, the broadcast sequence number and the ids already seen."""
@@ -60,6 +57,8 @@ class BanTable:
         self.bans: dict[tuple[str, str], ActiveBan] = {}
         self.seen: dict[str, float] = {}
         self.journal: list[tuple] = []  # changes not yet persisted, in order
+        self.expiries: list[tuple[float, str, str, str]] = []  # heap; stale entries skipped
+        self.next_forget = 0.0  # when to prune `seen` next
 
     def apply(self, event: BanEvent, now: float) -> tuple[Outcome, Update | None]:
         """Record a validated event from a node; return what it did and what to broadcast."""
@@ -75,12 +74,12 @@ class BanTable:
                 return Outcome.EXPIRED, None
             if active is None:
                 active = self.bans[key] = ActiveBan(event)
-                active.origins[event.node] = expiry
+                self._set_origin(key, event.node, expiry)
                 self.journal.append(("origin", event, event.node, expiry))
                 return Outcome.BANNED, self._broadcast(event)
             previous = active.origins.get(event.node, 0.0)
             if event.node not in active.origins or _later(expiry, previous):
-                active.origins[event.node] = expiry
+                self._set_origin(key, event.node, expiry)
                 self.journal.append(("origin", active.event, event.node, expiry))
             return Outcome.EXTENDED, None
         if active is None or event.node not in active.origins:
@@ -90,23 +89,37 @@ class BanTable:
     def expire(self, now: float) -> list[Update]:
         """Drop origins whose ban time is up; broadcast an unban where none is left."""
         updates = []
-        for key, active in list(self.bans.items()):
-            for node, ends in list(active.origins.items()):
-                if ends is not None and ends <= now:
-                    unban = BanEvent.new(self.publisher, key[0], UNBAN, key[1], now)
-                    _, update = self._lift(key, node, unban)
-                    if update is not None:
-                        updates.append(update)
-        for event_id, seen_at in list(self.seen.items()):
-            if seen_at + self.dedupe_window <= now:
-                del self.seen[event_id]
-                self.journal.append(("forget", event_id))
+        while self.expiries and self.expiries[0][0] <= now:
+            ends, jail, ip, node = heapq.heappop(self.expiries)
+            active = self.bans.get((jail, ip))
+            if active is None or active.origins.get(node, 0.0) != ends:
+                continue  # lifted or prolonged since: a stale heap entry
+            unban = BanEvent.new(self.publisher, jail, UNBAN, ip, now)
+            _, update = self._lift((jail, ip), node, unban)
+            if update is not None:
+                updates.append(update)
+        if self.seen and now >= self.next_forget:
+            self.next_forget = now + 60
+            for event_id, seen_at in list(self.seen.items()):
+                if seen_at + self.dedupe_window <= now:
+                    del self.seen[event_id]
+                    self.journal.append(("forget", event_id))
         return updates
 
     def next_expiry(self) -> float | None:
         """The earliest time any origin's ban ends, for the publisher's timer."""
-        ends = [e for a in self.bans.values() for e in a.origins.values() if e is not None]
-        return min(ends, default=None)
+        while self.expiries:
+            ends, jail, ip, node = self.expiries[0]
+            active = self.bans.get((jail, ip))
+            if active is not None and active.origins.get(node, 0.0) == ends:
+                return ends
+            heapq.heappop(self.expiries)
+        return None
+
+    def _set_origin(self, key: tuple[str, str], node: str, expiry: float | None) -> None:
+        self.bans[key].origins[node] = expiry
+        if expiry is not None:
+            heapq.heappush(self.expiries, (expiry, key[0], key[1], node))
 
     def snapshot(self) -> tuple[int, list[BanEvent]]:
         """The sequence number and every active ban, for a (re)connecting subscriber."""
@@ -168,7 +181,7 @@ class StateStore:
             if active is None:
                 event = BanEvent.decode(text.encode())
                 active = table.bans[(jail, ip)] = ActiveBan(event)
-            active.origins[node] = expiry
+            table._set_origin((jail, ip), node, expiry)
         table.seen = dict(self.db.execute("SELECT id, at FROM seen"))
         return table
 
@@ -199,11 +212,6 @@ class StateStore:
                 execute("DELETE FROM bans WHERE jail = ? AND ip = ? AND node = ?", change[1:])
             elif what == "sequence":
                 execute("INSERT OR REPLACE INTO meta VALUES ('sequence', ?)", (str(change[1]),))
-
-    def counts(self) -> dict[str, int]:
-        """Active bans per jail, read from the disk: what `status` shows."""
-        rows = self.db.execute("SELECT jail, COUNT(DISTINCT ip) FROM bans GROUP BY jail")
-        return dict(rows)
 
     def close(self) -> None:
         self.db.close()

@@ -99,3 +99,21 @@ def test_a_new_store_has_a_new_instance(tmp_path):
     one = StateStore(tmp_path / "a.sqlite3").load("hub", 600, 86400)
     two = StateStore(tmp_path / "b.sqlite3").load("hub", 600, 86400)
     assert one.instance != two.instance
+
+
+def test_a_prolonged_ban_is_not_lifted_at_its_first_end():
+    table = BanTable("hub", 600)
+    table.apply(ev("node1", BAN, bantime=60), NOW)
+    table.apply(ev("node1", BAN, bantime=7200), NOW + 30)  # fail2ban's Increase Ban
+    assert table.expire(NOW + 61) == []
+    assert table.next_expiry() == NOW + 30 + 7200
+    (update,) = table.expire(NOW + 30 + 7200)
+    assert update.event.action == UNBAN
+
+
+def test_a_ban_unbanned_early_leaves_no_timer_behind():
+    table = BanTable("hub", 600)
+    table.apply(ev("node1", BAN, bantime=60), NOW)
+    table.apply(ev("node1", UNBAN), NOW + 1)
+    assert table.next_expiry() is None
+    assert table.expire(NOW + 61) == []
