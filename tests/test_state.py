@@ -104,7 +104,7 @@ def test_a_new_store_has_a_new_instance(tmp_path):
 def test_a_prolonged_ban_is_not_lifted_at_its_first_end():
     table = BanTable("hub", 600)
     table.apply(ev("node1", BAN, bantime=60), NOW)
-    table.apply(ev("node1", BAN, bantime=7200), NOW + 30)  # fail2ban's Increase Ban
+    table.apply(ev("node1", BAN, when=NOW + 30, bantime=7200), NOW + 30)  # Increase Ban
     assert table.expire(NOW + 61) == []
     assert table.next_expiry() == NOW + 30 + 7200
     (update,) = table.expire(NOW + 30 + 7200)
