@@ -326,6 +326,8 @@ class Subscriber:
                 link.publish_endpoint,
                 now - link.heard,
             )
+            # Its view may be stale: the other hubs decide until it sends a snapshot.
+            link.synced = False
             link.ask_snapshot(now)
 
     def reconcile(self) -> None:
