@@ -156,6 +156,8 @@ class Subscriber:
         self.applied: dict[str, set[str]] | None = None  # what fail2ban has; None = unknown
         self.pending = False  # the jails may differ from the cluster: reconcile
         self.next_retry = 0.0
+        self.resync_interval = config.get("subscriber", "resync_interval")
+        self.next_resync = time.monotonic() + self.resync_interval
         self.fail2ban_ok = False
         self.counters = {"banned": 0, "unbanned": 0, "refused": 0, "snapshots": 0}
         self.wakeup = Wakeup()
@@ -190,6 +192,12 @@ class Subscriber:
                 if link.snapshots is not old_socket:
                     poller.unregister(old_socket)
                     poller.register(link.snapshots, zmq.POLLIN)
+            if now >= self.next_resync:
+                # fail2ban may have lost or expired bans behind our back (a restart
+                # without its database, the sync jail's own bantime): read it again.
+                self.next_resync = now + self.resync_interval
+                self.applied = None
+                self.pending = True
             if self.pending and now >= self.next_retry:
                 self.reconcile()
             self.status_file.update(time.monotonic(), self.status)

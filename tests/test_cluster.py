@@ -114,3 +114,14 @@ def test_status_of_each_role_reports_what_happened(cluster):
             return done.returncode == 0 and line in done.stdout.splitlines()
 
         assert wait_until(shows, 15, 0.3), subprocess.run(command, capture_output=True, text=True)
+
+
+def test_a_ban_fail2ban_lost_comes_back_at_the_next_resync(tmp_path):
+    with Cluster(tmp_path, size=2, subscriber={"resync_interval": "2"}) as c:
+        c["node1"].fail2ban.attack(ATTACKER)
+        wait_banned(c, "node2", "cluster", ATTACKER)
+        with c["node2"].fail2ban.client() as client:
+            client.unban("cluster", [ATTACKER])  # as if fail2ban had dropped it
+        assert ATTACKER not in c["node2"].fail2ban.banned("cluster")
+        wait_banned(c, "node2", "cluster", ATTACKER)
+        assert "[cluster] Unban" not in c.hub.log_text()
