@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .protocol import ProtocolError, check_name
+from .protocol import NetworkLimits, ProtocolError, check_name
 
 DEFAULT_PATHS = ("/etc/fail2ban-cluster/fail2ban-cluster.conf", "fail2ban-cluster.conf")
 
@@ -142,6 +142,10 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("general", "fail2ban_client"): ("fail2ban-client", _text),
     ("general", "sync_jail"): ("cluster", _name),
     ("general", "jail_map"): ("", _jail_map),
+    ("general", "keys_dir"): ("/etc/fail2ban-cluster/keys", _text),
+    ("general", "insecure"): ("false", _bool),
+    ("general", "min_prefix_v4"): ("24", _number(int, 8, 32)),
+    ("general", "min_prefix_v6"): ("48", _number(int, 16, 128)),
     ("monitor", "logpath"): ("/var/log/fail2ban.log", _text),
     ("monitor", "ignore_jails"): ("", _jail_names),
     ("monitor", "ack_timeout"): ("5", _number(float, 0.1, 3600)),
@@ -153,6 +157,10 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("publisher", "heartbeat_interval"): ("1", _number(float, 0.05, 3600)),
     ("publisher", "send_hwm"): ("100000", _number(int, 1000, 10**8)),
     ("publisher", "allow_networks"): ("true", _bool),
+    ("publisher", "allowlist"): ("127.0.0.0/8 ::1/128", _networks),
+    ("publisher", "rate_limit"): ("50", _number(float, 0.1, 10**6)),
+    ("publisher", "rate_burst"): ("1000", _number(int, 1, 10**7)),
+    ("publisher", "allow_foreign_unban"): ("false", _bool),
     ("subscriber", "allowlist"): ("127.0.0.0/8 ::1/128", _networks),
     ("subscriber", "batch_size"): ("200", _number(int, 1, 10000)),
     ("subscriber", "heartbeat_timeout"): ("5", _number(float, 0.1, 3600)),
@@ -192,6 +200,13 @@ class Config:
     def state_path(self, name: str) -> Path:
         return Path(self.values[("general", "state_dir")]) / name
 
+    def network_limits(self) -> NetworkLimits:
+        return NetworkLimits(
+            self.values[("publisher", "allow_networks")],
+            self.values[("general", "min_prefix_v4")],
+            self.values[("general", "min_prefix_v6")],
+        )
+
     def sync_jails(self) -> set[str]:
         """Local jails the subscriber writes into: the monitor must not report them back."""
         return {
@@ -225,6 +240,7 @@ PATH_KEYS = {
     ("general", "state_dir"),
     ("general", "run_dir"),
     ("general", "fail2ban_socket"),
+    ("general", "keys_dir"),
     ("monitor", "logpath"),
 }
 

@@ -73,6 +73,7 @@ class Monitor:
         self.node = config.node
         self.ack_timeout = config.get("monitor", "ack_timeout")
         self.window = config.get("monitor", "in_flight")
+        self.networks = config.network_limits()
         self.outbox_max = config.get("monitor", "outbox_max")
         ignore = set(config.get("monitor", "ignore_jails")) | config.sync_jails()
         self.reporter = BanReporter(ignore)
@@ -185,7 +186,9 @@ class Monitor:
         if action == protocol.BAN:
             bantime = record.bantime if record.bantime is not None else self.bantime(record.jail)
         try:
-            return BanEvent.new(self.node, record.jail, action, record.ip, record.time, bantime)
+            return BanEvent.new(
+                self.node, record.jail, action, record.ip, record.time, bantime, self.networks
+            )
         except ProtocolError as error:
             self.refusals.warning(
                 str(error), "[%s] %s not reported: %s", record.jail, record.ip, error
@@ -215,8 +218,7 @@ class Monitor:
             room = self.window - len(hub.in_flight)
             if room <= 0:
                 continue
-            for row, body in self.outbox.pending(hub.endpoint, room, hub.cursor):
-                event_id = BanEvent.decode(body).id
+            for row, event_id, body in self.outbox.pending(hub.endpoint, room, hub.cursor):
                 hub.socket.send_multipart([protocol.PROTOCOL, protocol.EVENT, body])
                 hub.in_flight[event_id] = (row, now)
                 hub.cursor = row

@@ -75,10 +75,10 @@ class Outbox:
                 dropped += len(ids)
         return dropped
 
-    def pending(self, target: str, limit: int, after: int = 0) -> list[tuple[int, bytes]]:
-        """Up to `limit` (row, body) waiting for `target`, oldest first, past row `after`."""
+    def pending(self, target: str, limit: int, after: int = 0) -> list[tuple[int, str, bytes]]:
+        """Up to `limit` (row, event id, body) waiting for `target`, oldest first, past `after`."""
         return self.db.execute(
-            "SELECT seq, body FROM outbox WHERE target = ? AND seq > ? ORDER BY seq LIMIT ?",
+            "SELECT seq, id, body FROM outbox WHERE target = ? AND seq > ? ORDER BY seq LIMIT ?",
             (target, after, limit),
         ).fetchall()
 

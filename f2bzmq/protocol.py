@@ -39,6 +39,18 @@ _FIELDS = {"id", "node", "jail", "action", "ip", "time", "bantime"}
 _REQUIRED = {"id", "node", "jail", "action", "ip", "time"}
 
 
+@dataclass(frozen=True)
+class NetworkLimits:
+    """Whether CIDR networks may be banned, and the widest each family may be."""
+
+    allow: bool = True
+    min_prefix_v4: int = 24  # no network wider than a /24 (256 addresses)
+    min_prefix_v6: int = 48
+
+
+ANY_NETWORK = NetworkLimits(True, 0, 0)  # for events already accepted under the operator's limits
+
+
 class ProtocolError(ValueError):
     """A message that breaks the protocol; the text is the reason sent back in a NAK."""
 
@@ -64,12 +76,13 @@ class BanEvent:
         ip: str,
         when: float | None = None,
         bantime: int | None = None,
+        networks: NetworkLimits = NetworkLimits(),
     ) -> BanEvent:
         """Make a validated event with a fresh unique id."""
         event = cls(uuid.uuid4().hex, node, jail, action, ip, when or time.time(), bantime)
-        return event.validated()
+        return event.validated(networks)
 
-    def validated(self, allow_networks: bool = True) -> BanEvent:
+    def validated(self, networks: NetworkLimits = NetworkLimits()) -> BanEvent:
         """Check every field; return the event with its address in canonical form."""
         if not isinstance(self.id, str) or not _ID.match(self.id):
             raise ProtocolError("id must be 32 lowercase hex digits")
@@ -77,7 +90,7 @@ class BanEvent:
         check_name(self.jail, "jail")
         if self.action not in (BAN, UNBAN):
             raise ProtocolError(f"action must be {BAN!r} or {UNBAN!r}")
-        ip = canonical_address(self.ip, allow_networks)
+        ip = canonical_address(self.ip, networks)
         if isinstance(self.time, bool) or not isinstance(self.time, (int, float)):
             raise ProtocolError("time must be a number")
         if not 0 < self.time < 2**33:
@@ -111,7 +124,7 @@ class BanEvent:
         return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
-    def decode(cls, data: bytes, allow_networks: bool = True) -> BanEvent:
+    def decode(cls, data: bytes, networks: NetworkLimits = NetworkLimits()) -> BanEvent:
         """Parse and validate an event body; raise ProtocolError with the reason."""
         body = decode_object(data, MAX_BODY)
         unknown = set(body) - _FIELDS
@@ -129,7 +142,7 @@ class BanEvent:
             body["time"],
             body.get("bantime"),
         )
-        return event.validated(allow_networks)
+        return event.validated(networks)
 
     def describe(self) -> str:
         """fail2ban-style text: '[sshd] Ban 192.0.2.10 from node1'."""
@@ -144,20 +157,23 @@ def check_name(value: object, field: str) -> str:
     return value
 
 
-def canonical_address(value: object, allow_networks: bool = True) -> str:
-    """Parse an address with ipaddress; networks only in CIDR form and only when allowed."""
+def canonical_address(value: object, networks: NetworkLimits = NetworkLimits()) -> str:
+    """Parse an address with ipaddress; networks only in CIDR form and only within the limits."""
     if not isinstance(value, str) or not 2 <= len(value) <= 49:
         raise ProtocolError("ip must be an IPv4 or IPv6 address")
     try:
         if "/" not in value:
             return str(ipaddress.ip_address(value))
-        if not allow_networks:
-            raise ProtocolError("networks are not allowed here")
         network = ipaddress.ip_network(value, strict=False)
     except ValueError as error:
         raise ProtocolError(f"ip {value!r} is not an address: {error}") from None
     if network.num_addresses == 1:
         return str(network.network_address)
+    if not networks.allow:
+        raise ProtocolError("networks are not allowed here")
+    widest = networks.min_prefix_v4 if network.version == 4 else networks.min_prefix_v6
+    if network.prefixlen < widest:
+        raise ProtocolError(f"network {network} is wider than the allowed /{widest}")
     return str(network)
 
 

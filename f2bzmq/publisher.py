@@ -33,7 +33,7 @@ class Publisher:
         self.config = config
         self.status_file = StatusFile(status_path)
         self.default_bantime = config.get("publisher", "default_bantime")
-        self.allow_networks = config.get("publisher", "allow_networks")
+        self.networks = config.network_limits()
         self.heartbeat_interval = config.get("publisher", "heartbeat_interval")
         state_dir = config.state_path("")
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +129,7 @@ class Publisher:
             kind, rest = protocol.split_message(frames)
             if kind != protocol.EVENT or len(rest) != 1:
                 raise ProtocolError(f"expected one {protocol.EVENT.decode()} body")
-            event = BanEvent.decode(rest[0], self.allow_networks)
+            event = BanEvent.decode(rest[0], self.networks)
             event_id = event.id
         except ProtocolError as error:
             self.counters["refused"] += 1

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .protocol import BAN, UNBAN, BanEvent
+from .protocol import ANY_NETWORK, BAN, UNBAN, BanEvent
 
 
 class Outcome(str, Enum):
@@ -94,7 +94,7 @@ class BanTable:
             active = self.bans.get((jail, ip))
             if active is None or active.origins.get(node, 0.0) != ends:
                 continue  # lifted or prolonged since: a stale heap entry
-            unban = BanEvent.new(self.publisher, jail, UNBAN, ip, now)
+            unban = BanEvent.new(self.publisher, jail, UNBAN, ip, now, networks=ANY_NETWORK)
             _, update = self._lift((jail, ip), node, unban)
             if update is not None:
                 updates.append(update)
@@ -179,7 +179,7 @@ class StateStore:
         for jail, ip, node, text, expiry in rows:
             active = table.bans.get((jail, ip))
             if active is None:
-                event = BanEvent.decode(text.encode())
+                event = BanEvent.decode(text.encode(), ANY_NETWORK)
                 active = table.bans[(jail, ip)] = ActiveBan(event)
             table._set_origin((jail, ip), node, expiry)
         table.seen = dict(self.db.execute("SELECT id, at FROM seen"))

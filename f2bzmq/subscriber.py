@@ -140,6 +140,7 @@ class Subscriber:
             config.get("subscriber", "allowlist"),
         )
         self.batch_size = config.get("subscriber", "batch_size")
+        self.networks = config.network_limits()
         self.heartbeat_timeout = config.get("subscriber", "heartbeat_timeout")
         self.fail2ban = Fail2banClient(
             config.get("general", "fail2ban_socket"),
@@ -227,7 +228,7 @@ class Subscriber:
                 if kind == protocol.UPDATE:
                     if len(rest) != 2:
                         raise ProtocolError("an update has a header and one event")
-                    event = BanEvent.decode(rest[1])
+                    event = BanEvent.decode(rest[1], self.networks)
             except ProtocolError as error:
                 self.counters["refused"] += 1
                 self.refusals.warning(str(error), "ignored a message from the hub: %s", error)
@@ -284,7 +285,9 @@ class Subscriber:
                 items = json.loads(rest[1])
                 if not isinstance(items, list):
                     raise ProtocolError("snapshot body must be a list")
-                events = [BanEvent.decode(json.dumps(item).encode()) for item in items]
+                events = [
+                    BanEvent.decode(json.dumps(item).encode(), self.networks) for item in items
+                ]
             except (ProtocolError, ValueError) as error:
                 self.counters["refused"] += 1
                 self.refusals.warning(str(error), "ignored a snapshot part: %s", error)

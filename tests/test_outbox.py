@@ -15,12 +15,12 @@ def test_each_hub_gets_every_event_in_order_until_it_acks(tmp_path):
     events = [event(f"192.0.2.{i}") for i in range(1, 6)]
     outbox.add(events, position='{"offset": 10}')
     for hub in HUBS:
-        assert [body for _, body in outbox.pending(hub, 10)] == [e.encode() for e in events]
+        assert [body for _, _, body in outbox.pending(hub, 10)] == [e.encode() for e in events]
     assert outbox.ack(HUBS[0], events[0].id) is True
     assert outbox.ack(HUBS[0], events[0].id) is False
     rows = outbox.pending(HUBS[0], 2)
-    assert [body for _, body in rows] == [events[1].encode(), events[2].encode()]
-    assert [body for _, body in outbox.pending(HUBS[0], 10, after=rows[-1][0])] == [
+    assert [body for _, _, body in rows] == [events[1].encode(), events[2].encode()]
+    assert [body for _, _, body in outbox.pending(HUBS[0], 10, after=rows[-1][0])] == [
         e.encode() for e in events[3:]
     ]
     assert (outbox.depth(HUBS[0]), outbox.depth(HUBS[1]), outbox.depth()) == (4, 5, 5)
@@ -42,8 +42,8 @@ def test_trim_drops_the_oldest_unbans_first(tmp_path):
     unbans = [event(f"198.51.100.{i}", "unban") for i in range(1, 4)]
     outbox.add([bans[0], unbans[0], bans[1], unbans[1], bans[2], unbans[2], bans[3]])
     assert outbox.trim(5) == 2
-    left = {body for _, body in outbox.pending(HUBS[0], 100)}
+    left = {body for _, _, body in outbox.pending(HUBS[0], 100)}
     assert left == {e.encode() for e in [*bans, unbans[2]]}
     assert outbox.trim(2) == 3
-    assert [body for _, body in outbox.pending(HUBS[1], 100)] == [b.encode() for b in bans[2:]]
+    assert [body for _, _, body in outbox.pending(HUBS[1], 100)] == [b.encode() for b in bans[2:]]
     assert outbox.trim(2) == 0

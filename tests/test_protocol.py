@@ -5,7 +5,7 @@ import json
 import pytest
 
 from f2bzmq import protocol
-from f2bzmq.protocol import BanEvent, ProtocolError
+from f2bzmq.protocol import BanEvent, NetworkLimits, ProtocolError
 
 
 def event_body(**changes) -> bytes:
@@ -29,11 +29,21 @@ def test_round_trip():
     assert len(event.id) == 32
 
 
-def test_networks_are_canonical_and_optional():
+def test_networks_are_canonical_optional_and_limited():
     assert BanEvent.decode(event_body(ip="10.0.0.7/24")).ip == "10.0.0.0/24"
     assert BanEvent.decode(event_body(ip="10.0.0.7/32")).ip == "10.0.0.7"
+    assert BanEvent.decode(event_body(ip="2001:db8::/48")).ip == "2001:db8::/48"
     with pytest.raises(ProtocolError, match="networks are not allowed"):
-        BanEvent.decode(event_body(ip="10.0.0.0/24"), allow_networks=False)
+        BanEvent.decode(event_body(ip="10.0.0.0/24"), NetworkLimits(allow=False))
+    assert (
+        BanEvent.decode(event_body(ip="10.0.0.9/32"), NetworkLimits(allow=False)).ip == "10.0.0.9"
+    )
+    for wide, limit in (("0.0.0.0/0", "/24"), ("10.0.0.0/23", "/24"), ("::/0", "/48")):
+        with pytest.raises(ProtocolError, match=f"wider than the allowed {limit}"):
+            BanEvent.decode(event_body(ip=wide))
+    assert (
+        BanEvent.decode(event_body(ip="10.0.0.0/8"), NetworkLimits(True, 8, 32)).ip == "10.0.0.0/8"
+    )
 
 
 @pytest.mark.parametrize(

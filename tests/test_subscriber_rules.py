@@ -41,7 +41,7 @@ def test_own_reports_and_allowlisted_addresses_are_left_out():
         ban("192.0.2.3", node="node2"),
         ban("127.0.0.1"),
         ban("10.1.2.3"),
-        ban("10.0.0.0/8"),  # overlaps the allowlisted 10.1.0.0/16
+        ban("10.1.0.0/24"),  # inside the allowlisted 10.1.0.0/16
         ban("::1"),
         ban("2001:db8::5"),
     ]
