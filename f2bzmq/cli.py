@@ -30,6 +30,7 @@ VERBS = {
     "stop": "stop the daemon and wait until it has exited",
     "restart": "stop, then start",
     "status": "show what the running daemon reports; exit 3 when it is not running",
+    "keygen": "keygen NAME [--dir DIR]: make a CURVE key pair (default DIR: keys_dir)",
 }
 
 
@@ -47,7 +48,35 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"f2bzmq {__version__}")
     parser.add_argument("command", choices=list(VERBS), metavar="command", help="|".join(VERBS))
+    parser.add_argument("name", nargs="?", help="with keygen: hub, or the node's name")
+    parser.add_argument("--dir", help="with keygen: where to write the key files")
     return parser
+
+
+def keygen_main(name: str | None, directory: str | None, config_path: str | None) -> int:
+    """Write NAME.key and NAME.key_secret and say where each must go."""
+    from .keys import HUB, KeyFileError, keygen
+    from .protocol import ProtocolError
+
+    if not name:
+        print("keygen needs a NAME: hub, or a node's name", file=sys.stderr)
+        return 2
+    try:
+        if directory is None:
+            directory = load_config(find_config(config_path)).get("general", "keys_dir")
+        public, secret = keygen(name, directory)
+    except (ConfigError, KeyFileError, ProtocolError, OSError) as error:
+        print(f"keygen: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {public} (public) and {secret} (secret, mode 0600)")
+    if name == HUB:
+        print(f"copy {public.name} to keys_dir on every server; {secret.name} to the hubs only")
+    else:
+        print(
+            f"keep {secret.name} on {name} only; copy {public.name} into keys_dir/nodes/ "
+            "on every hub, then reload the publisher (SIGHUP)"
+        )
+    return 0
 
 
 def factory(role: str):
@@ -67,6 +96,8 @@ def factory(role: str):
 
 def main(role: str, argv: list[str] | None = None) -> int:
     args = build_parser(role).parse_args(argv)
+    if args.command == "keygen":
+        return keygen_main(args.name, args.dir, args.config)
     try:
         config = load_config(find_config(args.config))
     except ConfigError as error:
@@ -80,12 +111,23 @@ def main(role: str, argv: list[str] | None = None) -> int:
 
 def umbrella_main(argv: list[str]) -> int:
     """`python3 -m f2bzmq ROLE …` or `python3 -m f2bzmq demo`."""
-    usage = "usage: python3 -m f2bzmq {monitor|publisher|subscriber} [-c PATH] COMMAND | demo"
+    usage = (
+        "usage: python3 -m f2bzmq {monitor|publisher|subscriber} [-c PATH] COMMAND\n"
+        "       python3 -m f2bzmq keygen NAME [--dir DIR]\n"
+        "       python3 -m f2bzmq demo"
+    )
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
     if argv[0] in ROLES:
         return main(argv[0], argv[1:])
+    if argv[0] == "keygen":
+        parser = argparse.ArgumentParser(prog="python3 -m f2bzmq keygen")
+        parser.add_argument("name", help="hub, or the node's name")
+        parser.add_argument("--dir", help="where to write the key files (default: keys_dir)")
+        parser.add_argument("-c", "--config", metavar="PATH")
+        args = parser.parse_args(argv[1:])
+        return keygen_main(args.name, args.dir, args.config)
     if argv[0] == "demo":
         from .demo import main as demo_main
 

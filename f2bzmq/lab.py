@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .fail2ban import Fail2banClient
+from .keys import HUB, keygen
 
 STOCK_FILTERS = Path("/etc/fail2ban/filter.d")
 STOCK_ACTIONS = Path("/etc/fail2ban/action.d")
@@ -324,11 +325,27 @@ def child_environment() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
 
 
-def write_config(path: Path, node: str, ports: list[int], directory: Path, **extra: dict) -> None:
-    """A node's fail2ban-cluster.conf: everything private to `directory`."""
+def make_keys(directory: Path, nodes: list[str]) -> Path:
+    """The hub key pair, a key pair per node, and every node's public key in nodes/."""
+    if not (directory / f"{HUB}.key_secret").exists():
+        keygen(HUB, directory)
+    for node in nodes:
+        if not (directory / f"{node}.key_secret").exists():
+            public, _ = keygen(node, directory)
+            (directory / "nodes").mkdir(exist_ok=True)
+            shutil.copy(public, directory / "nodes" / public.name)
+    (directory / "nodes").mkdir(exist_ok=True)
+    return directory
+
+
+def write_config(
+    path: Path, node: str, ports: list[int], directory: Path, keys_dir: Path, **extra: dict
+) -> None:
+    """A node's fail2ban-cluster.conf: everything private to `directory`, CURVE keys in keys_dir."""
     sections: dict[str, dict[str, str]] = {
         "general": {
             "node": node,
+            "keys_dir": str(keys_dir),
             "hubs": "127.0.0.1",
             "report_port": str(ports[0]),
             "publish_port": str(ports[1]),
@@ -339,7 +356,7 @@ def write_config(path: Path, node: str, ports: list[int], directory: Path, **ext
             "loglevel": "DEBUG",
         },
         "monitor": {"start_at": "beginning", "ack_timeout": "2"},
-        "publisher": {"heartbeat_interval": "0.5"},
+        "publisher": {"heartbeat_interval": "0.5", "rate_burst": "10000"},
         "subscriber": {"heartbeat_timeout": "3"},
     }
     for section, values in extra.items():
@@ -355,7 +372,13 @@ class Hub:
     """A publisher in its own folder, listening on its own loopback address."""
 
     def __init__(
-        self, root: Path, ports: list[int], name: str = "hub", address: str = "127.0.0.1", **extra
+        self,
+        root: Path,
+        ports: list[int],
+        name: str = "hub",
+        address: str = "127.0.0.1",
+        keys_dir: Path | None = None,
+        **extra,
     ) -> None:
         self.name = name
         self.address = address
@@ -364,7 +387,8 @@ class Hub:
         self.config = self.directory / "fail2ban-cluster.conf"
         sections = {section: dict(values) for section, values in extra.items()}
         sections.setdefault("publisher", {})["bind"] = address
-        write_config(self.config, name, ports, self.directory, **sections)
+        self.keys_dir = keys_dir or make_keys(root / "keys", [])
+        write_config(self.config, name, ports, self.directory, self.keys_dir, **sections)
         self.publisher = RoleProcess("publisher", self.config, self.directory)
 
     def log_text(self) -> str:
@@ -376,7 +400,13 @@ class Node:
     """One server of the cluster: its fail2ban-server, monitor and subscriber."""
 
     def __init__(
-        self, root: Path, name: str, ports: list[int], fail2ban: dict | None = None, **extra
+        self,
+        root: Path,
+        name: str,
+        ports: list[int],
+        fail2ban: dict | None = None,
+        keys_dir: Path | None = None,
+        **extra,
     ) -> None:
         self.name = name
         self.fail2ban = Fail2banServer(root, name, **(fail2ban or {}))
@@ -385,7 +415,8 @@ class Node:
         sections = {section: dict(values) for section, values in extra.items()}
         sections.setdefault("general", {})["fail2ban_socket"] = str(self.fail2ban.socket)
         sections.setdefault("monitor", {})["logpath"] = str(self.fail2ban.log)
-        write_config(self.config, name, ports, self.directory, **sections)
+        keys_dir = keys_dir or make_keys(root / "keys", [name])
+        write_config(self.config, name, ports, self.directory, keys_dir, **sections)
         self.monitor = RoleProcess("monitor", self.config, self.directory)
         self.subscriber = RoleProcess("subscriber", self.config, self.directory)
 
@@ -424,17 +455,19 @@ class Cluster:
         **extra: dict,
     ) -> None:
         self.ports = free_ports(3)
+        names = [f"node{i}" for i in range(1, size + 1)]
+        self.keys_dir = make_keys(root / "keys", names)
         addresses = [f"127.0.0.{i}" for i in range(1, hubs + 1)]
         self.hubs = [
-            Hub(root, self.ports, "hub" if i == 0 else f"hub{i + 1}", address, **extra)
+            Hub(root, self.ports, f"hub{i + 1}" if i else "hub", address, self.keys_dir, **extra)
             for i, address in enumerate(addresses)
         ]
         self.hub = self.hubs[0]
         sections = {section: dict(values) for section, values in extra.items()}
         sections.setdefault("general", {})["hubs"] = " ".join(addresses)
         self.nodes = {
-            f"node{i}": Node(root, f"node{i}", self.ports, fail2ban, **sections)
-            for i in range(1, size + 1)
+            name: Node(root, name, self.ports, fail2ban, self.keys_dir, **sections)
+            for name in names
         }
 
     def __enter__(self) -> Cluster:

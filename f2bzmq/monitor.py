@@ -18,6 +18,7 @@ import zmq
 from . import protocol
 from .config import Config
 from .fail2ban import Fail2banClient, Fail2banError
+from .keys import Security
 from .logparse import BanReporter, Kind, LogRecord
 from .outbox import Outbox
 from .protocol import BanEvent, ProtocolError
@@ -34,8 +35,9 @@ SAFETY_CHECK = 5.0  # inotify can drop events under load: stat the log this ofte
 class HubReporter:
     """One hub: its DEALER socket and the events sent to it but not yet answered."""
 
-    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str, security: Security) -> None:
         self.context = context
+        self.security = security
         self.endpoint = endpoint
         self.in_flight: dict[str, tuple[int, float]] = {}  # event id -> (outbox row, sent at)
         self.cursor = 0  # last outbox row sent
@@ -46,6 +48,7 @@ class HubReporter:
 
     def _connect(self) -> zmq.Socket:
         sock = self.context.socket(zmq.DEALER)
+        self.security.client(sock)
         sock.linger = 0
         sock.sndhwm = 100000
         sock.connect(self.endpoint)
@@ -96,8 +99,9 @@ class Monitor:
         )
         self.refusals = RateLimitedLog(log)
         self.counters = {"reported": 0, "acked": 0, "refused": 0}
+        security = Security.for_role(config, "monitor")
         self.context = zmq.Context()
-        self.hubs = [HubReporter(self.context, endpoint) for endpoint in endpoints]
+        self.hubs = [HubReporter(self.context, endpoint, security) for endpoint in endpoints]
 
     def run(self) -> None:
         log.log(
@@ -246,7 +250,10 @@ class Monitor:
             if kind == protocol.NAK:
                 reason = str(body.get("reason", "no reason given"))[:200]
                 if body.get("retry") is True:
-                    hub.cursor = 0  # sent again from the outbox on the next round
+                    # The hub is throttling this node: send again from the outbox, later.
+                    self.refusals.warning("retry", "%s asks to wait: %s", hub.endpoint, reason)
+                    hub.cursor = 0
+                    hub.paused_until = time.monotonic() + 1.0
                     continue
                 self.counters["refused"] += 1
                 log.error("%s refused event %s: %s; dropped", hub.endpoint, event_id, reason)

@@ -177,6 +177,24 @@ def canonical_address(value: object, networks: NetworkLimits = NetworkLimits()) 
     return str(network)
 
 
+def allowlisted(ip: str, allowlist) -> bool:
+    """True when an allowlisted network holds the address or overlaps the banned network."""
+    network = ipaddress.ip_network(ip, strict=False)
+    return any(
+        network.version == allowed.version and network.overlaps(allowed) for allowed in allowlist
+    )
+
+
+def peek_id(data: bytes) -> str:
+    """The id of a body that failed validation, if it has a well-formed one, for the NAK."""
+    try:
+        body = decode_object(data, MAX_BODY)
+    except ProtocolError:
+        return ""
+    event_id = body.get("id")
+    return event_id if isinstance(event_id, str) and _ID.match(event_id) else ""
+
+
 def decode_object(data: bytes, limit: int) -> dict:
     """Strict JSON object of at most `limit` bytes."""
     if len(data) > limit:

@@ -15,7 +15,9 @@ import zmq
 
 from . import protocol
 from .config import Config
-from .protocol import BanEvent, ProtocolError
+from .keys import Security
+from .protocol import BanEvent, ProtocolError, allowlisted
+from .ratelimit import TokenBuckets
 from .runtime import NOTICE, RateLimitedLog, StatusFile, StopSignals, Wakeup, clock
 from .state import Outcome, StateStore, Update
 
@@ -39,20 +41,39 @@ class Publisher:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.store = StateStore(config.state_path("publisher.sqlite3"))
         self.table = self.store.load(config.node, self.default_bantime, 86400.0)
+        self.table.allow_foreign_unban = config.get("publisher", "allow_foreign_unban")
+        self.allowlist = config.get("publisher", "allowlist")
+        self.buckets = TokenBuckets(
+            config.get("publisher", "rate_limit"), config.get("publisher", "rate_burst")
+        )
         self.refusals = RateLimitedLog(log)
         self.counters = {"accepted": 0, "refused": 0, "duplicates": 0, "broadcast": 0}
         self.nodes: dict[str, float] = {}  # node name -> last report time
+        self.security = Security.for_role(config, "publisher")
         self.context = zmq.Context()
-        self.collector = self._socket(zmq.ROUTER, config.binds("report_port"))
-        self.broadcaster = self._socket(zmq.PUB, config.binds("publish_port"))
-        self.snapshots = self._socket(zmq.ROUTER, config.binds("snapshot_port"))
+        # The authenticator must run before the first bind, on the sockets' context.
+        self.auth = self.security.authenticator(self.context)
+        self.bind_sockets()
         self.wakeup = Wakeup()
         self.signals = StopSignals(self.wakeup)
+        self.poller = zmq.Poller()
+        self.poller.register(self.wakeup.read_fd, zmq.POLLIN)
+        self.register_sockets()
         self.next_hugz = 0.0
+
+    def bind_sockets(self) -> None:
+        self.collector = self._socket(zmq.ROUTER, self.config.binds("report_port"))
+        self.broadcaster = self._socket(zmq.PUB, self.config.binds("publish_port"))
+        self.snapshots = self._socket(zmq.ROUTER, self.config.binds("snapshot_port"))
+
+    def register_sockets(self) -> None:
+        self.poller.register(self.collector, zmq.POLLIN)
+        self.poller.register(self.snapshots, zmq.POLLIN)
 
     def _socket(self, kind: int, endpoints: list[str]) -> zmq.Socket:
         sock = self.context.socket(kind)
         sock.linger = 1000
+        self.security.server(sock)
         if kind == zmq.PUB:
             # PUB drops silently past the high-water mark; sequence numbers make a
             # drop visible to subscribers, a high mark makes it rare.
@@ -79,17 +100,17 @@ class Publisher:
             len(self.table.bans),
             self.table.sequence,
         )
-        poller = zmq.Poller()
-        poller.register(self.collector, zmq.POLLIN)
-        poller.register(self.snapshots, zmq.POLLIN)
-        poller.register(self.wakeup.read_fd, zmq.POLLIN)
         while not self.signals.stopping:
             now = time.time()
             status_due = now + self.status_file.next_due - time.monotonic()
             deadline = min(self.next_hugz, self.table.next_expiry() or now + 3600, status_due)
-            ready = dict(poller.poll(max(0, int((deadline - now) * 1000)) + 1))
+            ready = dict(self.poller.poll(max(0, int((deadline - now) * 1000)) + 1))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
+            if self.signals.reload:
+                self.signals.reload = False
+                self.reload_keys()
+                continue
             if self.collector in ready:
                 self.handle_reports()
             if self.snapshots in ready:
@@ -108,11 +129,13 @@ class Publisher:
         now = time.time()
         for _ in range(DRAIN_LIMIT):
             try:
-                frames = self.collector.recv_multipart(zmq.NOBLOCK)
+                frames = self.collector.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            peer, body = frames[0], frames[1:]
-            reply, update = self.handle_report(body, now)
+            peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
+            # The node name the authenticator gave this peer's key (None without keys).
+            user = frames[-1].get("User-Id") if self.auth is not None else None
+            reply, update = self.handle_report(body, now, user)
             replies.append([peer, *reply])
             if update is not None:
                 updates.append(update)
@@ -122,20 +145,24 @@ class Publisher:
         for update in updates:
             self.broadcast(update)
 
-    def handle_report(self, frames: list[bytes], now: float) -> tuple[list[bytes], Update | None]:
-        """Validate and apply one report; return the reply frames and what to broadcast."""
-        event_id = ""
+    def handle_report(
+        self, frames: list[bytes], now: float, user: str | None = None
+    ) -> tuple[list[bytes], Update | None]:
+        """Check and apply one report; return the reply frames and what to broadcast."""
         try:
             kind, rest = protocol.split_message(frames)
             if kind != protocol.EVENT or len(rest) != 1:
                 raise ProtocolError(f"expected one {protocol.EVENT.decode()} body")
             event = BanEvent.decode(rest[0], self.networks)
-            event_id = event.id
+            self.authorize(event, user)
         except ProtocolError as error:
-            self.counters["refused"] += 1
-            self.refusals.warning(str(error), "refused a report: %s", error)
-            body = {"id": event_id, "reason": str(error), "retry": False}
-            return [protocol.PROTOCOL, protocol.NAK, protocol.encode_object(body)], None
+            return self.refuse(frames, error, user), None
+        if not self.buckets.allow(user or event.node, now):
+            rate = self.buckets.rate
+            error = ProtocolError(
+                f"rate limit: node {event.node} sends more than {rate:g} events/s"
+            )
+            return self.refuse(frames, error, user, retry=True), None
         outcome, update = self.table.apply(event, now)
         self.nodes[event.node] = now
         if outcome is Outcome.DUPLICATE:
@@ -148,6 +175,47 @@ class Publisher:
             log.debug("%s: %s", event.describe(), outcome.value)
         reply = {"id": event.id, "outcome": outcome.value}
         return [protocol.PROTOCOL, protocol.ACK, protocol.encode_object(reply)], update
+
+    def authorize(self, event: BanEvent, user: str | None) -> None:
+        """The hub's own rules: who may report what."""
+        if user is not None:
+            if user not in self.auth.names:
+                raise ProtocolError("this node's key has been withdrawn")
+            if event.node != user:
+                raise ProtocolError(f"node {event.node!r} reported with the key of {user!r}")
+        if event.action == protocol.BAN and allowlisted(event.ip, self.allowlist):
+            raise ProtocolError(f"{event.ip} is in the hub's allowlist")
+
+    def refuse(
+        self, frames: list[bytes], error: ProtocolError, user: str | None, retry: bool = False
+    ) -> list[bytes]:
+        """A NAK with the reason, logged at a bounded rate."""
+        self.counters["refused"] += 1
+        who = f" from {user}" if user else ""
+        self.refusals.warning(f"{user}:{str(error)[:40]}", "refused a report%s: %s", who, error)
+        event_id = protocol.peek_id(frames[-1]) if len(frames) == 3 else ""
+        body = {"id": event_id, "reason": str(error), "retry": retry}
+        return [protocol.PROTOCOL, protocol.NAK, protocol.encode_object(body)]
+
+    def reload_keys(self) -> None:
+        """SIGHUP: read nodes/ again; if a key went away, cut every connection so it can't stay."""
+        if self.auth is None:
+            log.info("SIGHUP: insecure mode, no keys to reload")
+            return
+        before = set(self.auth.names)
+        count = self.auth.reload()
+        removed = before - self.auth.names
+        log.log(NOTICE, "reloaded node keys: %d accepted", count)
+        if removed:
+            log.log(
+                NOTICE, "keys withdrawn for %s: reconnecting everyone", ", ".join(sorted(removed))
+            )
+            for sock in (self.collector, self.broadcaster, self.snapshots):
+                if sock is not self.broadcaster:
+                    self.poller.unregister(sock)
+                sock.close(linger=0)
+            self.bind_sockets()
+            self.register_sockets()
 
     def broadcast(self, update: Update) -> None:
         header = {"publisher": self.table.instance, "seq": update.seq}
@@ -241,6 +309,8 @@ class Publisher:
         self.store.close()
         for sock in (self.collector, self.broadcaster, self.snapshots):
             sock.close()
+        if self.auth is not None:
+            self.auth.stop()  # its ZAP socket would keep the context from terminating
         self.context.term()
         self.wakeup.close()
         log.log(

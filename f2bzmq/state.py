@@ -59,6 +59,7 @@ class BanTable:
         self.journal: list[tuple] = []  # changes not yet persisted, in order
         self.expiries: list[tuple[float, str, str, str]] = []  # heap; stale entries skipped
         self.next_forget = 0.0  # when to prune `seen` next
+        self.allow_foreign_unban = False  # may a node lift a ban it did not report?
 
     def apply(self, event: BanEvent, now: float) -> tuple[Outcome, Update | None]:
         """Record a validated event from a node; return what it did and what to broadcast."""
@@ -82,9 +83,15 @@ class BanTable:
                 self._set_origin(key, event.node, expiry)
                 self.journal.append(("origin", active.event, event.node, expiry))
             return Outcome.EXTENDED, None
-        if active is None or event.node not in active.origins:
+        if active is None:
             return Outcome.REDUNDANT, None
-        return self._lift(key, event.node, event)
+        if event.node in active.origins:
+            return self._lift(key, event.node, event)
+        if not self.allow_foreign_unban:
+            return Outcome.REDUNDANT, None
+        for node in list(active.origins)[:-1]:
+            self._lift(key, node, event)
+        return self._lift(key, next(iter(active.origins)), event)
 
     def expire(self, now: float) -> list[Update]:
         """Drop origins whose ban time is up; broadcast an unban where none is left."""

@@ -8,7 +8,6 @@ the hub's heartbeats stopped, then reconciles the jail with what the cluster ban
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import time
@@ -20,7 +19,8 @@ import zmq
 from . import protocol
 from .config import Config
 from .fail2ban import Fail2banClient, Fail2banError
-from .protocol import BanEvent, ProtocolError
+from .keys import Security
+from .protocol import BanEvent, ProtocolError, allowlisted
 from .runtime import NOTICE, RateLimitedLog, StatusFile, StopSignals, Wakeup
 
 log = logging.getLogger("f2bzmq.subscriber")
@@ -58,11 +58,7 @@ class LocalPolicy:
 
     def allowed(self, ip: str) -> bool:
         """True when the allowlist covers the address or overlaps the network."""
-        network = ipaddress.ip_network(ip, strict=False)
-        return any(
-            network.version == allowed.version and network.overlaps(allowed)
-            for allowed in self.allowlist
-        )
+        return allowlisted(ip, self.allowlist)
 
     def wants(self, event: BanEvent) -> bool:
         """A cluster ban this node applies: not its own report and not allowlisted."""
@@ -85,7 +81,10 @@ def desired_bans(views: Iterable[ClusterView], policy: LocalPolicy) -> dict[str,
 class HubLink:
     """The sockets to one hub and where this node stands in its update stream."""
 
-    def __init__(self, context: zmq.Context, publish: str, snapshot: str) -> None:
+    def __init__(
+        self, context: zmq.Context, publish: str, snapshot: str, security: Security
+    ) -> None:
+        self.security = security
         self.publish_endpoint = publish
         self.snapshot_endpoint = snapshot
         self.context = context
@@ -99,6 +98,7 @@ class HubLink:
         self.buffered: list[tuple[int, BanEvent]] = []  # updates that came during a snapshot
         self.snapshots_received = 0
         self.updates = context.socket(zmq.SUB)
+        security.client(self.updates)
         self.updates.maxmsgsize = MAX_MESSAGE
         self.updates.rcvhwm = 1_000_000
         self.updates.linger = 0
@@ -108,6 +108,7 @@ class HubLink:
 
     def _snapshot_socket(self) -> zmq.Socket:
         sock = self.context.socket(zmq.DEALER)
+        self.security.client(sock)
         sock.maxmsgsize = MAX_MESSAGE
         sock.linger = 0
         sock.connect(self.snapshot_endpoint)
@@ -147,9 +148,10 @@ class Subscriber:
             client_program=config.get("general", "fail2ban_client"),
         )
         self.refusals = RateLimitedLog(log)
+        security = Security.for_role(config, "subscriber")
         self.context = zmq.Context()
         self.links = [
-            HubLink(self.context, publish, snapshot)
+            HubLink(self.context, publish, snapshot, security)
             for publish, snapshot in zip(
                 config.endpoints("publish_port"), config.endpoints("snapshot_port")
             )

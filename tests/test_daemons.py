@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from f2bzmq.lab import free_ports, wait_until, write_config
+from f2bzmq.lab import free_ports, make_keys, wait_until, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "fail2ban-publisher.py")
@@ -29,7 +29,7 @@ def publisher(config: Path, *verb: str, timeout: float = 30) -> subprocess.Compl
 @pytest.fixture
 def config(tmp_path):
     path = tmp_path / "fail2ban-cluster.conf"
-    write_config(path, "hub", free_ports(3), tmp_path)
+    write_config(path, "hub", free_ports(3), tmp_path, make_keys(tmp_path / "keys", []))
     yield path
     publisher(path, "stop")
 

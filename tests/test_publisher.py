@@ -5,26 +5,37 @@ import signal
 
 import pytest
 import zmq
+import zmq.auth
 
 from f2bzmq import protocol
-from f2bzmq.lab import Hub, free_ports, wait_until
+from f2bzmq.lab import Hub, free_ports, make_keys, wait_until
 from f2bzmq.protocol import BanEvent
 
 
 class Peer:
     """A monitor's DEALER, a subscriber's SUB and a snapshot DEALER, all on one hub."""
 
-    def __init__(self, ports):
+    def __init__(self, ports, keys_dir, node="node1"):
         self.context = zmq.Context()
-        self.reports = self.context.socket(zmq.DEALER)
+        self.keys_dir = keys_dir
+        self.ports = ports
+        self.node = node
+        self.reports = self.secure(self.context.socket(zmq.DEALER))
         self.reports.connect(f"tcp://127.0.0.1:{ports[0]}")
-        self.updates = self.context.socket(zmq.SUB)
+        self.updates = self.secure(self.context.socket(zmq.SUB))
         self.updates.setsockopt(zmq.SUBSCRIBE, protocol.PROTOCOL + b"")
         self.updates.connect(f"tcp://127.0.0.1:{ports[1]}")
         self.snapshots_endpoint = f"tcp://127.0.0.1:{ports[2]}"
         for sock in (self.reports, self.updates):
             sock.rcvtimeo = 10000
             sock.linger = 0
+
+    def secure(self, sock: zmq.Socket) -> zmq.Socket:
+        """A node's CURVE client socket, as the monitor and the subscriber make them."""
+        public, secret = zmq.auth.load_certificate(self.keys_dir / f"{self.node}.key_secret")
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.curve_serverkey = zmq.auth.load_certificate(self.keys_dir / "hub.key")[0]
+        return sock
 
     def report(self, *frames: bytes) -> tuple[bytes, dict]:
         self.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, *frames])
@@ -40,7 +51,7 @@ class Peer:
         raise AssertionError("only heartbeats")
 
     def snapshot(self) -> tuple[dict, list[BanEvent]]:
-        sock = self.context.socket(zmq.DEALER)
+        sock = self.secure(self.context.socket(zmq.DEALER))
         sock.rcvtimeo = 10000
         sock.linger = 0
         sock.connect(self.snapshots_endpoint)
@@ -62,9 +73,10 @@ class Peer:
 @pytest.fixture
 def hub(tmp_path):
     ports = free_ports(3)
-    hub = Hub(tmp_path, ports)
+    keys = make_keys(tmp_path / "keys", ["node1", "node2"])
+    hub = Hub(tmp_path, ports, keys_dir=keys, publisher={"rate_burst": "100000"})
     hub.publisher.start()
-    peer = Peer(ports)
+    peer = Peer(ports, keys)
     try:
         assert wait_until(lambda: "publisher hub started" in hub.log_text(), 15, 0.05)
         # A SUB socket only gets what is published after it has joined: wait for a heartbeat.
@@ -92,7 +104,9 @@ def test_duplicates_and_known_bans_are_acked_but_not_broadcast(hub):
     first = ban()
     peer.report(first.encode())
     assert peer.report(first.encode())[1]["outcome"] == "duplicate"
-    assert peer.report(ban(node="node2").encode())[1]["outcome"] == "extended"
+    node2 = Peer(peer.ports, peer.keys_dir, "node2")
+    assert node2.report(ban(node="node2").encode())[1]["outcome"] == "extended"
+    node2.close()
     second = ban("198.51.100.1")
     peer.report(second.encode())
     assert peer.next_update()[1] == first

@@ -117,3 +117,14 @@ def test_a_ban_unbanned_early_leaves_no_timer_behind():
     table.apply(ev("node1", UNBAN), NOW + 1)
     assert table.next_expiry() is None
     assert table.expire(NOW + 61) == []
+
+
+def test_foreign_unban_lifts_every_origin_only_when_allowed():
+    table = BanTable("hub", 600)
+    table.apply(ev("node1", BAN), NOW)
+    table.apply(ev("node2", BAN), NOW)
+    assert table.apply(ev("node3", UNBAN), NOW) == (Outcome.REDUNDANT, None)
+    table.allow_foreign_unban = True
+    outcome, update = table.apply(ev("node3", UNBAN), NOW)
+    assert outcome is Outcome.UNBANNED and update.event.node == "node3"
+    assert table.bans == {} and table.next_expiry() is None

@@ -1,0 +1,24 @@
+"""Token buckets, with time passed in: exact counts, no sleeping."""
+
+from f2bzmq.ratelimit import TokenBuckets
+
+
+def test_burst_then_the_rate():
+    buckets = TokenBuckets(rate=4, burst=5)
+    assert [buckets.allow("node1", 100.0) for _ in range(7)] == [True] * 5 + [False] * 2
+    assert buckets.allow("node1", 100.125) is False  # half a token
+    assert buckets.allow("node1", 100.25) is True
+    assert [buckets.allow("node1", 110.0) for _ in range(12)].count(True) == 5  # capped at burst
+
+
+def test_nodes_have_their_own_buckets():
+    buckets = TokenBuckets(rate=1, burst=2)
+    assert [buckets.allow("flooder", 0.0) for _ in range(3)] == [True, True, False]
+    assert [buckets.allow("quiet", 0.0) for _ in range(2)] == [True, True]
+
+
+def test_the_number_of_buckets_is_bounded():
+    buckets = TokenBuckets(rate=1, burst=1, max_keys=3)
+    for key in ("a", "b", "c", "d", "e"):
+        buckets.allow(key, 0.0)
+    assert len(buckets.buckets) <= 3
