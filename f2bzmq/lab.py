@@ -14,6 +14,7 @@ way an operator would (`run` with a private configuration file).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -25,8 +26,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import zmq
+import zmq.auth
+
+from . import protocol
 from .fail2ban import Fail2banClient
 from .keys import HUB, keygen
+from .protocol import BanEvent
 
 STOCK_FILTERS = Path("/etc/fail2ban/filter.d")
 STOCK_ACTIONS = Path("/etc/fail2ban/action.d")
@@ -535,3 +541,74 @@ def pids_of(pattern: str) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+class NodeClient:
+    """A node as the hub sees it, driven by hand: a monitor's DEALER, a subscriber's SUB and
+    snapshot DEALER, with the node's CURVE keys (or none, `secure=False`)."""
+
+    def __init__(
+        self,
+        ports: list[int],
+        keys_dir: Path | None,
+        node: str = "node1",
+        address: str = "127.0.0.1",
+        hub_key: Path | None = None,
+    ) -> None:
+        self.context = zmq.Context()
+        self.keys_dir = keys_dir
+        self.hub_key = hub_key or (keys_dir / f"{HUB}.key" if keys_dir else None)
+        self.ports = ports
+        self.node = node
+        self.reports = self.secure(self.context.socket(zmq.DEALER))
+        self.reports.connect(f"tcp://{address}:{ports[0]}")
+        self.updates = self.secure(self.context.socket(zmq.SUB))
+        self.updates.setsockopt(zmq.SUBSCRIBE, protocol.PROTOCOL + b"")
+        self.updates.connect(f"tcp://{address}:{ports[1]}")
+        self.snapshots_endpoint = f"tcp://{address}:{ports[2]}"
+        for sock in (self.reports, self.updates):
+            sock.rcvtimeo = 10000
+            sock.linger = 0
+
+    def secure(self, sock: zmq.Socket) -> zmq.Socket:
+        """A node's CURVE client socket, as the monitor and the subscriber make them."""
+        if self.keys_dir is None:
+            return sock
+        public, secret = zmq.auth.load_certificate(self.keys_dir / f"{self.node}.key_secret")
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.curve_serverkey = zmq.auth.load_certificate(self.hub_key)[0]
+        return sock
+
+    def report(self, *frames: bytes) -> tuple[bytes, dict]:
+        """Send one event body; the hub's reply kind and body (zmq.Again after rcvtimeo)."""
+        self.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, *frames])
+        _, kind, body = self.reports.recv_multipart()
+        return kind, json.loads(body)
+
+    def next_update(self) -> tuple[dict, BanEvent]:
+        """The next update, skipping heartbeats."""
+        for _ in range(100):
+            frames = self.updates.recv_multipart()
+            if frames[1] == protocol.UPDATE:
+                return json.loads(frames[2]), BanEvent.decode(frames[3])
+        raise AssertionError("only heartbeats")
+
+    def snapshot(self) -> tuple[dict, list[BanEvent]]:
+        """The hub's whole table: the last part's header and every event."""
+        sock = self.secure(self.context.socket(zmq.DEALER))
+        sock.rcvtimeo = 10000
+        sock.linger = 0
+        sock.connect(self.snapshots_endpoint)
+        sock.send_multipart([protocol.PROTOCOL, protocol.SNAPSHOT_REQUEST, b"{}"])
+        events = []
+        while True:
+            _, kind, header, body = sock.recv_multipart()
+            assert kind == protocol.SNAPSHOT_PART
+            header = json.loads(header)
+            events += [BanEvent.decode(json.dumps(item).encode()) for item in json.loads(body)]
+            if header["last"]:
+                sock.close()
+                return header, events
+
+    def close(self):
+        self.context.destroy(linger=0)

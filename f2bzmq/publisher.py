@@ -61,16 +61,18 @@ class Publisher:
         self.register_sockets()
         self.next_hugz = 0.0
 
-    def bind_sockets(self) -> None:
-        self.collector = self._socket(zmq.ROUTER, self.config.binds("report_port"))
-        self.broadcaster = self._socket(zmq.PUB, self.config.binds("publish_port"))
-        self.snapshots = self._socket(zmq.ROUTER, self.config.binds("snapshot_port"))
+    def bind_sockets(self, patience: float = 0.0) -> None:
+        binds = self.config.binds
+        self.collector = self._socket(zmq.ROUTER, binds("report_port"), patience)
+        self.broadcaster = self._socket(zmq.PUB, binds("publish_port"), patience)
+        self.snapshots = self._socket(zmq.ROUTER, binds("snapshot_port"), patience)
 
     def register_sockets(self) -> None:
         self.poller.register(self.collector, zmq.POLLIN)
         self.poller.register(self.snapshots, zmq.POLLIN)
 
-    def _socket(self, kind: int, endpoints: list[str]) -> zmq.Socket:
+    def _socket(self, kind: int, endpoints: list[str], patience: float = 0.0) -> zmq.Socket:
+        """A bound hub socket; `patience` seconds of retries while a closed one frees its port."""
         sock = self.context.socket(kind)
         sock.linger = 1000
         self.security.server(sock)
@@ -82,10 +84,16 @@ class Publisher:
             sock.maxmsgsize = MAX_MESSAGE
             sock.router_mandatory = False
         for endpoint in endpoints:
-            try:
-                sock.bind(endpoint)
-            except zmq.ZMQError as error:
-                raise RuntimeError(f"cannot bind {endpoint}: {error}") from None
+            deadline = time.monotonic() + patience
+            while True:
+                try:
+                    sock.bind(endpoint)
+                    break
+                except zmq.ZMQError as error:
+                    if error.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                        sock.close(linger=0)
+                        raise RuntimeError(f"cannot bind {endpoint}: {error}") from None
+                    time.sleep(0.02)  # libzmq releases a closed listener asynchronously
         return sock
 
     def run(self) -> None:
@@ -214,7 +222,7 @@ class Publisher:
                 if sock is not self.broadcaster:
                     self.poller.unregister(sock)
                 sock.close(linger=0)
-            self.bind_sockets()
+            self.bind_sockets(patience=10.0)
             self.register_sockets()
 
     def broadcast(self, update: Update) -> None:

@@ -4,70 +4,10 @@ import json
 import signal
 
 import pytest
-import zmq
-import zmq.auth
 
 from f2bzmq import protocol
-from f2bzmq.lab import Hub, free_ports, make_keys, wait_until
+from f2bzmq.lab import Hub, NodeClient, free_ports, make_keys, wait_until
 from f2bzmq.protocol import BanEvent
-
-
-class Peer:
-    """A monitor's DEALER, a subscriber's SUB and a snapshot DEALER, all on one hub."""
-
-    def __init__(self, ports, keys_dir, node="node1"):
-        self.context = zmq.Context()
-        self.keys_dir = keys_dir
-        self.ports = ports
-        self.node = node
-        self.reports = self.secure(self.context.socket(zmq.DEALER))
-        self.reports.connect(f"tcp://127.0.0.1:{ports[0]}")
-        self.updates = self.secure(self.context.socket(zmq.SUB))
-        self.updates.setsockopt(zmq.SUBSCRIBE, protocol.PROTOCOL + b"")
-        self.updates.connect(f"tcp://127.0.0.1:{ports[1]}")
-        self.snapshots_endpoint = f"tcp://127.0.0.1:{ports[2]}"
-        for sock in (self.reports, self.updates):
-            sock.rcvtimeo = 10000
-            sock.linger = 0
-
-    def secure(self, sock: zmq.Socket) -> zmq.Socket:
-        """A node's CURVE client socket, as the monitor and the subscriber make them."""
-        public, secret = zmq.auth.load_certificate(self.keys_dir / f"{self.node}.key_secret")
-        sock.curve_publickey, sock.curve_secretkey = public, secret
-        sock.curve_serverkey = zmq.auth.load_certificate(self.keys_dir / "hub.key")[0]
-        return sock
-
-    def report(self, *frames: bytes) -> tuple[bytes, dict]:
-        self.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, *frames])
-        _, kind, body = self.reports.recv_multipart()
-        return kind, json.loads(body)
-
-    def next_update(self) -> tuple[dict, BanEvent]:
-        """The next update, skipping heartbeats."""
-        for _ in range(100):
-            frames = self.updates.recv_multipart()
-            if frames[1] == protocol.UPDATE:
-                return json.loads(frames[2]), BanEvent.decode(frames[3])
-        raise AssertionError("only heartbeats")
-
-    def snapshot(self) -> tuple[dict, list[BanEvent]]:
-        sock = self.secure(self.context.socket(zmq.DEALER))
-        sock.rcvtimeo = 10000
-        sock.linger = 0
-        sock.connect(self.snapshots_endpoint)
-        sock.send_multipart([protocol.PROTOCOL, protocol.SNAPSHOT_REQUEST, b"{}"])
-        events = []
-        while True:
-            _, kind, header, body = sock.recv_multipart()
-            assert kind == protocol.SNAPSHOT_PART
-            header = json.loads(header)
-            events += [BanEvent.decode(json.dumps(item).encode()) for item in json.loads(body)]
-            if header["last"]:
-                sock.close()
-                return header, events
-
-    def close(self):
-        self.context.destroy(linger=0)
 
 
 @pytest.fixture
@@ -76,7 +16,7 @@ def hub(tmp_path):
     keys = make_keys(tmp_path / "keys", ["node1", "node2"])
     hub = Hub(tmp_path, ports, keys_dir=keys, publisher={"rate_burst": "100000"})
     hub.publisher.start()
-    peer = Peer(ports, keys)
+    peer = NodeClient(ports, keys)
     try:
         assert wait_until(lambda: "publisher hub started" in hub.log_text(), 15, 0.05)
         # A SUB socket only gets what is published after it has joined: wait for a heartbeat.
@@ -104,7 +44,7 @@ def test_duplicates_and_known_bans_are_acked_but_not_broadcast(hub):
     first = ban()
     peer.report(first.encode())
     assert peer.report(first.encode())[1]["outcome"] == "duplicate"
-    node2 = Peer(peer.ports, peer.keys_dir, "node2")
+    node2 = NodeClient(peer.ports, peer.keys_dir, "node2")
     assert node2.report(ban(node="node2").encode())[1]["outcome"] == "extended"
     node2.close()
     second = ban("198.51.100.1")
