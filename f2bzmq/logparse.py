@@ -32,6 +32,8 @@ class Kind(str, Enum):
     JAIL_RELOADED = "jail_reloaded"
     SERVER_STARTING = "server_starting"
     SERVER_STOPPING = "server_stopping"
+    JAIL_RESTARTING = "jail_restarting"
+    LOGFILE_REMOVED = "logfile_removed"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ _JAIL_LINES: list[tuple[Kind, re.Pattern[str]]] = [
     (Kind.FLUSH, re.compile(_HEAD + r"Flush ticket\(s\) with\s+\S+")),
 ]
 _JAIL_STATE = re.compile(r"\sJail '(?P<jail>[^'\s]{1,64})' (?P<what>started|stopped|reloaded)\s*$")
+_JAIL_RESTARTING = re.compile(r"\s(?:Reload|Restart) jail '(?P<jail>[^'\s]{1,64})'")
+_LOGFILE_REMOVED = re.compile(r"\sRemoved logfile: ")
 _SERVER_STARTING = re.compile(r"\s(?:Starting Fail2ban v|Start Fail2ban v)\S+\s*$")
 _SERVER_STOPPING = re.compile(r"\s(?:Shutdown in progress\.\.\.|Stopping all jails)\s*$")
 _SPAN = re.compile(r"^(?:(?P<days>\d+) days?, )?(?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d)$")
@@ -96,6 +100,11 @@ def parse_line(line: str) -> LogRecord | None:
             "reloaded": Kind.JAIL_RELOADED,
         }[match.group("what")]
         return LogRecord(kind, match.group("jail"), time=stamp)
+    match = _JAIL_RESTARTING.search(line)
+    if match is not None:
+        return LogRecord(Kind.JAIL_RESTARTING, match.group("jail"), time=stamp)
+    if _LOGFILE_REMOVED.search(line):
+        return LogRecord(Kind.LOGFILE_REMOVED, time=stamp)
     if _SERVER_STARTING.search(line):
         return LogRecord(Kind.SERVER_STARTING, time=stamp)
     if _SERVER_STOPPING.search(line):
@@ -148,13 +157,17 @@ class BanReporter:
     every ticket it lifts while stopping or flushing a jail; only the first two may
     reach the cluster, or a restart of fail2ban on one node would unban the
     address everywhere. A stop is announced by "Shutdown in progress" (the whole
-    server) or by "Flush ticket(s)" (one jail); both end at the next sign of life.
+    server), "Flush ticket(s)" or "Reload/Restart jail" (one jail), or, for
+    `fail2ban-client stop JAIL` with actions that can't flush, only by "Removed
+    logfile" (which names no jail: every Unban is held back until a jail says it
+    stopped or started). Each ends at the next sign of life.
     """
 
     def __init__(self, ignore_jails: Collection[str] = ()) -> None:
         self.ignore_jails = frozenset(ignore_jails)
         self.server_stopping = False  # between "Shutdown in progress" and the next start
         self.flushing: set[str] = set()  # jails whose Unban lines come from a flush
+        self.some_jail_stopping = False  # a log file was removed: a jail may be stopping
 
     def feed(self, record: LogRecord) -> LogRecord | None:
         """Take one record in log order; return it (as BAN or UNBAN) when it must be reported."""
@@ -164,13 +177,19 @@ class BanReporter:
             return None
         if kind is Kind.SERVER_STARTING:
             self.server_stopping = False
+            self.some_jail_stopping = False
             self.flushing.clear()
+            return None
+        if kind is Kind.LOGFILE_REMOVED:
+            self.some_jail_stopping = True
             return None
         if record.jail is None:
             return None
-        if kind is Kind.FLUSH:
+        if kind in (Kind.FLUSH, Kind.JAIL_RESTARTING):
             self.flushing.add(record.jail)
             return None
+        if kind in (Kind.JAIL_STARTED, Kind.JAIL_STOPPED, Kind.JAIL_RELOADED):
+            self.some_jail_stopping = False
         if kind is not Kind.UNBAN:
             # Any other line of that jail means the flush is over.
             self.flushing.discard(record.jail)
@@ -179,7 +198,7 @@ class BanReporter:
         if kind in (Kind.BAN, Kind.INCREASE_BAN):
             return LogRecord(Kind.BAN, record.jail, record.ip, record.time, record.bantime)
         if kind in (Kind.UNBAN, Kind.REPEAL_BAN):
-            if self.server_stopping or record.jail in self.flushing:
+            if self.server_stopping or self.some_jail_stopping or record.jail in self.flushing:
                 return None
             return LogRecord(Kind.UNBAN, record.jail, record.ip, record.time)
         return None

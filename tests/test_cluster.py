@@ -125,3 +125,47 @@ def test_a_ban_fail2ban_lost_comes_back_at_the_next_resync(tmp_path):
         assert ATTACKER not in c["node2"].fail2ban.banned("cluster")
         wait_banned(c, "node2", "cluster", ATTACKER)
         assert "[cluster] Unban" not in c.hub.log_text()
+
+
+@pytest.mark.parametrize("command", [["restart", "sshd"], ["stop", "sshd"]])
+def test_restarting_one_jail_whose_action_cannot_flush_changes_nothing_elsewhere(tmp_path, command):
+    """hostsdeny has no flush: fail2ban writes a plain Unban per ticket with no Flush line."""
+
+    def jails(server):
+        text = server.default_jails(600, 86400)
+        dummy = f"action = dummy[target={server.directory / 'sshd.dummy'}]"
+        return text.replace(dummy, f"action = hostsdeny[file={server.directory / 'hosts.deny'}]")
+
+    import subprocess
+
+    addresses = ["198.18.250.1", "198.18.250.2", "198.18.250.3"]
+    with Cluster(tmp_path, size=2, fail2ban={"jails": jails}) as c:
+        node1 = c["node1"].fail2ban
+        node1.attack(*addresses)
+        for ip in addresses:
+            wait_banned(c, "node2", "cluster", ip)
+        subprocess.run(
+            ["fail2ban-client", "-c", str(node1.config), "-s", str(node1.socket), *command],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        marker = "198.18.250.99"
+        if command[0] == "stop":
+            subprocess.run(
+                [
+                    "fail2ban-client",
+                    "-c",
+                    str(node1.config),
+                    "-s",
+                    str(node1.socket),
+                    "reload",
+                ],
+                capture_output=True,
+                timeout=60,
+                check=True,
+            )
+        node1.attack(marker)
+        wait_banned(c, "node2", "cluster", marker)
+        assert sorted(c["node2"].fail2ban.banned("cluster")) == sorted([*addresses, marker])
+        assert " Unban " not in c.hub.log_text()

@@ -187,3 +187,36 @@ def test_flush_of_one_jail_ends_with_the_jails_next_line():
         ("ban", "sshd", "192.0.2.12"),
         ("unban", "sshd", "192.0.2.12"),
     ]
+
+
+def test_restart_of_one_jail_whose_actions_cannot_flush_reports_nothing():
+    """`fail2ban-client restart sshd` with e.g. hostsdeny: Unbans without a Flush line."""
+    reporter = BanReporter()
+    assert (
+        report(
+            reporter,
+            "fail2ban.server         [2577]: INFO    Reload jail 'sshd'",
+            "[sshd] Unban 198.18.250.1",
+            "fail2ban.jail           [2577]: INFO    Jail 'sshd' stopped",
+            "fail2ban.jail           [2577]: INFO    Jail 'sshd' started",
+            "[sshd] Restore Ban 198.18.250.1",
+        )
+        == []
+    )
+    assert report(reporter, "[sshd] Unban 198.18.250.1") == [("unban", "sshd", "198.18.250.1")]
+
+
+def test_stop_of_one_jail_whose_actions_cannot_flush_reports_nothing():
+    """`fail2ban-client stop sshd`: only "Removed logfile" comes before the Unbans."""
+    reporter = BanReporter()
+    assert (
+        report(
+            reporter,
+            "fail2ban.filter         [2577]: INFO    Removed logfile: '/var/log/auth.log'",
+            "[sshd] Unban 198.18.250.1",
+            "[sshd] Unban 198.18.250.2",
+            "fail2ban.jail           [2577]: INFO    Jail 'sshd' stopped",
+        )
+        == []
+    )
+    assert report(reporter, "[web] Unban 198.18.250.3") == [("unban", "web", "198.18.250.3")]
