@@ -432,11 +432,15 @@ class Node:
         self.subscriber.start()
 
     def stop(self) -> None:
-        try:
-            self.monitor.stop()
-            self.subscriber.stop()
-        finally:
-            self.fail2ban.stop()
+        """Stop every process of the node, even if one of them refuses to stop."""
+        errors = []
+        for stop in (self.monitor.stop, self.subscriber.stop, self.fail2ban.stop):
+            try:
+                stop()
+            except Exception as error:  # keep stopping the others
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
     def log_text(self, role: str) -> str:
         path = self.directory / f"{role}.log"
@@ -507,7 +511,10 @@ class Cluster:
             except Exception as error:  # keep cleaning up the others
                 errors.append(error)
         for hub in self.hubs:
-            hub.publisher.stop()
+            try:
+                hub.publisher.stop()
+            except Exception as error:
+                errors.append(error)
         if errors:
             raise errors[0]
 

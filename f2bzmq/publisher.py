@@ -151,6 +151,8 @@ class Publisher:
         for reply in replies:
             self.collector.send_multipart(reply)
         for update in updates:
+            # Logged only now that it is stored: a crash can't leave a ban in the log twice.
+            log.log(NOTICE, "%s", update.event.describe())
             self.broadcast(update)
 
     def handle_report(
@@ -177,9 +179,7 @@ class Publisher:
             self.counters["duplicates"] += 1
         else:
             self.counters["accepted"] += 1
-        if update is not None:
-            log.log(NOTICE, "%s", event.describe())
-        else:
+        if update is None:
             log.debug("%s: %s", event.describe(), outcome.value)
         reply = {"id": event.id, "outcome": outcome.value}
         return [protocol.PROTOCOL, protocol.ACK, protocol.encode_object(reply)], update
