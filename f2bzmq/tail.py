@@ -25,9 +25,12 @@ Each file the log path has named while we followed it is a *generation*. Rotatio
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import json
 import logging
+import lzma
 import os
 import stat
 import time
@@ -46,6 +49,10 @@ HEAD_BYTES = 4096
 # A line longer than this is returned in pieces, so the buffer stays bounded.
 MAX_LINE_BYTES = 1024 * 1024
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".lzma", ".Z", ".zip")
+# Rotated copies we can read back when logrotate compressed them before we finished them.
+DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".lzma": lzma.open}
+MAX_DECOMPRESSED = 256 * 1024 * 1024
+UNNUMBERED = 1 << 30  # rotation order of a sibling without a .N number
 # inotify events that can mean new bytes or a new file; opens and reads (ours too) are not.
 WAKE_EVENT_TYPES = frozenset({"created", "modified", "moved", "deleted", "closed"})
 
@@ -88,7 +95,11 @@ NO_POSITION = LogPosition(device=0, inode=0, head_hash="", offset=0)
 
 def head_hash(fd: int) -> str:
     """sha1 hex of the file's first line (at most HEAD_BYTES), "" until that line is whole."""
-    data = os.pread(fd, HEAD_BYTES, 0)
+    return _head_hash_of(os.pread(fd, HEAD_BYTES, 0))
+
+
+def _head_hash_of(data: bytes) -> str:
+    data = data[:HEAD_BYTES]
     end = data.find(b"\n")
     if end >= 0:
         data = data[: end + 1]
@@ -123,6 +134,7 @@ class _Generation:
         self.complete = False  # nobody writes to it any more (a copytruncate copy, a remnant)
         self.quiet_since = time.monotonic()  # when it last gave us bytes, for rotate_grace
         self.seen_mtime_ns = 0  # for check(): a rewrite to the same size still changes mtime
+        self.name = ""  # a rotated copy's file name, for what was rotated after it
 
     @classmethod
     def open(cls, path: str) -> _Generation | None:
@@ -377,7 +389,10 @@ class LogFollower:
             # no copy: what we already read is all there is of the old content
             rest = _Generation(None, current.device, current.inode, old_head)
             rest.offset = current.offset
-        rest.pending = current.pending
+        if rest.fd is None:
+            # A remnant stands for the truncated file: a restart resumes by that identity.
+            rest.device, rest.inode = current.device, current.inode
+        rest.pending = current.pending + rest.pending
         rest.complete = True
         self._retired.append(rest)
         current.offset = 0
@@ -397,22 +412,28 @@ class LogFollower:
             ):
                 current.offset = position.offset
                 return
-            log.info("%s was truncated while we were down", self._path)
+            # Truncated (copytruncate), or rotated with the inode reused by the new file.
+            log.info("%s was truncated or replaced while we were down", self._path)
             copy = self._find_copy(position.head_hash, position.offset, b"")
             if copy is not None:
                 copy.complete = True
-                self._retired.append(copy)
+                self._retired = [copy, *self._rotated_after(copy.name)]
             return
         if current is not None:
             current.close()
-        # Resumed as the current generation: read_lines sees that the path names another
-        # file, retires this one and reads the new one from 0 once this one is done.
-        self._current = self._find_rotated(position)
-        if self._current is None:
+        found = self._find_rotated(position)
+        if found is None:
             self._current = _Generation.open(self._path)
+            return
+        # The file we stopped in, then every file rotated after it (it may have been
+        # rotated more than once while we were down), then the file the path names now.
+        generation, name = found
+        self._retired = [generation, *self._rotated_after(name)]
+        self._current = None
 
-    def _siblings(self, prefix_only: bool) -> list[os.DirEntry[str]]:
-        """Uncompressed files next to the log, ``path.1`` first."""
+    def _siblings(self, prefix_only: bool, compressed: bool = False) -> list[os.DirEntry[str]]:
+        """Uncompressed (or, with ``compressed``, compressed) files next to the log,
+        ``path.1`` first, then in order of rotation number."""
         directory, basename = os.path.split(self._path)
         try:
             with os.scandir(directory) as entries:
@@ -420,15 +441,16 @@ class LogFollower:
                     entry
                     for entry in entries
                     if entry.name != basename
-                    and not entry.name.endswith(COMPRESSED_SUFFIXES)
+                    and entry.name.endswith(COMPRESSED_SUFFIXES) == compressed
                     and (entry.name.startswith(basename) or not prefix_only)
                 ]
         except FileNotFoundError:
             return []
-        return sorted(found, key=lambda entry: (entry.name != basename + ".1", entry.name))
+        return sorted(found, key=lambda entry: _rotation_order(basename, entry.name))
 
-    def _find_rotated(self, position: LogPosition) -> _Generation | None:
-        """The file rotated away from the path that holds ``position``, found by inode."""
+    def _find_rotated(self, position: LogPosition) -> tuple[_Generation, str] | None:
+        """The file rotated away from the path that holds ``position`` and its name: found by
+        inode, or by first line among compressed copies (with the rest read into memory)."""
         if position.inode == 0:
             return None
         for entry in self._siblings(prefix_only=False):
@@ -444,9 +466,45 @@ class LogFollower:
             ):
                 log.info("resuming in %s, rotated while we were down", entry.path)
                 generation.offset = position.offset
-                return generation
+                return generation, entry.name
             generation.close()
+        if not position.head_hash:
+            return None
+        for path, data in self._compressed_siblings():
+            if _head_hash_of(data) == position.head_hash and len(data) >= position.offset:
+                log.info("resuming in %s, rotated and compressed while we were down", path)
+                remnant = _remnant(position.head_hash, position.offset, data[position.offset :])
+                remnant.device, remnant.inode = position.device, position.inode
+                return remnant, os.path.basename(path)
         return None
+
+    def _rotated_after(self, name: str) -> list[_Generation]:
+        """Whole files rotated later than ``name`` (after .3.gz: .2.gz, then .1), oldest first."""
+        basename = os.path.basename(self._path)
+        rank = _rotation_order(basename, name)[0]
+        if rank == UNNUMBERED:
+            return []  # dated names (dateext) say nothing about what came after
+        later = []
+        for compressed in (False, True):
+            for entry in self._siblings(prefix_only=True, compressed=compressed):
+                number = _rotation_order(basename, entry.name)[0]
+                if 0 < number < rank:
+                    later.append((number, entry))
+        generations = []
+        for _, entry in sorted(later, key=lambda item: -item[0]):
+            if entry.name.endswith(COMPRESSED_SUFFIXES):
+                data = _decompress(entry.path)
+                if data is None:
+                    continue
+                generation = _remnant(_head_hash_of(data), 0, data)
+            else:
+                generation = _Generation.open(entry.path)
+                if generation is None:
+                    continue
+                generation.complete = True
+            log.info("also reading %s, rotated while we were down", entry.path)
+            generations.append(generation)
+        return generations
 
     def _find_copy(self, head: str, offset: int, pending: bytes) -> _Generation | None:
         """The copy copytruncate made: same first line, and our unreturned ``pending`` bytes
@@ -466,9 +524,58 @@ class LogFollower:
             ):
                 log.info("reading the rest of the truncated log from %s", entry.path)
                 generation.offset = offset
+                generation.name = entry.name
                 return generation
             generation.close()
+        # logrotate may have compressed the copy already (compress without delaycompress).
+        for path, data in self._compressed_siblings():
+            if (
+                _head_hash_of(data) == head
+                and len(data) >= offset + len(pending)
+                and data[offset : offset + len(pending)] == pending
+            ):
+                log.info("reading the rest of the truncated log from %s", path)
+                remnant = _remnant(head, offset, data[offset + len(pending) :])
+                remnant.name = os.path.basename(path)
+                return remnant
         return None
+
+    def _compressed_siblings(self) -> list[tuple[str, bytes]]:
+        """(path, content) of rotated copies we can decompress, newest rotation first."""
+        found = []
+        for entry in self._siblings(prefix_only=True, compressed=True):
+            data = _decompress(entry.path) if entry.is_file(follow_symlinks=False) else None
+            if data is not None:
+                found.append((entry.path, data))
+        return found
+
+
+def _rotation_order(basename: str, name: str) -> tuple[int, str]:
+    """fail2ban.log.1 before fail2ban.log.2.gz before anything not numbered."""
+    number = name[len(basename) + 1 :].split(".")[0] if name.startswith(basename + ".") else ""
+    return (int(number) if number.isdigit() else UNNUMBERED, name)
+
+
+def _decompress(path: str) -> bytes | None:
+    """A compressed rotated copy's content, or None if we can't read that kind or that file."""
+    opener = DECOMPRESSORS.get(os.path.splitext(path)[1])
+    if opener is None:
+        return None
+    try:
+        with opener(path, "rb") as handle:
+            return handle.read(MAX_DECOMPRESSED)
+    except (OSError, EOFError, lzma.LZMAError) as error:
+        log.warning("cannot read %s: %s", path, error)
+        return None
+
+
+def _remnant(head: str, offset: int, rest: bytes) -> _Generation:
+    """A finished generation held in memory: the unread rest of a decompressed copy."""
+    generation = _Generation(None, 0, 0, head)
+    generation.offset = offset
+    generation.pending = bytearray(rest)
+    generation.complete = True
+    return generation
 
 
 def _ignore() -> None:

@@ -556,3 +556,35 @@ def test_logrotate_copytruncate_during_burst(tmp_path: Path, log_path: Path) -> 
     assert numbers == sorted(set(numbers))
     assert numbers[-1] == TOTAL
     assert lines_on_disk(log_path) <= set(numbers)
+
+
+def test_copytruncate_with_immediate_compress_reads_the_rest_from_the_gz_copy(
+    tmp_path: Path, log_path: Path
+) -> None:
+    """Without delaycompress the copy is gzipped before we read it: read it decompressed."""
+    append(log_path, 1, 2, 3)
+    follower = LogFollower(log_path)
+    assert read_all(follower) == [1, 2, 3]
+    append(log_path, 4, 5, 6)  # written, not read yet: the monitor is a little behind
+    logrotate(tmp_path, log_path, "copytruncate\ncompress\n")()
+    append(log_path, 7)
+    assert read_all(follower) == [4, 5, 6, 7]
+    follower.stop()
+
+
+def test_down_across_two_compressed_rotations_reads_every_file_in_order(
+    tmp_path: Path, log_path: Path
+) -> None:
+    append(log_path, 1)
+    follower = LogFollower(log_path)
+    assert read_all(follower) == [1]
+    saved = follower.position()
+    follower.stop()
+    append(log_path, 2)  # unread when the monitor stopped
+    rotate = logrotate(tmp_path, log_path, "create\ncompress\ndelaycompress\n")
+    for n in (3, 4):
+        rotate()
+        append(log_path, n)
+    restarted = LogFollower(log_path, position=saved)
+    assert read_all(restarted) == [2, 3, 4]
+    restarted.stop()
