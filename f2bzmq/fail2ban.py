@@ -13,6 +13,7 @@ import builtins
 import io
 import logging
 import pickle
+import re
 import socket
 import subprocess
 import time
@@ -31,6 +32,10 @@ SAFE_BUILTINS = frozenset(
 
 # Errors that mean the socket cannot be used at all, as opposed to a connection that broke.
 UNREACHABLE = (FileNotFoundError, ConnectionRefusedError, PermissionError, NotADirectoryError)
+
+
+# "192.0.2.5 \t2026-11-23 12:10:52 + 600 = 2026-11-23 12:20:52" (fail2ban's local time)
+_WITH_TIME = re.compile(r"^(\S+)\s+(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \+ (-?\d+) = ")
 
 
 class Fail2banError(Exception):
@@ -199,6 +204,20 @@ class Fail2banClient:
         if not isinstance(reply, list):
             raise Fail2banError(f"fail2ban answered {reply!r} where a ban list was expected")
         return [str(address) for address in reply]
+
+    def banned_with_time(self, jail: str) -> list[tuple[str, float, int]]:
+        """(address, ban start as unix time, bantime in seconds or -1) of each ban in a jail."""
+        reply = self.command("get", jail, "banip", "--with-time")
+        lines = reply.splitlines() if isinstance(reply, str) else reply
+        if not isinstance(lines, list):
+            raise Fail2banError(f"fail2ban answered {reply!r} where a ban list was expected")
+        bans = []
+        for line in lines:
+            match = _WITH_TIME.match(str(line))
+            if match is not None:
+                start = time.mktime(time.strptime(match.group(2), "%Y-%m-%d %H:%M:%S"))
+                bans.append((match.group(1), start, int(match.group(3))))
+        return bans
 
     def bantime(self, jail: str) -> int:
         """The jail's ban time in seconds; -1 means permanent."""

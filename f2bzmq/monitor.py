@@ -97,6 +97,7 @@ class Monitor:
             wake=self.wakeup.wake,
             from_end=config.get("monitor", "start_at") == "end",
         )
+        self.truncations_seen = 0  # a truncation found at start-up counts too
         self.refusals = RateLimitedLog(log)
         self.counters = {"reported": 0, "acked": 0, "refused": 0}
         security = Security.for_role(config, "monitor")
@@ -172,7 +173,36 @@ class Monitor:
                 log.log(NOTICE, "%s: queued for the cluster", event.describe())
             self.counters["reported"] += len(events)
             if not self.follower.has_more():
-                return
+                break
+        if self.follower.truncations != self.truncations_seen:
+            self.truncations_seen = self.follower.truncations
+            self.report_current_bans()
+
+    def report_current_bans(self) -> None:
+        """After a copytruncate, report every ban fail2ban holds: lines written between the
+        copy and the truncation are in no file. The hub records a ban it knows as nothing new."""
+        try:
+            jails = [
+                jail for jail in self.fail2ban.jails() if jail not in self.reporter.ignore_jails
+            ]
+            bans = [(jail, *ban) for jail in jails for ban in self.fail2ban.banned_with_time(jail)]
+        except (Fail2banError, OSError) as error:
+            log.warning("log truncated, and fail2ban can't list its bans to check: %s", error)
+            return
+        events = []
+        for jail, ip, start, bantime in bans:
+            try:
+                events.append(
+                    BanEvent.new(self.node, jail, protocol.BAN, ip, start, bantime, self.networks)
+                )
+            except ProtocolError as error:
+                self.refusals.warning(str(error), "[%s] %s not reported: %s", jail, ip, error)
+        self.outbox.add(events)
+        self.trim_outbox()
+        log.info(
+            "log truncated: reported the %d bans fail2ban holds, in case lines were lost",
+            len(events),
+        )
 
     def trim_outbox(self) -> None:
         dropped = self.outbox.trim(self.outbox_max)

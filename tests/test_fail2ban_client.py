@@ -8,6 +8,7 @@ import pickle
 import shlex
 import signal
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,6 +92,16 @@ def test_single_str_is_refused(client: Fail2banClient) -> None:
 def test_bantime(client: Fail2banClient) -> None:
     assert client.bantime("sshd") == 600
     assert client.bantime("cluster") == 86400
+
+
+def test_banned_with_time_gives_start_and_bantime(client: Fail2banClient) -> None:
+    before = time.time()
+    client.ban("sshd", ["198.51.100.30"])
+    bans = {ip: (start, bantime) for ip, start, bantime in client.banned_with_time("sshd")}
+    start, bantime = bans["198.51.100.30"]
+    assert bantime == 600
+    assert before - 2 <= start <= time.time() + 1  # fail2ban shows whole seconds
+    client.unban("sshd", ["198.51.100.30"])
 
 
 def test_jails(client: Fail2banClient) -> None:
