@@ -269,7 +269,7 @@ class Monitor:
                     raise ProtocolError("expected an ack or a nak")
                 body = protocol.decode_object(rest[0], 4096)
             except ProtocolError as error:
-                self.refusals.warning(str(error), "odd reply from %s: %s", hub.endpoint, error)
+                self.refusals.warning("reply", "odd reply from %s: %s", hub.endpoint, error)
                 continue
             event_id = body.get("id")
             if event_id not in hub.in_flight:

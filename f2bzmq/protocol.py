@@ -33,8 +33,10 @@ MAX_BODY = 4096  # bytes of one event's JSON; a real event is about 250
 MAX_NAME = 64
 # fail2ban refuses jail names it can't use in a command line or a chain name; we
 # are stricter still: letters, digits and ._- only, so a name is never a path or a flag.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_ID = re.compile(r"^[0-9a-f]{32}$")
+# fullmatch, never match + "$": "$" also matches before a final newline.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_ID = re.compile(r"[0-9a-f]{32}")
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 _FIELDS = {"id", "node", "jail", "action", "ip", "time", "bantime"}
 _REQUIRED = {"id", "node", "jail", "action", "ip", "time"}
 
@@ -84,7 +86,7 @@ class BanEvent:
 
     def validated(self, networks: NetworkLimits = NetworkLimits()) -> BanEvent:
         """Check every field; return the event with its address in canonical form."""
-        if not isinstance(self.id, str) or not _ID.match(self.id):
+        if not isinstance(self.id, str) or not _ID.fullmatch(self.id):
             raise ProtocolError("id must be 32 lowercase hex digits")
         check_name(self.node, "node")
         check_name(self.jail, "jail")
@@ -152,7 +154,7 @@ class BanEvent:
 
 def check_name(value: object, field: str) -> str:
     """A node or jail name: letters, digits and ._- only, at most 64 characters."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ProtocolError(f"{field} must be 1-{MAX_NAME} letters, digits or ._- characters")
     return value
 
@@ -161,19 +163,28 @@ def canonical_address(value: object, networks: NetworkLimits = NetworkLimits()) 
     """Parse an address with ipaddress; networks only in CIDR form and only within the limits."""
     if not isinstance(value, str) or not 2 <= len(value) <= 49:
         raise ProtocolError("ip must be an IPv4 or IPv6 address")
+    if "%" in value:
+        # A zone index is free text to ipaddress, and a scoped address can't be banned.
+        raise ProtocolError(f"ip {value!r} has a zone index")
     try:
         if "/" not in value:
-            return str(ipaddress.ip_address(value))
+            address = ipaddress.ip_address(value)
+            mapped = getattr(address, "ipv4_mapped", None)
+            # fail2ban bans ::ffff:a.b.c.d as a.b.c.d: the allowlists must see it that way.
+            return str(mapped or address)
         network = ipaddress.ip_network(value, strict=False)
     except ValueError as error:
         raise ProtocolError(f"ip {value!r} is not an address: {error}") from None
     if network.num_addresses == 1:
-        return str(network.network_address)
+        address = network.network_address
+        return str(getattr(address, "ipv4_mapped", None) or address)
     if not networks.allow:
         raise ProtocolError("networks are not allowed here")
     widest = networks.min_prefix_v4 if network.version == 4 else networks.min_prefix_v6
     if network.prefixlen < widest:
         raise ProtocolError(f"network {network} is wider than the allowed /{widest}")
+    if network.version == 6 and network.overlaps(_IPV4_MAPPED):
+        raise ProtocolError(f"network {network} holds IPv4-mapped addresses: write it in IPv4")
     return str(network)
 
 
@@ -192,7 +203,7 @@ def peek_id(data: bytes) -> str:
     except ProtocolError:
         return ""
     event_id = body.get("id")
-    return event_id if isinstance(event_id, str) and _ID.match(event_id) else ""
+    return event_id if isinstance(event_id, str) and _ID.fullmatch(event_id) else ""
 
 
 def decode_object(data: bytes, limit: int) -> dict:
@@ -201,8 +212,8 @@ def decode_object(data: bytes, limit: int) -> dict:
         raise ProtocolError(f"body is larger than {limit} bytes")
     try:
         body = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError) as error:
-        raise ProtocolError(f"body is not JSON: {error}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ProtocolError(f"body is not JSON: {str(error)[:80]}") from None
     if not isinstance(body, dict):
         raise ProtocolError("body must be a JSON object")
     return body
@@ -210,6 +221,19 @@ def decode_object(data: bytes, limit: int) -> dict:
 
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
+
+
+def decode_list(data: bytes, limit: int) -> list:
+    """Strict JSON array of at most `limit` bytes (a snapshot part)."""
+    if len(data) > limit:
+        raise ProtocolError(f"body is larger than {limit} bytes")
+    try:
+        body = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ProtocolError(f"body is not JSON: {str(error)[:80]}") from None
+    if not isinstance(body, list):
+        raise ProtocolError("body must be a JSON array")
+    return body
 
 
 def encode_object(body: dict) -> bytes:

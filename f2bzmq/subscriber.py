@@ -68,6 +68,16 @@ class LocalPolicy:
         return {self.sync_jail, *self.jail_map.values()}
 
 
+def encode_item(item: object) -> bytes:
+    """A snapshot item back to bytes for BanEvent.decode; anything odd is a ProtocolError."""
+    if not isinstance(item, dict):
+        raise ProtocolError("a snapshot item must be a JSON object")
+    try:
+        return json.dumps(item).encode()
+    except (ValueError, TypeError, RecursionError) as error:
+        raise ProtocolError(f"snapshot item: {error}") from None
+
+
 def desired_bans(views: Iterable[ClusterView], policy: LocalPolicy) -> dict[str, set[str]]:
     """Local jail -> addresses it must ban, from every hub's view."""
     wanted: dict[str, set[str]] = {jail: set() for jail in policy.local_jails()}
@@ -95,16 +105,25 @@ class HubLink:
         self.heard = time.monotonic()
         self.snapshot_asked: float | None = None
         self.snapshot_parts: list[BanEvent] = []
-        self.buffered: list[tuple[int, BanEvent]] = []  # updates that came during a snapshot
+        # Updates that came during a snapshot: (hub state id, sequence, event).
+        self.buffered: list[tuple[str, int, BanEvent]] = []
         self.snapshots_received = 0
-        self.updates = context.socket(zmq.SUB)
-        security.client(self.updates)
-        self.updates.maxmsgsize = MAX_MESSAGE
-        self.updates.rcvhwm = 1_000_000
-        self.updates.linger = 0
-        self.updates.setsockopt(zmq.SUBSCRIBE, protocol.PROTOCOL)
-        self.updates.connect(publish)
+        self.updates = self._updates_socket()
         self.snapshots = self._snapshot_socket()
+
+    def _updates_socket(self) -> zmq.Socket:
+        sock = self.context.socket(zmq.SUB)
+        self.security.client(sock)
+        sock.maxmsgsize = MAX_MESSAGE
+        sock.rcvhwm = 1_000_000
+        sock.linger = 0
+        sock.setsockopt(zmq.SUBSCRIBE, protocol.PROTOCOL)
+        sock.connect(self.publish_endpoint)
+        return sock
+
+    def reconnect_updates(self) -> None:
+        self.updates.close()
+        self.updates = self._updates_socket()
 
     def _snapshot_socket(self) -> zmq.Socket:
         sock = self.context.socket(zmq.DEALER)
@@ -190,11 +209,12 @@ class Subscriber:
                     self.handle_updates(link, now)
                 if link.snapshots in ready:
                     self.handle_snapshot(link, now)
-                old_socket = link.snapshots
+                old_sockets = (link.updates, link.snapshots)
                 self.check_link(link, now)
-                if link.snapshots is not old_socket:
-                    poller.unregister(old_socket)
-                    poller.register(link.snapshots, zmq.POLLIN)
+                for old, new in zip(old_sockets, (link.updates, link.snapshots)):
+                    if new is not old:
+                        poller.unregister(old)
+                        poller.register(new, zmq.POLLIN)
             if now >= self.next_resync:
                 # fail2ban may have lost or expired bans behind our back (a restart
                 # without its database, the sync jail's own bantime): read it again.
@@ -233,22 +253,23 @@ class Subscriber:
                     event = BanEvent.decode(rest[1], self.networks)
             except ProtocolError as error:
                 self.counters["refused"] += 1
-                self.refusals.warning(str(error), "ignored a message from the hub: %s", error)
+                self.refusals.warning("update", "ignored a message from the hub: %s", error)
                 continue
             link.heard = now
             if link.snapshot_asked is not None:
                 if event is not None:
-                    link.buffered.append((sequence, event))
+                    link.buffered.append((instance, sequence, event))
                 continue
             if instance != link.instance:
                 log.info("hub %s has new state %s: resync", link.publish_endpoint, instance[:8])
                 link.ask_snapshot(now)
                 if event is not None:
-                    link.buffered.append((sequence, event))
+                    link.buffered.append((instance, sequence, event))
                 continue
             if event is None:
                 if sequence != link.sequence:
-                    log.warning(
+                    self.refusals.warning(
+                        f"gap {link.publish_endpoint}",
                         "missed updates from %s (at %d, hub at %d): resync",
                         link.publish_endpoint,
                         link.sequence,
@@ -259,14 +280,15 @@ class Subscriber:
             if sequence <= link.sequence:
                 continue
             if sequence != link.sequence + 1:
-                log.warning(
+                self.refusals.warning(
+                    f"gap {link.publish_endpoint}",
                     "missed updates from %s (%d to %d): resync",
                     link.publish_endpoint,
                     link.sequence + 1,
                     sequence - 1,
                 )
                 link.ask_snapshot(now)
-                link.buffered.append((sequence, event))
+                link.buffered.append((instance, sequence, event))
                 continue
             link.sequence = sequence
             link.view.apply(event)
@@ -284,15 +306,17 @@ class Subscriber:
                 if kind != protocol.SNAPSHOT_PART or len(rest) != 2:
                     raise ProtocolError("expected a snapshot part")
                 header = protocol.decode_object(rest[0], 256)
-                items = json.loads(rest[1])
-                if not isinstance(items, list):
-                    raise ProtocolError("snapshot body must be a list")
-                events = [
-                    BanEvent.decode(json.dumps(item).encode(), self.networks) for item in items
-                ]
-            except (ProtocolError, ValueError) as error:
+                instance, sequence = header.get("publisher"), header.get("seq")
+                if not isinstance(instance, str) or not isinstance(sequence, int) or sequence < 0:
+                    raise ProtocolError("snapshot header lacks publisher or seq")
+                items = protocol.decode_list(rest[1], MAX_MESSAGE)
+                # A part is taken whole or not at all: a part with one event missing would
+                # read as "the cluster lifted that ban". (One shared configuration keeps the
+                # hub's and the nodes' network limits the same.)
+                events = [BanEvent.decode(encode_item(item), self.networks) for item in items]
+            except ProtocolError as error:
                 self.counters["refused"] += 1
-                self.refusals.warning(str(error), "ignored a snapshot part: %s", error)
+                self.refusals.warning("snapshot", "ignored a snapshot part: %s", error)
                 continue
             if link.snapshot_asked is None:
                 continue
@@ -305,10 +329,10 @@ class Subscriber:
         link.view = ClusterView()
         for event in link.snapshot_parts:
             link.view.apply(event)
-        link.instance = header.get("publisher")
-        link.sequence = int(header.get("seq", 0))
-        for sequence, event in sorted(link.buffered, key=lambda item: item[0]):
-            if sequence == link.sequence + 1:
+        link.instance = header["publisher"]
+        link.sequence = header["seq"]
+        for instance, sequence, event in sorted(link.buffered, key=lambda item: item[1]):
+            if instance == link.instance and sequence == link.sequence + 1:
                 link.view.apply(event)
                 link.sequence = sequence
         link.buffered = []
@@ -334,13 +358,16 @@ class Subscriber:
                 link.ask_snapshot(now)
             return
         if now - link.heard > self.heartbeat_timeout:
-            log.warning(
+            self.refusals.warning(
+                f"silent {link.publish_endpoint}",
                 "no heartbeat from %s for %.0f s: resync when it is back",
                 link.publish_endpoint,
                 now - link.heard,
             )
             # Its view may be stale: the other hubs decide until it sends a snapshot.
             link.synced = False
+            # A fresh SUB too: libzmq drops a connection for good after an oversized frame.
+            link.reconnect_updates()
             link.ask_snapshot(now)
 
     def reconcile(self) -> None:

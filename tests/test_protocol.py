@@ -56,6 +56,11 @@ def test_networks_are_canonical_optional_and_limited():
         ({"jail": "sshd; rm -rf /"}, "jail must be"),
         ({"jail": "-s"}, "jail must be"),
         ({"jail": "x" * 65}, "jail must be"),
+        ({"jail": "sshd\n"}, "jail must be"),
+        ({"id": "0123456789abcdef0123456789abcdef\n"}, "id must be"),
+        ({"ip": "2001:db8::1%$(reboot)"}, "zone index"),
+        ({"ip": "fe80::1%eth0"}, "zone index"),
+        ({"ip": "::ffff:10.0.0.0/120"}, "IPv4-mapped"),
         ({"node": ""}, "node must be"),
         ({"node": "node\n1"}, "node must be"),
         ({"action": "flush"}, "action must be"),
@@ -88,6 +93,17 @@ def test_invalid_events_are_refused_with_a_reason(changes, reason):
 def test_bodies_that_are_not_json_objects(data, reason):
     with pytest.raises(ProtocolError, match=reason):
         BanEvent.decode(data)
+
+
+def test_ipv4_mapped_addresses_are_written_as_ipv4():
+    """fail2ban bans ::ffff:127.0.0.1 as 127.0.0.1: allowlists must see the IPv4 form."""
+    assert BanEvent.decode(event_body(ip="::ffff:127.0.0.1")).ip == "127.0.0.1"
+    assert BanEvent.decode(event_body(ip="::ffff:7f00:1/128")).ip == "127.0.0.1"
+
+
+def test_deeply_nested_json_is_refused_not_fatal():
+    with pytest.raises(ProtocolError, match="not JSON"):
+        BanEvent.decode(b"[" * 3000)
 
 
 def test_split_message_checks_the_protocol_frame():
