@@ -41,6 +41,17 @@ class RoleControl:
         self.pidfile = run_dir / f"{role}.pid"
         self.status_file = run_dir / f"{role}.status"
 
+    def setup_logging(self, foreground: bool) -> None:
+        """The role's log, then the configuration's warnings (old key names) into it."""
+        setup_logging(
+            self.role,
+            self.config.get("general", "logtarget"),
+            self.config.get("general", "loglevel"),
+            foreground,
+        )
+        for warning in self.config.warnings:
+            log.warning("%s", warning)
+
     def running_pid(self) -> int | None:
         """The PID in the PID file if that process is alive; a stale file is removed."""
         try:
@@ -58,12 +69,7 @@ class RoleControl:
 
     def run(self, foreground: bool = True) -> int:
         """Run the role's loop in this process until SIGTERM or SIGINT."""
-        setup_logging(
-            self.role,
-            self.config.get("general", "logtarget"),
-            self.config.get("general", "loglevel"),
-            foreground,
-        )
+        self.setup_logging(foreground)
         pid = self.running_pid()
         if pid is not None and pid != os.getpid():
             print(f"fail2ban-{self.role} is already running (pid {pid})", file=sys.stderr)
@@ -110,12 +116,7 @@ class RoleControl:
             with daemon.DaemonContext(
                 files_preserve=[ready_fd], detach_process=True, umask=0o022, working_directory="/"
             ):
-                setup_logging(
-                    self.role,
-                    self.config.get("general", "logtarget"),
-                    self.config.get("general", "loglevel"),
-                    foreground=False,
-                )
+                self.setup_logging(foreground=False)
                 try:
                     reactor = self.factory(self.config, self.status_file)
                     self.pidfile.write_text(f"{os.getpid()}\n")

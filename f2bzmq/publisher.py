@@ -3,7 +3,7 @@
 One poll loop over three sockets, after zguide's Clone server: `collector`
 (ROUTER) takes events and answers ACK/NAK, `broadcaster` (PUB) sends updates and
 heartbeats, `snapshots` (ROUTER) hands the whole table to subscribers that
-(re)connect or saw a gap.
+(re)connect or saw a gap. `legacy` adds fail2ban-zmq-tools' format when configured.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import zmq
 from . import protocol
 from .config import Config
 from .keys import Security
+from .legacy import LegacyEndpoints
 from .protocol import BanEvent, ProtocolError, allowlisted
 from .ratelimit import TokenBuckets
 from .runtime import NOTICE, RateLimitedLog, StatusFile, StopSignals, Wakeup, clock
@@ -26,6 +27,10 @@ log = logging.getLogger("f2bzmq.publisher")
 MAX_MESSAGE = 64 * 1024  # a whole report message; larger ones disconnect the peer
 DRAIN_LIMIT = 1000  # reports taken per commit: one fsync ACKs them all
 SNAPSHOT_PART = 500  # events per snapshot message
+
+
+class RateLimited(ProtocolError):
+    """A report refused because its node floods; the monitor may send it again later."""
 
 
 class Publisher:
@@ -54,11 +59,13 @@ class Publisher:
         # The authenticator must run before the first bind, on the sockets' context.
         self.auth = self.security.authenticator(self.context)
         self.bind_sockets()
+        self.legacy = LegacyEndpoints(self)  # fail2ban-zmq-tools' format, when configured
         self.wakeup = Wakeup()
         self.signals = StopSignals(self.wakeup)
         self.poller = zmq.Poller()
         self.poller.register(self.wakeup.read_fd, zmq.POLLIN)
         self.register_sockets()
+        self.legacy.register(self.poller)
         self.next_hugz = 0.0
 
     def bind_sockets(self, patience: float = 0.0) -> None:
@@ -123,6 +130,8 @@ class Publisher:
                 self.handle_reports()
             if self.snapshots in ready:
                 self.handle_snapshots()
+            if self.legacy.reports in ready:
+                self.legacy.handle_reports()
             now = time.time()
             self.flush_ttl(now)
             if now >= self.next_hugz:
@@ -164,15 +173,20 @@ class Publisher:
             if kind != protocol.EVENT or len(rest) != 1:
                 raise ProtocolError(f"expected one {protocol.EVENT.decode()} body")
             event = BanEvent.decode(rest[0], self.networks)
-            self.authorize(event, user)
+            outcome, update = self.admit(event, now, user)
         except ProtocolError as error:
-            return self.refuse(frames, error, user), None
+            return self.refuse(frames, error, user, retry=isinstance(error, RateLimited)), None
+        reply = {"id": event.id, "outcome": outcome.value}
+        return [protocol.PROTOCOL, protocol.ACK, protocol.encode_object(reply)], update
+
+    def admit(
+        self, event: BanEvent, now: float, user: str | None = None
+    ) -> tuple[Outcome, Update | None]:
+        """The hub's rules and rate limit for a decoded event from any endpoint, then the table."""
+        self.authorize(event, user)
         if not self.buckets.allow(user or event.node, now):
             rate = self.buckets.rate
-            error = ProtocolError(
-                f"rate limit: node {event.node} sends more than {rate:g} events/s"
-            )
-            return self.refuse(frames, error, user, retry=True), None
+            raise RateLimited(f"rate limit: node {event.node} sends more than {rate:g} events/s")
         outcome, update = self.table.apply(event, now)
         self.nodes[event.node] = now
         if outcome is Outcome.DUPLICATE:
@@ -181,8 +195,7 @@ class Publisher:
             self.counters["accepted"] += 1
         if update is None:
             log.debug("%s: %s", event.describe(), outcome.value)
-        reply = {"id": event.id, "outcome": outcome.value}
-        return [protocol.PROTOCOL, protocol.ACK, protocol.encode_object(reply)], update
+        return outcome, update
 
     def authorize(self, event: BanEvent, user: str | None) -> None:
         """The hub's own rules: who may report what."""
@@ -200,7 +213,8 @@ class Publisher:
         """A NAK with the reason, logged at a bounded rate."""
         self.counters["refused"] += 1
         who = f" from {user}" if user else ""
-        self.refusals.warning(f"{user}:{str(error)[:40]}", "refused a report%s: %s", who, error)
+        # Keyed by node, never by the reason: a hostile peer chooses the reason's text.
+        self.refusals.warning(f"report {user}", "refused a report%s: %s", who, error)
         event_id = protocol.peek_id(frames[-1]) if len(frames) == 3 else ""
         body = {"id": event_id, "reason": str(error), "retry": retry}
         return [protocol.PROTOCOL, protocol.NAK, protocol.encode_object(body)]
@@ -235,6 +249,7 @@ class Publisher:
                 update.event.encode(),
             ]
         )
+        self.legacy.broadcast(update.event)
         self.counters["broadcast"] += 1
 
     def flush_ttl(self, now: float) -> None:
@@ -268,7 +283,7 @@ class Publisher:
                 if kind != protocol.SNAPSHOT_REQUEST:
                     raise ProtocolError(f"expected {protocol.SNAPSHOT_REQUEST.decode()}")
             except ProtocolError as error:
-                self.refusals.warning(str(error), "refused a snapshot request: %s", error)
+                self.refusals.warning("snapshot", "refused a snapshot request: %s", error)
                 continue
             self.send_snapshot(peer)
 
@@ -317,6 +332,7 @@ class Publisher:
         self.store.close()
         for sock in (self.collector, self.broadcaster, self.snapshots):
             sock.close()
+        self.legacy.close()
         if self.auth is not None:
             self.auth.stop()  # its ZAP socket would keep the context from terminating
         self.context.term()

@@ -1,0 +1,195 @@
+"""fail2ban-zmq-tools' wire format on the hub, so a cluster migrates one node at a time.
+
+An old monitor sends one string frame over REQ, `[token|]hostname|jail|action|ip`, and
+takes the same string without the token back as ACK, or `NAK`. An old subscriber reads
+`hostname|jail|Ban|ip` (or `Unban`) frames from PUB with an empty prefix and skips its
+own hostname. `parse_report` and `format_update` hold the format's rules without a
+socket; `LegacyEndpoints` puts them on the publisher's poll loop. The old format has no
+encryption: its sockets are plain and belong on trusted interfaces.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import zmq
+
+from .protocol import BAN, UNBAN, BanEvent, NetworkLimits, ProtocolError
+from .runtime import NOTICE
+from .state import Update
+
+if TYPE_CHECKING:
+    from .publisher import Publisher
+
+log = logging.getLogger("f2bzmq.legacy")
+
+NAK = b"NAK"
+MAX_REPORT = 512  # bytes: a token (at most 256), two names of 64, an action and an address
+MAX_MESSAGE = 4096  # bytes of a frame; ZeroMQ drops a peer that sends more (no reply at all)
+DRAIN_LIMIT = 1000  # reports taken per commit, as on the native endpoint
+ZAP_DOMAIN = b"f2bzmq-legacy"  # how the authenticator's log names these plain connections
+_ACTIONS = {"ban": BAN, "unban": UNBAN}  # the old hub took any case: Ban, Unban, UnBan
+
+
+@dataclass(frozen=True)
+class LegacyReport:
+    """An old monitor's report as a native event, and the reply that ACKs it."""
+
+    event: BanEvent
+    echo: bytes  # the report without its token: what the old hub sent back
+
+
+def parse_report(
+    frames: list[bytes], token: str, networks: NetworkLimits, now: float
+) -> LegacyReport:
+    """Validate one old request (the frames after its envelope); raise ProtocolError why not."""
+    if len(frames) != 1:
+        raise ProtocolError(f"{len(frames)} frames, expected one")
+    if len(frames[0]) > MAX_REPORT:
+        raise ProtocolError(f"report is larger than {MAX_REPORT} bytes")
+    try:
+        text = frames[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("report is not UTF-8 text") from None
+    fields = text.split("|")
+    expected = "token|hostname|jail|action|ip" if token else "hostname|jail|action|ip"
+    if len(fields) != expected.count("|") + 1:
+        raise ProtocolError(f"{len(fields)} fields, expected {expected}")
+    if token:
+        if not hmac.compare_digest(fields[0].encode(), token.encode()):
+            raise ProtocolError("wrong token")
+        fields = fields[1:]
+    hostname, jail, action, ip = fields
+    if action.lower() not in _ACTIONS:
+        raise ProtocolError("action must be Ban or Unban")
+    # bantime None: the old format has none, so the hub's default_bantime applies.
+    event = BanEvent.new(hostname, jail, _ACTIONS[action.lower()], ip, now, networks=networks)
+    return LegacyReport(event, "|".join(fields).encode())
+
+
+def format_update(event: BanEvent) -> bytes:
+    """A broadcast as old subscribers read it: hostname|jail|Ban|ip or hostname|jail|Unban|ip."""
+    verb = "Ban" if event.action == BAN else "Unban"
+    return f"{event.node}|{event.jail}|{verb}|{event.ip}".encode()
+
+
+def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """A ROUTER message: the envelope to reply with and the request.
+
+    A REQ peer puts an empty delimiter after its identity, and reads only what follows
+    the delimiter of the reply; a peer without one gets its reply without one.
+    """
+    if len(frames) >= 2 and frames[1] == b"":
+        return frames[:2], frames[2:]
+    return frames[:1], frames[1:]
+
+
+class LegacyEndpoints:
+    """The hub's plain sockets in the old format; each is None when its key is empty."""
+
+    def __init__(self, hub: Publisher) -> None:
+        self.hub = hub  # the publisher: its checks, ban table, store and broadcasts
+        config = hub.config
+        self.token = config.get("publisher", "legacy_token")
+        report_binds = config.get("publisher", "legacy_report_bind")
+        publish_binds = config.get("publisher", "legacy_publish_bind")
+        # ROUTER, not REP: old monitors use REQ, and a ROUTER lets the hub's one poll loop
+        # answer many of them without blocking.
+        self.reports = self._socket(zmq.ROUTER, report_binds) if report_binds else None
+        # Every broadcast of the hub in the old format; old subscribers subscribe to "".
+        self.broadcaster = self._socket(zmq.PUB, publish_binds) if publish_binds else None
+        if report_binds or publish_binds:
+            log.warning(
+                "legacy endpoints (fail2ban-zmq-tools format) open WITHOUT encryption: "
+                "reports on %s, updates on %s; bind them to trusted interfaces only",
+                " ".join(report_binds) or "(off)",
+                " ".join(publish_binds) or "(off)",
+            )
+        if report_binds and not self.token:
+            log.warning(
+                "legacy_token is empty: anyone who reaches %s can ban and unban",
+                " ".join(report_binds),
+            )
+
+    def _socket(self, kind: int, endpoints: list[str]) -> zmq.Socket:
+        """A plain socket on the hub's context: old clients know no CURVE.
+
+        With a ZAP domain, libzmq asks the hub's authenticator about each plain (NULL)
+        connection too; pyzmq's authenticator admits NULL when it has no address lists,
+        so old clients get in here while the CURVE sockets still refuse them.
+        """
+        sock = self.hub.context.socket(kind)
+        sock.linger = 1000
+        sock.zap_domain = ZAP_DOMAIN
+        if kind == zmq.PUB:
+            sock.sndhwm = self.hub.config.get("publisher", "send_hwm")
+        else:
+            sock.maxmsgsize = MAX_MESSAGE
+        for endpoint in endpoints:
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as error:
+                sock.close(linger=0)
+                raise RuntimeError(f"cannot bind legacy endpoint {endpoint}: {error}") from None
+        return sock
+
+    def register(self, poller: zmq.Poller) -> None:
+        if self.reports is not None:
+            poller.register(self.reports, zmq.POLLIN)
+
+    def handle_reports(self) -> None:
+        """Answer every waiting old report, once the accepted ones are committed; broadcast."""
+        hub = self.hub
+        replies: list[list[bytes]] = []
+        updates: list[Update] = []
+        now = time.time()
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = self.reports.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            envelope, request = split_envelope([frame.bytes for frame in frames])
+            reply, update = self.handle_report(request, now, frames[-1].get("Peer-Address"))
+            replies.append([*envelope, reply])
+            if update is not None:
+                updates.append(update)
+        hub.store.commit(hub.table)
+        for reply in replies:
+            self.reports.send_multipart(reply)
+        for update in updates:
+            log.log(NOTICE, "%s (legacy report)", update.event.describe())
+            hub.broadcast(update)
+
+    def handle_report(
+        self, request: list[bytes], now: float, peer: str
+    ) -> tuple[bytes, Update | None]:
+        """Check and apply one old report through the hub's own rules; the reply and update."""
+        hub = self.hub
+        try:
+            report = parse_report(request, self.token, hub.networks, now)
+            if hub.auth is not None and report.event.node in hub.auth.names:
+                # A node with a key reports through the encrypted endpoint: its name can't
+                # be borrowed on the plain one.
+                raise ProtocolError(f"node {report.event.node} has a key: it must use it")
+            _, update = hub.admit(report.event, now)
+        except ProtocolError as error:
+            hub.counters["refused"] += 1
+            # Keyed by the peer's address, not by the reason: that holds the sender's text.
+            hub.refusals.warning(
+                f"legacy:{peer}", "refused a legacy report from %s: %s", peer, error
+            )
+            return NAK, None
+        return report.echo, update
+
+    def broadcast(self, event: BanEvent) -> None:
+        if self.broadcaster is not None:
+            self.broadcaster.send(format_update(event))
+
+    def close(self) -> None:
+        for sock in (self.reports, self.broadcaster):
+            if sock is not None:
+                sock.close()
