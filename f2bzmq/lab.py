@@ -575,6 +575,7 @@ class NodeClient:
         self.snapshots_endpoint = f"tcp://{address}:{ports[2]}"
         for sock in (self.reports, self.updates):
             sock.rcvtimeo = 10000
+            sock.sndtimeo = 10000  # a refused handshake must not block a send for ever
             sock.linger = 0
 
     def secure(self, sock: zmq.Socket) -> zmq.Socket:
