@@ -208,32 +208,28 @@ def peek_id(data: bytes) -> str:
 
 def decode_object(data: bytes, limit: int) -> dict:
     """Strict JSON object of at most `limit` bytes."""
+    return _decode_json(data, limit, dict, "a JSON object")
+
+
+def decode_list(data: bytes, limit: int) -> list:
+    """Strict JSON array of at most `limit` bytes (a snapshot part)."""
+    return _decode_json(data, limit, list, "a JSON array")
+
+
+def _decode_json(data: bytes, limit: int, kind: type, name: str):
     if len(data) > limit:
         raise ProtocolError(f"body is larger than {limit} bytes")
     try:
         body = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise ProtocolError(f"body is not JSON: {str(error)[:80]}") from None
-    if not isinstance(body, dict):
-        raise ProtocolError("body must be a JSON object")
+    if not isinstance(body, kind):
+        raise ProtocolError(f"body must be {name}")
     return body
 
 
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
-
-
-def decode_list(data: bytes, limit: int) -> list:
-    """Strict JSON array of at most `limit` bytes (a snapshot part)."""
-    if len(data) > limit:
-        raise ProtocolError(f"body is larger than {limit} bytes")
-    try:
-        body = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise ProtocolError(f"body is not JSON: {str(error)[:80]}") from None
-    if not isinstance(body, list):
-        raise ProtocolError("body must be a JSON array")
-    return body
 
 
 def encode_object(body: dict) -> bytes:
