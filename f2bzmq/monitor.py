@@ -97,7 +97,7 @@ class Monitor:
             wake=self.wakeup.wake,
             from_end=config.get("monitor", "start_at") == "end",
         )
-        self.truncations_seen = 0  # a truncation found at start-up counts too
+        self.rotations_seen = 0  # a rotation found at start-up counts too
         self.refusals = RateLimitedLog(log)
         self.counters = {"reported": 0, "acked": 0, "refused": 0}
         security = Security.for_role(config, "monitor")
@@ -174,20 +174,21 @@ class Monitor:
             self.counters["reported"] += len(events)
             if not self.follower.has_more():
                 break
-        if self.follower.truncations != self.truncations_seen:
-            self.truncations_seen = self.follower.truncations
+        if self.follower.rotations != self.rotations_seen:
+            self.rotations_seen = self.follower.rotations
             self.report_current_bans()
 
     def report_current_bans(self) -> None:
-        """After a copytruncate, report every ban fail2ban holds: lines written between the
-        copy and the truncation are in no file. The hub records a ban it knows as nothing new."""
+        """After a rotation, report every ban fail2ban holds: a line written between
+        copytruncate's copy and its truncation is in no file, and fail2ban drops a line
+        logged while flushlogs swaps its handler. The hub records a known ban as nothing new."""
         try:
             jails = [
                 jail for jail in self.fail2ban.jails() if jail not in self.reporter.ignore_jails
             ]
             bans = [(jail, *ban) for jail in jails for ban in self.fail2ban.banned_with_time(jail)]
         except (Fail2banError, OSError) as error:
-            log.warning("log truncated, and fail2ban can't list its bans to check: %s", error)
+            log.warning("log rotated, and fail2ban can't list its bans to check: %s", error)
             return
         events = []
         for jail, ip, start, bantime in bans:
@@ -200,7 +201,7 @@ class Monitor:
         self.outbox.add(events)
         self.trim_outbox()
         log.info(
-            "log truncated: reported the %d bans fail2ban holds, in case lines were lost",
+            "log rotated: reported the %d bans fail2ban holds, in case lines were lost",
             len(events),
         )
 

@@ -249,9 +249,10 @@ class LogFollower:
         self._more = False  # the last read_lines stopped at max_lines with lines left
         self._observer: Observer | None = None
         self._stopped = False
-        # copytruncate can lose lines written between its copy and its truncation: the
-        # count of truncations seen tells the caller when to check with fail2ban itself.
-        self.truncations = 0
+        # Rotation can lose lines: copytruncate those written between its copy and its
+        # truncation, and fail2ban itself a line logged while flushlogs swaps its log handler.
+        # The count of rotations finished tells the caller when to check with fail2ban itself.
+        self.rotations = 0
         if position is not None:
             self._resume(position)
             return
@@ -325,6 +326,7 @@ class LogFollower:
                 log.warning("dropping an unfinished last line of %d bytes", len(generation.pending))
             generation.close()
             self._retired.remove(generation)
+            self.rotations += 1
         if last is not None:
             self._position = last.position()
         self._more = len(lines) >= max_lines and any(g.has_unread() for g in self._generations())
@@ -387,7 +389,7 @@ class LogFollower:
             current.head_hash = now_head
             return
         log.info("log truncation detected for %s", self._path)
-        self.truncations += 1
+        self.rotations += 1
         rest = self._find_copy(old_head, current.offset, bytes(current.pending))
         if rest is None:
             # no copy: what we already read is all there is of the old content
@@ -418,7 +420,7 @@ class LogFollower:
                 return
             # Truncated (copytruncate), or rotated with the inode reused by the new file.
             log.info("%s was truncated or replaced while we were down", self._path)
-            self.truncations += 1
+            self.rotations += 1
             copy = self._find_copy(position.head_hash, position.offset, b"")
             if copy is not None:
                 copy.complete = True
