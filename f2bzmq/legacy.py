@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from .protocol import BAN, UNBAN, BanEvent, NetworkLimits, ProtocolError
-from .runtime import NOTICE
+from .runtime import drain
 from .state import Update
 
 if TYPE_CHECKING:
@@ -147,22 +147,13 @@ class LegacyEndpoints:
         replies: list[list[bytes]] = []
         updates: list[Update] = []
         now = time.time()
-        for _ in range(DRAIN_LIMIT):
-            try:
-                frames = self.reports.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
+        for frames in drain(self.reports, DRAIN_LIMIT, copy=False):
             envelope, request = split_envelope([frame.bytes for frame in frames])
             reply, update = self.handle_report(request, now, frames[-1].get("Peer-Address"))
             replies.append([*envelope, reply])
             if update is not None:
                 updates.append(update)
-        hub.store.commit(hub.table)
-        for reply in replies:
-            self.reports.send_multipart(reply)
-        for update in updates:
-            log.log(NOTICE, "%s (legacy report)", update.event.describe())
-            hub.broadcast(update)
+        hub.finish_batch(self.reports, replies, updates, " (legacy report)")
 
     def handle_report(
         self, request: list[bytes], now: float, peer: str

@@ -22,7 +22,7 @@ from .keys import Security
 from .logparse import BanReporter, Kind, LogRecord
 from .outbox import Outbox
 from .protocol import BanEvent, ProtocolError
-from .runtime import NOTICE, RateLimitedLog, StatusFile, StopSignals, Wakeup, clock
+from .runtime import NOTICE, RateLimitedLog, StatusFile, StopSignals, Wakeup, clock, drain
 from .tail import LogFollower, LogPosition
 
 log = logging.getLogger("f2bzmq.monitor")
@@ -259,11 +259,7 @@ class Monitor:
                 hub.cursor = row
 
     def handle_replies(self, hub: HubReporter) -> None:
-        for _ in range(10000):
-            try:
-                frames = hub.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in drain(hub.socket, 10000):
             try:
                 kind, rest = protocol.split_message(frames)
                 if kind not in (protocol.ACK, protocol.NAK) or len(rest) != 1:

@@ -19,7 +19,7 @@ from .keys import Security
 from .legacy import LegacyEndpoints
 from .protocol import BanEvent, ProtocolError, allowlisted
 from .ratelimit import TokenBuckets
-from .runtime import NOTICE, RateLimitedLog, StatusFile, StopSignals, Wakeup, clock
+from .runtime import NOTICE, RateLimitedLog, StatusFile, StopSignals, Wakeup, clock, drain
 from .state import Outcome, StateStore, Update
 
 log = logging.getLogger("f2bzmq.publisher")
@@ -144,11 +144,7 @@ class Publisher:
         replies: list[list[bytes]] = []
         updates: list[Update] = []
         now = time.time()
-        for _ in range(DRAIN_LIMIT):
-            try:
-                frames = self.collector.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
+        for frames in drain(self.collector, DRAIN_LIMIT, copy=False):
             peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
             # The node name the authenticator gave this peer's key (None without keys).
             user = frames[-1].get("User-Id") if self.auth is not None else None
@@ -156,12 +152,18 @@ class Publisher:
             replies.append([peer, *reply])
             if update is not None:
                 updates.append(update)
+        self.finish_batch(self.collector, replies, updates)
+
+    def finish_batch(
+        self, sock: zmq.Socket, replies: list[list[bytes]], updates: list[Update], note: str = ""
+    ) -> None:
+        """Commit a drained batch, then ACK it and broadcast what changed: ACK means stored."""
         self.store.commit(self.table)
         for reply in replies:
-            self.collector.send_multipart(reply)
+            sock.send_multipart(reply)
         for update in updates:
             # Logged only now that it is stored: a crash can't leave a ban in the log twice.
-            log.log(NOTICE, "%s", update.event.describe())
+            log.log(NOTICE, "%s%s", update.event.describe(), note)
             self.broadcast(update)
 
     def handle_report(
@@ -272,11 +274,7 @@ class Publisher:
         self.next_hugz = now + self.heartbeat_interval
 
     def handle_snapshots(self) -> None:
-        for _ in range(100):
-            try:
-                frames = self.snapshots.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in drain(self.snapshots, 100):
             peer, body = frames[0], frames[1:]
             try:
                 kind, _ = protocol.split_message(body)

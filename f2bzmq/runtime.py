@@ -11,8 +11,10 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import zmq
 
 NOTICE = 25  # fail2ban's level between INFO and WARNING
 logging.addLevelName(NOTICE, "NOTICE")
@@ -41,6 +43,15 @@ class Wakeup:
     def close(self) -> None:
         os.close(self.read_fd)
         os.close(self.write_fd)
+
+
+def drain(sock: zmq.Socket, limit: int, copy: bool = True) -> Iterator[list]:
+    """Every message waiting on sock, at most `limit`, without blocking: one poll, one batch."""
+    for _ in range(limit):
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+        except zmq.Again:
+            return
 
 
 class StopSignals:

@@ -21,7 +21,7 @@ from .config import Config
 from .fail2ban import Fail2banClient, Fail2banError
 from .keys import Security
 from .protocol import BanEvent, ProtocolError, allowlisted
-from .runtime import NOTICE, RateLimitedLog, StatusFile, StopSignals, Wakeup
+from .runtime import NOTICE, RateLimitedLog, StatusFile, StopSignals, Wakeup, drain
 
 log = logging.getLogger("f2bzmq.subscriber")
 
@@ -233,11 +233,7 @@ class Subscriber:
 
     def handle_updates(self, link: HubLink, now: float) -> None:
         """Take every waiting update; a gap or a new hub identity asks for a snapshot."""
-        for _ in range(10000):
-            try:
-                frames = link.updates.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in drain(link.updates, 10000):
             try:
                 kind, rest = protocol.split_message(frames)
                 if kind not in (protocol.UPDATE, protocol.HUGZ):
@@ -296,11 +292,7 @@ class Subscriber:
             self.pending = True
 
     def handle_snapshot(self, link: HubLink, now: float) -> None:
-        for _ in range(1000):
-            try:
-                frames = link.snapshots.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in drain(link.snapshots, 1000):
             try:
                 kind, rest = protocol.split_message(frames)
                 if kind != protocol.SNAPSHOT_PART or len(rest) != 2:
