@@ -314,9 +314,11 @@ def test_a_hub_stopped_during_a_burst_loses_nothing(tmp_path, sig, stopped):
                 assert once(hub_notices(down, "node1")) == node1
                 assert once(hub_notices(down, "node2")) == node2
             else:
-                # SIGKILL may land between logging a batch and committing it: logged again.
-                assert set(hub_notices(down, "node1")) == node1
-                assert set(hub_notices(down, "node2")) == node2
+                # The hub logs a broadcast only after committing it, so none is logged twice;
+                # SIGKILL between the commit and the log line leaves that line out (the state,
+                # checked above, is what counts).
+                assert once(hub_notices(down, "node1")) <= node1
+                assert once(hub_notices(down, "node2")) <= node2
             wait_synced(cluster, everything)
         finally:
             down.publisher.stop()  # even if stopping the other hub fails at the cluster's exit
