@@ -15,23 +15,17 @@ This is a benchmark, not a test: it prints figures and never fails on speed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import percentile, report, spread, table
 
-import zmq  # noqa: E402
-
-from f2bzmq.lab import Cluster, wait_until  # noqa: E402
+from f2bzmq.lab import Cluster, wait_until
 
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*\] Ban (\S+)$", re.M)
 
@@ -45,24 +39,6 @@ def stamps(text: str, jail: str) -> dict[str, float]:
         when = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S"))
         found.setdefault(match.group(3), when + int(match.group(2)) / 1000)
     return found
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
-
-
-def machine() -> dict:
-    version = subprocess.run(
-        ["fail2ban-client", "--version"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return {
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "pyzmq": zmq.pyzmq_version(),
-        "libzmq": zmq.zmq_version(),
-        "fail2ban": version,
-    }
 
 
 def main() -> int:
@@ -113,33 +89,18 @@ def run(args: argparse.Namespace, root: Path) -> int:
             )
             naive.append((time.perf_counter() - started) * 1000)
     result = {
-        "machine": machine(),
         "bans": args.count,
-        "propagation_ms": {
-            "p50": percentile(delays, 0.50),
-            "p90": percentile(delays, 0.90),
-            "p99": percentile(delays, 0.99),
-            "max": max(delays),
-            "mean": statistics.fmean(delays),
-        },
-        "naive_fail2ban_client_ms": {
-            "runs": args.naive,
-            "p50": percentile(naive, 0.50),
-            "mean": statistics.fmean(naive),
-        },
+        "propagation_ms": spread(delays),
+        "naive_fail2ban_client_ms": {"runs": args.naive, "p50": percentile(naive, 0.50)},
     }
     p = result["propagation_ms"]
-    n = result["naive_fail2ban_client_ms"]
-    print(f"machine: {result['machine']}")
-    print(f"{'what':<52} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8}")
-    print(
-        f"{'f2bzmq: node1 Ban line -> applied on node2 (ms)':<52} "
-        f"{p['p50']:8.1f} {p['p90']:8.1f} {p['p99']:8.1f} {p['max']:8.1f}"
-    )
-    print(f"{'naive: one fail2ban-client process per ban (ms)':<52} {n['p50']:8.1f}")
-    print("(timestamps have 1 ms resolution; the naive figure is the apply step alone)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    rows = [
+        ["f2bzmq: node1 Ban line -> applied on node2 (ms)", p["p50"], p["p90"], p["p99"], p["max"]],
+        ["naive: one fail2ban-client process per ban (ms)", percentile(naive, 0.5), "", "", ""],
+    ]
+    text = table(["what", "p50", "p90", "p99", "max"], rows)
+    text += "\n(timestamps have 1 ms resolution; the naive figure is the apply step alone)"
+    report("propagation", result, text, args.json)
     return 0
 
 
