@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .control import MAX_SOCKET_PATH, control_path
+from .metrics import parse_listen
 from .protocol import NetworkLimits, ProtocolError, check_name
 
 DEFAULT_PATHS = ("/etc/fail2ban-cluster/fail2ban-cluster.conf", "fail2ban-cluster.conf")
@@ -194,6 +196,9 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("subscriber", "batch_size"): ("200", _number(int, 1, 10000)),
     ("subscriber", "heartbeat_timeout"): ("5", _number(float, 0.1, 3600)),
     ("subscriber", "resync_interval"): ("300", _number(float, 1, 86400)),
+    ("monitor", "metrics"): ("", parse_listen),
+    ("publisher", "metrics"): ("", parse_listen),
+    ("subscriber", "metrics"): ("", parse_listen),
 }
 
 
@@ -293,12 +298,24 @@ def load_config(path: str) -> Config:
             values[(section, key)] = parse(value.strip())
             if (section, key) in PATH_KEYS:
                 values[(section, key)] = str(Path(path).resolve().parent / values[(section, key)])
+            if (section, key) == ("general", "run_dir"):
+                _check_run_dir(values[(section, key)])
         except ValueError as error:
             raise ConfigError(f"{where}: {error}") from None
     if raw:
         _, where = next(iter(raw.values()))
         raise ConfigError(f"{where}: unknown key")
     return Config(path, values, tuple(warnings))
+
+
+def _check_run_dir(run_dir: str) -> None:
+    """The longest control socket path, run_dir/subscriber.sock, must fit a unix socket."""
+    longest = len(os.fsencode(str(control_path(Path(run_dir), "subscriber"))))
+    if longest > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"too long for the daemons' control sockets ({longest} bytes with "
+            f"/subscriber.sock; at most {MAX_SOCKET_PATH})"
+        )
 
 
 def _where(file: str, section: str, key: str) -> str:

@@ -8,7 +8,6 @@ Every ZeroMQ context is made after the fork: one made before it hangs the daemon
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import signal
@@ -20,7 +19,9 @@ from pathlib import Path
 import daemon
 
 from .config import Config
-from .runtime import clock, setup_logging
+from .control import ControlError, ask, control_path
+from .metrics import MetricsExporter
+from .runtime import setup_logging
 
 log = logging.getLogger("f2bzmq")
 
@@ -31,7 +32,7 @@ START_TIMEOUT = 20.0
 
 
 class RoleControl:
-    """Runs and controls one role's daemon: `factory(config, status_path)` builds its reactor."""
+    """Runs and controls one role's daemon: `factory(config, control_path)` builds its reactor."""
 
     def __init__(self, role: str, config: Config, factory: Callable) -> None:
         self.role = role
@@ -39,7 +40,7 @@ class RoleControl:
         self.factory = factory
         run_dir = Path(config.get("general", "run_dir"))
         self.pidfile = run_dir / f"{role}.pid"
-        self.status_file = run_dir / f"{role}.status"
+        self.control = control_path(run_dir, role)
 
     def setup_logging(self, foreground: bool) -> None:
         """The role's log, then the configuration's warnings (old key names) into it."""
@@ -76,7 +77,7 @@ class RoleControl:
             return EXIT_FAILED
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         try:
-            reactor = self.factory(self.config, self.status_file)
+            reactor, exporter = self.build()
         except Exception as error:
             log.error("cannot start the %s: %s", self.role, error)
             if foreground:
@@ -86,9 +87,21 @@ class RoleControl:
         try:
             reactor.run()
         finally:
+            if exporter:
+                exporter.close()
             self.pidfile.unlink(missing_ok=True)
-            self.status_file.unlink(missing_ok=True)
         return EXIT_OK
+
+    def build(self) -> tuple[object, MetricsExporter | None]:
+        """The role's reactor, and its Prometheus endpoint when `[role] metrics` asks for one."""
+        listen = self.config.get(self.role, "metrics")
+        exporter = MetricsExporter(self.role, listen, self.control) if listen else None
+        try:
+            return self.factory(self.config, self.control), exporter
+        except Exception:
+            if exporter:
+                exporter.close()
+            raise
 
     def start(self) -> int:
         pid = self.running_pid()
@@ -118,7 +131,7 @@ class RoleControl:
             ):
                 self.setup_logging(foreground=False)
                 try:
-                    reactor = self.factory(self.config, self.status_file)
+                    reactor, exporter = self.build()
                     self.pidfile.write_text(f"{os.getpid()}\n")
                 except Exception as error:
                     log.error("cannot start the %s: %s", self.role, error)
@@ -132,8 +145,9 @@ class RoleControl:
                 except Exception:
                     log.exception("the %s stopped on an error", self.role)
                 finally:
+                    if exporter:
+                        exporter.close()
                     self.pidfile.unlink(missing_ok=True)
-                    self.status_file.unlink(missing_ok=True)
         finally:
             os._exit(code)
 
@@ -162,28 +176,27 @@ class RoleControl:
         return code if code != EXIT_OK else self.start()
 
     def status(self) -> int:
+        """Ask the running daemon; exit 3 when it is not running, 1 when it is unhealthy."""
         pid = self.running_pid()
         if pid is None:
             print(f"fail2ban-{self.role} is not running")
             return EXIT_NOT_RUNNING
         try:
-            status = json.loads(self.status_file.read_text())
-        except (OSError, ValueError):
-            print(f"fail2ban-{self.role} is running (pid {pid}); no status reported yet")
-            return EXIT_OK
-        print(format_status(self.role, pid, status))
-        age = time.time() - status.get("updated", 0)
-        if age > 30:
-            print(f"`- warning: the daemon has not updated its status for {age:.0f} s")
+            status = ask(self.control)
+        except ControlError as error:
+            print(f"fail2ban-{self.role} is running (pid {pid}) but not healthy: {error}")
             return EXIT_FAILED
-        return EXIT_OK
+        print(format_status(self.role, pid, status))
+        return EXIT_FAILED if status.get("problems") else EXIT_OK
 
 
 def format_status(role: str, pid: int, status: dict) -> str:
     """fail2ban-client style tree of the daemon's own figures, in the daemon's order."""
     lines = [f"Status of fail2ban-{role} (pid {pid}, node {status.get('node')})"]
-    status = dict(status, updated=clock(status.get("updated")))
-    items = [(k, v) for k, v in status.items() if k not in ("role", "node", "pid")]
+    hidden = ("role", "node", "pid", "time", "problems", "metrics")
+    problems = status.get("problems") or []
+    items = [(k, v) for k, v in status.items() if k not in hidden]
+    items.append(("Health", "OK" if not problems else f"{len(problems)} problem(s)"))
     for index, (key, value) in enumerate(items):
         last = index == len(items) - 1
         branch, pad = ("`-", "   ") if last else ("|-", "|  ")
@@ -194,6 +207,8 @@ def format_status(role: str, pid: int, status: dict) -> str:
                 lines.append(f"{pad}{inner} {sub}: {_flat(subvalue)}")
         else:
             lines.append(f"{branch} {key}: {_flat(value)}")
+    for number, problem in enumerate(problems):
+        lines.append(f"   {'`-' if number == len(problems) - 1 else '|-'} {problem}")
     return "\n".join(lines)
 
 

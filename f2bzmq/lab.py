@@ -13,6 +13,7 @@ way an operator would (`run` with a private configuration file).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -86,8 +87,12 @@ class Fail2banServer:
         bantime: int = 600,
         sync_jail: str = "cluster",
         sync_bantime: int = 86400,
+        netns: str | None = None,
     ) -> None:
         self.name = name
+        # A network namespace (`ip netns`) to run in, so a real ban action changes only its
+        # firewall; the socket and log are files, so every other call works from outside.
+        self.netns = netns
         self.directory = Path(root) / name  # everything of this server lives here
         self.config = self.directory / "config"
         self.log = self.directory / "fail2ban.log"
@@ -166,7 +171,7 @@ class Fail2banServer:
             # Output goes to a file, not a pipe: the daemon could inherit a pipe and keep it open.
             # "-x" removes a stale socket left by a killed server; the path is private to us.
             started = subprocess.run(
-                [CLIENT_PROGRAM, "-c", str(self.config), "-x", "start"],
+                [*self._netns_prefix(), CLIENT_PROGRAM, "-c", str(self.config), "-x", "start"],
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
@@ -262,6 +267,9 @@ class Fail2banServer:
                 f"{ip} not {state} in {self.name}/{jail} within {timeout:g}s; banned: {found}"
             )
 
+    def _netns_prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.netns] if self.netns else []
+
     def _read_pid(self) -> int | None:
         try:
             return int(self.pidfile.read_text().strip())
@@ -344,6 +352,15 @@ def make_keys(directory: Path, nodes: list[str]) -> Path:
     return directory
 
 
+def short_run_dir(wanted: Path) -> Path:
+    """`wanted`, or a short private folder when control sockets there would be too long."""
+    if len(os.fsencode(str(wanted / "subscriber.sock"))) <= MAX_SOCKET_PATH:
+        return wanted
+    short = Path(tempfile.mkdtemp(prefix="f2brun"))
+    atexit.register(shutil.rmtree, short, ignore_errors=True)
+    return short
+
+
 def write_config(
     path: Path, node: str, ports: list[int], directory: Path, keys_dir: Path, **extra: dict
 ) -> None:
@@ -357,7 +374,7 @@ def write_config(
             "publish_port": str(ports[1]),
             "snapshot_port": str(ports[2]),
             "state_dir": str(directory / "state"),
-            "run_dir": str(directory / "run"),
+            "run_dir": str(short_run_dir(directory / "run")),
             "logtarget": str(directory / "{role}.log"),
             "loglevel": "DEBUG",
         },
@@ -452,8 +469,9 @@ class Cluster:
 
     Hubs share the ports and differ by loopback address (127.0.0.1, 127.0.0.2, …), the
     way redundant hubs on different servers share one configuration. `fail2ban` holds
-    keyword arguments for every node's Fail2banServer (e.g. `jails`, `bantime`); the
-    other keyword arguments are configuration sections: `subscriber={"batch_size": "50"}`.
+    keyword arguments for every node's Fail2banServer (e.g. `jails`, `bantime`), or makes
+    them from the node's name (e.g. its `netns`); the other keyword arguments are
+    configuration sections: `subscriber={"batch_size": "50"}`.
     """
 
     def __init__(
@@ -461,7 +479,7 @@ class Cluster:
         root: Path,
         size: int = 3,
         hubs: int = 1,
-        fail2ban: dict | None = None,
+        fail2ban: dict | Callable[[str], dict] | None = None,
         **extra: dict,
     ) -> None:
         self.ports = free_ports(3)
@@ -476,7 +494,14 @@ class Cluster:
         sections = {section: dict(values) for section, values in extra.items()}
         sections.setdefault("general", {})["hubs"] = " ".join(addresses)
         self.nodes = {
-            name: Node(root, name, self.ports, fail2ban, self.keys_dir, **sections)
+            name: Node(
+                root,
+                name,
+                self.ports,
+                fail2ban(name) if callable(fail2ban) else fail2ban,
+                self.keys_dir,
+                **sections,
+            )
             for name in names
         }
 

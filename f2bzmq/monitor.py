@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import zmq
 
 from . import protocol
 from .config import Config
+from .control import ControlSocket
 from .fail2ban import Fail2banClient, Fail2banError
 from .keys import Security
 from .logparse import BanReporter, Kind, LogRecord
+from .metrics import DelayHistogram, counter, gauge, histogram
 from .outbox import Outbox
 from .protocol import BanEvent, ProtocolError
-from .runtime import NOTICE, RateLimitedLog, StatusFile, StopSignals, Wakeup, clock, drain
+from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain
 from .tail import LogFollower, LogPosition
 
 log = logging.getLogger("f2bzmq.monitor")
@@ -30,6 +33,7 @@ log = logging.getLogger("f2bzmq.monitor")
 MAX_BACKOFF = 30.0
 BANTIME_CACHE = 60.0  # seconds a jail's bantime read from fail2ban stays trusted
 SAFETY_CHECK = 5.0  # inotify can drop events under load: stat the log this often
+UNHEALTHY_AFTER = 60.0  # seconds a hub may leave waiting events unACKed before `status` warns
 
 
 class HubReporter:
@@ -70,9 +74,8 @@ class HubReporter:
 class Monitor:
     """The node's reactor: log lines to the outbox, the outbox to the hubs."""
 
-    def __init__(self, config: Config, status_path=None) -> None:
+    def __init__(self, config: Config, control_path: Path | None = None) -> None:
         self.config = config
-        self.status_file = StatusFile(status_path)
         self.node = config.node
         self.ack_timeout = config.get("monitor", "ack_timeout")
         self.window = config.get("monitor", "in_flight")
@@ -103,6 +106,9 @@ class Monitor:
         security = Security.for_role(config, "monitor")
         self.context = zmq.Context()
         self.hubs = [HubReporter(self.context, endpoint, security) for endpoint in endpoints]
+        self.control = control_path and ControlSocket(self.context, control_path, self.status)
+        self.started = time.monotonic()
+        self.ack_delays = DelayHistogram()  # an event sent -> its ACK, per hub
 
     def run(self) -> None:
         log.log(
@@ -118,6 +124,8 @@ class Monitor:
         poller.register(self.wakeup.read_fd, zmq.POLLIN)
         for hub in self.hubs:
             poller.register(hub.socket, zmq.POLLIN)
+        if self.control:
+            poller.register(self.control.socket, zmq.POLLIN)
         next_check = 0.0
         self.read_log()
         while not self.signals.stopping:
@@ -126,6 +134,8 @@ class Monitor:
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
                 self.read_log()
+            if self.control and self.control.socket in ready:
+                self.control.handle()
             now = time.monotonic()
             for hub in self.hubs:
                 if hub.socket in ready:
@@ -144,12 +154,11 @@ class Monitor:
             if now >= next_check:
                 self.follower.check()
                 next_check = now + SAFETY_CHECK
-            self.status_file.update(time.monotonic(), self.status)
         self.close()
 
     def _timeout_ms(self) -> int:
         now = time.monotonic()
-        deadlines = [now + SAFETY_CHECK, self.status_file.next_due]
+        deadlines = [now + SAFETY_CHECK]
         for hub in self.hubs:
             oldest = hub.oldest()
             if oldest is not None:
@@ -271,7 +280,8 @@ class Monitor:
             event_id = body.get("id")
             if event_id not in hub.in_flight:
                 continue
-            del hub.in_flight[event_id]
+            _, sent = hub.in_flight.pop(event_id)
+            self.ack_delays.observe(time.monotonic() - sent)
             hub.failures = 0
             hub.last_ack = time.time()
             if kind == protocol.NAK:
@@ -289,6 +299,7 @@ class Monitor:
             self.outbox.ack(hub.endpoint, event_id)
 
     def status(self) -> dict:
+        waiting = {hub.endpoint: self.outbox.depth(hub.endpoint) for hub in self.hubs}
         return {
             "role": "monitor",
             "node": self.node,
@@ -300,18 +311,42 @@ class Monitor:
             "Outbox depth": self.outbox.depth(),
             "Hubs": {
                 hub.endpoint: {
-                    "waiting": self.outbox.depth(hub.endpoint),
+                    "waiting": waiting[hub.endpoint],
                     "in flight": len(hub.in_flight),
                     "last ACK": clock(hub.last_ack),
                 }
                 for hub in self.hubs
             },
+            "problems": self.problems(waiting),
+            "metrics": {
+                "events_reported": counter("events read from the log", self.counters["reported"]),
+                "events_acked": counter("hub ACKs received", self.counters["acked"]),
+                "events_refused": counter("events a hub refused", self.counters["refused"]),
+                "outbox_depth": gauge("events waiting for a hub", waiting, "hub"),
+                "log_position": gauge("offset read in the log", self.follower.position().offset),
+                "ack_delay_seconds": histogram("event sent -> hub ACK", self.ack_delays),
+            },
         }
+
+    def problems(self, waiting: dict[str, int]) -> list[str]:
+        """What makes the monitor unhealthy: a hub that ACKs nothing while events wait."""
+        found = []
+        now = time.time()
+        for hub in self.hubs:
+            silent_since = hub.last_ack or now - (time.monotonic() - self.started)
+            if waiting[hub.endpoint] and now - silent_since > UNHEALTHY_AFTER:
+                found.append(
+                    f"{hub.endpoint}: {waiting[hub.endpoint]} events waiting, "
+                    f"no ACK for {now - silent_since:.0f} s"
+                )
+        return found
 
     def close(self) -> None:
         self.follower.stop()
         for hub in self.hubs:
             hub.socket.close()
+        if self.control:
+            self.control.close()
         self.context.term()
         self.outbox.close()
         self.fail2ban.close()

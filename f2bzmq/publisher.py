@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import zmq
 
 from . import protocol
 from .config import Config
+from .control import ControlSocket
 from .keys import Security
 from .legacy import LegacyEndpoints
+from .metrics import DelayHistogram, counter, gauge, histogram
 from .protocol import BanEvent, ProtocolError, allowlisted
 from .ratelimit import TokenBuckets
-from .runtime import NOTICE, RateLimitedLog, StatusFile, StopSignals, Wakeup, clock, drain
+from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain
 from .state import Outcome, StateStore, Update
 
 log = logging.getLogger("f2bzmq.publisher")
@@ -36,9 +39,8 @@ class RateLimited(ProtocolError):
 class Publisher:
     """The hub's reactor."""
 
-    def __init__(self, config: Config, status_path=None) -> None:
+    def __init__(self, config: Config, control_path: Path | None = None) -> None:
         self.config = config
-        self.status_file = StatusFile(status_path)
         self.default_bantime = config.get("publisher", "default_bantime")
         self.networks = config.network_limits()
         self.heartbeat_interval = config.get("publisher", "heartbeat_interval")
@@ -54,6 +56,7 @@ class Publisher:
         self.refusals = RateLimitedLog(log)
         self.counters = {"accepted": 0, "refused": 0, "duplicates": 0, "broadcast": 0}
         self.nodes: dict[str, float] = {}  # node name -> last report time
+        self.accept_delays = DelayHistogram()  # the origin's Ban line -> stored here
         self.security = Security.for_role(config, "publisher")
         self.context = zmq.Context()
         # The authenticator must run before the first bind, on the sockets' context.
@@ -66,6 +69,9 @@ class Publisher:
         self.poller.register(self.wakeup.read_fd, zmq.POLLIN)
         self.register_sockets()
         self.legacy.register(self.poller)
+        self.control = control_path and ControlSocket(self.context, control_path, self.status)
+        if self.control:
+            self.poller.register(self.control.socket, zmq.POLLIN)
         self.next_hugz = 0.0
 
     def bind_sockets(self, patience: float = 0.0) -> None:
@@ -117,8 +123,7 @@ class Publisher:
         )
         while not self.signals.stopping:
             now = time.time()
-            status_due = now + self.status_file.next_due - time.monotonic()
-            deadline = min(self.next_hugz, self.table.next_expiry() or now + 3600, status_due)
+            deadline = min(self.next_hugz, self.table.next_expiry() or now + 3600)
             ready = dict(self.poller.poll(max(0, int((deadline - now) * 1000)) + 1))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
@@ -132,11 +137,12 @@ class Publisher:
                 self.handle_snapshots()
             if self.legacy.reports in ready:
                 self.legacy.handle_reports()
+            if self.control and self.control.socket in ready:
+                self.control.handle()
             now = time.time()
             self.flush_ttl(now)
             if now >= self.next_hugz:
                 self.send_hugz(now)
-            self.status_file.update(time.monotonic(), self.status)
         self.close()
 
     def handle_reports(self) -> None:
@@ -195,6 +201,7 @@ class Publisher:
             self.counters["duplicates"] += 1
         else:
             self.counters["accepted"] += 1
+            self.accept_delays.observe(now - event.time)
         if update is None:
             log.debug("%s: %s", event.describe(), outcome.value)
         return outcome, update
@@ -323,6 +330,19 @@ class Publisher:
             "Events refused": self.counters["refused"],
             "Duplicates dropped": self.counters["duplicates"],
             "Updates broadcast": self.counters["broadcast"],
+            "problems": [],
+            "metrics": {
+                "sequence": gauge("sequence number of the last update", self.table.sequence),
+                "bans": gauge("active cluster bans per jail", per_jail, "jail"),
+                "nodes": gauge("nodes that have reported", len(self.nodes)),
+                "events_accepted": counter("reports stored", self.counters["accepted"]),
+                "events_refused": counter("reports refused", self.counters["refused"]),
+                "duplicates": counter("reports already known", self.counters["duplicates"]),
+                "updates_broadcast": counter("updates published", self.counters["broadcast"]),
+                "accept_delay_seconds": histogram(
+                    "origin's Ban line -> stored by the hub", self.accept_delays
+                ),
+            },
         }
 
     def close(self) -> None:
@@ -330,6 +350,8 @@ class Publisher:
         self.store.close()
         for sock in (self.collector, self.broadcaster, self.snapshots):
             sock.close()
+        if self.control:
+            self.control.close()
         self.legacy.close()
         if self.auth is not None:
             self.auth.stop()  # its ZAP socket would keep the context from terminating

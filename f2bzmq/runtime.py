@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import logging.handlers
 import os
 import signal
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import zmq
@@ -121,33 +119,6 @@ def setup_logging(role: str, target: str, level: int, foreground: bool) -> None:
     # watchdog logs every inotify event at DEBUG; with our log beside fail2ban's,
     # each of those lines would be another event: keep it to warnings.
     logging.getLogger("watchdog").setLevel(max(level, logging.WARNING))
-
-
-STATUS_INTERVAL = 2.0
-
-
-class StatusFile:
-    """The daemon's figures, rewritten every couple of seconds for `status` to read."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.next_due = 0.0  # time.monotonic() of the next write
-
-    def update(self, now: float, status: Callable[[], dict]) -> None:
-        if self.path is None or now < self.next_due:
-            return
-        self.next_due = now + STATUS_INTERVAL
-        write_status(self.path, status())
-
-
-def write_status(path: Path, status: dict) -> None:
-    """Replace the status file atomically, so `status` never reads half of it."""
-    status = dict(status, updated=time.time(), pid=os.getpid())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(status, handle, indent=1)
-    os.replace(tmp, path)
 
 
 def clock(epoch: float | None) -> str | None:

@@ -13,21 +13,25 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 
 from . import protocol
 from .config import Config
+from .control import ControlSocket
 from .fail2ban import Fail2banClient, Fail2banError
 from .keys import Security
+from .metrics import DelayHistogram, counter, gauge, histogram
 from .protocol import BanEvent, ProtocolError, allowlisted
-from .runtime import NOTICE, RateLimitedLog, StatusFile, StopSignals, Wakeup, drain
+from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain
 
 log = logging.getLogger("f2bzmq.subscriber")
 
 MAX_MESSAGE = 4 * 1024 * 1024  # a snapshot part of 500 events is about 130 kB
 SNAPSHOT_TIMEOUT = 10.0
 RETRY_INTERVAL = 2.0  # fail2ban unreachable: try again this often
+MAX_TRACKED = 100000  # origin times kept for the delay histogram while fail2ban is away
 
 
 @dataclass
@@ -108,6 +112,7 @@ class HubLink:
         # Updates that came during a snapshot: (hub state id, sequence, event).
         self.buffered: list[tuple[str, int, BanEvent]] = []
         self.snapshots_received = 0
+        self.last_snapshot: float | None = None  # time.time() of the last whole snapshot
         self.updates = self._updates_socket()
         self.snapshots = self._snapshot_socket()
 
@@ -150,9 +155,8 @@ class HubLink:
 class Subscriber:
     """The node's reactor: hub updates in, fail2ban banip/unbanip out."""
 
-    def __init__(self, config: Config, status_path=None) -> None:
+    def __init__(self, config: Config, control_path: Path | None = None) -> None:
         self.config = config
-        self.status_file = StatusFile(status_path)
         self.policy = LocalPolicy(
             config.node,
             config.get("general", "sync_jail"),
@@ -180,8 +184,13 @@ class Subscriber:
         self.next_retry = 0.0
         self.resync_interval = config.get("subscriber", "resync_interval")
         self.next_resync = time.monotonic() + self.resync_interval
-        self.fail2ban_ok = False
+        self.fail2ban_ok = False  # the last call to fail2ban succeeded
+        self.fail2ban_error: str | None = None  # why the last call failed, until one succeeds
         self.counters = {"banned": 0, "unbanned": 0, "refused": 0, "snapshots": 0}
+        self.origin_times: dict[str, float] = {}  # ip -> its update's origin time, until applied
+        self.apply_delays = DelayHistogram()  # the origin's Ban line -> fail2ban's banip returned
+        self.started = time.monotonic()
+        self.control = control_path and ControlSocket(self.context, control_path, self.status)
         self.wakeup = Wakeup()
         self.signals = StopSignals(self.wakeup)
 
@@ -195,6 +204,8 @@ class Subscriber:
         )
         poller = zmq.Poller()
         poller.register(self.wakeup.read_fd, zmq.POLLIN)
+        if self.control:
+            poller.register(self.control.socket, zmq.POLLIN)
         for link in self.links:
             poller.register(link.updates, zmq.POLLIN)
             poller.register(link.snapshots, zmq.POLLIN)
@@ -203,6 +214,8 @@ class Subscriber:
             ready = dict(poller.poll(self._timeout_ms()))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
+            if self.control and self.control.socket in ready:
+                self.control.handle()
             now = time.monotonic()
             for link in self.links:
                 if link.updates in ready:
@@ -223,7 +236,6 @@ class Subscriber:
                 self.pending = True
             if self.pending and now >= self.next_retry:
                 self.reconcile()
-            self.status_file.update(time.monotonic(), self.status)
         self.close()
 
     def _timeout_ms(self) -> int:
@@ -288,6 +300,8 @@ class Subscriber:
                 continue
             link.sequence = sequence
             link.view.apply(event)
+            if event.action == protocol.BAN and len(self.origin_times) < MAX_TRACKED:
+                self.origin_times.setdefault(event.ip, event.time)
             log.debug("update %d: %s", sequence, event.describe())
             self.pending = True
 
@@ -333,6 +347,7 @@ class Subscriber:
         link.synced = True
         link.heard = now
         link.snapshots_received += 1
+        link.last_snapshot = time.time()
         self.counters["snapshots"] += 1
         log.info(
             "snapshot from %s: %d bans at sequence %d",
@@ -380,16 +395,19 @@ class Subscriber:
                 self._apply(jail, sorted(addresses - have), ban=True)
                 self._apply(jail, sorted(have - addresses), ban=False)
         except (Fail2banError, OSError) as error:
-            if self.fail2ban_ok or self.applied is None:
+            if self.fail2ban_error is None:
                 log.error("fail2ban is not reachable: %s; retrying", error)
             self.fail2ban_ok = False
+            self.fail2ban_error = str(error)
             self.applied = None  # fail2ban may have restarted: read its jails again
             self.next_retry = time.monotonic() + RETRY_INTERVAL
             return
         if not self.fail2ban_ok:
             log.info("fail2ban is reachable at %s", self.config.get("general", "fail2ban_socket"))
         self.fail2ban_ok = True
+        self.fail2ban_error = None
         self.pending = False
+        self.origin_times.clear()
 
     def _apply(self, jail: str, addresses: list[str], ban: bool) -> None:
         for start in range(0, len(addresses), self.batch_size):
@@ -398,6 +416,11 @@ class Subscriber:
                 self.fail2ban.ban(jail, batch)
                 self.applied[jail].update(batch)
                 self.counters["banned"] += len(batch)
+                now = time.time()
+                for ip in batch:
+                    origin = self.origin_times.pop(ip, None)
+                    if origin is not None:
+                        self.apply_delays.observe(now - origin)
             else:
                 self.fail2ban.unban(jail, batch)
                 self.applied[jail].difference_update(batch)
@@ -408,11 +431,12 @@ class Subscriber:
 
     def status(self) -> dict:
         now = time.monotonic()
+        in_jails = {jail: len(ips) for jail, ips in (self.applied or {}).items()}
         return {
             "role": "subscriber",
             "node": self.config.node,
-            "fail2ban": "reachable" if self.fail2ban_ok else "NOT reachable",
-            "Banned in local jails": {jail: len(ips) for jail, ips in (self.applied or {}).items()},
+            "fail2ban": "reachable" if self.fail2ban_ok else "NOT reachable (yet)",
+            "Banned in local jails": in_jails,
             "Bans applied": self.counters["banned"],
             "Unbans applied": self.counters["unbanned"],
             "Snapshots received": self.counters["snapshots"],
@@ -423,14 +447,49 @@ class Subscriber:
                     "sequence": link.sequence,
                     "cluster bans": len(link.view.bans),
                     "last heard": f"{now - link.heard:.1f} s ago",
+                    "last snapshot": clock(link.last_snapshot),
                 }
                 for link in self.links
             },
+            "problems": self.problems(now),
+            "metrics": {
+                "bans_applied": counter("banip calls made", self.counters["banned"]),
+                "unbans_applied": counter("unbanip calls made", self.counters["unbanned"]),
+                "snapshots": counter("snapshots received", self.counters["snapshots"]),
+                "messages_refused": counter("hub messages refused", self.counters["refused"]),
+                "local_bans": gauge("addresses in the local jails", in_jails, "jail"),
+                "fail2ban_up": gauge("1 when fail2ban answered", int(self.fail2ban_ok)),
+                "hub_synced": gauge(
+                    "1 when the hub's view is current",
+                    {link.publish_endpoint: int(link.synced) for link in self.links},
+                    "hub",
+                ),
+                "hub_sequence": gauge(
+                    "last sequence applied",
+                    {link.publish_endpoint: link.sequence for link in self.links},
+                    "hub",
+                ),
+                "apply_delay_seconds": histogram(
+                    "origin's Ban line -> banned in the local fail2ban", self.apply_delays
+                ),
+            },
         }
+
+    def problems(self, now: float) -> list[str]:
+        """What makes the subscriber unhealthy: fail2ban away, or no hub to follow."""
+        found = []
+        if self.fail2ban_error is not None:
+            found.append(f"fail2ban is not reachable: {self.fail2ban_error}")
+        starting = now - self.started < self.heartbeat_timeout + SNAPSHOT_TIMEOUT
+        if not starting and not any(link.synced for link in self.links):
+            found.append("no hub is synced: cluster bans are not being applied")
+        return found
 
     def close(self) -> None:
         for link in self.links:
             link.close()
+        if self.control:
+            self.control.close()
         self.context.term()
         self.fail2ban.close()
         self.wakeup.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from f2bzmq.config import load_config
 from f2bzmq.lab import free_ports, make_keys, wait_until, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,6 +25,10 @@ def publisher(config: Path, *verb: str, timeout: float = 30) -> subprocess.Compl
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+def run_dir_of(config: Path) -> Path:
+    return Path(load_config(str(config)).get("general", "run_dir"))
 
 
 @pytest.fixture
@@ -60,7 +65,7 @@ def test_start_status_stop(config):
 
     def reports() -> bool:
         done = publisher(config, "status")
-        return done.returncode == 0 and "|- Sequence number: 0" in done.stdout
+        return done.returncode == 0 and "|- Sequence number: 0" in done.stdout.splitlines()
 
     assert wait_until(reports, 15, 0.2), publisher(config, "status").stdout
 
@@ -76,8 +81,8 @@ def test_start_status_stop(config):
 def test_stale_pid_file_is_replaced(config):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    run_dir = config.parent / "run"
-    run_dir.mkdir()
+    run_dir = run_dir_of(config)
+    run_dir.mkdir(exist_ok=True)
     (run_dir / "publisher.pid").write_text(f"{dead.pid}\n")
     started = publisher(config, "start")
     assert started.returncode == 0, started.stderr
@@ -115,7 +120,7 @@ def test_run_stops_cleanly_on_sigterm(config):
         stderr=subprocess.STDOUT,
     )
     try:
-        pidfile = config.parent / "run" / "publisher.pid"
+        pidfile = run_dir_of(config) / "publisher.pid"
         assert wait_until(pidfile.exists, 15, 0.05)
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0
@@ -124,3 +129,36 @@ def test_run_stops_cleanly_on_sigterm(config):
             process.kill()
         process.wait(5)
     assert not pidfile.exists()
+
+
+def test_status_asks_the_daemon_and_says_when_it_does_not_answer(config):
+    started = publisher(config, "start")
+    assert started.returncode == 0, started.stderr
+    pid = int(started.stdout.split("pid ")[1].rstrip(")\n"))
+    done = publisher(config, "status")
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.splitlines()[-1] == "`- Health: OK"
+    socket_file = run_dir_of(config) / "publisher.sock"
+    assert socket_file.stat().st_mode & 0o077 == 0  # only its owner may ask
+
+    os.kill(pid, signal.SIGSTOP)  # alive, holding its PID file, answering nothing
+    try:
+        stuck = publisher(config, "status")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert stuck.returncode == 1
+    assert stuck.stdout == (
+        f"fail2ban-publisher is running (pid {pid}) but not healthy: "
+        f"the daemon did not answer on {socket_file} within 5 s\n"
+    )
+    assert publisher(config, "status").returncode == 0
+    assert publisher(config, "stop").returncode == 0
+    assert not socket_file.exists()
+
+
+def test_run_dir_too_long_for_a_control_socket_is_a_config_error(tmp_path):
+    bad = tmp_path / "fail2ban-cluster.conf"
+    bad.write_text(f"[general]\nrun_dir = /{'r' * 100}\n")
+    done = publisher(bad, "run")
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"fail2ban-publisher: {bad}: [general] run_dir: too long for ")
