@@ -10,9 +10,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import socket
 import time
 import uuid
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 PROTOCOL = b"F2BZMQ1"
 
@@ -39,6 +41,7 @@ _ID = re.compile(r"[0-9a-f]{32}")
 _IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 _FIELDS = {"id", "node", "jail", "action", "ip", "time", "bantime"}
 _REQUIRED = {"id", "node", "jail", "action", "ip", "time"}
+_JSON = json.JSONDecoder(parse_constant=lambda name: _refuse_constant(name))
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,10 @@ class BanEvent:
             raise ProtocolError("bantime must be a positive number of seconds or -1")
         if self.action == UNBAN and self.bantime is not None:
             raise ProtocolError("an unban has no bantime")
-        return replace(self, ip=ip, time=float(self.time))
+        if ip == self.ip and type(self.time) is float:
+            return self
+        time_ = float(self.time)
+        return BanEvent(self.id, self.node, self.jail, self.action, ip, time_, self.bantime)
 
     def expiry(self, default_bantime: int) -> float | None:
         """When this ban ends (unix time), or None for a permanent ban."""
@@ -166,6 +172,8 @@ def canonical_address(value: object, networks: NetworkLimits = NetworkLimits()) 
     if "%" in value:
         # A zone index is free text to ipaddress, and a scoped address can't be banned.
         raise ProtocolError(f"ip {value!r} has a zone index")
+    if _plain_ipv4(value) is not None:
+        return value  # the common case, without ipaddress's cost
     try:
         if "/" not in value:
             address = ipaddress.ip_address(value)
@@ -188,12 +196,40 @@ def canonical_address(value: object, networks: NetworkLimits = NetworkLimits()) 
     return str(network)
 
 
-def allowlisted(ip: str, allowlist) -> bool:
-    """True when an allowlisted network holds the address or overlaps the banned network."""
-    network = ipaddress.ip_network(ip, strict=False)
-    return any(
-        network.version == allowed.version and network.overlaps(allowed) for allowed in allowlist
-    )
+def _plain_ipv4(value: str) -> int | None:
+    """The address as an int when `value` is a canonical dotted quad, else None."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET, value)
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        return None
+    # inet_pton refuses leading zeros and short forms; the round trip makes sure.
+    if socket.inet_ntop(socket.AF_INET, packed) != value:
+        return None
+    return int.from_bytes(packed, "big")
+
+
+class Allowlist:
+    """Networks never to ban, as integer ranges: checked on every event, so kept cheap."""
+
+    def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        self.networks = list(networks)
+        self.ranges = [
+            (net.version, int(net.network_address), int(net.broadcast_address))
+            for net in self.networks
+        ]
+
+    def covers(self, ip: str) -> bool:
+        """True when an allowlisted network holds the address or overlaps the banned network."""
+        first = _plain_ipv4(ip)
+        if first is not None:
+            version, last = 4, first
+        else:
+            network = ipaddress.ip_network(ip, strict=False)
+            version = network.version
+            first, last = int(network.network_address), int(network.broadcast_address)
+        return any(
+            version == kind and first <= high and low <= last for kind, low, high in self.ranges
+        )
 
 
 def peek_id(data: bytes) -> str:
@@ -220,7 +256,7 @@ def _decode_json(data: bytes, limit: int, kind: type, name: str):
     if len(data) > limit:
         raise ProtocolError(f"body is larger than {limit} bytes")
     try:
-        body = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+        body = _JSON.decode(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise ProtocolError(f"body is not JSON: {str(error)[:80]}") from None
     if not isinstance(body, kind):

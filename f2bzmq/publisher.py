@@ -20,7 +20,7 @@ from .control import ControlSocket
 from .keys import Security
 from .legacy import LegacyEndpoints
 from .metrics import DelayHistogram, counter, gauge, histogram
-from .protocol import BanEvent, ProtocolError, allowlisted
+from .protocol import Allowlist, BanEvent, ProtocolError
 from .ratelimit import TokenBuckets
 from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain
 from .state import Outcome, StateStore, Update
@@ -49,7 +49,7 @@ class Publisher:
         self.store = StateStore(config.state_path("publisher.sqlite3"))
         self.table = self.store.load(config.node, self.default_bantime, 86400.0)
         self.table.allow_foreign_unban = config.get("publisher", "allow_foreign_unban")
-        self.allowlist = config.get("publisher", "allowlist")
+        self.allowlist = Allowlist(config.get("publisher", "allowlist"))
         self.buckets = TokenBuckets(
             config.get("publisher", "rate_limit"), config.get("publisher", "rate_burst")
         )
@@ -213,7 +213,7 @@ class Publisher:
                 raise ProtocolError("this node's key has been withdrawn")
             if event.node != user:
                 raise ProtocolError(f"node {event.node!r} reported with the key of {user!r}")
-        if event.action == protocol.BAN and allowlisted(event.ip, self.allowlist):
+        if event.action == protocol.BAN and self.allowlist.covers(event.ip):
             raise ProtocolError(f"{event.ip} is in the hub's allowlist")
 
     def refuse(

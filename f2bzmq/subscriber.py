@@ -1,6 +1,6 @@
 """The node side: follow the hub's updates and keep the local sync jail equal to the cluster.
 
-`ClusterView` and `desired_bans` are pure; `Subscriber` is one poll loop over one
+`ClusterView`, `desired_bans` and `wants_address` are pure; `Subscriber` is one poll loop over one
 SUB socket (`updates`) and one DEALER (`snapshots`) per hub, plus fail2ban's socket.
 It catches up from a snapshot at start, after a gap in sequence numbers, and after
 the hub's heartbeats stopped, then reconciles the jail with what the cluster bans.
@@ -23,7 +23,7 @@ from .control import ControlSocket
 from .fail2ban import Fail2banClient, Fail2banError
 from .keys import Security
 from .metrics import DelayHistogram, counter, gauge, histogram
-from .protocol import BanEvent, ProtocolError, allowlisted
+from .protocol import Allowlist, BanEvent, ProtocolError
 from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain
 
 log = logging.getLogger("f2bzmq.subscriber")
@@ -39,13 +39,19 @@ class ClusterView:
     """What one hub says the cluster bans: (jail, address) -> the ban event."""
 
     bans: dict[tuple[str, str], BanEvent] = field(default_factory=dict)
+    jails_of: dict[str, set[str]] = field(default_factory=dict)  # address -> jails banning it
 
     def apply(self, event: BanEvent) -> None:
         key = (event.jail, event.ip)
         if event.action == protocol.BAN:
-            self.bans.setdefault(key, event)
-        else:
-            self.bans.pop(key, None)
+            if key not in self.bans:
+                self.bans[key] = event
+                self.jails_of.setdefault(event.ip, set()).add(event.jail)
+        elif self.bans.pop(key, None) is not None:
+            jails = self.jails_of[event.ip]
+            jails.discard(event.jail)
+            if not jails:
+                del self.jails_of[event.ip]
 
 
 class LocalPolicy:
@@ -55,14 +61,14 @@ class LocalPolicy:
         self.node = node
         self.sync_jail = sync_jail
         self.jail_map = jail_map
-        self.allowlist = list(allowlist)
+        self.allowlist = Allowlist(allowlist)
 
     def local_jail(self, cluster_jail: str) -> str:
         return self.jail_map.get(cluster_jail, self.sync_jail)
 
     def allowed(self, ip: str) -> bool:
         """True when the allowlist covers the address or overlaps the network."""
-        return allowlisted(ip, self.allowlist)
+        return self.allowlist.covers(ip)
 
     def wants(self, event: BanEvent) -> bool:
         """A cluster ban this node applies: not its own report and not allowlisted."""
@@ -90,6 +96,17 @@ def desired_bans(views: Iterable[ClusterView], policy: LocalPolicy) -> dict[str,
             if policy.wants(event):
                 wanted[policy.local_jail(event.jail)].add(event.ip)
     return wanted
+
+
+def wants_address(
+    views: Iterable[ClusterView], policy: LocalPolicy, local_jail: str, ip: str
+) -> bool:
+    """desired_bans for one address: O(hubs × its jails), not O(every ban)."""
+    for view in views:
+        for jail in view.jails_of.get(ip, ()):
+            if policy.local_jail(jail) == local_jail and policy.wants(view.bans[(jail, ip)]):
+                return True
+    return False
 
 
 class HubLink:
@@ -181,6 +198,9 @@ class Subscriber:
         ]
         self.applied: dict[str, set[str]] | None = None  # what fail2ban has; None = unknown
         self.pending = False  # the jails may differ from the cluster: reconcile
+        # (cluster jail, address) changed by updates since the last reconcile; None after a
+        # snapshot, a hub lost or an error: then compare everything.
+        self.touched: set[tuple[str, str]] | None = None
         self.next_retry = 0.0
         self.resync_interval = config.get("subscriber", "resync_interval")
         self.next_resync = time.monotonic() + self.resync_interval
@@ -233,6 +253,7 @@ class Subscriber:
                 # without its database, the sync jail's own bantime): read it again.
                 self.next_resync = now + self.resync_interval
                 self.applied = None
+                self.touched = None
                 self.pending = True
             if self.pending and now >= self.next_retry:
                 self.reconcile()
@@ -300,6 +321,8 @@ class Subscriber:
                 continue
             link.sequence = sequence
             link.view.apply(event)
+            if self.touched is not None:
+                self.touched.add((event.jail, event.ip))
             if event.action == protocol.BAN and len(self.origin_times) < MAX_TRACKED:
                 self.origin_times.setdefault(event.ip, event.time)
             log.debug("update %d: %s", sequence, event.describe())
@@ -347,6 +370,7 @@ class Subscriber:
         link.synced = True
         link.heard = now
         link.snapshots_received += 1
+        self.touched = None
         link.last_snapshot = time.time()
         self.counters["snapshots"] += 1
         log.info(
@@ -373,6 +397,7 @@ class Subscriber:
             )
             # Its view may be stale: the other hubs decide until it sends a snapshot.
             link.synced = False
+            self.touched = None
             # A fresh SUB too: libzmq drops a connection for good after an oversized frame.
             link.reconnect_updates()
             link.ask_snapshot(now)
@@ -389,11 +414,10 @@ class Subscriber:
                 self.applied = {
                     jail: set(self.fail2ban.banned(jail)) for jail in self.policy.local_jails()
                 }
-            wanted = desired_bans(synced, self.policy)
-            for jail, addresses in wanted.items():
-                have = self.applied[jail]
-                self._apply(jail, sorted(addresses - have), ban=True)
-                self._apply(jail, sorted(have - addresses), ban=False)
+                self.touched = None
+            for jail, (add, remove) in self.plan(synced).items():
+                self._apply(jail, add, ban=True)
+                self._apply(jail, remove, ban=False)
         except (Fail2banError, OSError) as error:
             if self.fail2ban_error is None:
                 log.error("fail2ban is not reachable: %s; retrying", error)
@@ -407,7 +431,27 @@ class Subscriber:
         self.fail2ban_ok = True
         self.fail2ban_error = None
         self.pending = False
+        self.touched = set()
         self.origin_times.clear()
+
+    def plan(self, synced: list[ClusterView]) -> dict[str, tuple[list[str], list[str]]]:
+        """Local jail -> (addresses to ban, to unban): every ban after a snapshot or an
+        error, else only the addresses updates touched, so one update costs O(1) and
+        not O(every ban in the cluster)."""
+        if self.touched is None:
+            wanted = desired_bans(synced, self.policy)
+            return {
+                jail: (sorted(addresses - have), sorted(have - addresses))
+                for jail, addresses in wanted.items()
+                for have in (self.applied[jail],)
+            }
+        plan: dict[str, tuple[list[str], list[str]]] = {}
+        local = {(self.policy.local_jail(cluster_jail), ip) for cluster_jail, ip in self.touched}
+        for jail, ip in sorted(local):
+            want = wants_address(synced, self.policy, jail, ip)
+            if want != (ip in self.applied[jail]):
+                plan.setdefault(jail, ([], []))[0 if want else 1].append(ip)
+        return plan
 
     def _apply(self, jail: str, addresses: list[str], ban: bool) -> None:
         for start in range(0, len(addresses), self.batch_size):

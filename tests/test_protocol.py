@@ -126,3 +126,26 @@ def test_expiry():
 
 def test_describe_reads_like_fail2ban():
     assert BanEvent.decode(event_body()).describe() == "[sshd] Ban 192.0.2.10 from node1"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["01.2.3.4", "1.2.3", "1.2.3.4\x00", "1.2.3.4 ", "0x1.2.3.4", "1.2.3.256", "1.2.3.4\n"],
+)
+def test_odd_ipv4_spellings_are_refused_as_ipaddress_refuses_them(text):
+    with pytest.raises(ProtocolError, match="ip "):
+        BanEvent.decode(event_body(ip=text))
+
+
+def test_allowlist_covers_addresses_and_overlapping_networks():
+    import ipaddress
+
+    allowlist = protocol.Allowlist(
+        ipaddress.ip_network(n) for n in ("127.0.0.0/8", "10.1.0.0/16", "2001:db8::/32")
+    )
+    assert allowlist.covers("127.0.0.1")
+    assert allowlist.covers("10.1.255.255")
+    assert not allowlist.covers("10.2.0.0")
+    assert allowlist.covers("10.0.0.0/15")  # a wider ban would hold the allowlisted range
+    assert allowlist.covers("2001:db8::5")
+    assert not allowlist.covers("2001:db9::5")

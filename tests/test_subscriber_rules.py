@@ -1,12 +1,13 @@
 """The subscriber's pure rules: which local jail gets what, and what it never bans."""
 
 import ipaddress
+import random
 import shutil
 from pathlib import Path
 
 from f2bzmq.lab import Fail2banServer
 from f2bzmq.protocol import BanEvent
-from f2bzmq.subscriber import ClusterView, LocalPolicy, desired_bans
+from f2bzmq.subscriber import ClusterView, LocalPolicy, desired_bans, wants_address
 
 
 def policy(**changes):
@@ -29,6 +30,27 @@ def view(*events):
 
 def ban(ip, jail="nginx", node="node1"):
     return BanEvent.new(node, jail, "ban", ip, bantime=600)
+
+
+def test_one_address_answer_agrees_with_the_whole_computation():
+    """The subscriber's per-update shortcut must never disagree with the full comparison."""
+    rng = random.Random(7)
+    rules = policy()
+    views = [ClusterView(), ClusterView()]
+    addresses = ["192.0.2.1", "192.0.2.2", "10.1.0.9", "2001:db8::1"]
+    jails = ["sshd", "nginx", "postfix"]
+    for _ in range(2000):
+        action = rng.choice(["ban", "ban", "unban"])
+        node = rng.choice(["node1", "node2", "node3"])
+        bantime = 600 if action == "ban" else None
+        rng.choice(views).apply(
+            BanEvent.new(node, rng.choice(jails), action, rng.choice(addresses), bantime=bantime)
+        )
+        synced = views[: rng.choice([1, 2])]
+        wanted = desired_bans(synced, rules)
+        for jail in rules.local_jails():
+            for ip in addresses:
+                assert wants_address(synced, rules, jail, ip) == (ip in wanted[jail])
 
 
 def test_mapped_jails_and_the_sync_jail():
