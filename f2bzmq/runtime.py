@@ -1,4 +1,4 @@
-"""What every daemon's poll loop shares: a wake-up pipe, stop signals, logging, the status file."""
+"""What every daemon's poll loop shares: a wake-up pipe, stop signals, logging, a clock."""
 
 from __future__ import annotations
 
