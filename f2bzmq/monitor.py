@@ -25,7 +25,7 @@ from .logparse import BanReporter, Kind, LogRecord
 from .metrics import DelayHistogram, counter, gauge, histogram
 from .outbox import Outbox
 from .protocol import BanEvent, ProtocolError
-from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain
+from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain, send_frames
 from .tail import LogFollower, LogPosition
 
 log = logging.getLogger("f2bzmq.monitor")
@@ -263,7 +263,7 @@ class Monitor:
             if room <= 0:
                 continue
             for row, event_id, body in self.outbox.pending(hub.endpoint, room, hub.cursor):
-                hub.socket.send_multipart([protocol.PROTOCOL, protocol.EVENT, body])
+                send_frames(hub.socket, [protocol.PROTOCOL, protocol.EVENT, body])
                 hub.in_flight[event_id] = (row, now)
                 hub.cursor = row
 

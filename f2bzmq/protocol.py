@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PROTOCOL = b"F2BZMQ1"
 
@@ -71,6 +71,9 @@ class BanEvent:
     ip: str
     time: float
     bantime: int | None = None  # seconds; PERMANENT for ever; None when the origin didn't know
+    # The JSON body, once encoded or as received when it needed no change: the hub stores,
+    # broadcasts and hands out in snapshots the same bytes, so encodes each event once.
+    wire: bytes | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def new(
@@ -119,6 +122,8 @@ class BanEvent:
         return None if bantime == PERMANENT else self.time + bantime
 
     def encode(self) -> bytes:
+        if self.wire is not None:
+            return self.wire
         body = {
             "id": self.id,
             "node": self.node,
@@ -129,7 +134,9 @@ class BanEvent:
         }
         if self.bantime is not None:
             body["bantime"] = self.bantime
-        return json.dumps(body, separators=(",", ":")).encode()
+        wire = json.dumps(body, separators=(",", ":")).encode()
+        object.__setattr__(self, "wire", wire)  # frozen: a cache, not a change of value
+        return wire
 
     @classmethod
     def decode(cls, data: bytes, networks: NetworkLimits = NetworkLimits()) -> BanEvent:
@@ -150,7 +157,10 @@ class BanEvent:
             body["time"],
             body.get("bantime"),
         )
-        return event.validated(networks)
+        checked = event.validated(networks)
+        if checked is event:  # the bytes say exactly what the event says
+            object.__setattr__(event, "wire", bytes(data))
+        return checked
 
     def describe(self) -> str:
         """fail2ban-style text: '[sshd] Ban 192.0.2.10 from node1'."""
@@ -270,6 +280,16 @@ def _refuse_constant(name: str) -> None:
 
 def encode_object(body: dict) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+# The two bodies the hub writes for every event, without json.dumps: their values are
+# a validated 32-hex id, a fixed outcome word, a uuid hex and an int.
+def ack_body(event_id: str, outcome: str) -> bytes:
+    return f'{{"id":"{event_id}","outcome":"{outcome}"}}'.encode()
+
+
+def stream_header(instance: str, sequence: int) -> bytes:
+    return f'{{"publisher":"{instance}","seq":{int(sequence)}}}'.encode()
 
 
 def split_message(frames: list[bytes]) -> tuple[bytes, list[bytes]]:

@@ -22,7 +22,7 @@ from .legacy import LegacyEndpoints
 from .metrics import DelayHistogram, counter, gauge, histogram
 from .protocol import Allowlist, BanEvent, ProtocolError
 from .ratelimit import TokenBuckets
-from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain
+from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain, send_frames
 from .state import Outcome, StateStore, Update
 
 log = logging.getLogger("f2bzmq.publisher")
@@ -166,7 +166,7 @@ class Publisher:
         """Commit a drained batch, then ACK it and broadcast what changed: ACK means stored."""
         self.store.commit(self.table)
         for reply in replies:
-            sock.send_multipart(reply)
+            send_frames(sock, reply)
         for update in updates:
             # Logged only now that it is stored: a crash can't leave a ban in the log twice.
             log.log(NOTICE, "%s%s", update.event.describe(), note)
@@ -184,8 +184,7 @@ class Publisher:
             outcome, update = self.admit(event, now, user)
         except ProtocolError as error:
             return self.refuse(frames, error, user, retry=isinstance(error, RateLimited)), None
-        reply = {"id": event.id, "outcome": outcome.value}
-        return [protocol.PROTOCOL, protocol.ACK, protocol.encode_object(reply)], update
+        return [protocol.PROTOCOL, protocol.ACK, protocol.ack_body(event.id, outcome.value)], update
 
     def admit(
         self, event: BanEvent, now: float, user: str | None = None
@@ -249,14 +248,9 @@ class Publisher:
             self.register_sockets()
 
     def broadcast(self, update: Update) -> None:
-        header = {"publisher": self.table.instance, "seq": update.seq}
-        self.broadcaster.send_multipart(
-            [
-                protocol.PROTOCOL,
-                protocol.UPDATE,
-                protocol.encode_object(header),
-                update.event.encode(),
-            ]
+        header = protocol.stream_header(self.table.instance, update.seq)
+        send_frames(
+            self.broadcaster, [protocol.PROTOCOL, protocol.UPDATE, header, update.event.encode()]
         )
         self.legacy.broadcast(update.event)
         self.counters["broadcast"] += 1
@@ -274,10 +268,8 @@ class Publisher:
 
     def send_hugz(self, now: float) -> None:
         """Heartbeat with the current sequence, so silence means a dead link and a gap shows."""
-        header = {"publisher": self.table.instance, "seq": self.table.sequence}
-        self.broadcaster.send_multipart(
-            [protocol.PROTOCOL, protocol.HUGZ, protocol.encode_object(header)]
-        )
+        header = protocol.stream_header(self.table.instance, self.table.sequence)
+        send_frames(self.broadcaster, [protocol.PROTOCOL, protocol.HUGZ, header])
         self.next_hugz = now + self.heartbeat_interval
 
     def handle_snapshots(self) -> None:

@@ -203,6 +203,7 @@ class StateStore:
 
     def _write(self, journal: Iterable[tuple]) -> None:
         execute = self.db.execute
+        sequence = None  # only the last one of a batch needs writing
         for change in journal:
             what = change[0]
             if what == "seen":
@@ -218,7 +219,9 @@ class StateStore:
             elif what == "drop":
                 execute("DELETE FROM bans WHERE jail = ? AND ip = ? AND node = ?", change[1:])
             elif what == "sequence":
-                execute("INSERT OR REPLACE INTO meta VALUES ('sequence', ?)", (str(change[1]),))
+                sequence = change[1]
+        if sequence is not None:
+            execute("INSERT OR REPLACE INTO meta VALUES ('sequence', ?)", (str(sequence),))
 
     def close(self) -> None:
         self.db.close()
