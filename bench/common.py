@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -17,6 +18,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zmq  # noqa: E402
+
+
+class BenchError(Exception):
+    """The run itself went wrong (a process died, an event was never answered): says what."""
 
 
 def machine() -> dict:
@@ -78,3 +83,55 @@ def report(name: str, result: dict, text: str, json_path: str | None) -> None:
     print(text)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def storage(path: str | os.PathLike) -> str:
+    """The file system a folder is on (the hub's fsync costs depend on it): 'ext4 /dev/vda'."""
+    target = os.path.realpath(path)
+    best, found = "", "unknown"
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            device, point, kind = line.split()[:3]
+            inside = target == point or target.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, found = point, f"{kind} {device}"
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (peak resident) of a process, in kB."""
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0])
+    return found
+
+
+def wakeups(pid: int) -> int:
+    """Context switches of every thread of a process so far: how often it woke up."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except OSError:
+            continue  # a thread that just ended
+        for line in text.splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                total += int(line.split()[1])
+    return total
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM ends the benchmark like Ctrl-C: every `finally` and `with` cleans up."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
