@@ -1,0 +1,146 @@
+"""The whole benchmark suite in one command: every table, and one JSON file with every figure.
+
+Runs each benchmark of this folder as its own process (propagation, throughput,
+footprint, scale, and burst when present), with its full settings, or with
+`--quick` a small version of each that runs in a minute or two (what CI runs to
+keep them working). Each prints its table as it finishes; the JSON file holds the
+machine and each benchmark's figures, or why it failed.
+
+    python3 bench/run.py --json results.json
+    python3 bench/run.py --quick --json smoke.json
+
+Benchmarks print figures and never fail on speed: the exit status is non-zero
+only when a benchmark itself went wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import machine, stop_on_sigterm, table
+
+HERE = Path(__file__).resolve().parent
+
+# name -> (arguments of the full run, arguments of the quick run)
+SUITE: dict[str, tuple[list[str], list[str]]] = {
+    "propagation": ([], ["--count", "30", "--interval", "0.02", "--naive", "5"]),
+    "throughput": ([], ["--events", "2000", "--subscribers", "20", "--naive", "20"]),
+    "footprint": ([], ["--idle-seconds", "3", "--burst", "300"]),
+    "scale": (
+        [],
+        ["--nodes", "3,6", "--count", "10", "--interval", "0.02", "--events", "600"],
+    ),
+    "burst": ([], ["--count", "100", "--nodes", "1", "--actions", "dummy"]),
+}
+TIMEOUT = {False: 3 * 3600.0, True: 300.0}  # seconds one benchmark may take
+STOP_GRACE = 60.0  # seconds a benchmark has to clean up after Ctrl-C
+
+
+def run_one(name: str, arguments: list[str], timeout: float, folder: Path) -> dict:
+    """Run bench/NAME.py; its figures, or what went wrong."""
+    output = folder / f"{name}.json"
+    command = [sys.executable, str(HERE / f"{name}.py"), *arguments, "--json", str(output)]
+    print(f"\n$ {' '.join(['python3', f'bench/{name}.py', *arguments])}", flush=True)
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    try:
+        status = process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        status = None
+    finally:
+        if process.poll() is None:
+            # Ctrl-C: every benchmark cleans up its processes and folders on KeyboardInterrupt.
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    seconds = time.monotonic() - started
+    if status is None:
+        return {"error": f"did not finish within {timeout:g} s", "wall_seconds": seconds}
+    if status != 0 or not output.exists():
+        return {"error": f"exit status {status}", "wall_seconds": seconds}
+    return {**json.loads(output.read_text()), "wall_seconds": seconds}
+
+
+def headline(name: str, result: dict) -> str:
+    """One line of the figures that matter most, for the summary."""
+    if "error" in result:
+        return result["error"]
+    if name == "propagation":
+        listed, applied = result["listed_ms"], result["applied_ms"]
+        return (
+            f"listed p50 {listed['p50']:.1f} ms p99 {listed['p99']:.1f} ms;"
+            f" applied p50 {applied['p50']:.1f} ms p99 {applied['p99']:.1f} ms"
+        )
+    if name == "throughput":
+        return (
+            f"{result['delivered_events_per_s']:.0f} events/s to {result['subscribers']}"
+            f" subscribers, {'zero loss' if result['zero_loss'] else 'LOSS'};"
+            f" {result['speedup_vs_naive']:.1f}x naive"
+        )
+    if name == "footprint":
+        processes = {k: v for k, v in result["processes"].items() if not k.startswith("naive")}
+        peak = max(figures["load_peak_rss_kb"] for figures in processes.values()) / 1024
+        monitor = next(v for k, v in processes.items() if k.startswith("monitor"))
+        return f"peak RSS {peak:.1f} MB; idle monitor CPU {monitor['idle_cpu_percent']:.2f} %"
+    if name == "scale":
+        return "; ".join(
+            f"{size['nodes']} nodes: {size['delivered_events_per_s']:.0f} ev/s,"
+            f" p50 {size['propagation_listed_ms']['p50']:.1f} ms"
+            for size in result["sizes"]
+        )
+    return "done"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the small version (CI smoke)")
+    parser.add_argument("--only", help="comma-separated benchmarks to run (default all)")
+    parser.add_argument("--json", help="write every figure to this file")
+    args = parser.parse_args(argv)
+    names = [name for name in SUITE if (HERE / f"{name}.py").exists()]
+    if args.only:
+        wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            parser.error(f"--only: unknown {unknown}; choose among {','.join(names)}")
+        names = [name for name in names if name in wanted]
+    stop_on_sigterm()
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="f2bzmq-suite-") as folder:
+        for name in names:
+            full, quick = SUITE[name]
+            arguments = quick if args.quick else full
+            results[name] = run_one(name, arguments, TIMEOUT[args.quick], Path(folder))
+    suite = {
+        "suite": "quick" if args.quick else "full",
+        "machine": machine(),
+        "benchmarks": results,
+    }
+    rows = [
+        [
+            name,
+            "ok" if "error" not in result else "FAILED",
+            result["wall_seconds"],
+            headline(name, result),
+        ]
+        for name, result in results.items()
+    ]
+    print(f"\n# suite ({suite['suite']})  machine: {json.dumps(suite['machine'])}")
+    print(table(["benchmark", "status", "seconds", "figures"], rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(suite, indent=1) + "\n")
+    return 0 if all("error" not in result for result in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

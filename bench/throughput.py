@@ -1,0 +1,721 @@
+"""Hub throughput: events per second one hub stores durably and broadcasts to every node.
+
+Runs a real publisher on 127.0.0.1 (CURVE on every socket, its ban table in SQLite
+with synchronous=FULL, in a folder on the file system the output names) and:
+
+- MONITORS simulated monitors, each a DEALER with its own node key sending events
+  the way the monitor does ([F2BZMQ1, event, body], WINDOW in flight, ACK by id),
+  spread over up to 10 processes;
+- SUBSCRIBERS update connections, each a SUB with its own node key, spread over a
+  few processes; each counts what it receives in libzmq (a proxy per socket), so
+  the count costs no Python per message and leaves the machine to the hub.
+
+Every event bans a distinct address, so every event must become one update at
+every subscriber. The figures: events ACKed per second (an ACK means committed to
+disk), events per second until the slowest subscriber counted every update, and
+the loss (must be zero). In the same run, the naive way the old tool reported: a
+fresh ZeroMQ context and REQ socket per event and one round trip each, against
+the same hub's fail2ban-zmq-tools endpoint, timed on a sample and extrapolated
+as if MONITORS such monitors added up perfectly.
+
+    python3 bench/throughput.py --events 50000 --monitors 10 --subscribers 200 --json r.json
+
+A benchmark, not a test: it prints figures and never fails on speed; it exits
+non-zero only when the run went wrong (a process died, the hub never answered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from common import (
+    BenchError,
+    cpu_seconds,
+    memory_kb,
+    report,
+    spread,
+    stop_on_sigterm,
+    storage,
+    table,
+)
+
+from f2bzmq import protocol
+from f2bzmq.keys import HUB
+from f2bzmq.lab import Hub, NodeClient, free_ports, make_keys, tail
+from f2bzmq.protocol import BanEvent
+
+SPAWN = multiprocessing.get_context("spawn")  # no child inherits a ZeroMQ context
+MORE = int(zmq.SNDMORE)
+NOBLOCK = int(zmq.NOBLOCK)
+BANTIME = 3600
+JAIL = "sshd"
+MAX_EVENTS = 100_000  # the hub's send_hwm: past it a slow subscriber drops updates by design
+UPDATE_PARTS = 4  # frames of an update; libzmq's proxy counts frames
+STATS_INTERVAL = 0.02  # seconds between two reads of the subscribers' counts
+SETUP_TIMEOUT = 120.0  # seconds for every connection to be up
+
+
+def event_address(number: int) -> str:
+    """The number-th address of 10.0.0.0/8: every event of a run bans its own address."""
+    return f"10.{number >> 16 & 255}.{number >> 8 & 255}.{number & 255}"
+
+
+def setup_address(number: int, reporter: bool = False) -> str:
+    """Addresses of the events that only bring connections up: 198.18.0.0/16 for the bench
+    node, 198.19.0.0/16 for the monitors (a ban of an address already banned by another
+    node is no news, so no update)."""
+    return f"198.{19 if reporter else 18}.{number >> 8 & 255}.{number & 255}"
+
+
+def node_socket(context: zmq.Context, kind: int, keys_dir: Path, name: str) -> zmq.Socket:
+    """A node's CURVE client socket: its own key pair, and the hub's public key."""
+    sock = context.socket(kind)
+    sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(
+        keys_dir / f"{name}.key_secret"
+    )
+    sock.curve_serverkey = zmq.auth.load_certificate(keys_dir / f"{HUB}.key")[0]
+    sock.linger = 0
+    return sock
+
+
+def receive(sock: zmq.Socket) -> list[bytes]:
+    """Every part of one waiting message (zmq.Again when none waits), as bytes."""
+    frame = sock.recv(NOBLOCK, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(NOBLOCK, copy=False)
+        frames.append(frame)
+    return [part.bytes for part in frames]
+
+
+def split(items: list, parts: int) -> list[list]:
+    """items in `parts` nearly equal slices, none empty."""
+    size = math.ceil(len(items) / parts)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+# --- simulated monitors -------------------------------------------------------------------
+
+
+def report_events(monitors, keys_dir, endpoint, count, window, conn) -> None:
+    """A child process: `monitors` [(index, node name)] each report `count` bans, pipelined."""
+    context = zmq.Context()
+    try:
+        conn.send(_report_events(context, monitors, keys_dir, endpoint, count, window, conn))
+    except (BenchError, zmq.ZMQError, OSError) as error:
+        conn.send({"error": f"monitors {monitors[0][1]}..: {error}"})
+    except EOFError:
+        pass  # the parent is gone
+    finally:
+        context.destroy(linger=0)
+
+
+def _report_events(context, monitors, keys_dir, endpoint, count, window, conn) -> dict:
+    dealers, bodies, ids = [], [], []
+    for index, name in monitors:
+        sock = node_socket(context, zmq.DEALER, keys_dir, name)
+        sock.sndhwm = sock.rcvhwm = 0  # the window bounds the queues
+        sock.connect(endpoint)
+        dealers.append(sock)
+        events = [
+            BanEvent.new(name, JAIL, protocol.BAN, event_address(index * count + k), None, BANTIME)
+            for k in range(count)
+        ]
+        bodies.append([event.encode() for event in events])
+        ids.append([event.id for event in events])
+    poller = zmq.Poller()
+    numbers = {}
+    for number, sock in enumerate(dealers):
+        poller.register(sock, zmq.POLLIN)
+        numbers[sock] = number
+
+    # One event each first: the CURVE handshake and the hub's key check are done before "go".
+    for (index, name), sock in zip(monitors, dealers):
+        event = BanEvent.new(name, JAIL, protocol.BAN, setup_address(index, True), None, BANTIME)
+        sock.send_multipart([protocol.PROTOCOL, protocol.EVENT, event.encode()])
+    answered = 0
+    deadline = time.monotonic() + SETUP_TIMEOUT
+    while answered < len(dealers):
+        if time.monotonic() > deadline:
+            raise BenchError("the hub did not answer the first events")
+        for sock, _ in poller.poll(100):
+            if receive(sock)[1] != protocol.ACK:
+                raise BenchError("the hub refused a first event")
+            answered += 1
+    conn.send("ready")
+    command, timeout = conn.recv()
+    if command != "go":
+        return {}
+
+    sent = [0] * len(dealers)
+    replied = [0] * len(dealers)
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
+    acked = refused = 0
+    first_refusal = ""
+    total = count * len(dealers)
+    started = time.time()
+    finished = started
+    deadline = time.monotonic() + timeout
+    while acked + refused < total and time.monotonic() < deadline:
+        for d, sock in enumerate(dealers):
+            while sent[d] < count and sent[d] - replied[d] < window:
+                sock.send(protocol.PROTOCOL, MORE)
+                sock.send(protocol.EVENT, MORE)
+                sock.send(bodies[d][sent[d]])
+                sent_at[ids[d][sent[d]]] = time.perf_counter()
+                sent[d] += 1
+        for sock, _ in poller.poll(100):
+            d = numbers[sock]
+            while True:
+                try:
+                    _, kind, body = receive(sock)
+                except zmq.Again:
+                    break
+                now = time.perf_counter()
+                replied[d] += 1
+                answer = json.loads(body)
+                latencies.append((now - sent_at.pop(answer.get("id"), now)) * 1000)
+                if kind == protocol.ACK:
+                    acked += 1
+                else:
+                    refused += 1
+                    first_refusal = first_refusal or str(answer.get("reason"))
+            finished = time.time()
+    return {
+        "acked": acked,
+        "refused": refused,
+        "first_refusal": first_refusal,
+        "started": started,
+        "finished": finished,
+        "ack_ms": latencies,
+    }
+
+
+# --- simulated subscribers ----------------------------------------------------------------
+
+
+def count_updates(names, keys_dir, endpoint, conn) -> None:
+    """A child process: a SUB per node name, each counting what the hub sends it.
+
+    Python reads every socket until each has heard the hub (joined) and passed the
+    sequence number the parent names; then a libzmq proxy per socket counts, and
+    the parent asks for the counts.
+    """
+    context = zmq.Context()
+    proxies: list[tuple[zmq.Socket, threading.Thread]] = []
+    try:
+        conn.send(_count_updates(context, names, keys_dir, endpoint, conn, proxies))
+    except (BenchError, zmq.ZMQError, OSError) as error:
+        conn.send({"error": f"subscribers {names[0]}..: {error}"})
+    except EOFError:
+        pass  # the parent is gone
+    finally:
+        for control, thread in proxies:
+            control.send(b"TERMINATE")
+            thread.join(5)
+        context.destroy(linger=0)
+
+
+def _count_updates(context, names, keys_dir, endpoint, conn, proxies) -> dict:
+    subs = []
+    numbers = {}
+    poller = zmq.Poller()
+    for name in names:
+        sock = node_socket(context, zmq.SUB, keys_dir, name)
+        sock.rcvhwm = 0  # a burst waits in memory here, never dropped
+        sock.setsockopt(zmq.SUBSCRIBE, protocol.PROTOCOL)
+        sock.connect(endpoint)
+        poller.register(sock, zmq.POLLIN)
+        numbers[sock] = len(subs)
+        subs.append(sock)
+    last: list[int | None] = [None] * len(subs)  # the last sequence number each one heard
+    early = [0] * len(subs)  # updates past the marker read before the proxies started
+    marker: int | None = None
+    told = False
+    deadline = time.monotonic() + SETUP_TIMEOUT
+    while marker is None or any(seq is None or seq < marker for seq in last):
+        if time.monotonic() > deadline:
+            raise BenchError(f"{last.count(None)} subscribers heard nothing from the hub")
+        for sock, _ in poller.poll(20):
+            i = numbers[sock]
+            while True:
+                try:
+                    frames = receive(sock)
+                except zmq.Again:
+                    break
+                seq = json.loads(frames[2])["seq"]
+                last[i] = seq
+                if marker is not None and frames[1] == protocol.UPDATE and seq > marker:
+                    early[i] += 1
+        if not told and None not in last:
+            conn.send("joined")
+            told = True
+        if conn.poll(0):
+            command, marker = conn.recv()
+            if command != "start":
+                return {}
+    for i, sock in enumerate(subs):
+        poller.unregister(sock)
+        sink = context.socket(zmq.PUB)  # no peer: every message ends here, counted
+        control_end = context.socket(zmq.PAIR)
+        control_end.bind(f"inproc://control{i}")
+        control = context.socket(zmq.PAIR)
+        control.connect(f"inproc://control{i}")
+        thread = threading.Thread(
+            target=zmq.proxy_steerable, args=(sock, sink, None, control_end), daemon=True
+        )
+        thread.start()
+        proxies.append((control, thread))
+    conn.send("counting")
+
+    def received(i: int) -> int:
+        """Frames socket i received after the marker: UPDATE_PARTS per update."""
+        control = proxies[i][0]
+        control.send(b"STATISTICS")
+        # Eight counters; the first: frames the frontend (the SUB) received. Without
+        # heartbeats during the run, anything but whole updates shows as stray frames.
+        return early[i] * UPDATE_PARTS + struct.unpack("=Q", control.recv_multipart()[0])[0]
+
+    command, total, timeout = conn.recv()
+    if command != "expect":
+        return {}
+    done: list[float | None] = [None] * len(subs)
+    deadline = time.monotonic() + timeout
+    while None in done and time.monotonic() < deadline:
+        for i in range(len(subs)):
+            if done[i] is None and received(i) >= total * UPDATE_PARTS:
+                done[i] = time.time()
+        time.sleep(STATS_INTERVAL)
+    time.sleep(0.2)  # anything more than expected shows as extra
+    frames = [received(i) for i in range(len(subs))]
+    return {
+        "counts": [count // UPDATE_PARTS for count in frames],
+        "stray_frames": sum(count % UPDATE_PARTS for count in frames),
+        "done": done,
+    }
+
+
+# --- the parent -------------------------------------------------------------------------
+
+
+class Workers:
+    """The benchmark's child processes, each with a pipe; close() ends every one of them."""
+
+    def __init__(self) -> None:
+        self.children: list[tuple[multiprocessing.Process, object]] = []
+
+    def start(self, target, *args):
+        parent, child = SPAWN.Pipe()
+        process = SPAWN.Process(target=target, args=(*args, child), daemon=True)
+        process.start()
+        child.close()
+        self.children.append((process, parent))
+        return parent
+
+    @staticmethod
+    def expect(conn, timeout: float):
+        """The next message from a child; a BenchError if it failed, died or said nothing."""
+        try:
+            ready = conn.poll(timeout)
+            message = conn.recv() if ready else None
+        except EOFError:
+            raise BenchError("a benchmark process died") from None
+        if not ready:
+            raise BenchError(f"a benchmark process said nothing for {timeout:g} s")
+        if isinstance(message, dict) and "error" in message:
+            raise BenchError(message["error"])
+        return message
+
+    def close(self) -> None:
+        for _, conn in self.children:
+            conn.close()  # a child waiting on its pipe sees EOF and ends
+        for process, _ in self.children:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        self.children.clear()
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class SubscriberSwarm:
+    """COUNT simulated subscribers of a running hub, in a few processes (also used by scale).
+
+    `start(marker)` returns once every socket heard the hub and passed sequence `marker`;
+    `counts(total)` waits until each counted `total` updates after the marker.
+    """
+
+    def __init__(self, workers: Workers, names: list[str], keys_dir: Path, endpoint: str):
+        processes = max(1, min(4, math.ceil(len(names) / 50)))
+        self.workers = workers
+        self.pipes = [
+            workers.start(count_updates, chunk, keys_dir, endpoint)
+            for chunk in split(names, processes)
+        ]
+        self.joined: set[int] = set()
+
+    def all_joined(self) -> bool:
+        for number, pipe in enumerate(self.pipes):
+            if number not in self.joined and pipe.poll(0):
+                if self.workers.expect(pipe, 0) != "joined":
+                    raise BenchError("a subscriber process went wrong while joining")
+                self.joined.add(number)
+        return len(self.joined) == len(self.pipes)
+
+    def start(self, marker: int) -> None:
+        for pipe in self.pipes:
+            pipe.send(("start", marker))
+        for pipe in self.pipes:
+            if self.workers.expect(pipe, SETUP_TIMEOUT) != "counting":
+                raise BenchError("a subscriber process did not start counting")
+
+    def counts(self, total: int, timeout: float) -> tuple[list[int], list[float | None], int]:
+        """Updates each subscriber counted, when it had `total`, and frames left over."""
+        for pipe in self.pipes:
+            pipe.send(("expect", total, timeout))
+        counts, done, stray = [], [], 0
+        for pipe in self.pipes:
+            result = self.workers.expect(pipe, timeout + 30)
+            counts += result["counts"]
+            done += result["done"]
+            stray += result["stray_frames"]
+        return counts, done, stray
+
+
+def join_swarm(swarm: SubscriberSwarm, client: NodeClient | None) -> int:
+    """Wait until every simulated subscriber hears the hub; return the sequence they passed.
+
+    With a client, the hub sends no heartbeats to hear: the client reports bans of
+    its own until each subscriber heard an update, then one more as the marker.
+    Without one, the heartbeats do, and the subscribers only listen from then on.
+    """
+    deadline = time.monotonic() + SETUP_TIMEOUT
+    number = 1
+    while not swarm.all_joined():
+        if time.monotonic() > deadline:
+            raise BenchError("the simulated subscribers did not all connect")
+        if client is None:
+            time.sleep(0.05)
+            continue
+        acknowledge(client, client.node, setup_address(number))
+        number += 1
+        time.sleep(0.02)
+        while client.updates.poll(0):
+            client.updates.recv_multipart()  # read as they come: none is dropped at the HWM
+    if client is None:
+        return 0
+    marker = setup_address(number)
+    acknowledge(client, client.node, marker)
+    while time.monotonic() < deadline:
+        try:
+            header, event = client.next_update()
+        except zmq.Again:
+            break
+        if event.ip == marker:
+            return header["seq"]
+    raise BenchError("the bench node never saw its own marker update")
+
+
+def acknowledge(client: NodeClient, node: str, ip: str) -> None:
+    """Report one ban and insist on its ACK."""
+    event = BanEvent.new(node, JAIL, protocol.BAN, ip, None, BANTIME)
+    try:
+        kind, body = client.report(event.encode())
+    except zmq.Again:
+        raise BenchError("the hub did not answer within 10 s") from None
+    if kind != protocol.ACK:
+        raise BenchError(f"the hub refused a bench event: {body}")
+
+
+def naive_round_trips(endpoint: str, count: int) -> list[float]:
+    """The old tool's way: a context, a REQ socket and one round trip per event (ms each)."""
+    times = []
+    for number in range(count):
+        message = f"legacy-monitor|{JAIL}|Ban|100.64.{number >> 8 & 255}.{number & 255}".encode()
+        started = time.perf_counter()
+        context = zmq.Context()
+        try:
+            sock = context.socket(zmq.REQ)
+            sock.linger = 0
+            sock.rcvtimeo = 10000
+            sock.connect(endpoint)
+            sock.send(message)
+            reply = sock.recv()
+        except zmq.Again:
+            raise BenchError("the hub's legacy endpoint did not answer") from None
+        finally:
+            context.destroy(linger=0)
+        times.append((time.perf_counter() - started) * 1000)
+        if reply != message:
+            raise BenchError(f"the hub refused a legacy report: {reply!r}")
+    return times
+
+
+def stop_hub(hub: Hub, ports: list[int], keys_dir: Path) -> None:
+    """SIGTERM the hub, and wake its poll loop with a message until it has stopped.
+
+    The hub reads a SIGTERM taken by one of its other threads (the key checker) only
+    when its loop next wakes up, and without heartbeats nothing else would wake it.
+    """
+    process = hub.publisher.process
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        client = NodeClient(ports, keys_dir, node="bench")
+        try:
+            for _ in range(150):
+                if process.poll() is not None:
+                    break
+                client.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, b"{}"])
+                time.sleep(0.1)
+        finally:
+            client.close()
+    hub.publisher.stop()
+
+
+def run(
+    events: int = 50000,
+    monitors: int = 10,
+    subscribers: int = 200,
+    window: int = 100,
+    naive: int = 200,
+    loglevel: str = "INFO",
+    directory: str | None = None,
+) -> dict:
+    """Measure one hub with `monitors` reporting `events` in all and `subscribers` listening."""
+    root = Path(tempfile.mkdtemp(prefix="f2bzmq-throughput-", dir=directory))
+    try:
+        return measure(root, events, monitors, subscribers, window, naive, loglevel)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def measure(
+    root: Path,
+    events: int,
+    monitors: int,
+    subscribers: int,
+    window: int,
+    naive: int,
+    loglevel: str,
+) -> dict:
+    per_monitor = events // monitors
+    total = per_monitor * monitors
+    timeout = 60 + total / 200
+    monitor_names = [f"monitor{i}" for i in range(1, monitors + 1)]
+    subscriber_names = [f"sub{i}" for i in range(1, subscribers + 1)]
+    keys_dir = make_keys(root / "keys", [*monitor_names, *subscriber_names, "bench"])
+    ports = free_ports(4)
+    hub = Hub(
+        root,
+        ports,
+        keys_dir=keys_dir,
+        general={"loglevel": loglevel},
+        publisher={
+            "rate_limit": "1000000",
+            "rate_burst": "10000000",
+            # No heartbeat during the run: every message a subscriber counts is an update.
+            "heartbeat_interval": "3600",
+            "legacy_report_bind": f"tcp://127.0.0.1:{ports[3]}",
+        },
+    )
+    hub.publisher.start()
+    try:
+        with Workers() as workers:
+            client = NodeClient(ports, keys_dir, node="bench")
+            try:
+                acknowledge(client, "bench", setup_address(0))
+                pid = hub.publisher.process.pid
+                swarm = SubscriberSwarm(
+                    workers, subscriber_names, keys_dir, f"tcp://127.0.0.1:{ports[1]}"
+                )
+                reporters = [
+                    workers.start(
+                        report_events,
+                        chunk,
+                        keys_dir,
+                        f"tcp://127.0.0.1:{ports[0]}",
+                        per_monitor,
+                        window,
+                    )
+                    for chunk in split(list(enumerate(monitor_names)), min(monitors, 10))
+                ]
+                for pipe in reporters:
+                    if workers.expect(pipe, SETUP_TIMEOUT) != "ready":
+                        raise BenchError("a monitor process did not get ready")
+                swarm.start(join_swarm(swarm, client))
+                client.updates.close()  # the bench node's own SUB must not lag behind
+                cpu_before = cpu_seconds(pid)
+                for pipe in reporters:
+                    pipe.send(("go", timeout))
+                results = [workers.expect(pipe, timeout + 30) for pipe in reporters]
+                counts, done, stray = swarm.counts(total, timeout)
+                hub_cpu = cpu_seconds(pid) - cpu_before
+                hub_memory = memory_kb(pid)
+            finally:
+                client.close()
+        naive_ms = naive_round_trips(f"tcp://127.0.0.1:{ports[3]}", naive)
+    except BenchError as error:
+        raise BenchError(f"{error}\n--- hub log ---\n{tail(hub.log_text())}") from None
+    finally:
+        stop_hub(hub, ports, keys_dir)
+    setup = {
+        "events": total,
+        "monitors": monitors,
+        "subscribers": subscribers,
+        "window": window,
+        "loglevel": loglevel,
+        "storage": storage(root),
+    }
+    return {
+        **setup,
+        **figures(total, monitors, results, (counts, done, stray), naive_ms),
+        "hub": hub_figures(hub_cpu, hub_memory, results, done),
+    }
+
+
+def figures(
+    total: int,
+    monitors: int,
+    results: list[dict],
+    received: tuple[list[int], list[float | None], int],
+    naive_ms: list[float],
+) -> dict:
+    """Rates, ACK delays, loss and the naive comparison, from what the processes reported."""
+    counts, done, stray = received
+    if not any(result["ack_ms"] for result in results):
+        raise BenchError("the hub answered none of the events")
+    started = min(result["started"] for result in results)
+    acked_at = max(result["finished"] for result in results)
+    acked = sum(result["acked"] for result in results)
+    refused = sum(result["refused"] for result in results)
+    finished = sorted(when for when in done if when is not None)
+    delivered = total / (finished[-1] - started) if len(finished) == len(done) else 0.0
+    naive_mean = sum(naive_ms) / len(naive_ms)
+    naive_all = monitors * 1000 / naive_mean
+    loss = {
+        "unacked": total - acked - refused,
+        "refused": refused,
+        "subscribers_short": sum(1 for count in counts if count < total),
+        "updates_missing": sum(max(0, total - count) for count in counts),
+        "updates_extra": sum(max(0, count - total) for count in counts),
+        "stray_frames": stray,
+    }
+    refusals = [result["first_refusal"] for result in results if result["refused"]]
+    return {
+        "ingest_events_per_s": acked / (acked_at - started),
+        "delivered_events_per_s": delivered,
+        "seconds": (finished[-1] if finished else acked_at) - started,
+        "ack_ms": spread([ms for result in results for ms in result["ack_ms"]]),
+        # Half the subscribers had every update this fast (the slowest one: delivered).
+        "median_subscriber_updates_per_s": (
+            total / (finished[len(finished) // 2] - started) if finished else 0.0
+        ),
+        "loss": loss,
+        "first_refusal": refusals[0] if refusals else None,
+        "zero_loss": not any(loss.values()),
+        "naive": {
+            "sample": len(naive_ms),
+            "round_trip_ms": spread(naive_ms),
+            "events_per_s_one_monitor": 1000 / naive_mean,
+            "events_per_s_all_monitors": naive_all,
+        },
+        "speedup_vs_naive": delivered / naive_all,
+    }
+
+
+def hub_figures(cpu: float, memory: dict, results: list[dict], done: list) -> dict:
+    """The hub's share of a core over the run, and its memory at the end."""
+    started = min(result["started"] for result in results)
+    ended = max([result["finished"] for result in results] + [d for d in done if d])
+    return {
+        "cpu_percent": 100 * cpu / max(1e-9, ended - started),
+        "rss_kb": memory.get("VmRSS"),
+        "peak_rss_kb": memory.get("VmHWM"),
+    }
+
+
+def text(result: dict) -> str:
+    """The table of one run."""
+    naive = result["naive"]
+    rows = [
+        ["f2bzmq: events ACKed (stored) /s", result["ingest_events_per_s"]],
+        ["f2bzmq: events delivered to every subscriber /s", result["delivered_events_per_s"]],
+        ["naive: REQ per event, one monitor /s", naive["events_per_s_one_monitor"]],
+        [
+            f"naive: x {result['monitors']} monitors, if they added up /s",
+            naive["events_per_s_all_monitors"],
+        ],
+    ]
+    out = table(["what", "value"], rows)
+    ack = result["ack_ms"]
+    loss = result["loss"]
+    out += (
+        f"\n{result['events']} events from {result['monitors']} monitors (window"
+        f" {result['window']}), {result['subscribers']} subscriber connections, CURVE;"
+        f" hub log level {result['loglevel']}, state on {result['storage']}"
+        f"\nevent -> ACK ms (mostly time queued behind full windows): p50 {ack['p50']:.2f}"
+        f" p90 {ack['p90']:.2f} p99 {ack['p99']:.2f}"
+        f" max {ack['max']:.2f}; hub CPU {result['hub']['cpu_percent']:.0f} %,"
+        f" RSS {result['hub']['rss_kb'] / 1024:.1f} MB"
+        f"\nloss: {'none' if result['zero_loss'] else json.dumps(loss)}"
+        f"{'' if not result['first_refusal'] else ' (' + result['first_refusal'] + ')'};"
+        f" delivered / naive: {result['speedup_vs_naive']:.1f}x"
+        f"\n(the simulated monitors and subscribers share this machine's cores with the hub)"
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=50000, help="events in all (50000)")
+    parser.add_argument("--monitors", type=int, default=10, help="reporting monitors (10)")
+    parser.add_argument("--subscribers", type=int, default=200, help="update connections (200)")
+    parser.add_argument("--window", type=int, default=100, help="events in flight per monitor")
+    parser.add_argument("--naive", type=int, default=200, help="naive round trips to time")
+    parser.add_argument("--loglevel", default="INFO", help="the hub's log level (INFO)")
+    parser.add_argument("--dir", help="where the hub keeps its state (default: a temp folder)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    if not 1 <= args.monitors <= args.events <= MAX_EVENTS:
+        parser.error(f"need 1 <= --monitors <= --events <= {MAX_EVENTS} (the hub's send_hwm)")
+    if not 1 <= args.subscribers <= 1000 or args.window < 1 or args.naive < 1:
+        parser.error("--subscribers must be 1..1000, --window and --naive at least 1")
+    stop_on_sigterm()
+    try:
+        result = run(
+            args.events,
+            args.monitors,
+            args.subscribers,
+            args.window,
+            args.naive,
+            args.loglevel,
+            args.dir,
+        )
+    except BenchError as error:
+        print(f"throughput: {error}", file=sys.stderr)
+        return 1
+    report("throughput", result, text(result), args.json)
+    return 0 if result["zero_loss"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

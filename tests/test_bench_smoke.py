@@ -1,0 +1,79 @@
+"""The benchmark suite keeps working: its quick form runs and its figures add up.
+
+Benchmarks never fail on speed, and neither does this test: it checks that every
+benchmark ran against real processes and that its counts are whole (every ban
+measured, every event ACKed and delivered to every subscriber), never a target.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+def suite_names() -> list[str]:
+    names = ["propagation", "throughput", "footprint", "scale"]
+    # The burst benchmark runs fail2ban in network namespaces: root and iproute2 only.
+    if (BENCH / "burst.py").exists() and os.geteuid() == 0 and shutil.which("ip"):
+        names.append("burst")
+    return names
+
+
+def sane_spread(figures: dict, count: int) -> None:
+    assert figures["count"] == count
+    assert 0 <= figures["p50"] <= figures["p90"] <= figures["p99"] <= figures["max"]
+
+
+def test_quick_suite_runs_and_its_counts_add_up(tmp_path):
+    output = tmp_path / "results.json"
+    names = suite_names()
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--quick", "--only", ",".join(names)]
+        + ["--json", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    suite = json.loads(output.read_text())
+    assert suite["suite"] == "quick"
+    assert suite["machine"]["cores"] >= 1
+    results = suite["benchmarks"]
+    assert sorted(results) == sorted(names)
+    for name in names:
+        assert "error" not in results[name], (name, results[name])
+        assert f"# {name}" in done.stdout  # each printed its table
+
+    propagation = results["propagation"]
+    bans = propagation["bans"]
+    for figures in ("banned_ms", "listed_ms", "applied_ms"):
+        sane_spread(propagation[figures], bans)
+    assert propagation["unbans_arrived"] is True
+    assert propagation["poll"]["calls"] >= 1
+    sane_spread(propagation["naive_fail2ban_client_ms"], 5)
+
+    throughput = results["throughput"]
+    assert throughput["zero_loss"] is True, throughput["loss"]
+    assert not any(throughput["loss"].values())
+    assert throughput["ingest_events_per_s"] > 0 and throughput["delivered_events_per_s"] > 0
+    sane_spread(throughput["ack_ms"], throughput["events"])
+    assert throughput["naive"]["sample"] == 20
+
+    processes = results["footprint"]["processes"]
+    for figures in processes.values():
+        assert 0 < figures["idle_rss_kb"] <= figures["load_peak_rss_kb"]
+        assert figures["idle_cpu_percent"] >= 0
+    assert any(name.startswith("monitor") for name in processes)
+    assert any(name.startswith("naive") for name in processes)
+
+    sizes = results["scale"]["sizes"]
+    assert [size["nodes"] for size in sizes] == [3, 6]
+    for size in sizes:
+        assert size["zero_loss"] is True, size["loss"]
+        sane_spread(size["propagation_listed_ms"], results["scale"]["bans"])
