@@ -1,0 +1,440 @@
+"""The docker-compose test cluster of docker/: built, brought up, attacked.
+
+The attacker fails ssh logins on node1; node1's fail2ban bans it with nftables,
+and node2 and node3 must then refuse its TCP connections too, while they still
+answer the hub. Everything runs on a private Docker daemon (its own data, sockets
+and PID file in a temporary folder, no iptables rules of its own, no default
+bridge); the base image is made with debootstrap, and f2bzmq's Python
+dependencies, fetched by the host's pip, reach the image build through a package
+index on 127.0.0.1, so the build itself needs Debian's mirror only.
+Every exit path stops the daemon and removes what it made.
+
+Needs root, dockerd, docker-compose and debootstrap: skipped, with the reason,
+where one is missing. `python3 -m pytest -s tests/test_docker.py` shows timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKER_DIR = REPO / "docker"
+SYSTEM_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+NODES = ("node1", "node2", "node3")
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def find(program: str) -> str | None:
+    return shutil.which(program, path=SYSTEM_PATH)
+
+
+def docker_client(dockerd: str | None) -> str | None:
+    """The client that ships with dockerd, not whichever `docker` comes first on PATH."""
+    if dockerd:
+        real = Path(dockerd).resolve()
+        for candidate in (real.parent.parent / "bin" / "docker", real.with_name("docker")):
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    return find("docker")
+
+
+DOCKERD = find("dockerd")
+DOCKER = docker_client(DOCKERD)
+COMPOSE = find("docker-compose")
+DEBOOTSTRAP = find("debootstrap")
+
+
+def missing() -> str | None:
+    if os.geteuid() != 0:
+        return "a private dockerd needs root"
+    for name, path in (
+        ("dockerd", DOCKERD),
+        ("docker (client)", DOCKER),
+        ("docker-compose", COMPOSE),
+        ("debootstrap", DEBOOTSTRAP),
+    ):
+        if path is None:
+            return f"{name} is not installed (Debian: docker.io docker-compose debootstrap)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
+
+
+class Timings:
+    """Seconds per step, printed at the end (visible with pytest -s)."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, float]] = []
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.steps.append((name, time.monotonic() - start))
+
+    def report(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.steps)
+
+
+class Command:
+    """A command in a process group of its own, its output in files; a time limit or an
+    interrupt stops the whole group (SIGTERM, then SIGKILL), so that nothing it started
+    goes on writing into the folders the teardown removes."""
+
+    def __init__(self, argv: list[str], env: dict, cwd: Path = REPO) -> None:
+        self.argv = argv
+        # Files, not pipes: nobody reads a pipe while a command runs in the background.
+        self.stdout = tempfile.TemporaryFile()  # noqa: SIM115 - read() closes it
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - read() closes it
+        self.process = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.stdout,
+            stderr=self.stderr,
+            start_new_session=True,
+        )
+
+    def finish(self, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
+        """Wait for the end; on failure the error carries the command's output."""
+        try:
+            self.process.wait(timeout=timeout)
+        except BaseException as error:
+            self.stop()
+            if isinstance(error, subprocess.TimeoutExpired):
+                raise AssertionError(f"{self.name}: no end after {timeout:.0f} s") from None
+            raise
+        done = subprocess.CompletedProcess(
+            self.argv, self.process.returncode, self.read(self.stdout), self.read(self.stderr)
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(
+                f"{self.name} exited {done.returncode}\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            )
+        return done
+
+    def stop(self) -> None:
+        for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=grace)
+                return
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.argv)
+
+    @staticmethod
+    def read(output) -> str:
+        output.seek(0)
+        text = output.read().decode(errors="replace")
+        output.close()
+        return text
+
+
+def run(
+    argv: list[str], env: dict, timeout: float, cwd: Path = REPO, check: bool = True
+) -> subprocess.CompletedProcess:
+    """A command with a time limit; on failure the error carries its output."""
+    return Command(argv, env, cwd).finish(timeout, check)
+
+
+def mounts_under(folder: Path) -> list[str]:
+    """Mount points at or below folder, deepest first."""
+    prefix = str(folder)
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if point == prefix or point.startswith(prefix + "/"):
+            points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
+def processes_using(folder: Path) -> list[int]:
+    """PIDs whose command line names folder: the daemon's containerd and shims."""
+    marker = os.fsencode(folder)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if marker in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def stop_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class PrivateDocker:
+    """A dockerd of our own: data, exec root, socket and PID file under one temporary folder.
+
+    Started without iptables rules, IP forwarding, masquerading or the default bridge,
+    so it changes nothing of the host's network but the bridge of the lab network,
+    which `docker-compose down` removes (and stop() too, should down fail)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.socket = root / "docker.sock"
+        self.log = root / "dockerd.log"
+        self.process: subprocess.Popen | None = None
+        self.bridges: set[str] = set()
+        config = root / "daemon.json"
+        config.write_text("{}\n")  # not the host's /etc/docker/daemon.json
+        (root / "client").mkdir()
+        self.env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("DOCKER_", "COMPOSE_"))
+        }
+        self.env.update(
+            DOCKER_HOST=f"unix://{self.socket}",
+            DOCKER_CONFIG=str(root / "client"),
+            # docker-compose runs `docker` for exec unless told to use its own client.
+            COMPOSE_INTERACTIVE_NO_CLI="1",
+            COMPOSE_DOCKER_CLI_BUILD="0",
+            DOCKER_BUILDKIT="0",
+            PATH=f"{Path(DOCKER).parent}:{self.env.get('PATH', '/usr/bin:/bin')}",
+        )
+        self.argv = [
+            DOCKERD,
+            "--iptables=false",
+            "--ip-forward=false",
+            "--ip-masq=false",
+            "--bridge=none",
+            "--userland-proxy=false",
+            f"--config-file={config}",
+            f"--data-root={root / 'data'}",
+            f"--exec-root={root / 'exec'}",
+            f"--pidfile={root / 'dockerd.pid'}",
+            f"--host=unix://{self.socket}",
+        ]
+
+    def start(self, timeout: float = 60) -> None:
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                preexec_fn=stop_with_parent,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"dockerd exited {self.process.returncode}\n{self.log_tail()}")
+            if self.socket.exists() and self.docker("version", check=False).returncode == 0:
+                return
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"dockerd gave no answer in {timeout} s\n{self.log_tail()}")
+            time.sleep(0.25)
+
+    def docker(self, *args: str, timeout: float = 60, check: bool = True):
+        return run([DOCKER, *args], self.env, timeout, check=check)
+
+    def compose(self, *args: str, timeout: float = 120, check: bool = True):
+        return run([COMPOSE, *args], self.env, timeout, cwd=DOCKER_DIR, check=check)
+
+    def log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def remember_bridges(self) -> None:
+        """The host interfaces of this daemon's bridge networks, to remove if it leaves them."""
+        listed = self.docker("network", "ls", "-q", "--no-trunc", "--filter", "driver=bridge")
+        self.bridges |= {f"br-{network[:12]}" for network in listed.stdout.split()}
+
+    def stop(self) -> None:
+        """Stop the daemon, then kill what it left, unmount what it mounted, remove bridges."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(AssertionError):
+                self.remember_bridges()
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        for pid in processes_using(self.root):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            wait_gone(pid, 10)
+        for point in mounts_under(self.root):
+            if subprocess.run(["umount", point], capture_output=True, check=False).returncode:
+                subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+        for bridge in sorted(self.bridges):
+            if Path("/sys/class/net", bridge).exists():
+                subprocess.run(["ip", "link", "delete", bridge], capture_output=True, check=False)
+
+
+def download_dependencies(folder: Path, timeout: float = 180) -> Path:
+    """f2bzmq's dependencies, fetched by the host's pip, laid out as a package index."""
+    downloads = folder / "downloads"
+    index = folder / "index"
+    run(
+        [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check"]
+        + ["-d", str(downloads), str(REPO)],
+        dict(os.environ),
+        timeout,
+    )
+    for wheel in downloads.iterdir():
+        project = re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
+        (index / project).mkdir(parents=True, exist_ok=True)
+        wheel.rename(index / project / wheel.name)
+    return index
+
+
+@contextlib.contextmanager
+def serve(index: Path) -> Iterator[str]:
+    """The index over HTTP on 127.0.0.1, for pip in the image build (host network)."""
+    handler = functools.partial(QuietFiles, directory=str(index))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def docker() -> Iterator[PrivateDocker]:
+    # A short path of its own: dockerd's and containerd's sockets live under it.
+    root = Path(tempfile.mkdtemp(prefix="f2bzmq-docker-", dir="/tmp"))
+    daemon = PrivateDocker(root)
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        start = time.monotonic()
+        try:
+            with contextlib.suppress(AssertionError):
+                daemon.compose("down", "--volumes", "--remove-orphans", "--timeout", "5")
+        finally:
+            daemon.stop()
+            left = mounts_under(root)
+            if not left:
+                subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
+            print(f"docker cluster: down and dockerd stop {time.monotonic() - start:.1f} s")
+        assert not left, f"{root} still has mounts: {left}"
+
+
+def attacker(docker: PrivateDocker, *args: str, container: str = "attacker", timeout: float = 120):
+    return docker.compose("exec", "-T", container, "f2bzmq-attacker", *args, timeout=timeout)
+
+
+def reachability(docker: PrivateDocker, container: str = "attacker") -> dict[str, str]:
+    """node -> what a connection from container to its port 22 meets (open …, refused, …)."""
+    lines = attacker(docker, "probe", *NODES, container=container).stdout.splitlines()
+    return dict(line.split(": ", 1) for line in lines if ": " in line)
+
+
+def banned(docker: PrivateDocker, node: str, jail: str) -> list[str]:
+    answer = docker.compose("exec", "-T", node, "fail2ban-client", "get", jail, "banip")
+    return answer.stdout.split()
+
+
+def diagnostics(docker: PrivateDocker) -> str:
+    parts = []
+    for args in (("ps",), ("logs", "--no-color", "--tail=40")):
+        done = docker.compose(*args, check=False, timeout=60)
+        parts.append(done.stdout[-6000:] + done.stderr[-2000:])
+    return "\n".join(parts)
+
+
+def test_a_ban_on_node1_makes_node2_and_node3_refuse_the_attacker(docker, tmp_path):
+    timings = Timings()
+    with timings.step("base image (debootstrap) and pip download"):
+        base_image = Command(
+            ["bash", str(DOCKER_DIR / "base-image.sh"), str(docker.root)],
+            dict(docker.env, DOCKER=DOCKER),
+        )
+        try:
+            index = download_dependencies(tmp_path)
+        except BaseException:
+            base_image.stop()
+            raise
+        base_image.finish(timeout=600)
+    with serve(index) as index_url, timings.step("build"):
+        docker.env["PIP_INDEX_URL"] = index_url
+        docker.compose("build", "hub", timeout=900)
+    try:
+        with timings.step("up"):
+            docker.compose("up", "-d", timeout=300)
+        docker.remember_bridges()
+        before = reachability(docker)
+        assert all(before.get(node, "").startswith("open") for node in NODES), before
+
+        with timings.step("attack -> node2 and node3 refuse"):
+            attack = attacker(docker, "attack", "node1", "--tries", "8").stdout
+            sources = set(re.findall(r"failed login on node1 from (\S+)", attack))
+            assert len(sources) == 1, attack
+            (source,) = sources
+            attacker(docker, "wait-refused", *NODES, "--timeout", "90", timeout=180)
+
+        after = reachability(docker)
+        assert all(after.get(node) == "refused" for node in NODES), after
+        # The ban is the attacker's alone: another container still gets in.
+        from_hub = reachability(docker, container="hub")
+        assert all(from_hub.get(node, "").startswith("open") for node in NODES), from_hub
+        assert source in banned(docker, "node1", "sshd")
+        for node in ("node2", "node3"):
+            assert source in banned(docker, node, "cluster"), node
+        # Every connection to the hub used CURVE keys, none the plain-TCP opt-out.
+        hub_log = docker.compose("logs", "--no-color", "hub").stdout
+        assert "insecure = true" not in hub_log, hub_log
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{diagnostics(docker)}") from None
+    print(f"\ndocker cluster: {timings.report()}")
+    print(json.dumps({"before": before, "after": after, "attacker": source}))
