@@ -4,12 +4,12 @@ The attacker fails ssh logins on node1; node1's fail2ban bans it with nftables,
 and node2 and node3 must then refuse its TCP connections too, while they still
 answer the hub. Everything runs on a private Docker daemon (its own data, sockets
 and PID file in a temporary folder, no iptables rules of its own, no default
-bridge); the base image is made with debootstrap, and f2bzmq's Python
+bridge); the base image is made with mmdebstrap (or debootstrap), and f2bzmq's Python
 dependencies, fetched by the host's pip, reach the image build through a package
 index on 127.0.0.1, so the build itself needs Debian's mirror only.
 Every exit path stops the daemon and removes what it made.
 
-Needs root, dockerd, docker-compose and debootstrap: skipped, with the reason,
+Needs root, dockerd, docker-compose and mmdebstrap or debootstrap: skipped, with the reason,
 where one is missing. `python3 -m pytest -s tests/test_docker.py` shows timings.
 """
 
@@ -58,7 +58,8 @@ def docker_client(dockerd: str | None) -> str | None:
 DOCKERD = find("dockerd")
 DOCKER = docker_client(DOCKERD)
 COMPOSE = find("docker-compose")
-DEBOOTSTRAP = find("debootstrap")
+# The base image comes from Debian's mirror: mmdebstrap is twice as fast as debootstrap.
+BOOTSTRAP = find("mmdebstrap") or find("debootstrap")
 
 
 def missing() -> str | None:
@@ -68,10 +69,10 @@ def missing() -> str | None:
         ("dockerd", DOCKERD),
         ("docker (client)", DOCKER),
         ("docker-compose", COMPOSE),
-        ("debootstrap", DEBOOTSTRAP),
+        ("mmdebstrap or debootstrap", BOOTSTRAP),
     ):
         if path is None:
-            return f"{name} is not installed (Debian: docker.io docker-compose debootstrap)"
+            return f"{name} is not installed (Debian: docker.io docker-compose mmdebstrap)"
     return None
 
 
@@ -395,7 +396,7 @@ def diagnostics(docker: PrivateDocker) -> str:
 
 def test_a_ban_on_node1_makes_node2_and_node3_refuse_the_attacker(docker, tmp_path):
     timings = Timings()
-    with timings.step("base image (debootstrap) and pip download"):
+    with timings.step("base image and pip download"):
         base_image = Command(
             ["bash", str(DOCKER_DIR / "base-image.sh"), str(docker.root)],
             dict(docker.env, DOCKER=DOCKER),
