@@ -171,7 +171,8 @@ def measure(
         if simulated:
             endpoint = f"tcp://127.0.0.1:{cluster.ports[1]}"
             swarm = SubscriberSwarm(workers, simulated, cluster.keys_dir, endpoint)
-            swarm.start(join_swarm(swarm, None))
+            join_swarm(swarm, None)
+            swarm.start(0)
         ips = addresses(count)
         result = ban_all(node1, node2, ips, interval, hold, poll)
         origin = stamps(node1.fail2ban.log.read_text(), ORIGIN_JAIL)

@@ -15,8 +15,8 @@ every subscriber. The figures: events ACKed per second (an ACK means committed t
 disk), events per second until the slowest subscriber counted every update, and
 the loss (must be zero). In the same run, the naive way the old tool reported: a
 fresh ZeroMQ context and REQ socket per event and one round trip each, against
-the same hub's fail2ban-zmq-tools endpoint, timed on a sample and extrapolated
-as if MONITORS such monitors added up perfectly.
+the same hub's fail2ban-zmq-tools endpoint with every subscriber connected, timed
+on a sample and extrapolated as if MONITORS such monitors added up perfectly.
 
     python3 bench/throughput.py --events 50000 --monitors 10 --subscribers 200 --json r.json
 
@@ -50,6 +50,7 @@ from common import (
     stop_on_sigterm,
     storage,
     table,
+    thread_cpu_seconds,
 )
 
 from f2bzmq import protocol
@@ -167,6 +168,7 @@ def _report_events(context, monitors, keys_dir, endpoint, count, window, conn) -
     acked = refused = 0
     first_refusal = ""
     total = count * len(dealers)
+    cpu = time.process_time()
     started = time.time()
     finished = started
     deadline = time.monotonic() + timeout
@@ -202,6 +204,7 @@ def _report_events(context, monitors, keys_dir, endpoint, count, window, conn) -
         "started": started,
         "finished": finished,
         "ack_ms": latencies,
+        "cpu_seconds": time.process_time() - cpu,
     }
 
 
@@ -290,6 +293,7 @@ def _count_updates(context, names, keys_dir, endpoint, conn, proxies) -> dict:
         # heartbeats during the run, anything but whole updates shows as stray frames.
         return early[i] * UPDATE_PARTS + struct.unpack("=Q", control.recv_multipart()[0])[0]
 
+    cpu = time.process_time()
     command, total, timeout = conn.recv()
     if command != "expect":
         return {}
@@ -306,6 +310,7 @@ def _count_updates(context, names, keys_dir, endpoint, conn, proxies) -> dict:
         "counts": [count // UPDATE_PARTS for count in frames],
         "stray_frames": sum(count % UPDATE_PARTS for count in frames),
         "done": done,
+        "cpu_seconds": time.process_time() - cpu,
     }
 
 
@@ -389,24 +394,26 @@ class SubscriberSwarm:
                 raise BenchError("a subscriber process did not start counting")
 
     def counts(self, total: int, timeout: float) -> tuple[list[int], list[float | None], int]:
-        """Updates each subscriber counted, when it had `total`, and frames left over."""
+        """Updates each subscriber counted, when it had `total`, and frames left over;
+        `cpu_seconds` is then what the counting cost these processes."""
         for pipe in self.pipes:
             pipe.send(("expect", total, timeout))
         counts, done, stray = [], [], 0
+        self.cpu_seconds = 0.0
         for pipe in self.pipes:
             result = self.workers.expect(pipe, timeout + 30)
             counts += result["counts"]
             done += result["done"]
             stray += result["stray_frames"]
+            self.cpu_seconds += result["cpu_seconds"]
         return counts, done, stray
 
 
-def join_swarm(swarm: SubscriberSwarm, client: NodeClient | None) -> int:
-    """Wait until every simulated subscriber hears the hub; return the sequence they passed.
+def join_swarm(swarm: SubscriberSwarm, client: NodeClient | None) -> None:
+    """Wait until every simulated subscriber hears the hub.
 
     With a client, the hub sends no heartbeats to hear: the client reports bans of
-    its own until each subscriber heard an update, then one more as the marker.
-    Without one, the heartbeats do, and the subscribers only listen from then on.
+    its own until each subscriber heard an update. Without one, the heartbeats do.
     """
     deadline = time.monotonic() + SETUP_TIMEOUT
     number = 1
@@ -419,18 +426,26 @@ def join_swarm(swarm: SubscriberSwarm, client: NodeClient | None) -> int:
         acknowledge(client, client.node, setup_address(number))
         number += 1
         time.sleep(0.02)
-        while client.updates.poll(0):
-            client.updates.recv_multipart()  # read as they come: none is dropped at the HWM
-    if client is None:
-        return 0
-    marker = setup_address(number)
-    acknowledge(client, client.node, marker)
+        drain_updates(client)
+
+
+def drain_updates(client: NodeClient) -> None:
+    """Read the bench node's updates as they come: none is dropped at its HWM."""
+    while client.updates.poll(0):
+        client.updates.recv_multipart()
+
+
+def marker(client: NodeClient) -> int:
+    """Report one more ban; its sequence number: the subscribers count what follows it."""
+    ip = setup_address(60000)
+    acknowledge(client, client.node, ip)
+    deadline = time.monotonic() + SETUP_TIMEOUT
     while time.monotonic() < deadline:
         try:
             header, event = client.next_update()
         except zmq.Again:
             break
-        if event.ip == marker:
+        if event.ip == ip:
             return header["seq"]
     raise BenchError("the bench node never saw its own marker update")
 
@@ -446,7 +461,7 @@ def acknowledge(client: NodeClient, node: str, ip: str) -> None:
         raise BenchError(f"the hub refused a bench event: {body}")
 
 
-def naive_round_trips(endpoint: str, count: int) -> list[float]:
+def naive_round_trips(endpoint: str, count: int, client: NodeClient) -> list[float]:
     """The old tool's way: a context, a REQ socket and one round trip per event (ms each)."""
     times = []
     for number in range(count):
@@ -465,6 +480,7 @@ def naive_round_trips(endpoint: str, count: int) -> list[float]:
         finally:
             context.destroy(linger=0)
         times.append((time.perf_counter() - started) * 1000)
+        drain_updates(client)
         if reply != message:
             raise BenchError(f"the hub refused a legacy report: {reply!r}")
     return times
@@ -561,18 +577,26 @@ def measure(
                 for pipe in reporters:
                     if workers.expect(pipe, SETUP_TIMEOUT) != "ready":
                         raise BenchError("a monitor process did not get ready")
-                swarm.start(join_swarm(swarm, client))
+                join_swarm(swarm, client)
+                swarm.start(marker(client))
+                # The naive way meets the same hub, with every subscriber to broadcast to.
+                naive_ms = naive_round_trips(f"tcp://127.0.0.1:{ports[3]}", naive, client)
                 client.updates.close()  # the bench node's own SUB must not lag behind
                 cpu_before = cpu_seconds(pid)
+                threads_before = thread_cpu_seconds(pid)
                 for pipe in reporters:
                     pipe.send(("go", timeout))
                 results = [workers.expect(pipe, timeout + 30) for pipe in reporters]
-                counts, done, stray = swarm.counts(total, timeout)
+                counts, done, stray = swarm.counts(naive + total, timeout)
+                counts = [count - naive for count in counts]  # the naive reports' updates
                 hub_cpu = cpu_seconds(pid) - cpu_before
+                hub_threads = {
+                    name: seconds - threads_before.get(name, 0.0)
+                    for name, seconds in thread_cpu_seconds(pid).items()
+                }
                 hub_memory = memory_kb(pid)
             finally:
                 client.close()
-        naive_ms = naive_round_trips(f"tcp://127.0.0.1:{ports[3]}", naive)
     except BenchError as error:
         raise BenchError(f"{error}\n--- hub log ---\n{tail(hub.log_text())}") from None
     finally:
@@ -588,7 +612,12 @@ def measure(
     return {
         **setup,
         **figures(total, monitors, results, (counts, done, stray), naive_ms),
-        "hub": hub_figures(hub_cpu, hub_memory, results, done),
+        "hub": hub_figures(hub_cpu, hub_threads, hub_memory, results, done),
+        "cpu_seconds": {
+            "hub": hub_cpu,
+            "simulated_monitors": sum(result["cpu_seconds"] for result in results),
+            "simulated_subscribers": swarm.cpu_seconds,
+        },
     }
 
 
@@ -638,16 +667,33 @@ def figures(
             "events_per_s_one_monitor": 1000 / naive_mean,
             "events_per_s_all_monitors": naive_all,
         },
-        "speedup_vs_naive": delivered / naive_all,
+        # Both ACK only what is stored: f2bzmq while fanning out, the naive way meanwhile too.
+        "speedup_vs_naive": acked / (acked_at - started) / naive_all,
     }
 
 
-def hub_figures(cpu: float, memory: dict, results: list[dict], done: list) -> dict:
-    """The hub's share of a core over the run, and its memory at the end."""
+def merge_python_threads(threads: dict[str, float]) -> dict[str, float]:
+    """libzmq's threads by name; every other thread (reactor, key checker) as one."""
+    merged: dict[str, float] = {}
+    for name, seconds in threads.items():
+        key = name if name.startswith("ZMQbg") else "Python threads"
+        merged[key] = merged.get(key, 0.0) + seconds
+    return merged
+
+
+def hub_figures(
+    cpu: float, threads: dict[str, float], memory: dict, results: list[dict], done: list
+) -> dict:
+    """The hub's share of a core over the run (in all, and per thread), its memory at the end."""
     started = min(result["started"] for result in results)
     ended = max([result["finished"] for result in results] + [d for d in done if d])
+    seconds = max(1e-9, ended - started)
     return {
-        "cpu_percent": 100 * cpu / max(1e-9, ended - started),
+        "cpu_percent": 100 * cpu / seconds,
+        # The Python thread runs the reactor; ZMQbg/IO/0 encrypts and writes for every peer.
+        "thread_cpu_percent": {
+            name: 100 * used / seconds for name, used in merge_python_threads(threads).items()
+        },
         "rss_kb": memory.get("VmRSS"),
         "peak_rss_kb": memory.get("VmHWM"),
     }
@@ -668,18 +714,21 @@ def text(result: dict) -> str:
     out = table(["what", "value"], rows)
     ack = result["ack_ms"]
     loss = result["loss"]
+    busy = sorted(result["hub"]["thread_cpu_percent"].items(), key=lambda item: -item[1])
+    threads = ", ".join(f"{name} {percent:.0f} %" for name, percent in busy[:3])
+    cpu = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result["cpu_seconds"].items())
     out += (
         f"\n{result['events']} events from {result['monitors']} monitors (window"
         f" {result['window']}), {result['subscribers']} subscriber connections, CURVE;"
         f" hub log level {result['loglevel']}, state on {result['storage']}"
         f"\nevent -> ACK ms (mostly time queued behind full windows): p50 {ack['p50']:.2f}"
         f" p90 {ack['p90']:.2f} p99 {ack['p99']:.2f}"
-        f" max {ack['max']:.2f}; hub CPU {result['hub']['cpu_percent']:.0f} %,"
+        f" max {ack['max']:.2f}; hub CPU {result['hub']['cpu_percent']:.0f} % ({threads}),"
         f" RSS {result['hub']['rss_kb'] / 1024:.1f} MB"
         f"\nloss: {'none' if result['zero_loss'] else json.dumps(loss)}"
         f"{'' if not result['first_refusal'] else ' (' + result['first_refusal'] + ')'};"
-        f" delivered / naive: {result['speedup_vs_naive']:.1f}x"
-        f"\n(the simulated monitors and subscribers share this machine's cores with the hub)"
+        f" ACKed / naive: {result['speedup_vs_naive']:.1f}x"
+        f"\nCPU used in {result['seconds']:.1f} s: {cpu} (they share this machine's cores)"
     )
     return out
 
