@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -100,11 +101,12 @@ class NamespacedServer:
     def __getattr__(self, name: str):
         return getattr(self.server, name)
 
-    def elements(self, name: str, table: str = TABLE) -> set[str] | None:
-        """The elements of set `name`, as nft lists them; None when the table is gone."""
+    def elements(self, name: str, table: str = TABLE) -> set[str]:
+        """The elements of set `name`, as nft lists them; none while there is no such set
+        (the action makes its table when fail2ban starts the jail, a moment after ping)."""
         done = self.namespace.run("nft", "-j", "list", "set", "inet", table, name, check=False)
         if done.returncode != 0:
-            return None
+            return set()
         found: set[str] = set()
         for item in json.loads(done.stdout)["nftables"]:
             for element in item.get("set", {}).get("elem", []):
@@ -157,15 +159,21 @@ def write_recorder(directory: Path) -> Path:
 
 
 @contextlib.contextmanager
-def namespaced_server(root: Path, options: str = "") -> Iterator[NamespacedServer]:
-    """A fail2ban-server in a namespace of its own; everything gone on every way out."""
+def namespaced_server(
+    root: Path, options: str = "", more_jails: str = ""
+) -> Iterator[NamespacedServer]:
+    """A fail2ban-server in a namespace of its own; everything gone on every way out.
+
+    `options` go to the cluster jail's action; `more_jails` is a template like JAILS."""
     recorder = write_recorder(root)
     namespace = Namespace("f2b")
     try:
         server = Fail2banServer(
             root,
             "node",
-            jails=lambda server: JAILS.format(log=server.sync_log, nft=recorder, options=options),
+            jails=lambda server: (JAILS + more_jails).format(
+                log=server.sync_log, nft=recorder, options=options
+            ),
             netns=namespace.name,
         )
         install_action(server)
@@ -322,7 +330,7 @@ def test_expired_bans_leave_the_set(server: NamespacedServer, client: Fail2banCl
     # fail2ban's own actions thread lifts these, not the socket thread.
     client.ban("expiring", ["192.0.2.40", "2001:db8::40"])
     wait_for(
-        lambda: "192.0.2.40" in (server.elements("addr4", "f2bzmq-expiring") or ()),
+        lambda: "192.0.2.40" in server.elements("addr4", "f2bzmq-expiring"),
         20,
         "the short ban",
     )
@@ -344,11 +352,53 @@ def test_unban_all_empties_the_sets_and_stop_deletes_the_table(tmp_path: Path) -
         assert client.command("unban", "--all") == 3
         assert server.elements("addr4") == server.elements("addr6") == set()
         assert server.elements("net4") == set()
+        assert TABLE in server.tables()
         client.ban("cluster", ["192.0.2.51"])
         wait_for(lambda: "192.0.2.51" in server.elements("addr4"), 20, "the ban after the flush")
         client.command("stop", "cluster")
         wait_for(lambda: TABLE not in server.tables(), 20, "the table deleted at jail stop")
         assert "f2bzmq-expiring" in server.tables()
+
+
+def test_two_jails_cannot_share_a_table(tmp_path: Path) -> None:
+    second = (
+        "\n[second]\nenabled = true\nfilter = f2bzmq-cluster\nlogpath = {log}\n"
+        'action = f2bzmq-nftset.py[nftables="{nft}"]\n'
+    )
+    with namespaced_server(tmp_path, more_jails=second) as server, server.client() as client:
+        # fail2ban starts the jails' actions in parallel: either may get the table first.
+        refusal = re.compile(r"belongs to jail (\S+)'s action; give jail (\S+) a table")
+        wait_for(lambda: refusal.search(server.log.read_text()), 20, "one jail refused")
+        owner, refused = refusal.search(server.log.read_text()).groups()
+        assert {owner, refused} == {"cluster", "second"}
+        client.ban(owner, ["192.0.2.70"])
+        client.ban(refused, ["192.0.2.71"])
+        wait_for(lambda: "192.0.2.70" in server.elements("addr4"), 20, "the owner's ban")
+        client.command("stop", refused)
+        client.ban(owner, ["192.0.2.72"])
+        wait_for(lambda: "192.0.2.72" in server.elements("addr4"), 20, "a ban after the stop")
+        assert server.elements("addr4") == {"192.0.2.70", "192.0.2.72"}
+
+
+def test_after_fail2ban_was_killed_its_restored_bans_are_enforced_again(tmp_path: Path) -> None:
+    with namespaced_server(tmp_path) as server:
+        with server.client() as client:
+            client.ban("cluster", ["192.0.2.80", "2001:db8::80"])
+        wait_for(lambda: "192.0.2.80" in server.elements("addr4"), 20, "the bans")
+        time.sleep(1.5)  # fail2ban writes bans to its database a moment later
+        os.kill(int(server.pidfile.read_text()), signal.SIGKILL)
+        wait_until(lambda: not process_alive(int(server.pidfile.read_text())), 10)
+        # The table this jail left is taken over, with the bans fail2ban restores.
+        server.start()
+        wait_for(
+            lambda: (
+                server.elements("addr4") == {"192.0.2.80"}
+                and server.elements("addr6") == {"2001:db8::80"}
+            ),
+            30,
+            "the restored bans",
+        )
+        assert "belongs to" not in server.log.read_text()
 
 
 def test_reload_keeps_the_bans_and_applies_new_options(tmp_path: Path) -> None:

@@ -5,18 +5,20 @@ Install as /etc/fail2ban/action.d/f2bzmq-nftset.py and name it with its ".py" in
     action = f2bzmq-nftset.py[blocktype=drop]
 
 Stock nftables actions start a shell and `nft` for each ban, one after the other in
-fail2ban's thread: a few milliseconds a ban, so 10,000 synced bans take most of a
-minute. Here ban() and unban() only record the change; a flusher thread hands all
-changes recorded meanwhile to one `nft -f -` transaction, `delay` seconds after the
+fail2ban's thread: a few milliseconds a ban, so 10,000 synced bans take a
+minute or more. Here ban() and unban() only record the change; a flusher thread hands
+all changes recorded meanwhile to one `nft -f -` transaction, `delay` seconds after the
 first of them but no sooner than `interval` after the previous run began, or as soon
 as `batchsize` are waiting. A lone ban is in the firewall `delay` plus one nft run
 (about 10 ms) after fail2ban calls ban(); during a burst, within `interval` plus one
 nft run (about 50 ms), while nft runs at most 25 times a second instead of once a ban.
 
-At start the action replaces `table inet <table>` with its own: sets addr4/addr6 for
+At start the action makes `table inet <table>` its own: sets addr4/addr6 for
 addresses, net4/net6 (interval sets) for networks, and chain <chain> hooked at
 <chain_hook> whose rules send every packet from those sets to <blocktype>, or, with
-<port>, only packets to those ports of <protocol>. At stop it deletes the table.
+<port>, only packets to those ports of <protocol>. At stop it deletes the table. A
+table that another jail's action or another program made is left alone: the jail's
+action does not start, and fail2ban's log says which table to name instead.
 
 The options and their defaults are in DEFAULTS below; `fail2ban-client reload` applies
 changed options and keeps every ban.
@@ -57,6 +59,7 @@ DEFAULTS = {
     "nftables": "nft",  # the nft program
     "timeout": "60",  # seconds one nft run may take
 }
+OWNER = re.compile(r'^\s*comment "f2bzmq-nftset, jail ([A-Za-z0-9._-]*)"', re.M)
 PROTOCOLS = frozenset({"tcp", "udp", "sctp", "dccp"})
 HOOKS = frozenset({"prerouting", "input", "forward", "output", "postrouting"})
 SETS = {(4, False): "addr4", (6, False): "addr6", (4, True): "net4", (6, True): "net6"}
@@ -140,10 +143,11 @@ class NftSetAction(ActionBase):
         self._running = False
         self._flusher = None
         self._failures = 0  # nft runs failed in a row: the retry interval doubles with each
-        self._configure(options)
+        self._started = False  # the table is ours: stop(), flush() and batches may touch it
+        self._apply(self._parse(options))
 
-    def _configure(self, given):
-        """Defaults overridden by the jail's options; ValueError names the one that is wrong."""
+    def _parse(self, given):
+        """Defaults overridden by the jail's options, checked; ValueError names a wrong one."""
         unknown = sorted(set(given) - set(DEFAULTS))
         if unknown:
             raise ValueError(
@@ -161,30 +165,37 @@ class NftSetAction(ActionBase):
         if not protocols or not set(protocols) <= PROTOCOLS:
             raise ValueError(f"protocol {options['protocol']!r} must be among {sorted(PROTOCOLS)}")
         ports = parse_ports(options["port"])
-        priority, batchsize = int(options["chain_priority"]), int(options["batchsize"])
-        delay, interval = float(options["delay"]), float(options["interval"])
-        timeout = float(options["timeout"])
+        batchsize, delay = int(options["batchsize"]), float(options["delay"])
+        interval, timeout = float(options["interval"]), float(options["timeout"])
         if batchsize < 1 or not (0 <= delay <= 10 and 0 <= interval <= 10 and 0 < timeout <= 3600):
             raise ValueError(
                 "batchsize must be >= 1, delay and interval 0..10 s, timeout 0..3600 s"
             )
-        # Everything is valid: only now change the running action.
-        self.table, self.chain = options["table"], options["chain"]
-        self.chain_hook, self.chain_priority = options["chain_hook"], priority
-        self.blocktype = " ".join(options["blocktype"].split())
-        self.match = (
-            f"meta l4proto {{ {', '.join(protocols)} }} th dport {{ {', '.join(ports)} }} "
-            if ports
-            else ""
-        )
-        self.batchsize, self.delay, self.interval = batchsize, delay, interval
-        self.timeout = timeout
-        self.nftables = options["nftables"]
+        match = f"meta l4proto {{ {', '.join(protocols)} }} th dport {{ {', '.join(ports)} }} "
+        return {
+            "table": options["table"],
+            "chain": options["chain"],
+            "chain_hook": options["chain_hook"],
+            "chain_priority": int(options["chain_priority"]),
+            "blocktype": " ".join(options["blocktype"].split()),
+            "match": match if ports else "",
+            "batchsize": batchsize,
+            "delay": delay,
+            "interval": interval,
+            "timeout": timeout,
+            "nftables": options["nftables"],
+        }
+
+    def _apply(self, parsed):
+        for key, value in parsed.items():
+            setattr(self, key, value)
 
     # fail2ban's hooks
 
     def start(self):
         """Replace the table with one holding the bans known so far; start the flusher."""
+        self._claim(self.table)
+        self._started = True
         with self._changed:
             self._running = True
             self._rebuild = True
@@ -196,6 +207,9 @@ class NftSetAction(ActionBase):
 
     def stop(self):
         """Stop the flusher and delete the table."""
+        if not self._started:
+            return  # start() refused the table: it is not ours to delete
+        self._started = False
         with self._changed:
             self._running = False
             self._changed.notify_all()
@@ -220,6 +234,8 @@ class NftSetAction(ActionBase):
                 self._dirty.clear()
                 self._nets_dirty.clear()
                 self._first_change = None
+            if not self._started:
+                return True
             script = "".join(f"flush set inet {self.table} {name}\n" for name in SETS.values())
             if not self._nft(script):
                 self._schedule_rebuild()
@@ -230,13 +246,51 @@ class NftSetAction(ActionBase):
 
     def reload(self, **options):
         """The jail's options after `fail2ban-client reload`: rebuild the table, keep the bans."""
+        parsed = self._parse(options)
         with self._nft_lock:
             previous = self.table
-            self._configure(options)
-            if previous != self.table:
+            if self._started and parsed["table"] != previous:
+                self._claim(parsed["table"])
+            self._apply(parsed)
+            if self._started and previous != self.table:
                 self._nft(f"table inet {previous} {{}}\ndelete table inet {previous}\n")
             # Before the lock is free: no batch may go to a table that is not made yet.
             self._schedule_rebuild()
+
+    def _claim(self, table):
+        """Make the table ours, or raise if another jail's action (or anyone else) holds it.
+
+        `create table` fails when the table exists, so of two jails starting at once with
+        the same table only one gets it; the comment says which jail has it. A table this
+        jail left behind (fail2ban was killed) is taken over.
+        """
+        if self._nft(f"create table inet {table} {{ {self._comment()}; }}\n", quiet=True):
+            return
+        try:
+            listed = subprocess.run(
+                [self.nftables, "-t", "list", "table", "inet", table],
+                capture_output=True,
+                text=True,
+                timeout=self.timeout,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return  # nft cannot run at all: the table rebuild says why, and retries
+        if listed.returncode != 0:
+            return  # no table after all: the rebuild makes it
+        found = OWNER.search(listed.stdout)
+        if found and self._comment() == f'comment "f2bzmq-nftset, jail {found.group(1)}"':
+            return
+        holder = f"jail {found.group(1)}'s action" if found else "another program"
+        raise RuntimeError(
+            f"table inet {table} belongs to {holder}; give jail {self._jail.name} "
+            "a table of its own: f2bzmq-nftset.py[table=...]"
+        )
+
+    def _comment(self):
+        """The table's comment: which jail's action made it."""
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", self._jail.name)[:64]
+        return f'comment "f2bzmq-nftset, jail {name}"'
 
     # the batching
 
@@ -371,6 +425,7 @@ class NftSetAction(ActionBase):
             f"table inet {self.table} {{}}",
             f"delete table inet {self.table}",
             f"table inet {self.table} {{",
+            f"  {self._comment()}",
             *sets,
             f"  chain {self.chain} {{",
             f"    type filter hook {self.chain_hook} priority {self.chain_priority};",
@@ -384,8 +439,8 @@ class NftSetAction(ActionBase):
             lines += element_lines("add", self.table, SETS[version, True], self._networks(version))
         return "".join(line + "\n" for line in lines)
 
-    def _nft(self, script):
-        """Run one nft transaction (argv, no shell); False and an error logged if it failed."""
+    def _nft(self, script, quiet=False):
+        """Run one nft transaction (argv, no shell); False (and an error logged) if it failed."""
         try:
             done = subprocess.run(
                 [self.nftables, "-f", "-"],
@@ -396,9 +451,14 @@ class NftSetAction(ActionBase):
                 check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as error:
-            self._logSys.error("[%s] nftset: %s failed: %s", self._jail.name, self.nftables, error)
+            if not quiet:
+                self._logSys.error(
+                    "[%s] nftset: %s failed: %s", self._jail.name, self.nftables, error
+                )
             return False
         if done.returncode != 0:
+            if quiet:
+                return False
             self._logSys.error(
                 "[%s] nftset: %s -f - failed (exit %d): %s",
                 self._jail.name,
