@@ -44,7 +44,6 @@ from f2bzmq import protocol
 from f2bzmq.fail2ban import Fail2banClient, Fail2banError
 from f2bzmq.lab import (
     CLIENT_PROGRAM,
-    STOCK_ACTIONS,
     Cluster,
     Fail2banServer,
     NodeClient,
@@ -53,7 +52,6 @@ from f2bzmq.lab import (
 )
 from f2bzmq.protocol import BanEvent
 
-ACTION = Path(__file__).resolve().parent.parent / "fail2ban" / "action.d" / "f2bzmq-nftset.py"
 JAIL = "cluster"
 REPORTER = "node1"  # the node whose reports are injected; its own subscriber ignores them
 BANTIME = 86400
@@ -84,16 +82,6 @@ def sync_jail(action: str) -> Callable[[Fail2banServer], str]:
         )
 
     return jails
-
-
-def install_action(server: Fail2banServer) -> None:
-    """Give a lab server (not started yet) f2bzmq-nftset.py beside the stock actions."""
-    actions = server.config / "action.d"
-    actions.unlink()  # the lab links the stock action.d itself
-    actions.mkdir()
-    for stock in sorted(STOCK_ACTIONS.iterdir()):
-        (actions / stock.name).symlink_to(stock)
-    (actions / ACTION.name).symlink_to(ACTION)
 
 
 class Namespaces:
@@ -215,8 +203,6 @@ def cluster_run(root: Path, action: str, args: argparse.Namespace) -> dict:
             general={"loglevel": "INFO"},
             publisher={"rate_limit": "1000000", "rate_burst": "1000000"},
         )
-        for node in cluster.nodes.values():
-            install_action(node.fail2ban)
         with cluster:
             for node in cluster.nodes.values():
                 check_isolated(node.fail2ban)
@@ -283,7 +269,6 @@ def fresh_server(root: Path, action: str) -> Iterator[Fail2banServer]:
         server = Fail2banServer(
             root, "floor", jails=sync_jail(action), netns=namespaces.add("floor")
         )
-        install_action(server)
         try:
             server.start()
             check_isolated(server)

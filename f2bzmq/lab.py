@@ -37,6 +37,7 @@ from .protocol import BanEvent
 
 STOCK_FILTERS = Path("/etc/fail2ban/filter.d")
 STOCK_ACTIONS = Path("/etc/fail2ban/action.d")
+PROJECT_ACTIONS = Path(__file__).resolve().parent.parent / "fail2ban" / "action.d"
 CLIENT_PROGRAM = "fail2ban-client"
 
 # The project's no-op filter for the sync jail: bans arrive only through "set <jail> banip".
@@ -145,9 +146,13 @@ class Fail2banServer:
             if not link.is_symlink():
                 link.symlink_to(stock)
         (filters / f"{SYNC_FILTER}.conf").write_text(SYNC_FILTER_TEXT)
+        # fail2ban's own actions and the project's Python actions (f2bzmq-nftset.py).
         actions = self.config / "action.d"
-        if not actions.is_symlink():
-            actions.symlink_to(STOCK_ACTIONS)
+        actions.mkdir(exist_ok=True)
+        for source in [*sorted(STOCK_ACTIONS.iterdir()), *sorted(PROJECT_ACTIONS.glob("*.py"))]:
+            link = actions / source.name
+            if not link.is_symlink():
+                link.symlink_to(source)
         (self.config / "fail2ban.conf").write_text(
             "[Definition]\n"
             "loglevel = INFO\n"

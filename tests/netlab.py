@@ -170,13 +170,16 @@ class Watch:
 def jails_with(action: str, port: int) -> Callable[[Fail2banServer], str]:
     """lab's default jails (sshd and the sync jail), both blocking with a real ban action."""
 
+    # The project's nftables-set action keeps each jail's bans in a table of its own.
+    extra = ", table=f2bzmq-%(__name__)s" if action.endswith(".py") else ""
+
     def jails(server: Fail2banServer) -> str:
         text = server.default_jails(SSHD_BANTIME, SYNC_BANTIME)
         for jail in ("sshd", server.sync_jail):
             dummy = f"action = dummy[target={server.directory / (jail + '.dummy')}]"
             if dummy not in text:
                 raise AssertionError(f"no dummy action for {jail} in lab's default jails")
-            text = text.replace(dummy, f"action = {action}[port={port}, protocol=tcp]")
+            text = text.replace(dummy, f"action = {action}[port={port}, protocol=tcp{extra}]")
         return text
 
     return jails

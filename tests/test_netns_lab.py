@@ -16,7 +16,9 @@ MISSING = missing_requirements()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 
 
-@pytest.fixture(params=["nftables-multiport", "iptables-multiport"])
+# The stock actions, and the project's Python action that batches bans into nftables sets:
+# all three must block and unblock the same way.
+@pytest.fixture(params=["nftables-multiport", "iptables-multiport", "f2bzmq-nftset.py"])
 def lab(request, tmp_path):
     with NetnsCluster(tmp_path, request.param) as running:
         yield running

@@ -25,9 +25,8 @@ from pathlib import Path
 import pytest
 
 from f2bzmq.fail2ban import Fail2banClient, Fail2banError
-from f2bzmq.lab import CLIENT_PROGRAM, STOCK_ACTIONS, Fail2banServer, process_alive, wait_until
+from f2bzmq.lab import CLIENT_PROGRAM, Fail2banServer, process_alive, wait_until
 
-ACTION = Path(__file__).resolve().parent.parent / "fail2ban" / "action.d" / "f2bzmq-nftset.py"
 TABLE = "f2bzmq"
 SERVER_ADDRESS, PEER_ADDRESS = "10.250.0.1", "10.250.0.2"  # exist only inside the namespaces
 PORT = 8080
@@ -76,16 +75,6 @@ class Namespace:
             if wait_until(lambda pids=pids: not any(map(process_alive, pids)), 5):
                 break
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
-
-
-def install_action(server: Fail2banServer) -> None:
-    """Give a lab server (not started yet) f2bzmq-nftset.py beside the stock actions."""
-    actions = server.config / "action.d"
-    actions.unlink()  # the lab links the stock action.d itself
-    actions.mkdir()
-    for stock in sorted(STOCK_ACTIONS.iterdir()):
-        (actions / stock.name).symlink_to(stock)
-    (actions / ACTION.name).symlink_to(ACTION)
 
 
 class NamespacedServer:
@@ -176,7 +165,6 @@ def namespaced_server(
             ),
             netns=namespace.name,
         )
-        install_action(server)
         try:
             server.start()
             # The lab started it through `ip netns exec`; prove it before any test goes on.
