@@ -68,8 +68,9 @@ class BanWatch:
     cost to fail2ban and to the machine stays small.
     """
 
-    def __init__(self, socket_path: str, jail: str, interval: float) -> None:
+    def __init__(self, socket_path: str, jail: str, interval: float, lifetime: float) -> None:
         self.client = Fail2banClient(socket_path)
+        self.ends = time.monotonic() + lifetime  # it stops by itself at the latest then
         self.jail = jail
         self.interval = interval
         self.awaited: set[str] = set()
@@ -93,7 +94,7 @@ class BanWatch:
 
     def run(self) -> None:
         try:
-            while True:
+            while time.monotonic() < self.ends:
                 with self.changed:
                     self.changed.wait_for(lambda: self.awaited or self.stopping, 1.0)
                     if self.stopping:
@@ -204,7 +205,8 @@ def measure(
 
 def ban_all(node1, node2, ips, interval, hold, poll) -> dict:
     """Ban each address on node1 on schedule, lift it `hold` s after node2 listed it."""
-    watch = BanWatch(str(node2.fail2ban.socket), SYNC_JAIL, poll)
+    lifetime = len(ips) * interval + hold + 3 * ARRIVAL_TIMEOUT
+    watch = BanWatch(str(node2.fail2ban.socket), SYNC_JAIL, poll, lifetime)
     origin = Fail2banClient(str(node1.fail2ban.socket))
     watch.start()
     try:
