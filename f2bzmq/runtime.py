@@ -80,6 +80,11 @@ class StopSignals:
         self.stopping = False
         self.reload = False
         self.wakeup = wakeup
+        # The kernel may deliver a signal to any thread (zmq's, watchdog's, the key
+        # checker's); Python runs the handler in the main thread only once it runs
+        # bytecode, and zmq_poll there would sleep on. The C-level handler writes to this
+        # pipe from whatever thread took the signal, so the poll wakes at once.
+        signal.set_wakeup_fd(wakeup.write_fd, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGHUP, self._reload)

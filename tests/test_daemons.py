@@ -1,6 +1,7 @@
 """The entry scripts as an operator uses them: start, status, stop, run, and their errors."""
 
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -162,3 +163,35 @@ def test_run_dir_too_long_for_a_control_socket_is_a_config_error(tmp_path):
     done = publisher(bad, "run")
     assert done.returncode == 2
     assert done.stderr.startswith(f"fail2ban-publisher: {bad}: [general] run_dir: too long for ")
+
+
+def test_sigterm_taken_by_another_thread_still_stops_the_daemon_at_once(config):
+    """The kernel may hand a process's SIGTERM to any of its threads (zmq's, the key
+    checker's). With heartbeats an hour apart nothing else would wake the hub's poll."""
+    import ctypes
+
+    slow = config.with_suffix(".local")
+    slow.write_text("[publisher]\nheartbeat_interval = 3600\n")
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, "-c", str(config), "run"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        pidfile = run_dir_of(config) / "publisher.pid"
+        assert wait_until(pidfile.exists, 15, 0.05)
+        threads = [int(tid) for tid in os.listdir(f"/proc/{process.pid}/task")]
+        others = [tid for tid in threads if tid != process.pid]
+        assert others, "the hub runs zmq and authenticator threads"
+        # tgkill(tgid, tid, sig) sends to that one thread
+        sys_tgkill = {"x86_64": 234, "aarch64": 131}.get(platform.machine())
+        if sys_tgkill is None:
+            pytest.skip(f"tgkill's syscall number on {platform.machine()} is not listed here")
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.syscall(sys_tgkill, process.pid, others[-1], signal.SIGTERM) == 0
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(5)
