@@ -603,6 +603,7 @@ class NodeClient:
         self.updates.setsockopt(zmq.SUBSCRIBE, protocol.PROTOCOL + b"")
         self.updates.connect(f"tcp://{address}:{ports[1]}")
         self.snapshots_endpoint = f"tcp://{address}:{ports[2]}"
+        self.received: list[tuple[dict, BanEvent]] = []  # updates of a message not yet read
         for sock in (self.reports, self.updates):
             sock.rcvtimeo = 10000
             sock.sndtimeo = 10000  # a refused handshake must not block a send for ever
@@ -624,11 +625,17 @@ class NodeClient:
         return kind, json.loads(body)
 
     def next_update(self) -> tuple[dict, BanEvent]:
-        """The next update, skipping heartbeats."""
+        """The next update, skipping heartbeats; its header carries its own sequence."""
         for _ in range(100):
+            if self.received:
+                return self.received.pop(0)
             frames = self.updates.recv_multipart()
             if frames[1] == protocol.UPDATE:
-                return json.loads(frames[2]), BanEvent.decode(frames[3])
+                header = json.loads(frames[2])
+                self.received = [
+                    (dict(header, seq=header["seq"] + offset), BanEvent.decode(body))
+                    for offset, body in enumerate(frames[3:])
+                ]
         raise AssertionError("only heartbeats")
 
     def snapshot(self) -> tuple[dict, list[BanEvent]]:

@@ -22,7 +22,7 @@ PROTOCOL = b"F2BZMQ1"
 EVENT = b"event"  # monitor -> publisher: [PROTOCOL, EVENT, event]
 ACK = b"ack"  # publisher -> monitor: [PROTOCOL, ACK, {"id": …}]
 NAK = b"nak"  # publisher -> monitor: [PROTOCOL, NAK, {"id": …, "reason": …}]
-UPDATE = b"update"  # PUB: [PROTOCOL, UPDATE, {"publisher": …, "seq": n}, event]
+UPDATE = b"update"  # PUB: [PROTOCOL, UPDATE, {"publisher": …, "seq": n}, event n, event n+1, …]
 HUGZ = b"hugz"  # PUB heartbeat: [PROTOCOL, HUGZ, {"publisher": …, "seq": n}]
 SNAPSHOT_REQUEST = b"icanhaz"  # subscriber -> publisher: [PROTOCOL, SNAPSHOT_REQUEST, {}]
 SNAPSHOT_PART = b"snapshot"  # publisher -> subscriber: [PROTOCOL, SNAPSHOT_PART, header, [events]]
@@ -32,6 +32,9 @@ UNBAN = "unban"
 PERMANENT = -1
 
 MAX_BODY = 4096  # bytes of one event's JSON; a real event is about 250
+# Events per update message: the hub's fan-out (a copy and, with CURVE, an encryption
+# per subscriber connection) is paid per message, so a burst goes out in few of them.
+MAX_UPDATE_EVENTS = 100
 MAX_NAME = 64
 # fail2ban refuses jail names it can't use in a command line or a chain name; we
 # are stricter still: letters, digits and ._- only, so a name is never a path or a flag.

@@ -170,7 +170,7 @@ class Publisher:
         for update in updates:
             # Logged only now that it is stored: a crash can't leave a ban in the log twice.
             log.log(NOTICE, "%s%s", update.event.describe(), note)
-            self.broadcast(update)
+        self.broadcast(updates)
 
     def handle_report(
         self, frames: list[bytes], now: float, user: str | None = None
@@ -247,13 +247,26 @@ class Publisher:
             self.bind_sockets(patience=10.0)
             self.register_sockets()
 
-    def broadcast(self, update: Update) -> None:
-        header = protocol.stream_header(self.table.instance, update.seq)
-        send_frames(
-            self.broadcaster, [protocol.PROTOCOL, protocol.UPDATE, header, update.event.encode()]
-        )
-        self.legacy.broadcast(update.event)
-        self.counters["broadcast"] += 1
+    def broadcast(self, updates: list[Update]) -> None:
+        """Publish updates in order, consecutive sequence numbers sharing a message."""
+        message: list[Update] = []
+        for update in updates:
+            if message and (
+                update.seq != message[-1].seq + 1 or len(message) == protocol.MAX_UPDATE_EVENTS
+            ):
+                self._publish(message)
+                message = []
+            message.append(update)
+        if message:
+            self._publish(message)
+
+    def _publish(self, updates: list[Update]) -> None:
+        header = protocol.stream_header(self.table.instance, updates[0].seq)
+        bodies = [update.event.encode() for update in updates]
+        send_frames(self.broadcaster, [protocol.PROTOCOL, protocol.UPDATE, header, *bodies])
+        for update in updates:
+            self.legacy.broadcast(update.event)
+        self.counters["broadcast"] += len(updates)
 
     def flush_ttl(self, now: float) -> None:
         """Lift bans whose time is up, even when their origin never reports the Unban."""
@@ -264,7 +277,7 @@ class Publisher:
         self.store.commit(self.table)
         for update in updates:
             log.log(NOTICE, "[%s] Unban %s: ban time is up", update.event.jail, update.event.ip)
-            self.broadcast(update)
+        self.broadcast(updates)
 
     def send_hugz(self, now: float) -> None:
         """Heartbeat with the current sequence, so silence means a dead link and a gap shows."""

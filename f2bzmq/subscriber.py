@@ -265,7 +265,7 @@ class Subscriber:
         return int(min(self.heartbeat_timeout / 2, 1.0) * 1000)
 
     def handle_updates(self, link: HubLink, now: float) -> None:
-        """Take every waiting update; a gap or a new hub identity asks for a snapshot."""
+        """Take every waiting message; a gap or a new hub identity asks for a snapshot."""
         for frames in drain(link.updates, 10000):
             try:
                 kind, rest = protocol.split_message(frames)
@@ -275,58 +275,74 @@ class Subscriber:
                 instance, sequence = header.get("publisher"), header.get("seq")
                 if not isinstance(instance, str) or not isinstance(sequence, int):
                     raise ProtocolError("header lacks publisher or seq")
-                event = None
+                events = []
                 if kind == protocol.UPDATE:
-                    if len(rest) != 2:
-                        raise ProtocolError("an update has a header and one event")
-                    event = BanEvent.decode(rest[1], self.networks)
+                    if not 2 <= len(rest) <= 1 + protocol.MAX_UPDATE_EVENTS:
+                        raise ProtocolError(
+                            f"an update has a header and 1-{protocol.MAX_UPDATE_EVENTS} events"
+                        )
+                    # All or none: a message taken in part would look like a gap.
+                    events = [BanEvent.decode(body, self.networks) for body in rest[1:]]
             except ProtocolError as error:
                 self.counters["refused"] += 1
                 self.refusals.warning("update", "ignored a message from the hub: %s", error)
                 continue
             link.heard = now
-            if link.snapshot_asked is not None:
-                if event is not None:
-                    link.buffered.append((instance, sequence, event))
-                continue
-            if instance != link.instance:
-                log.info("hub %s has new state %s: resync", link.publish_endpoint, instance[:8])
-                link.ask_snapshot(now)
-                if event is not None:
-                    link.buffered.append((instance, sequence, event))
-                continue
-            if event is None:
-                if sequence != link.sequence:
-                    self.refusals.warning(
-                        f"gap {link.publish_endpoint}",
-                        "missed updates from %s (at %d, hub at %d): resync",
-                        link.publish_endpoint,
-                        link.sequence,
-                        sequence,
-                    )
-                    link.ask_snapshot(now)
-                continue
-            if sequence <= link.sequence:
-                continue
-            if sequence != link.sequence + 1:
-                self.refusals.warning(
-                    f"gap {link.publish_endpoint}",
-                    "missed updates from %s (%d to %d): resync",
-                    link.publish_endpoint,
-                    link.sequence + 1,
-                    sequence - 1,
-                )
-                link.ask_snapshot(now)
-                link.buffered.append((instance, sequence, event))
-                continue
-            link.sequence = sequence
-            link.view.apply(event)
-            if self.touched is not None:
-                self.touched.add((event.jail, event.ip))
-            if event.action == protocol.BAN and len(self.origin_times) < MAX_TRACKED:
-                self.origin_times.setdefault(event.ip, event.time)
-            log.debug("update %d: %s", sequence, event.describe())
-            self.pending = True
+            if not events:
+                self.take_heartbeat(link, instance, sequence, now)
+            for offset, event in enumerate(events):
+                self.take_update(link, instance, sequence + offset, event, now)
+
+    def take_heartbeat(self, link: HubLink, instance: str, sequence: int, now: float) -> None:
+        """A heartbeat names the hub's state and its last sequence: both must match ours."""
+        if link.snapshot_asked is not None:
+            return
+        if instance != link.instance:
+            log.info("hub %s has new state %s: resync", link.publish_endpoint, instance[:8])
+            link.ask_snapshot(now)
+        elif sequence != link.sequence:
+            self.refusals.warning(
+                f"gap {link.publish_endpoint}",
+                "missed updates from %s (at %d, hub at %d): resync",
+                link.publish_endpoint,
+                link.sequence,
+                sequence,
+            )
+            link.ask_snapshot(now)
+
+    def take_update(
+        self, link: HubLink, instance: str, sequence: int, event: BanEvent, now: float
+    ) -> None:
+        """Apply the next update to the hub's view; keep it for later while resyncing."""
+        if link.snapshot_asked is not None:
+            link.buffered.append((instance, sequence, event))
+            return
+        if instance != link.instance:
+            log.info("hub %s has new state %s: resync", link.publish_endpoint, instance[:8])
+            link.ask_snapshot(now)
+            link.buffered.append((instance, sequence, event))
+            return
+        if sequence <= link.sequence:
+            return
+        if sequence != link.sequence + 1:
+            self.refusals.warning(
+                f"gap {link.publish_endpoint}",
+                "missed updates from %s (%d to %d): resync",
+                link.publish_endpoint,
+                link.sequence + 1,
+                sequence - 1,
+            )
+            link.ask_snapshot(now)
+            link.buffered.append((instance, sequence, event))
+            return
+        link.sequence = sequence
+        link.view.apply(event)
+        if self.touched is not None:
+            self.touched.add((event.jail, event.ip))
+        if event.action == protocol.BAN and len(self.origin_times) < MAX_TRACKED:
+            self.origin_times.setdefault(event.ip, event.time)
+        log.debug("update %d: %s", sequence, event.describe())
+        self.pending = True
 
     def handle_snapshot(self, link: HubLink, now: float) -> None:
         for frames in drain(link.snapshots, 1000):

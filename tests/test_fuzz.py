@@ -431,7 +431,7 @@ class Hostile:
                     [P, update],
                     [P, update, header],
                     [P, hugz],
-                    [P, update, header, decoy, decoy],
+                    [P, update, header] + [decoy] * (protocol.MAX_UPDATE_EVENTS + 1),
                     [P, update, header, decoy, b""],
                     [P, update] + [header] * r.randrange(3, 40),
                     [P, update, decoy],
@@ -619,11 +619,13 @@ class ReportRun:
         while self.updates.poll(0):
             frames = self.updates.recv_multipart()
             if frames[1:2] == [protocol.UPDATE]:
-                try:
-                    update = BanEvent.decode(frames[3], protocol.ANY_NETWORK)
-                except (protocol.ProtocolError, IndexError):
-                    update = frames[3] if len(frames) > 3 else b""
-                self.broadcast.append((json.loads(frames[2])["seq"], update))
+                first = json.loads(frames[2])["seq"]
+                for offset, body in enumerate(frames[3:] or [b""]):
+                    try:
+                        update = BanEvent.decode(body, protocol.ANY_NETWORK)
+                    except protocol.ProtocolError:
+                        update = body
+                    self.broadcast.append((first + offset, update))
 
     def oversized(self, frames: list[bytes]) -> None:
         """Send on a socket of its own and wait for the hub to cut it off."""

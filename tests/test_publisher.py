@@ -105,3 +105,24 @@ def test_expired_bans_are_lifted_and_broadcast(hub):
     peer.next_update()
     header, update = peer.next_update()
     assert (header["seq"], update.action, update.ip) == (2, "unban", "192.0.2.10")
+
+
+def test_a_burst_goes_out_in_few_messages_with_consecutive_sequence_numbers(hub):
+    _, peer = hub
+    events = [ban(f"198.51.{i // 250}.{i % 250 + 1}") for i in range(500)]
+    for event in events:  # all in flight at once, as a monitor's window allows
+        peer.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, event.encode()])
+    acks = [peer.reports.recv_multipart()[1] for _ in events]
+    assert acks == [protocol.ACK] * len(events)
+    messages, received = 0, []
+    while len(received) < len(events):
+        frames = peer.updates.recv_multipart()
+        if frames[1] != protocol.UPDATE:
+            continue
+        messages += 1
+        assert 1 <= len(frames) - 3 <= protocol.MAX_UPDATE_EVENTS
+        first = json.loads(frames[2])["seq"]
+        received += [(first + i, BanEvent.decode(body)) for i, body in enumerate(frames[3:])]
+    assert [seq for seq, _ in received] == list(range(1, len(events) + 1))
+    assert sorted(event.ip for _, event in received) == sorted(event.ip for event in events)
+    assert messages < len(events)  # several events shared a message
