@@ -183,7 +183,7 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("publisher", "bind"): ("127.0.0.1", _hosts),
     ("publisher", "default_bantime"): ("600", _number(int, -1, 2**31 - 1)),
     ("publisher", "heartbeat_interval"): ("1", _number(float, 0.05, 3600)),
-    ("publisher", "send_hwm"): ("100000", _number(int, 1000, 10**8)),
+    ("publisher", "send_hwm"): ("1000", _number(int, 10, 10**7)),
     ("publisher", "allow_networks"): ("true", _bool),
     ("publisher", "allowlist"): ("127.0.0.0/8 ::1/128", _networks),
     ("publisher", "rate_limit"): ("50", _number(float, 0.1, 10**6)),

@@ -31,6 +31,7 @@ NAK = b"NAK"
 MAX_REPORT = 512  # bytes: a token (at most 256), two names of 64, an action and an address
 MAX_MESSAGE = 4096  # bytes of a frame; ZeroMQ drops a peer that sends more (no reply at all)
 DRAIN_LIMIT = 1000  # reports taken per commit, as on the native endpoint
+LEGACY_SEND_HWM = 100000  # messages queued per old subscriber: one ban each
 ZAP_DOMAIN = b"f2bzmq-legacy"  # how the authenticator's log names these plain connections
 _ACTIONS = {"ban": BAN, "unban": UNBAN}  # the old hub took any case: Ban, Unban, UnBan
 
@@ -126,7 +127,8 @@ class LegacyEndpoints:
         sock.linger = 1000
         sock.zap_domain = ZAP_DOMAIN
         if kind == zmq.PUB:
-            sock.sndhwm = self.hub.config.get("publisher", "send_hwm")
+            # Old subscribers can't see a drop, let alone recover from one: a deep queue.
+            sock.sndhwm = LEGACY_SEND_HWM
         else:
             sock.maxmsgsize = MAX_MESSAGE
         for endpoint in endpoints:
