@@ -29,6 +29,7 @@ log = logging.getLogger("f2bzmq.publisher")
 
 MAX_MESSAGE = 64 * 1024  # a whole report message; larger ones disconnect the peer
 DRAIN_LIMIT = 1000  # reports taken per commit: one fsync ACKs them all
+REPLY_HWM = 10 * DRAIN_LIMIT  # replies queued per peer (an ACK is about 80 bytes)
 SNAPSHOT_PART = 500  # events per snapshot message
 
 
@@ -96,6 +97,9 @@ class Publisher:
         else:
             sock.maxmsgsize = MAX_MESSAGE
             sock.router_mandatory = False
+            # A ROUTER drops what exceeds a peer's queue: room for many drained batches
+            # of ACKs, so a burst never loses one while libzmq's I/O thread catches up.
+            sock.sndhwm = REPLY_HWM
         for endpoint in endpoints:
             deadline = time.monotonic() + patience
             while True:
