@@ -108,17 +108,32 @@ def split(items: list, parts: int) -> list[list]:
 # --- simulated monitors -------------------------------------------------------------------
 
 
-def report_events(monitors, keys_dir, endpoint, count, window, conn) -> None:
-    """A child process: `monitors` [(index, node name)] each report `count` bans, pipelined."""
+def in_child(who: str, work, conn, *args) -> None:
+    """Run work(context, *args, conn) in a child process with its own context; send the
+    parent its figures, or why it failed."""
     context = zmq.Context()
     try:
-        conn.send(_report_events(context, monitors, keys_dir, endpoint, count, window, conn))
+        conn.send(work(context, *args, conn))
     except (BenchError, zmq.ZMQError, OSError) as error:
-        conn.send({"error": f"monitors {monitors[0][1]}..: {error}"})
+        conn.send({"error": f"{who}: {error}"})
     except EOFError:
         pass  # the parent is gone
     finally:
         context.destroy(linger=0)
+
+
+def report_events(monitors, keys_dir, endpoint, count, window, conn) -> None:
+    """A child process: `monitors` [(index, node name)] each report `count` bans, pipelined."""
+    in_child(
+        f"monitors {monitors[0][1]}..",
+        _report_events,
+        conn,
+        monitors,
+        keys_dir,
+        endpoint,
+        count,
+        window,
+    )
 
 
 def _report_events(context, monitors, keys_dir, endpoint, count, window, conn) -> dict:
@@ -216,15 +231,7 @@ def count_updates(names, keys_dir, endpoint, conn) -> None:
     counts, and a message that does not start where the previous one ended is a gap.
     The hub sends up to 100 updates per message, so counting costs little Python.
     """
-    context = zmq.Context()
-    try:
-        conn.send(_count_updates(context, names, keys_dir, endpoint, conn))
-    except (BenchError, zmq.ZMQError, OSError) as error:
-        conn.send({"error": f"subscribers {names[0]}..: {error}"})
-    except EOFError:
-        pass  # the parent is gone
-    finally:
-        context.destroy(linger=0)
+    in_child(f"subscribers {names[0]}..", _count_updates, conn, names, keys_dir, endpoint)
 
 
 class Tally:

@@ -32,6 +32,21 @@ def run_dir_of(config: Path) -> Path:
     return Path(load_config(str(config)).get("general", "run_dir"))
 
 
+def run_in_foreground(config: Path) -> subprocess.Popen:
+    """`publisher run`, once its PID file says it is up."""
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, "-c", str(config), "run"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    if not wait_until((run_dir_of(config) / "publisher.pid").exists, 15, 0.05):
+        process.kill()
+        process.wait(5)
+        raise AssertionError("the publisher wrote no PID file within 15 s")
+    return process
+
+
 @pytest.fixture
 def config(tmp_path):
     path = tmp_path / "fail2ban-cluster.conf"
@@ -114,15 +129,9 @@ def test_config_mistake_is_one_line_naming_file_section_and_key(tmp_path):
 
 
 def test_run_stops_cleanly_on_sigterm(config):
-    process = subprocess.Popen(
-        [sys.executable, SCRIPT, "-c", str(config), "run"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    process = run_in_foreground(config)
     try:
         pidfile = run_dir_of(config) / "publisher.pid"
-        assert wait_until(pidfile.exists, 15, 0.05)
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0
     finally:
@@ -172,15 +181,8 @@ def test_sigterm_taken_by_another_thread_still_stops_the_daemon_at_once(config):
 
     slow = config.with_suffix(".local")
     slow.write_text("[publisher]\nheartbeat_interval = 3600\n")
-    process = subprocess.Popen(
-        [sys.executable, SCRIPT, "-c", str(config), "run"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = run_in_foreground(config)
     try:
-        pidfile = run_dir_of(config) / "publisher.pid"
-        assert wait_until(pidfile.exists, 15, 0.05)
         threads = [int(tid) for tid in os.listdir(f"/proc/{process.pid}/task")]
         others = [tid for tid in threads if tid != process.pid]
         assert others, "the hub runs zmq and authenticator threads"
