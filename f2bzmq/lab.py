@@ -115,8 +115,11 @@ class Fail2banServer:
             jails(self) if callable(jails) else jails or self.default_jails(bantime, sync_bantime)
         )
 
-    def default_jails(self, bantime: int, sync_bantime: int) -> str:
-        """sshd watching auth_log, and the sync jail fed only by commands; both dummy actions."""
+    def default_jails(self, bantime: int, sync_bantime: int, sync_action: str = "dummy") -> str:
+        """sshd watching auth_log, and the sync jail fed only by commands; dummy actions
+        (sync_action "" leaves the sync jail without any: fail2ban only keeps the list)."""
+        if sync_action == "dummy":
+            sync_action = f"dummy[target={self.directory / (self.sync_jail + '.dummy')}]"
         return (
             "[DEFAULT]\n"
             "backend = polling\n"
@@ -135,7 +138,7 @@ class Fail2banServer:
             f"filter = {SYNC_FILTER}\n"
             f"logpath = {self.sync_log}\n"
             f"bantime = {sync_bantime}\n"
-            f"action = dummy[target={self.directory / (self.sync_jail + '.dummy')}]\n"
+            f"action = {sync_action}\n"
         )
 
     def _write_config(self, jails: str) -> None:
@@ -633,8 +636,8 @@ class NodeClient:
             if frames[1] == protocol.UPDATE:
                 header = json.loads(frames[2])
                 self.received = [
-                    (dict(header, seq=header["seq"] + offset), BanEvent.decode(body))
-                    for offset, body in enumerate(frames[3:])
+                    (dict(header, seq=header["seq"] + offset), BanEvent.from_object(item))
+                    for offset, item in enumerate(json.loads(frames[3]))
                 ]
         raise AssertionError("only heartbeats")
 
@@ -650,7 +653,7 @@ class NodeClient:
             _, kind, header, body = sock.recv_multipart()
             assert kind == protocol.SNAPSHOT_PART
             header = json.loads(header)
-            events += [BanEvent.decode(json.dumps(item).encode()) for item in json.loads(body)]
+            events += [BanEvent.from_object(item) for item in json.loads(body)]
             if header["last"]:
                 sock.close()
                 return header, events

@@ -22,7 +22,7 @@ PROTOCOL = b"F2BZMQ1"
 EVENT = b"event"  # monitor -> publisher: [PROTOCOL, EVENT, event]
 ACK = b"ack"  # publisher -> monitor: [PROTOCOL, ACK, {"id": …}]
 NAK = b"nak"  # publisher -> monitor: [PROTOCOL, NAK, {"id": …, "reason": …}]
-UPDATE = b"update"  # PUB: [PROTOCOL, UPDATE, {"publisher": …, "seq": n}, event n, event n+1, …]
+UPDATE = b"update"  # PUB: [PROTOCOL, UPDATE, {"publisher": …, "seq": n}, [event n, event n+1, …]]
 HUGZ = b"hugz"  # PUB heartbeat: [PROTOCOL, HUGZ, {"publisher": …, "seq": n}]
 SNAPSHOT_REQUEST = b"icanhaz"  # subscriber -> publisher: [PROTOCOL, SNAPSHOT_REQUEST, {}]
 SNAPSHOT_PART = b"snapshot"  # publisher -> subscriber: [PROTOCOL, SNAPSHOT_PART, header, [events]]
@@ -32,9 +32,11 @@ UNBAN = "unban"
 PERMANENT = -1
 
 MAX_BODY = 4096  # bytes of one event's JSON; a real event is about 250
-# Events per update message: the hub's fan-out (a copy and, with CURVE, an encryption
-# per subscriber connection) is paid per message, so a burst goes out in few of them.
+# Events per update message, all in one frame (a JSON array): the hub's fan-out (a copy
+# and, with CURVE, an encryption per frame and subscriber connection) and the nodes'
+# receiving are paid per frame, so a burst goes out in few of them.
 MAX_UPDATE_EVENTS = 100
+MAX_UPDATE = MAX_UPDATE_EVENTS * (MAX_BODY + 1) + 2  # bytes of that frame at most
 MAX_NAME = 64
 # fail2ban refuses jail names it can't use in a command line or a chain name; we
 # are stricter still: letters, digits and ._- only, so a name is never a path or a flag.
@@ -144,7 +146,21 @@ class BanEvent:
     @classmethod
     def decode(cls, data: bytes, networks: NetworkLimits = NetworkLimits()) -> BanEvent:
         """Parse and validate an event body; raise ProtocolError with the reason."""
-        body = decode_object(data, MAX_BODY)
+        event, checked = cls._from_object(decode_object(data, MAX_BODY), networks)
+        if checked is event:  # the bytes say exactly what the event says
+            object.__setattr__(event, "wire", bytes(data))
+        return checked
+
+    @classmethod
+    def from_object(cls, body: object, networks: NetworkLimits = NetworkLimits()) -> BanEvent:
+        """Validate one already parsed event (an item of an update or a snapshot part)."""
+        if not isinstance(body, dict):
+            raise ProtocolError("an event must be a JSON object")
+        return cls._from_object(body, networks)[1]
+
+    @classmethod
+    def _from_object(cls, body: dict, networks: NetworkLimits) -> tuple[BanEvent, BanEvent]:
+        """The event as given and as validated (the same object when nothing changed)."""
         unknown = set(body) - _FIELDS
         if unknown:
             raise ProtocolError(f"unknown field {sorted(unknown)[0]!r}")
@@ -160,10 +176,7 @@ class BanEvent:
             body["time"],
             body.get("bantime"),
         )
-        checked = event.validated(networks)
-        if checked is event:  # the bytes say exactly what the event says
-            object.__setattr__(event, "wire", bytes(data))
-        return checked
+        return event, event.validated(networks)
 
     def describe(self) -> str:
         """fail2ban-style text: '[sshd] Ban 192.0.2.10 from node1'."""
@@ -222,27 +235,27 @@ def _plain_ipv4(value: str) -> int | None:
 
 
 class Allowlist:
-    """Networks never to ban, as integer ranges: checked on every event, so kept cheap."""
+    """Networks never to ban, as integer ranges per family: checked on every event, so cheap."""
 
     def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
         self.networks = list(networks)
-        self.ranges = [
-            (net.version, int(net.network_address), int(net.broadcast_address))
-            for net in self.networks
-        ]
+        self.ranges: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for net in self.networks:
+            self.ranges[net.version].append((int(net.network_address), int(net.broadcast_address)))
 
     def covers(self, ip: str) -> bool:
         """True when an allowlisted network holds the address or overlaps the banned network."""
         first = _plain_ipv4(ip)
         if first is not None:
-            version, last = 4, first
+            ranges, last = self.ranges[4], first
         else:
             network = ipaddress.ip_network(ip, strict=False)
-            version = network.version
+            ranges = self.ranges[network.version]
             first, last = int(network.network_address), int(network.broadcast_address)
-        return any(
-            version == kind and first <= high and low <= last for kind, low, high in self.ranges
-        )
+        for low, high in ranges:  # noqa: SIM110 - a plain loop: any() + generator costs 2x
+            if first <= high and low <= last:
+                return True
+        return False
 
 
 def peek_id(data: bytes) -> str:
@@ -293,6 +306,11 @@ def ack_body(event_id: str, outcome: str) -> bytes:
 
 def stream_header(instance: str, sequence: int) -> bytes:
     return f'{{"publisher":"{instance}","seq":{int(sequence)}}}'.encode()
+
+
+def event_list(events: Iterable[BanEvent]) -> bytes:
+    """Events as one JSON array frame, each in the bytes it was stored with."""
+    return b"[" + b",".join(event.encode() for event in events) + b"]"
 
 
 def split_message(frames: list[bytes]) -> tuple[bytes, list[bytes]]:

@@ -22,7 +22,16 @@ from .legacy import LegacyEndpoints
 from .metrics import DelayHistogram, counter, gauge, histogram
 from .protocol import Allowlist, BanEvent, ProtocolError
 from .ratelimit import TokenBuckets
-from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain, send_frames
+from .runtime import (
+    NOTICE,
+    RateLimitedLog,
+    StopSignals,
+    Wakeup,
+    batched_logging,
+    clock,
+    drain,
+    send_frames,
+)
 from .state import Outcome, StateStore, Update
 
 log = logging.getLogger("f2bzmq.publisher")
@@ -135,19 +144,23 @@ class Publisher:
                 self.signals.reload = False
                 self.reload_keys()
                 continue
-            if self.collector in ready:
-                self.handle_reports()
-            if self.snapshots in ready:
-                self.handle_snapshots()
-            if self.legacy.reports in ready:
-                self.legacy.handle_reports()
-            if self.control and self.control.socket in ready:
-                self.control.handle()
-            now = time.time()
-            self.flush_ttl(now)
-            if now >= self.next_hugz:
-                self.send_hugz(now)
+            with batched_logging():  # a line per ban, written once per pass
+                self.handle_ready(ready)
         self.close()
+
+    def handle_ready(self, ready: dict) -> None:
+        if self.collector in ready:
+            self.handle_reports()
+        if self.snapshots in ready:
+            self.handle_snapshots()
+        if self.legacy.reports in ready:
+            self.legacy.handle_reports()
+        if self.control and self.control.socket in ready:
+            self.control.handle()
+        now = time.time()
+        self.flush_ttl(now)
+        if now >= self.next_hugz:
+            self.send_hugz(now)
 
     def handle_reports(self) -> None:
         """Take every waiting report, commit them in one transaction, then answer and broadcast."""
@@ -171,10 +184,10 @@ class Publisher:
         self.store.commit(self.table)
         for reply in replies:
             send_frames(sock, reply)
+        self.broadcast(updates)  # before the log lines: the nodes wait, the log doesn't
         for update in updates:
             # Logged only now that it is stored: a crash can't leave a ban in the log twice.
             log.log(NOTICE, "%s%s", update.event.describe(), note)
-        self.broadcast(updates)
 
     def handle_report(
         self, frames: list[bytes], now: float, user: str | None = None
@@ -266,8 +279,8 @@ class Publisher:
 
     def _publish(self, updates: list[Update]) -> None:
         header = protocol.stream_header(self.table.instance, updates[0].seq)
-        bodies = [update.event.encode() for update in updates]
-        send_frames(self.broadcaster, [protocol.PROTOCOL, protocol.UPDATE, header, *bodies])
+        body = protocol.event_list(update.event for update in updates)
+        send_frames(self.broadcaster, [protocol.PROTOCOL, protocol.UPDATE, header, body])
         for update in updates:
             self.legacy.broadcast(update.event)
         self.counters["broadcast"] += len(updates)
@@ -312,15 +325,16 @@ class Publisher:
                 "part": number,
                 "last": number == len(parts) - 1,
             }
-            body = b"[" + b",".join(event.encode() for event in part) + b"]"
-            self.snapshots.send_multipart(
+            body = protocol.event_list(part)
+            send_frames(
+                self.snapshots,
                 [
                     peer,
                     protocol.PROTOCOL,
                     protocol.SNAPSHOT_PART,
                     protocol.encode_object(header),
                     body,
-                ]
+                ],
             )
         log.debug("sent a snapshot of %d bans at sequence %d", len(events), sequence)
 

@@ -8,7 +8,6 @@ the hub's heartbeats stopped, then reconciles the jail with what the cluster ban
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable
@@ -76,16 +75,6 @@ class LocalPolicy:
 
     def local_jails(self) -> set[str]:
         return {self.sync_jail, *self.jail_map.values()}
-
-
-def encode_item(item: object) -> bytes:
-    """A snapshot item back to bytes for BanEvent.decode; anything odd is a ProtocolError."""
-    if not isinstance(item, dict):
-        raise ProtocolError("a snapshot item must be a JSON object")
-    try:
-        return json.dumps(item).encode()
-    except (ValueError, TypeError, RecursionError) as error:
-        raise ProtocolError(f"snapshot item: {error}") from None
 
 
 def desired_bans(views: Iterable[ClusterView], policy: LocalPolicy) -> dict[str, set[str]]:
@@ -277,12 +266,7 @@ class Subscriber:
                     raise ProtocolError("header lacks publisher or seq")
                 events = []
                 if kind == protocol.UPDATE:
-                    if not 2 <= len(rest) <= 1 + protocol.MAX_UPDATE_EVENTS:
-                        raise ProtocolError(
-                            f"an update has a header and 1-{protocol.MAX_UPDATE_EVENTS} events"
-                        )
-                    # All or none: a message taken in part would look like a gap.
-                    events = [BanEvent.decode(body, self.networks) for body in rest[1:]]
+                    events = self.update_events(rest)
             except ProtocolError as error:
                 self.counters["refused"] += 1
                 self.refusals.warning("update", "ignored a message from the hub: %s", error)
@@ -292,6 +276,15 @@ class Subscriber:
                 self.take_heartbeat(link, instance, sequence, now)
             for offset, event in enumerate(events):
                 self.take_update(link, instance, sequence + offset, event, now)
+
+    def update_events(self, rest: list[bytes]) -> list[BanEvent]:
+        """The events of an update message, all or none: one taken in part would look like a gap."""
+        if len(rest) != 2:
+            raise ProtocolError("an update has a header and one list of events")
+        items = protocol.decode_list(rest[1], protocol.MAX_UPDATE)
+        if not 1 <= len(items) <= protocol.MAX_UPDATE_EVENTS:
+            raise ProtocolError(f"an update has 1-{protocol.MAX_UPDATE_EVENTS} events")
+        return [BanEvent.from_object(item, self.networks) for item in items]
 
     def take_heartbeat(self, link: HubLink, instance: str, sequence: int, now: float) -> None:
         """A heartbeat names the hub's state and its last sequence: both must match ours."""
@@ -358,7 +351,7 @@ class Subscriber:
                 # A part is taken whole or not at all: a part with one event missing would
                 # read as "the cluster lifted that ban". (One shared configuration keeps the
                 # hub's and the nodes' network limits the same.)
-                events = [BanEvent.decode(encode_item(item), self.networks) for item in items]
+                events = [BanEvent.from_object(item, self.networks) for item in items]
             except ProtocolError as error:
                 self.counters["refused"] += 1
                 self.refusals.warning("snapshot", "ignored a snapshot part: %s", error)

@@ -421,9 +421,12 @@ class Hostile:
             return self.sequence_game(hub)
         header = hub.header(hub.sequence + 1)  # the place a hostile update would take
         if category == "body":
-            category, body = self.body()
-            return category, [P, update, header, body]
-        decoy = encode(self.event())
+            category, body = self.body(protocol.MAX_UPDATE)
+            # An update's events are one JSON array, taken all or none: a valid decoy beside
+            # the hostile one must not be banned either.
+            valid = [encode(self.event()) for _ in range(r.choice([0, 0, 1, 5]))]
+            return category, [P, update, header, b"[" + b",".join([*valid, body]) + b"]"]
+        decoy = encode([self.event()])
         if category == "frame count":
             frames = r.choice(
                 [
@@ -431,7 +434,9 @@ class Hostile:
                     [P, update],
                     [P, update, header],
                     [P, hugz],
-                    [P, update, header] + [decoy] * (protocol.MAX_UPDATE_EVENTS + 1),
+                    [P, update, header, decoy, decoy],
+                    [P, update, header, encode([self.event()] * (protocol.MAX_UPDATE_EVENTS + 1))],
+                    [P, update, header, b"[]"],
                     [P, update, header, decoy, b""],
                     [P, update] + [header] * r.randrange(3, 40),
                     [P, update, decoy],
@@ -481,7 +486,7 @@ class Hostile:
         if hub.banned and r.random() < 0.3:  # lift a valid ban out of turn
             body = self.event(action="unban", ip=r.choice(hub.banned))
             del body["bantime"]
-        event = encode(body)
+        event = encode([body])
         other = f"{r.getrandbits(128):032x}"
         choice = r.randrange(6)
         if choice == 0:
@@ -620,11 +625,12 @@ class ReportRun:
             frames = self.updates.recv_multipart()
             if frames[1:2] == [protocol.UPDATE]:
                 first = json.loads(frames[2])["seq"]
-                for offset, body in enumerate(frames[3:] or [b""]):
+                items = json.loads(frames[3]) if len(frames) == 4 else [None]
+                for offset, item in enumerate(items or [None]):
                     try:
-                        update = BanEvent.decode(body, protocol.ANY_NETWORK)
+                        update = BanEvent.from_object(item, protocol.ANY_NETWORK)
                     except protocol.ProtocolError:
-                        update = body
+                        update = item
                     self.broadcast.append((first + offset, update))
 
     def oversized(self, frames: list[bytes]) -> None:
@@ -869,7 +875,7 @@ class FakeHub:
             self.table[event.ip] = event
         elif record:
             del self.table[event.ip]
-        self.publish([P, protocol.UPDATE, self.header(self.sequence), event.encode()])
+        self.publish([P, protocol.UPDATE, self.header(self.sequence), protocol.event_list([event])])
 
     def serve(self, timeout: float = 0.0) -> None:
         """Answer snapshot requests, note subscriptions, send heartbeats that are due."""
