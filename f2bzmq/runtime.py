@@ -120,6 +120,50 @@ class RateLimitedLog:
             self.last.clear()
 
 
+class BatchedFileHandler(logging.handlers.WatchedFileHandler):
+    """A log file that logrotate may move (like WatchedFileHandler), written in batches.
+
+    The hub logs a line per ban; writing and flushing each line, and checking with a
+    stat whether the file was rotated, cost a third of its time per event. Inside
+    `batched_logging()` lines gather in the stream's buffer and are written, with
+    one rotation check, when the batch ends: milliseconds later, before the loop
+    waits again. Outside a batch (other threads, start-up, errors) every line is
+    written at once, as before.
+    """
+
+    batching = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.batching:
+            logging.FileHandler.emit(self, record)  # no stat per line; flush() waits
+        else:
+            super().emit(record)
+
+    def flush(self) -> None:
+        if not self.batching:
+            super().flush()
+
+    def end_batch(self) -> None:
+        with self.lock:
+            self.batching = False
+            self.flush()
+            self.reopenIfNeeded()  # the next line goes to the new file after a rotation
+
+
+@contextlib.contextmanager
+def batched_logging() -> Iterator[None]:
+    """Lines logged inside go out in one write when it ends (file logs only)."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, BatchedFileHandler)]
+    for handler in handlers:
+        with handler.lock:
+            handler.batching = True
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.end_batch()
+
+
 def setup_logging(role: str, target: str, level: int, foreground: bool) -> None:
     """fail2ban-like lines to stderr, syslog or a file; 'AUTO' is stderr in the foreground."""
     root = logging.getLogger()
@@ -142,7 +186,7 @@ def setup_logging(role: str, target: str, level: int, foreground: bool) -> None:
     else:
         path = Path(target.replace("{role}", role))
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.WatchedFileHandler(path)
+        handler = BatchedFileHandler(path)
         fmt = f"%(asctime)s {name:<20} [%(process)d]: %(levelname)-7s %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)

@@ -163,6 +163,14 @@ CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 
 
+_STATEMENTS = {  # journal entry -> the table it changes, and how
+    "seen": ("seen", "INSERT OR REPLACE INTO seen VALUES (?, ?)"),
+    "forget": ("seen", "DELETE FROM seen WHERE id = ?"),
+    "origin": ("bans", "INSERT OR REPLACE INTO bans VALUES (?, ?, ?, ?, ?)"),
+    "drop": ("bans", "DELETE FROM bans WHERE jail = ? AND ip = ? AND node = ?"),
+}
+
+
 class StateStore:
     """SQLite home of a BanTable; `commit` writes the table's journal in one transaction."""
 
@@ -202,26 +210,30 @@ class StateStore:
         table.journal.clear()
 
     def _write(self, journal: Iterable[tuple]) -> None:
-        execute = self.db.execute
+        """The journal as few statements: changes to each table keep their order, runs of
+        the same statement go in one executemany (the tables don't depend on each other,
+        and the transaction makes the whole batch one change)."""
+        runs: dict[str, list[tuple[str, list[tuple]]]] = {"seen": [], "bans": []}
         sequence = None  # only the last one of a batch needs writing
         for change in journal:
             what = change[0]
-            if what == "seen":
-                execute("INSERT OR REPLACE INTO seen VALUES (?, ?)", change[1:])
-            elif what == "forget":
-                execute("DELETE FROM seen WHERE id = ?", change[1:])
-            elif what == "origin":
-                event, node, expiry = change[1:]
-                execute(
-                    "INSERT OR REPLACE INTO bans VALUES (?, ?, ?, ?, ?)",
-                    (event.jail, event.ip, node, event.encode().decode(), expiry),
-                )
-            elif what == "drop":
-                execute("DELETE FROM bans WHERE jail = ? AND ip = ? AND node = ?", change[1:])
-            elif what == "sequence":
+            if what == "sequence":
                 sequence = change[1]
+                continue
+            if what == "origin":
+                event, node, expiry = change[1:]
+                row = (event.jail, event.ip, node, event.encode().decode(), expiry)
+            else:
+                row = change[1:]
+            table, statement = _STATEMENTS[what]
+            if runs[table] and runs[table][-1][0] == statement:
+                runs[table][-1][1].append(row)
+            else:
+                runs[table].append((statement, [row]))
+        for statement, rows in runs["seen"] + runs["bans"]:
+            self.db.executemany(statement, rows)
         if sequence is not None:
-            execute("INSERT OR REPLACE INTO meta VALUES ('sequence', ?)", (str(sequence),))
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('sequence', ?)", (str(sequence),))
 
     def close(self) -> None:
         self.db.close()

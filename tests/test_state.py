@@ -1,5 +1,7 @@
 """The ban table's rules and its SQLite home."""
 
+import random
+
 from f2bzmq.protocol import BAN, UNBAN, BanEvent
 from f2bzmq.state import BanTable, Outcome, StateStore
 
@@ -128,3 +130,30 @@ def test_foreign_unban_lifts_every_origin_only_when_allowed():
     outcome, update = table.apply(ev("node3", UNBAN), NOW)
     assert outcome is Outcome.UNBANNED and update.event.node == "node3"
     assert table.bans == {} and table.next_expiry() is None
+
+
+def test_a_reloaded_store_equals_the_table_after_random_batches(tmp_path):
+    """Bans and unbans of a few addresses by a few nodes, committed in batches of every size:
+    the same address banned, lifted and banned again in one batch must come back as the
+    table had it (the store groups the batch's statements per table)."""
+    rng = random.Random(7)
+    store = StateStore(tmp_path / "state.sqlite3")
+    table = store.load("hub", 600, 86400)
+    for batch in range(60):
+        for _ in range(rng.choice([1, 2, 5, 20, 80])):
+            node = rng.choice(["node1", "node2", "node3"])
+            ip = f"192.0.2.{rng.randrange(1, 6)}"
+            action = rng.choice([BAN, BAN, UNBAN])
+            table.apply(ev(node, action, ip=ip, bantime=rng.choice([600, -1])), NOW + batch)
+        store.commit(table)
+        reloaded = StateStore(tmp_path / "state.sqlite3")
+        again = reloaded.load("hub", 600, 86400)
+        reloaded.close()
+        assert again.sequence == table.sequence
+        assert {key: ban.origins for key, ban in again.bans.items()} == {
+            key: ban.origins for key, ban in table.bans.items()
+        }
+        assert {key: ban.event for key, ban in again.bans.items()} == {
+            key: ban.event for key, ban in table.bans.items()
+        }
+        assert again.seen == table.seen

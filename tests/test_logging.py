@@ -1,0 +1,73 @@
+"""The daemons' log file: lines of one loop pass written together, and logrotate followed."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+
+import pytest
+
+from f2bzmq.runtime import batched_logging, setup_logging
+
+
+@pytest.fixture
+def file_log(tmp_path):
+    """The publisher's logging set up to a file, as `start` does; the root logger restored."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    path = tmp_path / "publisher.log"
+    setup_logging("publisher", str(path), logging.INFO, foreground=False)
+    try:
+        yield path, logging.getLogger("f2bzmq.publisher")
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+
+
+def test_lines_of_a_batch_are_written_when_it_ends_and_others_at_once(file_log):
+    path, log = file_log
+    log.info("before")
+    assert "before" in path.read_text()
+    with batched_logging():
+        log.info("[sshd] Ban 192.0.2.1 from node1")
+        log.info("[sshd] Ban 192.0.2.2 from node1")
+        assert "192.0.2.1" not in path.read_text()  # waiting for the end of the pass
+    lines = path.read_text().splitlines()
+    assert [line.split("INFO    ")[-1] for line in lines] == [
+        "before",
+        "[sshd] Ban 192.0.2.1 from node1",
+        "[sshd] Ban 192.0.2.2 from node1",
+    ]
+    log.info("after")
+    assert path.read_text().splitlines()[-1].endswith("after")
+
+
+@pytest.mark.skipif(shutil.which("logrotate") is None, reason="needs logrotate")
+def test_after_logrotate_the_lines_go_to_the_new_file_and_none_is_lost(file_log, tmp_path):
+    path, log = file_log
+    config = tmp_path / "logrotate.conf"
+    config.write_text(f"{path} {{\n    create 0600\n    rotate 2\n}}\n")
+    log.info("first")
+    subprocess.run(
+        ["logrotate", "-f", "-s", str(tmp_path / "state"), str(config)], check=True, timeout=60
+    )
+    rotated = tmp_path / "publisher.log.1"
+    assert rotated.exists() and path.read_text() == ""
+    with batched_logging():
+        log.info("in a batch")  # the handler still holds the old file: written there
+    log.info("next")
+    log.info("last")
+    # Written once the pass ended, to the file it had open: the rotated one; then reopened.
+    assert [line.split("INFO    ")[-1] for line in rotated.read_text().splitlines()] == [
+        "first",
+        "in a batch",
+    ]
+    assert [line.split("INFO    ")[-1] for line in path.read_text().splitlines()] == [
+        "next",
+        "last",
+    ]
