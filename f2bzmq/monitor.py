@@ -177,6 +177,7 @@ class Monitor:
             if lines or events:
                 self.outbox.add(events, self.follower.position().to_json())
             if events:
+                self.send_pending()  # first: the rest of the loop is bookkeeping
                 self.trim_outbox()
             for event in events:
                 log.log(NOTICE, "%s: queued for the cluster", event.describe())
