@@ -43,10 +43,14 @@ from throughput import SubscriberSwarm, Workers, join_swarm
 from f2bzmq.fail2ban import Fail2banClient
 from f2bzmq.lab import CLIENT_PROGRAM, Cluster, make_keys, wait_until
 
-STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*\] Ban (\S+)$", re.M)
+# fail2ban's "[jail] Ban ip" lines, and the hub's "[jail] Ban ip from node".
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*\] Ban (\S+)(?: from \S+)?$", re.M)
 ORIGIN_JAIL = "sshd"
 SYNC_JAIL = "cluster"
 ARRIVAL_TIMEOUT = 120.0  # seconds every ban (and every unban) has to arrive
+# --action: the sync jail's action line ("dummy" forks a shell per ban, like the stock
+# shell actions; "none" leaves fail2ban only its list: f2bzmq's share of the way).
+SYNC_ACTIONS = {"dummy": "dummy", "none": ""}
 
 
 def stamps(text: str, jail: str) -> dict[str, float]:
@@ -141,11 +145,12 @@ def run(
     naive: int = 20,
     subscribers: int = 0,
     directory: str | None = None,
+    action: str = "dummy",
 ) -> dict:
     """Ban `count` addresses on node1, `interval` s apart; figures of their way to node2."""
     root = Path(tempfile.mkdtemp(prefix="f2bzmq-propagation-", dir=directory))
     try:
-        return measure(root, count, interval, hold, poll, naive, subscribers)
+        return measure(root, count, interval, hold, poll, naive, subscribers, action)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -158,11 +163,12 @@ def measure(
     poll: float,
     naive: int,
     subscribers: int,
+    action: str = "dummy",
 ) -> dict:
     cluster = Cluster(
         root,
         size=2,
-        fail2ban={"jails": lambda server: server.default_jails(3600, 86400)},
+        fail2ban={"jails": lambda server: server.default_jails(3600, 86400, SYNC_ACTIONS[action])},
         general={"loglevel": "INFO"},
     )
     simulated = [f"sim{i}" for i in range(1, subscribers + 1)]
@@ -177,13 +183,15 @@ def measure(
         ips = addresses(count)
         result = ban_all(node1, node2, ips, interval, hold, poll)
         origin = stamps(node1.fail2ban.log.read_text(), ORIGIN_JAIL)
+        stored = stamps(cluster.hub.log_text(), ORIGIN_JAIL)
         banned = stamps(node2.fail2ban.log.read_text(), SYNC_JAIL)
         applied = stamps(node2.log_text("subscriber"), SYNC_JAIL)
-        missing = [ip for ip in ips if not (ip in origin and ip in banned and ip in applied)]
+        missing = [ip for ip in ips if not all(ip in s for s in (origin, stored, banned, applied))]
         if missing:
             raise BenchError(f"{len(missing)} bans left no log line, e.g. {missing[0]}")
         naive_ms = naive_bans(node2, naive)
     seen = result.pop("seen")
+    stored_ms = [(stored[ip] - origin[ip]) * 1000 for ip in ips]
     banned_ms = [(banned[ip] - origin[ip]) * 1000 for ip in ips]
     listed_ms = [(seen[ip] - origin[ip]) * 1000 for ip in ips]
     applied_ms = [(applied[ip] - origin[ip]) * 1000 for ip in ips]
@@ -193,7 +201,9 @@ def measure(
         "interval_s": interval,
         "hold_s": hold,
         "nodes": 2 + subscribers,
+        "sync_action": action,
         "simulated_subscribers": subscribers,
+        "stored_ms": spread(stored_ms),
         "banned_ms": spread(banned_ms),
         "listed_ms": spread(listed_ms),
         "applied_ms": spread(applied_ms),
@@ -275,6 +285,7 @@ def text(result: dict) -> str:
     """The table of one run."""
     rows = []
     for label, key in (
+        ("f2bzmq: node1 Ban line -> stored by the hub (ms)", "stored_ms"),
         ("f2bzmq: node1 Ban line -> node2 fail2ban's Ban line (ms)", "banned_ms"),
         ("f2bzmq: node1 Ban line -> listed on node2 (ms)", "listed_ms"),
         ("f2bzmq: node1 Ban line -> banip returned on node2 (ms)", "applied_ms"),
@@ -287,7 +298,8 @@ def text(result: dict) -> str:
     out += (
         f"\n{result['bans']} bans {result['interval_s'] * 1000:g} ms apart, each lifted"
         f" {result['hold_s']:g} s after it arrived; {result['nodes']} nodes"
-        f" ({result['simulated_subscribers']} of them simulated listeners)"
+        f" ({result['simulated_subscribers']} of them simulated listeners);"
+        f" node2's sync jail action: {result['sync_action']}"
         f"\n'listed' polls node2's fail2ban every {poll['interval_ms']:g} ms while a ban is"
         f" awaited ({poll['calls']} calls, {poll['mean_call_ms']:.2f} ms each): resolution"
         f" {poll['interval_ms'] + poll['mean_call_ms']:.1f} ms (fail2ban answers one command"
@@ -306,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=0.001, help="seconds between polls")
     parser.add_argument("--naive", type=int, default=20, help="fail2ban-client runs to time")
     parser.add_argument("--subscribers", type=int, default=0, help="simulated extra nodes")
+    parser.add_argument(
+        "--action",
+        choices=sorted(SYNC_ACTIONS),
+        default="dummy",
+        help="node2's sync jail action (dummy: a shell per ban; none: fail2ban's list only)",
+    )
     parser.add_argument("--dir", help="where the nodes live (default: a temp folder)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
@@ -323,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             args.naive,
             args.subscribers,
             args.dir,
+            args.action,
         )
     except BenchError as error:
         print(f"propagation: {error}", file=sys.stderr)

@@ -28,9 +28,14 @@ from common import machine, stop_on_sigterm, table
 
 HERE = Path(__file__).resolve().parent
 
-# name -> (arguments of the full run, arguments of the quick run)
+# name -> (arguments of the full run, arguments of the quick run); the script is the name
+# up to a "-": "propagation-no-action" is propagation.py again, with other arguments.
+QUICK_PROPAGATION = ["--count", "30", "--interval", "0.02", "--naive", "5"]
 SUITE: dict[str, tuple[list[str], list[str]]] = {
-    "propagation": ([], ["--count", "30", "--interval", "0.02", "--naive", "5"]),
+    "propagation": ([], QUICK_PROPAGATION),
+    # The same with a sync jail that has no action: f2bzmq's share of the way, without
+    # the time node2's fail2ban spends forking the dummy action's shell.
+    "propagation-no-action": (["--action", "none"], [*QUICK_PROPAGATION, "--action", "none"]),
     "throughput": ([], ["--events", "2000", "--subscribers", "20", "--naive", "20"]),
     "footprint": ([], ["--idle-seconds", "3", "--burst", "300"]),
     "scale": (
@@ -44,10 +49,11 @@ STOP_GRACE = 60.0  # seconds a benchmark has to clean up after Ctrl-C
 
 
 def run_one(name: str, arguments: list[str], timeout: float, folder: Path) -> dict:
-    """Run bench/NAME.py; its figures, or what went wrong."""
+    """Run bench/NAME.py (the name up to a "-"); its figures, or what went wrong."""
     output = folder / f"{name}.json"
-    command = [sys.executable, str(HERE / f"{name}.py"), *arguments, "--json", str(output)]
-    print(f"\n$ {' '.join(['python3', f'bench/{name}.py', *arguments])}", flush=True)
+    script = f"{name.split('-')[0]}.py"
+    command = [sys.executable, str(HERE / script), *arguments, "--json", str(output)]
+    print(f"\n$ {' '.join(['python3', f'bench/{script}', *arguments])}", flush=True)
     started = time.monotonic()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
     try:
@@ -75,7 +81,7 @@ def headline(name: str, result: dict) -> str:
     """One line of the figures that matter most, for the summary."""
     if "error" in result:
         return result["error"]
-    if name == "propagation":
+    if name.startswith("propagation"):
         listed, applied = result["listed_ms"], result["applied_ms"]
         return (
             f"listed p50 {listed['p50']:.1f} ms p99 {listed['p99']:.1f} ms;"
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated benchmarks to run (default all)")
     parser.add_argument("--json", help="write every figure to this file")
     args = parser.parse_args(argv)
-    names = [name for name in SUITE if (HERE / f"{name}.py").exists()]
+    names = [name for name in SUITE if (HERE / f"{name.split('-')[0]}.py").exists()]
     if args.only:
         wanted = [name.strip() for name in args.only.split(",") if name.strip()]
         unknown = sorted(set(wanted) - set(names))
