@@ -48,12 +48,16 @@ TIMEOUT = {False: 3 * 3600.0, True: 300.0}  # seconds one benchmark may take
 STOP_GRACE = 60.0  # seconds a benchmark has to clean up after Ctrl-C
 
 
+def script(name: str) -> str:
+    """The benchmark file of a suite entry: its name up to a "-"."""
+    return f"{name.split('-')[0]}.py"
+
+
 def run_one(name: str, arguments: list[str], timeout: float, folder: Path) -> dict:
     """Run bench/NAME.py (the name up to a "-"); its figures, or what went wrong."""
     output = folder / f"{name}.json"
-    script = f"{name.split('-')[0]}.py"
-    command = [sys.executable, str(HERE / script), *arguments, "--json", str(output)]
-    print(f"\n$ {' '.join(['python3', f'bench/{script}', *arguments])}", flush=True)
+    command = [sys.executable, str(HERE / script(name)), *arguments, "--json", str(output)]
+    print(f"\n$ {' '.join(['python3', f'bench/{script(name)}', *arguments])}", flush=True)
     started = time.monotonic()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
     try:
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated benchmarks to run (default all)")
     parser.add_argument("--json", help="write every figure to this file")
     args = parser.parse_args(argv)
-    names = [name for name in SUITE if (HERE / f"{name.split('-')[0]}.py").exists()]
+    names = [name for name in SUITE if (HERE / script(name)).exists()]
     if args.only:
         wanted = [name.strip() for name in args.only.split(",") if name.strip()]
         unknown = sorted(set(wanted) - set(names))
