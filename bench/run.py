@@ -37,7 +37,7 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
     # the time node2's fail2ban spends forking the dummy action's shell.
     "propagation-no-action": (["--action", "none"], [*QUICK_PROPAGATION, "--action", "none"]),
     "throughput": ([], ["--events", "2000", "--subscribers", "20", "--naive", "20"]),
-    "footprint": ([], ["--idle-seconds", "3", "--burst", "300"]),
+    "footprint": ([], ["--idle-seconds", "3", "--burst", "300", "--neighbour-seconds", "1"]),
     "scale": (
         [],
         ["--nodes", "3,6", "--count", "10", "--interval", "0.02", "--events", "600"],
@@ -101,7 +101,10 @@ def headline(name: str, result: dict) -> str:
         processes = {k: v for k, v in result["processes"].items() if not k.startswith("naive")}
         peak = max(figures["load_peak_rss_kb"] for figures in processes.values()) / 1024
         monitor = next(v for k, v in processes.items() if k.startswith("monitor"))
-        return f"peak RSS {peak:.1f} MB; idle monitor CPU {monitor['idle_cpu_percent']:.2f} %"
+        return (
+            f"peak RSS {peak:.1f} MB; idle monitor CPU {monitor['idle_cpu_percent']:.2f} %,"
+            f" {monitor['neighbour_cpu_percent']:.2f} % next to a busy log"
+        )
     if name == "scale":
         return "; ".join(
             f"{size['nodes']} nodes: {size['delivered_events_per_s']:.0f} ev/s,"

@@ -122,6 +122,7 @@ class Monitor:
         self.follower.start()
         poller = zmq.Poller()
         poller.register(self.wakeup.read_fd, zmq.POLLIN)
+        poller.register(self.follower.fileno(), zmq.POLLIN)
         for hub in self.hubs:
             poller.register(hub.socket, zmq.POLLIN)
         if self.control:
@@ -133,6 +134,7 @@ class Monitor:
             ready = dict(poller.poll(self._timeout_ms()))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
+            if self.wakeup.read_fd in ready or self.follower.fileno() in ready:
                 self.read_log()
             if self.control and self.control.socket in ready:
                 self.control.handle()

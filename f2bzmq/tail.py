@@ -1,7 +1,9 @@
 """Follow fail2ban's log file: complete new lines, across rotation and restarts.
 
-The monitor's poll loop owns the timing: a watchdog observer only calls ``wake()``,
-and the loop calls ``LogFollower.read_lines()``. Nothing here sleeps or loops on a timer.
+The monitor's poll loop owns the timing: a watchdog observer of the log's directory
+only calls ``wake()`` when a file is created, renamed or deleted there, an inotify
+watch on each file we read makes ``fileno()`` readable when it is written, and the
+loop calls ``LogFollower.read_lines()``. Nothing here sleeps or loops on a timer.
 
 Each file the log path has named while we followed it is a *generation*. Rotation rule:
 
@@ -37,8 +39,16 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
+
+from .inotify import FileWatch
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +63,10 @@ COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".lzma", ".Z", ".zi
 DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".lzma": lzma.open}
 MAX_DECOMPRESSED = 256 * 1024 * 1024
 UNNUMBERED = 1 << 30  # rotation order of a sibling without a .N number
-# inotify events that can mean new bytes or a new file; opens and reads (ours too) are not.
-WAKE_EVENT_TYPES = frozenset({"created", "modified", "moved", "deleted", "closed"})
+# Directory events that can mean a new file at the log path. Writes are not among them:
+# the directory's other files (syslog, fail2ban's database) write far more than fail2ban.log,
+# and watchdog would hand each write to our threads; FileWatch sees only the log's own.
+DIRECTORY_EVENTS = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent]
 
 
 @dataclass(frozen=True)
@@ -216,7 +228,7 @@ class _WakeOnLogEvents(FileSystemEventHandler):
         self._wake = wake
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type not in WAKE_EVENT_TYPES:
+        if event.is_directory:
             return
         for path in (event.src_path, event.dest_path):
             if path and os.path.basename(os.fsdecode(path)).startswith(self._basename):
@@ -248,6 +260,7 @@ class LogFollower:
         self._position = position if position is not None else NO_POSITION
         self._more = False  # the last read_lines stopped at max_lines with lines left
         self._observer: Observer | None = None
+        self._file_watch: FileWatch | None = None
         self._stopped = False
         # Rotation can lose lines: copytruncate those written between its copy and its
         # truncation, and fail2ban itself a line logged while flushlogs swaps its log handler.
@@ -263,13 +276,24 @@ class LogFollower:
             self._position = self._current.position()
 
     def start(self) -> None:
-        """Watch the log's directory with inotify (through watchdog) and call wake() on change."""
+        """Watch the files we read for writes (see fileno()) and the log's directory for
+        files created, renamed or deleted (through watchdog, calling wake())."""
         if self._observer is not None:
             return
+        self._file_watch = FileWatch()
+        self._watch_generations()
         handler = _WakeOnLogEvents(os.path.basename(self._path), self._wake)
         self._observer = Observer()
-        self._observer.schedule(handler, os.path.dirname(self._path), recursive=False)
+        self._observer.schedule(
+            handler, os.path.dirname(self._path), recursive=False, event_filter=DIRECTORY_EVENTS
+        )
         self._observer.start()
+
+    def fileno(self) -> int:
+        """A descriptor that polls readable when a file we read was written (after start())."""
+        if self._file_watch is None:
+            raise RuntimeError("LogFollower.fileno before start()")
+        return self._file_watch.fileno()
 
     def stop(self) -> None:
         """Stop and join the observer and close the files; position() stays valid."""
@@ -278,6 +302,9 @@ class LogFollower:
             self._observer.stop()
             self._observer.join()
             self._observer = None
+        if self._file_watch is not None:
+            self._file_watch.close()
+            self._file_watch = None
         for generation in self._generations():
             generation.close()
         self._retired.clear()
@@ -302,8 +329,11 @@ class LogFollower:
             raise ValueError(f"max_lines must be at least 1, not {max_lines}")
         if self._stopped:
             raise RuntimeError("LogFollower.read_lines after stop()")
+        if self._file_watch is not None:
+            self._file_watch.drain()  # first: a write after this wakes the loop again
         self._follow_path()
         self._detect_truncation()
+        self._watch_generations()  # before reading a new file, so no write falls between
         lines: list[bytes] = []
         last: _Generation | None = None
         generations = self._generations()
@@ -329,8 +359,18 @@ class LogFollower:
             self.rotations += 1
         if last is not None:
             self._position = last.position()
+        if self._file_watch is not None:
+            self._file_watch.keep_only(
+                {(g.device, g.inode) for g in self._generations() if g.fd is not None}
+            )
         self._more = len(lines) >= max_lines and any(g.has_unread() for g in self._generations())
         return [line.decode("utf-8", errors="replace") for line in lines]
+
+    def _watch_generations(self) -> None:
+        if self._file_watch is not None:
+            for generation in self._generations():
+                if generation.fd is not None:
+                    self._file_watch.add(generation.fd)
 
     def _generations(self) -> list[_Generation]:
         current = [self._current] if self._current is not None else []

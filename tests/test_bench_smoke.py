@@ -69,6 +69,7 @@ def test_quick_suite_runs_and_its_counts_add_up(tmp_path):
     for figures in processes.values():
         assert 0 < figures["idle_rss_kb"] <= figures["load_peak_rss_kb"]
         assert figures["idle_cpu_percent"] >= 0
+        assert figures["neighbour_cpu_percent"] >= 0
     assert any(name.startswith("monitor") for name in processes)
     assert any(name.startswith("naive") for name in processes)
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import gzip
 import os
+import select
 import shlex
 import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
+from f2bzmq.runtime import Wakeup
 from f2bzmq.tail import LogFollower, LogPosition
 
 WAIT = 20.0  # generous bound for anything asynchronous; tests never assert speed
@@ -62,17 +65,40 @@ def read_all(follower: LogFollower) -> list[int]:
     return numbers
 
 
+class Wakes:
+    """How the monitor waits: on its wake-up pipe (directory events, check()) and on the
+    follower's fileno() (writes to the files it reads)."""
+
+    def __init__(self) -> None:
+        self.pipe = Wakeup()
+
+    def wait(self, follower: LogFollower, timeout: float) -> bool:
+        """True if woken within ``timeout`` seconds."""
+        ready, _, _ = select.select([self.pipe.read_fd, follower.fileno()], [], [], timeout)
+        self.pipe.drain()
+        return bool(ready)
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
+@pytest.fixture
+def wakes() -> Iterator[Wakes]:
+    wakes = Wakes()
+    yield wakes
+    wakes.close()
+
+
 def follow_until(
-    follower: LogFollower, woken: threading.Event, done: Callable[[list[int]], bool]
+    follower: LogFollower, wakes: Wakes, done: Callable[[list[int]], bool]
 ) -> list[int]:
     """A monitor-like loop: read, wait for a wake (bounded), run the safety check."""
     numbers: list[int] = []
     deadline = time.monotonic() + WAIT
     while not done(numbers) and time.monotonic() < deadline:
-        woken.clear()
         numbers += [number(text) for text in follower.read_lines()]
         if not follower.has_more() and not done(numbers):
-            woken.wait(0.5)
+            wakes.wait(follower, 0.5)
             follower.check()
     return numbers
 
@@ -117,30 +143,78 @@ def test_from_end_skips_history_but_not_a_line_being_written(log_path: Path) -> 
     follower.stop()
 
 
-def test_watchdog_wakes_after_append(log_path: Path) -> None:
+def test_append_wakes_and_reading_quiets(log_path: Path, wakes: Wakes) -> None:
     append(log_path, 1)
-    woken = threading.Event()
-    follower = LogFollower(log_path, wake=woken.set)
+    follower = LogFollower(log_path, wake=wakes.pipe.wake)
     assert read_all(follower) == [1]
     follower.start()
     try:
-        woken.clear()
+        assert not wakes.wait(follower, 0)
         append(log_path, 2)
-        assert woken.wait(WAIT)
+        assert wakes.wait(follower, WAIT)
+        assert read_all(follower) == [2]
+        assert not wakes.wait(follower, 0)  # read_lines consumed the write's event
+    finally:
+        follower.stop()
+
+
+def test_writes_to_other_files_in_the_directory_do_not_wake(log_path: Path, wakes: Wakes) -> None:
+    append(log_path, 1)
+    neighbour = log_path.parent / "syslog"
+    follower = LogFollower(log_path, wake=wakes.pipe.wake)
+    assert read_all(follower) == [1]
+    follower.start()
+    try:
+        with open(neighbour, "a") as other:
+            for n in range(200):
+                other.write(f"neighbour {n}\n")
+                other.flush()
+        assert not wakes.wait(follower, 0.5)
+        append(log_path, 2)
+        assert wakes.wait(follower, WAIT)
         assert read_all(follower) == [2]
     finally:
         follower.stop()
 
 
-def test_file_created_after_start(log_path: Path) -> None:
-    woken = threading.Event()
-    follower = LogFollower(log_path, wake=woken.set, from_end=True)
+def test_rotated_file_wakes_until_retired(log_path: Path, wakes: Wakes) -> None:
+    writer = Writer(log_path)
+    writer.write(1)
+    follower = LogFollower(log_path, wake=wakes.pipe.wake, rotate_grace=0.2)
+    follower.start()
+    try:
+        assert read_all(follower) == [1]
+        os.rename(log_path, f"{log_path}.1")
+        assert wakes.wait(follower, WAIT)  # the rename, through the directory watch
+        log_path.touch()
+        assert read_all(follower) == []
+        writer.write(2)  # a late line to the renamed file, before flushlogs
+        assert wakes.wait(follower, WAIT)
+        assert read_all(follower) == [2]
+        writer.reopen()
+        writer.write(3)
+        assert follow_until(follower, wakes, lambda got: 3 in got) == [3]
+        for _ in range(50):  # settle: the touch's directory event, anything else pending
+            if not wakes.wait(follower, 0.2):
+                break
+            read_all(follower)
+        # The renamed file is retired: its writes no longer concern us.
+        with open(f"{log_path}.1", "a") as old:
+            old.write(line(99) + "\n")
+        assert not wakes.wait(follower, 0.5)
+    finally:
+        writer.close()
+        follower.stop()
+
+
+def test_file_created_after_start(log_path: Path, wakes: Wakes) -> None:
+    follower = LogFollower(log_path, wake=wakes.pipe.wake, from_end=True)
     follower.start()
     try:
         assert follower.read_lines() == []
         append(log_path, 1, 2)
-        assert woken.wait(WAIT)
-        assert follow_until(follower, woken, lambda got: len(got) >= 2) == [1, 2]
+        assert wakes.wait(follower, WAIT)
+        assert follow_until(follower, wakes, lambda got: len(got) >= 2) == [1, 2]
     finally:
         follower.stop()
 
@@ -474,9 +548,9 @@ def burst_with_rotations(
     progress = Progress()
     rotated = threading.Event()
     errors: list[BaseException] = []
-    woken = threading.Event()
+    wakes = Wakes()
     writer = Writer(log_path)
-    follower = LogFollower(log_path, wake=woken.set)
+    follower = LogFollower(log_path, wake=wakes.pipe.wake)
     follower.start()
 
     def write() -> None:
@@ -505,14 +579,13 @@ def burst_with_rotations(
     deadline = time.monotonic() + 3 * WAIT
     try:
         while not errors and time.monotonic() < deadline:
-            woken.clear()
             numbers += [number(text) for text in follower.read_lines()]
             if numbers:
                 progress.update(seen=numbers[-1])
             if numbers and numbers[-1] == TOTAL and rotated.is_set():
                 break
             if not follower.has_more():
-                woken.wait(0.5)
+                wakes.wait(follower, 0.5)
                 follower.check()
     finally:
         progress.abort()
@@ -520,6 +593,7 @@ def burst_with_rotations(
             thread.join(WAIT)
         follower.stop()
         writer.close()
+        wakes.close()
     assert not errors, errors
     assert rotated.is_set()
     return numbers
