@@ -193,7 +193,7 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("publisher", "legacy_publish_bind"): ("", _endpoints),
     ("publisher", "legacy_token"): ("", _legacy_token),
     ("subscriber", "allowlist"): ("127.0.0.0/8 ::1/128", _networks),
-    ("subscriber", "batch_size"): ("200", _number(int, 1, 10000)),
+    ("subscriber", "batch_size"): ("2000", _number(int, 1, 10000)),
     ("subscriber", "heartbeat_timeout"): ("5", _number(float, 0.1, 3600)),
     ("subscriber", "resync_interval"): ("300", _number(float, 1, 86400)),
     ("monitor", "metrics"): ("", parse_listen),

@@ -31,6 +31,39 @@ MAX_MESSAGE = 4 * 1024 * 1024  # a snapshot part of 500 events is about 130 kB
 SNAPSHOT_TIMEOUT = 10.0
 RETRY_INTERVAL = 2.0  # fail2ban unreachable: try again this often
 MAX_TRACKED = 100000  # origin times kept for the delay histogram while fail2ban is away
+COMMAND_SECONDS = 0.25  # about how long one banip/unbanip command may keep fail2ban busy
+FIRST_BATCH = 50  # addresses of a jail's first command, before anything was measured
+BATCH_GROWTH = 4  # a command carries at most this many times the addresses of the last
+
+
+class BatchSizer:
+    """Addresses per banip/unbanip command of each jail: as many as fail2ban ran in about
+    COMMAND_SECONDS in that jail's last commands, at most ``limit``.
+
+    fail2ban answers one command at a time and runs the jail's action for each address
+    before it answers: stock shell actions cost it ~10 ms an address, a set action or
+    none a tenth of a millisecond. A fixed size either blocks fail2ban (and its 10-s
+    client timeout) for seconds with the first or wastes round trips with the second.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.last: dict[str, int] = {}  # jail -> addresses of its last command
+        self.per_address: dict[str, float] = {}  # jail -> seconds an address, smoothed
+
+    def size(self, jail: str) -> int:
+        last = self.last.get(jail)
+        if last is None:
+            return min(self.limit, FIRST_BATCH)
+        fits = int(COMMAND_SECONDS / max(self.per_address[jail], 1e-6))
+        return max(1, min(self.limit, last * BATCH_GROWTH, fits))
+
+    def observe(self, jail: str, count: int, seconds: float) -> None:
+        """A command of ``count`` addresses took ``seconds``."""
+        cost = seconds / count
+        old = self.per_address.get(jail)
+        self.per_address[jail] = cost if old is None else (old + cost) / 2
+        self.last[jail] = count
 
 
 @dataclass
@@ -169,7 +202,7 @@ class Subscriber:
             config.get("general", "jail_map"),
             config.get("subscriber", "allowlist"),
         )
-        self.batch_size = config.get("subscriber", "batch_size")
+        self.batches = BatchSizer(config.get("subscriber", "batch_size"))
         self.networks = config.network_limits()
         self.heartbeat_timeout = config.get("subscriber", "heartbeat_timeout")
         self.fail2ban = Fail2banClient(
@@ -463,10 +496,14 @@ class Subscriber:
         return plan
 
     def _apply(self, jail: str, addresses: list[str], ban: bool) -> None:
-        for start in range(0, len(addresses), self.batch_size):
-            batch = addresses[start : start + self.batch_size]
+        start = 0
+        while start < len(addresses):
+            batch = addresses[start : start + self.batches.size(jail)]
+            start += len(batch)
+            began = time.monotonic()
+            (self.fail2ban.ban if ban else self.fail2ban.unban)(jail, batch)
+            self.batches.observe(jail, len(batch), time.monotonic() - began)
             if ban:
-                self.fail2ban.ban(jail, batch)
                 self.applied[jail].update(batch)
                 self.counters["banned"] += len(batch)
                 now = time.time()
@@ -475,7 +512,6 @@ class Subscriber:
                     if origin is not None:
                         self.apply_delays.observe(now - origin)
             else:
-                self.fail2ban.unban(jail, batch)
                 self.applied[jail].difference_update(batch)
                 self.counters["unbanned"] += len(batch)
             verb = "Ban" if ban else "Unban"

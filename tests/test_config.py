@@ -27,7 +27,7 @@ def test_defaults_and_endpoints(tmp_path):
     config = load_config(write(tmp_path, "[general]\nnode = web1\nhubs = 10.0.0.1, ::1\n"))
     assert config.node == "web1"
     assert config.endpoints("report_port") == ["tcp://10.0.0.1:5690", "tcp://[::1]:5690"]
-    assert config.get("subscriber", "batch_size") == 200
+    assert config.get("subscriber", "batch_size") == 2000
     assert config.sync_jails() == {"cluster"}
 
 

@@ -7,7 +7,15 @@ from pathlib import Path
 
 from f2bzmq.lab import Fail2banServer
 from f2bzmq.protocol import BanEvent
-from f2bzmq.subscriber import ClusterView, LocalPolicy, desired_bans, wants_address
+from f2bzmq.subscriber import (
+    COMMAND_SECONDS,
+    FIRST_BATCH,
+    BatchSizer,
+    ClusterView,
+    LocalPolicy,
+    desired_bans,
+    wants_address,
+)
 
 
 def policy(**changes):
@@ -88,6 +96,33 @@ def test_the_same_address_from_two_jails_is_one_local_ban():
     assert desired_bans([both], policy(jail_map={}))["cluster"] == {"192.0.2.1"}
     both.apply(BanEvent.new("node1", "nginx", "unban", "192.0.2.1"))
     assert desired_bans([both], policy(jail_map={}))["cluster"] == {"192.0.2.1"}
+
+
+def test_commands_grow_while_fail2ban_is_fast_and_stay_short_with_slow_actions():
+    sizes = BatchSizer(limit=2000)
+    assert sizes.size("cluster") == FIRST_BATCH
+    # No action: 0.1 ms an address. Sizes grow by at most 4x a command, up to the limit.
+    grown = []
+    for _ in range(5):
+        size = sizes.size("cluster")
+        grown.append(size)
+        sizes.observe("cluster", size, size * 0.0001)
+    assert grown == [50, 200, 800, 2000, 2000]
+    # A shell action in another jail: 10 ms an address, so about 25 a command.
+    sizes.observe("sshd", FIRST_BATCH, FIRST_BATCH * 0.01)
+    assert sizes.size("sshd") == int(COMMAND_SECONDS / 0.01)
+    assert sizes.size("cluster") == 2000  # each jail is measured on its own
+
+
+def test_a_slower_command_shrinks_the_next_and_one_address_always_fits():
+    sizes = BatchSizer(limit=2000)
+    sizes.observe("cluster", 800, 0.08)
+    fast = sizes.size("cluster")
+    sizes.observe("cluster", fast, 5.0)  # fail2ban got busy
+    assert sizes.size("cluster") < fast / 10
+    sizes.observe("cluster", 1, 30.0)  # an action that hangs
+    assert sizes.size("cluster") == 1
+    assert BatchSizer(limit=10).size("cluster") == 10
 
 
 def test_shipped_fail2ban_snippets_load_in_a_real_fail2ban(tmp_path):
