@@ -1,10 +1,12 @@
 """fail2ban.log parsing and the rules about what a node reports, on real fail2ban 1.0.2 lines."""
 
+import ipaddress
+import random
 import time
 
 import pytest
 
-from f2bzmq.logparse import BanReporter, Kind, LogRecord, parse_line
+from f2bzmq.logparse import BanReporter, Kind, LogRecord, is_address, parse_line
 
 PREFIX = "2026-11-23 10:13:40,972 fail2ban.actions        [17048]: "
 
@@ -220,3 +222,39 @@ def test_stop_of_one_jail_whose_actions_cannot_flush_reports_nothing():
         == []
     )
     assert report(reporter, "[web] Unban 198.18.250.3") == [("unban", "web", "198.18.250.3")]
+
+
+def test_is_address_agrees_with_ipaddress_on_what_the_line_pattern_lets_through():
+    """The IPv4 fast path must take exactly what the ipaddress module takes."""
+    rng = random.Random(11)
+    edge = [
+        "1.2.3.4",
+        "01.2.3.4",
+        "1.2.3.04",
+        "1.2.3",
+        "1.2.3.4.5",
+        "256.0.0.1",
+        "0.0.0.0",
+        "255.255.255.255",
+        "1..2.3",
+        ".1.2.3",
+        "1.2.3.4/24",
+        "1.2.3.4/33",
+        "::1",
+        "::ffff:1.2.3.4",
+        "2001:db8::/32",
+        "2001:db8:::1",
+        "a.b.c.d",
+        "",
+    ]
+    pieces = ["0", "1", "9", "00", "01", "25", "255", "256", "999", "", "a", "ff"]
+    generated = [
+        ".".join(rng.choice(pieces) for _ in range(rng.randint(2, 5))) for _ in range(5000)
+    ]
+    for text in edge + generated:
+        try:
+            ipaddress.ip_network(text, strict=False) if "/" in text else ipaddress.ip_address(text)
+            expected = True
+        except ValueError:
+            expected = False
+        assert is_address(text) is expected, text
