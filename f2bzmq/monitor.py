@@ -271,6 +271,7 @@ class Monitor:
                 hub.cursor = row
 
     def handle_replies(self, hub: HubReporter) -> None:
+        answered: list[str] = []  # ACKed or refused for good: out of the outbox together
         for frames in drain(hub.socket, 10000):
             try:
                 kind, rest = protocol.split_message(frames)
@@ -299,7 +300,9 @@ class Monitor:
                 log.error("%s refused event %s: %s; dropped", hub.endpoint, event_id, reason)
             else:
                 self.counters["acked"] += 1
-            self.outbox.ack(hub.endpoint, event_id)
+            answered.append(event_id)
+        if answered:
+            self.outbox.ack(hub.endpoint, answered)
 
     def status(self) -> dict:
         waiting = {hub.endpoint: self.outbox.depth(hub.endpoint) for hub in self.hubs}

@@ -87,13 +87,17 @@ class Outbox:
             (target, after, limit),
         ).fetchall()
 
-    def ack(self, target: str, event_id: str) -> bool:
-        """The publisher at `target` has the event: forget it there. False if unknown."""
+    def ack(self, target: str, event_ids: Iterable[str]) -> int:
+        """The publisher at `target` has these events: forget them there, in one transaction
+        (a commit each was most of the monitor's cost of a burst). Returns how many it had."""
         with self.db:
-            cursor = self.db.execute(
-                "DELETE FROM outbox WHERE id = ? AND target = ?", (event_id, target)
+            self.db.execute("BEGIN")
+            before = self.db.total_changes
+            self.db.executemany(
+                "DELETE FROM outbox WHERE id = ? AND target = ?",
+                [(event_id, target) for event_id in event_ids],
             )
-        return cursor.rowcount > 0
+            return self.db.total_changes - before
 
     def depth(self, target: str | None = None) -> int:
         if target is None:

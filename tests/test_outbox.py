@@ -16,14 +16,18 @@ def test_each_hub_gets_every_event_in_order_until_it_acks(tmp_path):
     outbox.add(events, position='{"offset": 10}')
     for hub in HUBS:
         assert [body for _, _, body in outbox.pending(hub, 10)] == [e.encode() for e in events]
-    assert outbox.ack(HUBS[0], events[0].id) is True
-    assert outbox.ack(HUBS[0], events[0].id) is False
+    assert outbox.ack(HUBS[0], [events[0].id]) == 1
+    assert outbox.ack(HUBS[0], [events[0].id]) == 0
     rows = outbox.pending(HUBS[0], 2)
     assert [body for _, _, body in rows] == [events[1].encode(), events[2].encode()]
     assert [body for _, _, body in outbox.pending(HUBS[0], 10, after=rows[-1][0])] == [
         e.encode() for e in events[3:]
     ]
     assert (outbox.depth(HUBS[0]), outbox.depth(HUBS[1]), outbox.depth()) == (4, 5, 5)
+    # Many ACKs in one go, an unknown id among them.
+    assert outbox.ack(HUBS[1], [events[0].id, events[1].id, "not-an-event"]) == 2
+    assert [body for _, _, body in outbox.pending(HUBS[1], 10)] == [e.encode() for e in events[2:]]
+    assert (outbox.depth(HUBS[0]), outbox.depth(HUBS[1]), outbox.depth()) == (4, 3, 4)
 
 
 def test_events_and_position_survive_a_restart_and_a_removed_hub_is_forgotten(tmp_path):
