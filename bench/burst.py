@@ -28,9 +28,7 @@ import argparse
 import contextlib
 import json
 import os
-import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,8 +44,9 @@ from f2bzmq.lab import (
     CLIENT_PROGRAM,
     Cluster,
     Fail2banServer,
+    Namespaces,
     NodeClient,
-    process_alive,
+    netns_holds,
     wait_until,
 )
 from f2bzmq.protocol import BanEvent
@@ -84,43 +83,10 @@ def sync_jail(action: str) -> Callable[[Fail2banServer], str]:
     return jails
 
 
-class Namespaces:
-    """Network namespaces of this run; close() ends what still runs in them and removes them."""
-
-    def __init__(self) -> None:
-        self.prefix = f"f2bzmq-bench-{os.getpid()}-{secrets.token_hex(3)}-"
-        self.created: list[str] = []
-
-    def add(self, name: str) -> str:
-        namespace = self.prefix + name
-        subprocess.run(["ip", "netns", "add", namespace], check=True, capture_output=True)
-        self.created.append(namespace)
-        return namespace
-
-    def close(self) -> None:
-        for namespace in self.created:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                pids = [int(pid) for pid in in_namespace(namespace)]
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, sig)
-                if wait_until(lambda pids=pids: not any(map(process_alive, pids)), 5):
-                    break
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
-        self.created.clear()
-
-
-def in_namespace(namespace: str) -> list[str]:
-    """The pids of the processes in a namespace."""
-    return subprocess.run(
-        ["ip", "netns", "pids", namespace], capture_output=True, text=True, check=False
-    ).stdout.split()
-
-
 def check_isolated(server: Fail2banServer) -> None:
     """The server runs in its namespace, so its actions touch no other firewall."""
     pid = int(server.pidfile.read_text())
-    if os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat(f"/run/netns/{server.netns}").st_ino:
+    if not netns_holds(server.netns, pid):
         raise BenchError(f"fail2ban-server {server.name} (pid {pid}) is not in its namespace")
 
 
@@ -194,7 +160,7 @@ def inject(cluster: Cluster, ips: list[str]) -> None:
 
 def cluster_run(root: Path, action: str, args: argparse.Namespace) -> dict:
     """Inject COUNT bans; seconds until each node lists them all, and holds them in nft."""
-    namespaces = Namespaces()
+    namespaces = Namespaces("f2bzmq-bench")
     try:
         cluster = Cluster(
             root,
@@ -264,7 +230,7 @@ def measure_cluster(cluster: Cluster, action: str, args: argparse.Namespace) -> 
 
 @contextlib.contextmanager
 def fresh_server(root: Path, action: str) -> Iterator[Fail2banServer]:
-    namespaces = Namespaces()
+    namespaces = Namespaces("f2bzmq-bench")
     try:
         server = Fail2banServer(
             root, "floor", jails=sync_jail(action), netns=namespaces.add("floor")

@@ -68,6 +68,69 @@ def process_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+class Namespaces:
+    """Network namespaces named `<label>-PID-RANDOM-<name>`, for a real ban action to change
+    only their firewalls; `close()` ends every process still inside (`ip netns delete`
+    alone would leave them running) and removes every one."""
+
+    def __init__(self, label: str = "f2bzmq") -> None:
+        self.prefix = f"{label}-{os.getpid()}-{os.urandom(3).hex()}-"
+        self.created: list[str] = []
+
+    def add(self, name: str) -> str:
+        namespace = self.prefix + name
+        _ip("netns", "add", namespace)
+        self.created.append(namespace)
+        return namespace
+
+    def close(self) -> None:
+        errors = []
+        for namespace in reversed(self.created):
+            try:
+                self._kill_processes(namespace)
+                _ip("netns", "delete", namespace)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                errors.append(error)  # keep removing the others
+        self.created.clear()
+        if errors:
+            raise errors[0]
+
+    @staticmethod
+    def _kill_processes(namespace: str) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = [int(pid) for pid in _ip("netns", "pids", namespace).split()]
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            if wait_until(lambda pids=pids: not any(map(process_alive, pids)), 5):
+                return
+        raise RuntimeError(f"processes in {namespace} survived SIGKILL")
+
+
+def netns_holds(namespace: str, pid: int) -> bool:
+    """True when process pid runs in the named network namespace (so not in the host's)."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{namespace}").st_ino
+    except OSError:
+        return False
+
+
+def _ip(*arguments: str) -> str:
+    done = subprocess.run(
+        ["ip", *arguments],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"ip {' '.join(arguments)}: exit {done.returncode}: {done.stderr.strip()}"
+        )
+    return done.stdout
+
+
 def is_fail2ban_server(pid: int) -> bool:
     """Guard against killing an unrelated process that reused a stale pid."""
     try:

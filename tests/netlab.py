@@ -19,20 +19,17 @@ addresses and firewall are never touched.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from f2bzmq.lab import Cluster, Fail2banServer, process_alive, wait_until
+from f2bzmq.lab import Cluster, Fail2banServer, Namespaces, netns_holds
 
 NODES = {"node1": "10.250.0.11", "node2": "10.250.0.12", "node3": "10.250.0.13"}
 ATTACKER = "10.250.0.66"
@@ -116,44 +113,6 @@ def run(*command: str, timeout: float = 30) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)}: exit {done.returncode}: {done.stderr.strip()}")
     return done.stdout
-
-
-class Namespaces:
-    """Network namespaces named `f2bzmq-PID-RANDOM-<name>`; `close()` removes every one of
-    them and ends every process still inside (`ip netns delete` alone would leave them)."""
-
-    def __init__(self) -> None:
-        self.prefix = f"f2bzmq-{os.getpid()}-{uuid.uuid4().hex[:6]}-"
-        self.created: list[str] = []
-
-    def add(self, name: str) -> str:
-        namespace = self.prefix + name
-        run("ip", "netns", "add", namespace)
-        self.created.append(namespace)
-        return namespace
-
-    def close(self) -> None:
-        errors = []
-        for namespace in reversed(self.created):
-            try:
-                self._kill_processes(namespace)
-                run("ip", "netns", "delete", namespace)
-            except Exception as error:  # keep removing the others
-                errors.append(error)
-        self.created.clear()
-        if errors:
-            raise errors[0]
-
-    @staticmethod
-    def _kill_processes(namespace: str) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = [int(pid) for pid in run("ip", "netns", "pids", namespace).split()]
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            if wait_until(lambda pids=pids: not any(map(process_alive, pids)), 5, 0.05):
-                return
-        raise RuntimeError(f"processes in {namespace} survived SIGKILL")
 
 
 @dataclass
@@ -252,8 +211,7 @@ class NetnsCluster:
         for node in NODES:
             server = self.cluster[node].fail2ban
             pid = int(server.pidfile.read_text())
-            namespace = os.stat(f"/proc/{pid}/ns/net").st_ino
-            if namespace != os.stat(f"/run/netns/{self.namespaces[node]}").st_ino:
+            if not netns_holds(self.namespaces[node], pid):
                 raise RuntimeError(f"fail2ban-server {node} (pid {pid}) is not in its namespace")
 
     def _start_listener(self, node: str) -> None:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
@@ -25,7 +24,14 @@ from pathlib import Path
 import pytest
 
 from f2bzmq.fail2ban import Fail2banClient, Fail2banError
-from f2bzmq.lab import CLIENT_PROGRAM, Fail2banServer, process_alive, wait_until
+from f2bzmq.lab import (
+    CLIENT_PROGRAM,
+    Fail2banServer,
+    Namespaces,
+    netns_holds,
+    process_alive,
+    wait_until,
+)
 
 TABLE = "f2bzmq"
 SERVER_ADDRESS, PEER_ADDRESS = "10.250.0.1", "10.250.0.2"  # exist only inside the namespaces
@@ -42,8 +48,8 @@ class Namespace:
     """A network namespace of our own; delete() ends what runs in it and removes it."""
 
     def __init__(self, role: str) -> None:
-        self.name = f"f2bzmq-test-{role}-{os.getpid()}-{secrets.token_hex(3)}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
+        self._namespaces = Namespaces("f2bzmq-test")
+        self.name = self._namespaces.add(role)
 
     def argv(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *args]
@@ -55,26 +61,11 @@ class Namespace:
 
     def holds(self, pid: int) -> bool:
         """True when process pid lives in this namespace (and so not in the host's)."""
-        try:
-            return (
-                os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{self.name}").st_ino
-            )
-        except OSError:
-            return False
+        return netns_holds(self.name, pid)
 
     def delete(self) -> None:
         """End whatever still runs inside (SIGTERM, then SIGKILL), then remove the namespace."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            listed = subprocess.run(
-                ["ip", "netns", "pids", self.name], capture_output=True, text=True, check=False
-            )
-            pids = [int(pid) for pid in listed.stdout.split()]
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            if wait_until(lambda pids=pids: not any(map(process_alive, pids)), 5):
-                break
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
+        self._namespaces.close()
 
 
 class NamespacedServer:
