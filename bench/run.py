@@ -43,6 +43,12 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
         ["--nodes", "3,6", "--count", "10", "--interval", "0.02", "--events", "600"],
     ),
     "burst": ([], ["--count", "100", "--nodes", "1", "--actions", "dummy"]),
+    # One node applying: what one server gets when it does not share the two cores of
+    # this machine with a second fail2ban-server.
+    "burst-one-node": (
+        ["--nodes", "1", "--actions", "none,f2bzmq-nftset"],
+        ["--count", "100", "--nodes", "1", "--actions", "none"],
+    ),
 }
 TIMEOUT = {False: 3 * 3600.0, True: 300.0}  # seconds one benchmark may take
 STOP_GRACE = 60.0  # seconds a benchmark has to clean up after Ctrl-C
