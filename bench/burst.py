@@ -49,6 +49,7 @@ from f2bzmq.lab import (
     netns_holds,
     wait_until,
 )
+from f2bzmq.monitor import reports
 from f2bzmq.protocol import BanEvent
 
 JAIL = "cluster"
@@ -142,18 +143,24 @@ def poll_interval(count: int) -> float:
 
 
 def inject(cluster: Cluster, ips: list[str]) -> None:
-    """Report a ban of each address to the hub as node1, pipelined; every one must be ACKed."""
+    """Report a ban of each address to the hub as node1's monitor would, in reports of up
+    to 100, pipelined; every one must be ACKed."""
     node = NodeClient(cluster.ports, cluster.keys_dir, node=REPORTER)
     try:
         for start in range(0, len(ips), WINDOW):
-            window = ips[start : start + WINDOW]
-            for ip in window:
-                event = BanEvent.new(REPORTER, "sshd", protocol.BAN, ip, bantime=BANTIME)
-                node.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, event.encode()])
-            for _ in window:
-                _, kind, body = node.reports.recv_multipart()
+            events = [
+                BanEvent.new(REPORTER, "sshd", protocol.BAN, ip, bantime=BANTIME)
+                for ip in ips[start : start + WINDOW]
+            ]
+            for report in reports([(0, event.id, event.encode()) for event in events]):
+                bodies = [body for _, _, body in report]
+                node.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, *bodies])
+            answered = 0
+            while answered < len(events):
+                _, kind, *answers = node.reports.recv_multipart()
                 if kind != protocol.ACK:
-                    raise BenchError(f"the hub refused an event: {body.decode(errors='replace')}")
+                    raise BenchError(f"the hub refused an event: {answers[0].decode('replace')}")
+                answered += len(answers)
     finally:
         node.close()
 

@@ -4,7 +4,8 @@ Runs a real publisher on 127.0.0.1 (CURVE on every socket, its ban table in SQLi
 with synchronous=FULL, in a folder on the file system the output names) and:
 
 - MONITORS simulated monitors, each a DEALER with its own node key sending events
-  the way the monitor does ([F2BZMQ1, event, body], WINDOW in flight, ACK by id),
+  the way the monitor does (what its window has room for, in reports of up to 100
+  events [F2BZMQ1, event, body, …]; WINDOW in flight, ACK by id),
   spread over up to 10 processes;
 - SUBSCRIBERS update connections, each a SUB with its own node key, spread over a
   few processes; each counts the updates it receives and the gaps in their
@@ -54,6 +55,7 @@ from common import (
 from f2bzmq import protocol
 from f2bzmq.keys import HUB
 from f2bzmq.lab import Hub, NodeClient, free_ports, make_keys, tail
+from f2bzmq.monitor import reports
 from f2bzmq.protocol import BanEvent
 
 SPAWN = multiprocessing.get_context("spawn")  # no child inherits a ZeroMQ context
@@ -187,28 +189,36 @@ def _report_events(context, monitors, keys_dir, endpoint, count, window, conn) -
     deadline = time.monotonic() + timeout
     while acked + refused < total and time.monotonic() < deadline:
         for d, sock in enumerate(dealers):
-            while sent[d] < count and sent[d] - replied[d] < window:
-                sock.send(protocol.PROTOCOL, MORE)
-                sock.send(protocol.EVENT, MORE)
-                sock.send(bodies[d][sent[d]])
-                sent_at[ids[d][sent[d]]] = time.perf_counter()
-                sent[d] += 1
+            room = min(count - sent[d], window - (sent[d] - replied[d]))
+            if room > 0:
+                waiting = [(k, ids[d][k], bodies[d][k]) for k in range(sent[d], sent[d] + room)]
+                for report in reports(waiting):
+                    sock.send(protocol.PROTOCOL, MORE)
+                    sock.send(protocol.EVENT, MORE)
+                    for _, _, body in report[:-1]:
+                        sock.send(body, MORE)
+                    sock.send(report[-1][2])
+                    now = time.perf_counter()
+                    for _, event_id, _ in report:
+                        sent_at[event_id] = now
+                sent[d] += room
         for sock, _ in poller.poll(100):
             d = numbers[sock]
             while True:
                 try:
-                    _, kind, body = receive(sock)
+                    _, kind, *answers = receive(sock)
                 except zmq.Again:
                     break
                 now = time.perf_counter()
-                replied[d] += 1
-                answer = json.loads(body)
-                latencies.append((now - sent_at.pop(answer.get("id"), now)) * 1000)
-                if kind == protocol.ACK:
-                    acked += 1
-                else:
-                    refused += 1
-                    first_refusal = first_refusal or str(answer.get("reason"))
+                replied[d] += len(answers)
+                for body in answers:
+                    answer = json.loads(body)
+                    latencies.append((now - sent_at.pop(answer.get("id"), now)) * 1000)
+                    if kind == protocol.ACK:
+                        acked += 1
+                    else:
+                        refused += 1
+                        first_refusal = first_refusal or str(answer.get("reason"))
             finished = time.time()
     return {
         "acked": acked,

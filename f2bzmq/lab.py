@@ -685,9 +685,10 @@ class NodeClient:
         return sock
 
     def report(self, *frames: bytes) -> tuple[bytes, dict]:
-        """Send one event body; the hub's reply kind and body (zmq.Again after rcvtimeo)."""
+        """Send one report (one event body, or several); the kind and first body of the hub's
+        first reply (zmq.Again after rcvtimeo)."""
         self.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, *frames])
-        _, kind, body = self.reports.recv_multipart()
+        _, kind, body, *_ = self.reports.recv_multipart()
         return kind, json.loads(body)
 
     def next_update(self) -> tuple[dict, BanEvent]:

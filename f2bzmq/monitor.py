@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import zmq
@@ -34,6 +35,25 @@ MAX_BACKOFF = 30.0
 BANTIME_CACHE = 60.0  # seconds a jail's bantime read from fail2ban stays trusted
 SAFETY_CHECK = 5.0  # inotify can drop events under load: stat the log this often
 UNHEALTHY_AFTER = 60.0  # seconds a hub may leave waiting events unACKed before `status` warns
+
+Row = tuple[int, str, bytes]  # an outbox row: (row number, event id, event body)
+
+
+def reports(rows: list[Row]) -> Iterator[list[Row]]:
+    """Outbox rows, in order, grouped into reports of at most MAX_REPORT_EVENTS events and
+    MAX_REPORT bytes (a single event of up to MAX_BODY is always a report of its own)."""
+    report: list[Row] = []
+    size = 0
+    for row in rows:
+        if report and (
+            len(report) == protocol.MAX_REPORT_EVENTS or size + len(row[2]) > protocol.MAX_REPORT
+        ):
+            yield report
+            report, size = [], 0
+        report.append(row)
+        size += len(row[2])
+    if report:
+        yield report
 
 
 class HubReporter:
@@ -265,44 +285,58 @@ class Monitor:
             room = self.window - len(hub.in_flight)
             if room <= 0:
                 continue
-            for row, event_id, body in self.outbox.pending(hub.endpoint, room, hub.cursor):
-                send_frames(hub.socket, [protocol.PROTOCOL, protocol.EVENT, body])
-                hub.in_flight[event_id] = (row, now)
-                hub.cursor = row
+            for report in reports(self.outbox.pending(hub.endpoint, room, hub.cursor)):
+                send_frames(
+                    hub.socket, [protocol.PROTOCOL, protocol.EVENT, *(r[2] for r in report)]
+                )
+                for row, event_id, _ in report:
+                    hub.in_flight[event_id] = (row, now)
+                hub.cursor = report[-1][0]
 
     def handle_replies(self, hub: HubReporter) -> None:
         answered: list[str] = []  # ACKed or refused for good: out of the outbox together
         for frames in drain(hub.socket, 10000):
             try:
                 kind, rest = protocol.split_message(frames)
-                if kind not in (protocol.ACK, protocol.NAK) or len(rest) != 1:
+                if kind not in (protocol.ACK, protocol.NAK) or not rest:
                     raise ProtocolError("expected an ack or a nak")
-                body = protocol.decode_object(rest[0], 4096)
             except ProtocolError as error:
                 self.refusals.warning("reply", "odd reply from %s: %s", hub.endpoint, error)
                 continue
-            event_id = body.get("id")
-            if event_id not in hub.in_flight:
-                continue
-            _, sent = hub.in_flight.pop(event_id)
-            self.ack_delays.observe(time.monotonic() - sent)
-            hub.failures = 0
-            hub.last_ack = time.time()
-            if kind == protocol.NAK:
-                reason = str(body.get("reason", "no reason given"))[:200]
-                if body.get("retry") is True:
-                    # The hub is throttling this node: send again from the outbox, later.
-                    self.refusals.warning("retry", "%s asks to wait: %s", hub.endpoint, reason)
-                    hub.cursor = 0
-                    hub.paused_until = time.monotonic() + 1.0
-                    continue
-                self.counters["refused"] += 1
-                log.error("%s refused event %s: %s; dropped", hub.endpoint, event_id, reason)
-            else:
-                self.counters["acked"] += 1
-            answered.append(event_id)
+            for answer in rest[: protocol.MAX_REPORT_EVENTS]:
+                event_id = self.take_reply(hub, kind, answer)
+                if event_id is not None:
+                    answered.append(event_id)
         if answered:
             self.outbox.ack(hub.endpoint, answered)
+
+    def take_reply(self, hub: HubReporter, kind: bytes, answer: bytes) -> str | None:
+        """One event's ACK or NAK; its id when it leaves the outbox (ACKed or refused)."""
+        try:
+            body = protocol.decode_object(answer, 4096)
+        except ProtocolError as error:
+            self.refusals.warning("reply", "odd reply from %s: %s", hub.endpoint, error)
+            return None
+        event_id = body.get("id")
+        if event_id not in hub.in_flight:
+            return None
+        _, sent = hub.in_flight.pop(event_id)
+        self.ack_delays.observe(time.monotonic() - sent)
+        hub.failures = 0
+        hub.last_ack = time.time()
+        if kind == protocol.NAK:
+            reason = str(body.get("reason", "no reason given"))[:200]
+            if body.get("retry") is True:
+                # The hub is throttling this node: send again from the outbox, later.
+                self.refusals.warning("retry", "%s asks to wait: %s", hub.endpoint, reason)
+                hub.cursor = 0
+                hub.paused_until = time.monotonic() + 1.0
+                return None
+            self.counters["refused"] += 1
+            log.error("%s refused event %s: %s; dropped", hub.endpoint, event_id, reason)
+        else:
+            self.counters["acked"] += 1
+        return event_id
 
     def status(self) -> dict:
         waiting = {hub.endpoint: self.outbox.depth(hub.endpoint) for hub in self.hubs}

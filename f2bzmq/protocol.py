@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 PROTOCOL = b"F2BZMQ1"
 
 # Message kinds (second frame).
-EVENT = b"event"  # monitor -> publisher: [PROTOCOL, EVENT, event]
-ACK = b"ack"  # publisher -> monitor: [PROTOCOL, ACK, {"id": …}]
-NAK = b"nak"  # publisher -> monitor: [PROTOCOL, NAK, {"id": …, "reason": …}]
+EVENT = b"event"  # monitor -> publisher: [PROTOCOL, EVENT, event, event, …]
+ACK = b"ack"  # publisher -> monitor: [PROTOCOL, ACK, {"id": …}, …], one per event ACKed
+NAK = b"nak"  # publisher -> monitor: [PROTOCOL, NAK, {"id": …, "reason": …}, …]
 UPDATE = b"update"  # PUB: [PROTOCOL, UPDATE, {"publisher": …, "seq": n}, [event n, event n+1, …]]
 HUGZ = b"hugz"  # PUB heartbeat: [PROTOCOL, HUGZ, {"publisher": …, "seq": n}]
 SNAPSHOT_REQUEST = b"icanhaz"  # subscriber -> publisher: [PROTOCOL, SNAPSHOT_REQUEST, {}]
@@ -37,6 +37,11 @@ MAX_BODY = 4096  # bytes of one event's JSON; a real event is about 250
 # receiving are paid per frame, so a burst goes out in few of them.
 MAX_UPDATE_EVENTS = 100
 MAX_UPDATE = MAX_UPDATE_EVENTS * (MAX_BODY + 1) + 2  # bytes of that frame at most
+# Events per report, a frame each: a monitor sends what waits in its outbox in few
+# messages and the hub answers each report with one ACK message, since the hub pays
+# (and with CURVE encrypts) per message. One event per report is the common case.
+MAX_REPORT_EVENTS = 100
+MAX_REPORT = 48 * 1024  # bytes of a report's event frames together; a single one may be more
 MAX_NAME = 64
 # fail2ban refuses jail names it can't use in a command line or a chain name; we
 # are stricter still: letters, digits and ._- only, so a name is never a path or a flag.

@@ -37,8 +37,8 @@ from .state import Outcome, StateStore, Update
 log = logging.getLogger("f2bzmq.publisher")
 
 MAX_MESSAGE = 64 * 1024  # a whole report message; larger ones disconnect the peer
-DRAIN_LIMIT = 1000  # reports taken per commit: one fsync ACKs them all
-REPLY_HWM = 10 * DRAIN_LIMIT  # replies queued per peer (an ACK is about 80 bytes)
+DRAIN_LIMIT = 1000  # events taken per commit (in as many reports): one fsync ACKs them all
+REPLY_HWM = 10 * DRAIN_LIMIT  # replies queued per peer (an ACK is about 80 bytes an event)
 SNAPSHOT_PART = 500  # events per snapshot message
 
 
@@ -64,7 +64,8 @@ class Publisher:
             config.get("publisher", "rate_limit"), config.get("publisher", "rate_burst")
         )
         self.refusals = RateLimitedLog(log)
-        self.counters = {"accepted": 0, "refused": 0, "duplicates": 0, "broadcast": 0}
+        # reports: messages from monitors, each of one or more events
+        self.counters = {"reports": 0, "accepted": 0, "refused": 0, "duplicates": 0, "broadcast": 0}
         self.nodes: dict[str, float] = {}  # node name -> last report time
         self.accept_delays = DelayHistogram()  # the origin's Ban line -> stored here
         self.security = Security.for_role(config, "publisher")
@@ -163,18 +164,22 @@ class Publisher:
             self.send_hugz(now)
 
     def handle_reports(self) -> None:
-        """Take every waiting report, commit them in one transaction, then answer and broadcast."""
+        """Take the waiting reports, commit them in one transaction, then answer and broadcast."""
         replies: list[list[bytes]] = []
         updates: list[Update] = []
         now = time.time()
+        taken = 0
         for frames in drain(self.collector, DRAIN_LIMIT, copy=False):
             peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
             # The node name the authenticator gave this peer's key (None without keys).
             user = frames[-1].get("User-Id") if self.auth is not None else None
-            reply, update = self.handle_report(body, now, user)
-            replies.append([peer, *reply])
-            if update is not None:
-                updates.append(update)
+            answers, changes = self.handle_report(body, now, user)
+            replies.extend([peer, *answer] for answer in answers)
+            updates.extend(changes)
+            taken += max(1, len(body) - 2)
+            self.counters["reports"] += 1
+            if taken >= DRAIN_LIMIT:
+                break  # the rest waits for the next pass: a pass stays short
         self.finish_batch(self.collector, replies, updates)
 
     def finish_batch(
@@ -191,17 +196,39 @@ class Publisher:
 
     def handle_report(
         self, frames: list[bytes], now: float, user: str | None = None
-    ) -> tuple[list[bytes], Update | None]:
-        """Check and apply one report; return the reply frames and what to broadcast."""
+    ) -> tuple[list[list[bytes]], list[Update]]:
+        """Check and apply each event of one report, each on its own; return the reply
+        messages (one ACK for every event taken, one NAK for every event refused) and
+        what to broadcast."""
         try:
             kind, rest = protocol.split_message(frames)
-            if kind != protocol.EVENT or len(rest) != 1:
-                raise ProtocolError(f"expected one {protocol.EVENT.decode()} body")
-            event = BanEvent.decode(rest[0], self.networks)
-            outcome, update = self.admit(event, now, user)
+            if kind != protocol.EVENT or not 1 <= len(rest) <= protocol.MAX_REPORT_EVENTS:
+                raise ProtocolError(
+                    f"expected 1-{protocol.MAX_REPORT_EVENTS} {protocol.EVENT.decode()} bodies"
+                )
         except ProtocolError as error:
-            return self.refuse(frames, error, user, retry=isinstance(error, RateLimited)), None
-        return [protocol.PROTOCOL, protocol.ACK, protocol.ack_body(event.id, outcome.value)], update
+            event_id = protocol.peek_id(frames[-1]) if len(frames) == 3 else ""
+            return [[protocol.PROTOCOL, protocol.NAK, self.refuse(event_id, error, user)]], []
+        acks: list[bytes] = []
+        naks: list[bytes] = []
+        updates: list[Update] = []
+        for body in rest:
+            try:
+                event = BanEvent.decode(body, self.networks)
+                outcome, update = self.admit(event, now, user)
+            except ProtocolError as error:
+                retry = isinstance(error, RateLimited)
+                naks.append(self.refuse(protocol.peek_id(body), error, user, retry))
+                continue
+            acks.append(protocol.ack_body(event.id, outcome.value))
+            if update is not None:
+                updates.append(update)
+        answers = [
+            [protocol.PROTOCOL, kind, *bodies]
+            for kind, bodies in ((protocol.ACK, acks), (protocol.NAK, naks))
+            if bodies
+        ]
+        return answers, updates
 
     def admit(
         self, event: BanEvent, now: float, user: str | None = None
@@ -233,16 +260,14 @@ class Publisher:
             raise ProtocolError(f"{event.ip} is in the hub's allowlist")
 
     def refuse(
-        self, frames: list[bytes], error: ProtocolError, user: str | None, retry: bool = False
-    ) -> list[bytes]:
-        """A NAK with the reason, logged at a bounded rate."""
+        self, event_id: str, error: ProtocolError, user: str | None, retry: bool = False
+    ) -> bytes:
+        """A NAK body with the reason, logged at a bounded rate."""
         self.counters["refused"] += 1
         who = f" from {user}" if user else ""
         # Keyed by node, never by the reason: a hostile peer chooses the reason's text.
         self.refusals.warning(f"report {user}", "refused a report%s: %s", who, error)
-        event_id = protocol.peek_id(frames[-1]) if len(frames) == 3 else ""
-        body = {"id": event_id, "reason": str(error), "retry": retry}
-        return [protocol.PROTOCOL, protocol.NAK, protocol.encode_object(body)]
+        return protocol.encode_object({"id": event_id, "reason": str(error), "retry": retry})
 
     def reload_keys(self) -> None:
         """SIGHUP: read nodes/ again; if a key went away, cut every connection so it can't stay."""
@@ -349,6 +374,7 @@ class Publisher:
             "Currently banned": len(self.table.bans),
             "Banned per jail": per_jail,
             "Nodes (last report)": {node: clock(seen) for node, seen in self.nodes.items()},
+            "Reports received": self.counters["reports"],
             "Events accepted": self.counters["accepted"],
             "Events refused": self.counters["refused"],
             "Duplicates dropped": self.counters["duplicates"],
@@ -358,9 +384,12 @@ class Publisher:
                 "sequence": gauge("sequence number of the last update", self.table.sequence),
                 "bans": gauge("active cluster bans per jail", per_jail, "jail"),
                 "nodes": gauge("nodes that have reported", len(self.nodes)),
-                "events_accepted": counter("reports stored", self.counters["accepted"]),
-                "events_refused": counter("reports refused", self.counters["refused"]),
-                "duplicates": counter("reports already known", self.counters["duplicates"]),
+                "reports_received": counter(
+                    "report messages, of one or more events", self.counters["reports"]
+                ),
+                "events_accepted": counter("events stored", self.counters["accepted"]),
+                "events_refused": counter("events refused", self.counters["refused"]),
+                "duplicates": counter("events already known", self.counters["duplicates"]),
                 "updates_broadcast": counter("updates published", self.counters["broadcast"]),
                 "accept_delay_seconds": histogram(
                     "origin's Ban line -> stored by the hub", self.accept_delays

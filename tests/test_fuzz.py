@@ -342,19 +342,23 @@ class Hostile:
             if r.random() < 0.1:  # frames under maxmsgsize one by one, but not together
                 big = [b"x" * r.randrange(20000, 60000)] * r.randrange(2, 5)
                 return category, [P, event, *big], False
+            # A report carries 1-100 events, each judged alone: several bodies are hostile
+            # only when each is, or when there are too many (then none is looked at).
+            hostile = [self.body()[1] for _ in range(r.randrange(2, 6))]
+            too_many = protocol.MAX_REPORT_EVENTS + r.randrange(1, 40)
             frames = r.choice(
                 [
                     [P],
                     [P, event],
-                    [P, event, decoy, decoy],
-                    [P, event, decoy, b""],
-                    [P, event, b"", decoy],
-                    [P, event] + [decoy] * r.randrange(3, 40),
+                    [P, event, *hostile],
+                    [P, event, hostile[0], b""],
+                    [P, event, b"", hostile[0]],
+                    [P, event] + [decoy] * too_many,
                     [event, decoy],
                     [decoy],
                     [b""],
                     [P, b"", event, decoy],
-                    [P, event, decoy, self.random_bytes()],
+                    [P, event, hostile[0], self.random_bytes()],
                 ]
             )
             return category, frames, False
@@ -574,9 +578,9 @@ class ReportRun:
         self.updates.connect(f"tcp://127.0.0.1:{ports[1]}")
         self.junk = curve_client(context.socket(zmq.DEALER), keys_dir, "node2")
         self.junk.connect(self.snapshot_endpoint)
-        # (category, id, outcome, frames sent) of each report awaiting its reply, in order;
-        # outcome None means a NAK is due.
-        self.waiting: deque[tuple[str, str | None, str | None, list[bytes]]] = deque()
+        # (category, ACK bodies due, NAK bodies due, frames sent) of each report awaiting
+        # its replies, in order; NAKs due None: only a NAK, of one body or of one a body.
+        self.waiting: deque[tuple[str, list[dict], int | None, list[bytes]]] = deque()
         self.valid: list[BanEvent] = []
         self.valid_ips: list[str] = []  # the same, for hostile unbans to aim at
         self.broadcast: list[tuple[int, BanEvent | bytes]] = []
@@ -586,14 +590,22 @@ class ReportRun:
         self.throttled = 0
         self.cut_off = 0  # oversized reports after which the hub dropped the connection
 
-    def send(self, frames: list[bytes], category: str, event: BanEvent | None = None) -> None:
+    def send(
+        self,
+        frames: list[bytes],
+        category: str,
+        event: BanEvent | None = None,
+        refused: int = 0,
+    ) -> None:
+        """Send a report: hostile only (no `event`), or one valid `event` (new when the
+        category is "valid", else a duplicate) beside `refused` hostile bodies."""
         self.reports.send_multipart(frames)
         self.sent[category] += 1
         if event is None:
-            self.waiting.append((category, None, None, frames))
+            self.waiting.append((category, [], None, frames))
         else:
-            outcome = "banned" if category == "valid" else "duplicate"
-            self.waiting.append((category, event.id, outcome, frames))
+            outcome = "duplicate" if category == "replay" else "banned"
+            self.waiting.append((category, [{"id": event.id, "outcome": outcome}], refused, frames))
 
     def take_reply(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -605,20 +617,31 @@ class ReportRun:
                     f"({dict(categories)}):\n{tail(self.hub.publisher.log_text(), 12)}"
                 )
             assert time.monotonic() < deadline, f"no reply in {timeout:g}s to {self.waiting[0]}"
+        category, acks, naks, sent = self.waiting.popleft()
+        if acks:
+            kind, bodies, frames = self.reply()
+            if kind != protocol.ACK or bodies != acks:
+                self.valid_refused.append(f"{category} {sent!r:.160}: {frames!r:.200}")
+                return
+            if naks == 0:
+                return
+            assert self.reports.poll(timeout * 1000), f"no NAK in {timeout:g}s to {sent!r:.160}"
+        kind, bodies, frames = self.reply()
+        refused = kind == protocol.NAK and bool(bodies) and naks in (None, len(bodies))
+        if not refused or not all(isinstance(body.get("reason"), str) for body in bodies):
+            self.got_through[category].append(f"{sent!r:.160} -> {frames!r:.120}")
+        elif any(body.get("retry") for body in bodies):
+            self.throttled += 1
+
+    def reply(self) -> tuple[bytes, list[dict], list[bytes]]:
+        """The next reply message: its kind and bodies (kind b"?" when malformed)."""
         frames = self.reports.recv_multipart()
-        category, event_id, outcome, sent = self.waiting.popleft()
-        kind = frames[1] if len(frames) == 3 and frames[0] == P else b"?"
         try:
-            body = json.loads(frames[2]) if kind != b"?" else {}
+            if len(frames) < 3 or frames[0] != P:
+                raise ValueError("not a reply")
+            return frames[1], [json.loads(frame) for frame in frames[2:]], frames
         except ValueError:
-            kind, body = b"?", {}
-        if outcome is None:
-            if kind != protocol.NAK or not isinstance(body.get("reason"), str):
-                self.got_through[category].append(f"{sent!r:.160} -> {frames!r:.120}")
-            elif body.get("retry"):
-                self.throttled += 1
-        elif kind != protocol.ACK or body != {"id": event_id, "outcome": outcome}:
-            self.valid_refused.append(f"{category} {sent!r:.160}: {frames!r:.200}")
+            return b"?", [], frames
 
     def drain_updates(self) -> None:
         while self.updates.poll(0):
@@ -746,6 +769,14 @@ def test_publisher_takes_100000_hostile_reports(hub: tuple[Hub, list[int], Path]
             if number in oversized_at:
                 run.oversized(hostile.oversized_report())
                 continue
+            if number % 1000 == 500:  # a valid event among hostile ones in one report
+                event = BanEvent.new("node1", "sshd", "ban", next(addresses), bantime=3600)
+                run.valid.append(event)
+                run.valid_ips.append(event.ip)
+                hostile_bodies = [hostile.body()[1] for _ in range(hostile.rng.randrange(1, 4))]
+                bodies = [*hostile_bodies, event.encode()]
+                hostile.rng.shuffle(bodies)
+                run.send([P, protocol.EVENT, *bodies], "mixed", event, len(hostile_bodies))
             if number % 5000 == 2500 and run.valid:  # a replay is a duplicate, not a new ban
                 event = hostile.rng.choice(run.valid)
                 run.send([P, protocol.EVENT, event.encode()], "replay", event)

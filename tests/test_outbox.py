@@ -1,7 +1,8 @@
-"""The monitor's outbox: durable, per hub, in order, bounded."""
+"""The monitor's outbox: durable, per hub, in order, bounded; and how it goes out."""
 
+from f2bzmq.monitor import reports
 from f2bzmq.outbox import Outbox
-from f2bzmq.protocol import BanEvent
+from f2bzmq.protocol import MAX_REPORT, BanEvent
 
 HUBS = ["tcp://10.0.0.1:5690", "tcp://10.0.0.2:5690"]
 
@@ -51,3 +52,16 @@ def test_trim_drops_the_oldest_unbans_first(tmp_path):
     assert outbox.trim(2) == 3
     assert [body for _, _, body in outbox.pending(HUBS[1], 100)] == [b.encode() for b in bans[2:]]
     assert outbox.trim(2) == 0
+
+
+def test_waiting_events_go_out_in_reports_bounded_by_count_and_bytes():
+    small = [(n, f"id{n}", b"x" * 250) for n in range(1, 251)]
+    grouped = list(reports(small))
+    assert [len(report) for report in grouped] == [100, 100, 50]
+    assert [row for report in grouped for row in report] == small  # in order, none lost
+    big = [(n, f"id{n}", b"x" * 4096) for n in range(1, 31)]
+    grouped = list(reports(big))
+    assert all(sum(len(r[2]) for r in report) <= MAX_REPORT for report in grouped)
+    assert [row for report in grouped for row in report] == big
+    assert len(grouped) == 3  # 12 of 4 KB fit in 48 KB
+    assert list(reports([])) == []

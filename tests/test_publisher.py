@@ -60,8 +60,7 @@ def test_duplicates_and_known_bans_are_acked_but_not_broadcast(hub):
         ([ban().encode().replace(b'"id":"', b'"id":"zz')], "id must be 32"),
         ([ban().encode().replace(b"192.0.2.10", b"0.0.0.0/0; reboot")], "not an address"),
         ([b"not json"], "not JSON"),
-        ([], "expected one event body"),
-        ([b"{}", b"{}"], "expected one event body"),
+        ([], "expected 1-100 event bodies"),
         ([b"{" + b" " * 10000 + b"}"], "larger than"),
     ],
 )
@@ -72,6 +71,59 @@ def test_invalid_reports_get_a_nak_with_the_reason_and_change_nothing(hub, frame
     good = ban()
     assert peer.report(good.encode())[1]["outcome"] == "banned"
     assert peer.next_update()[0]["seq"] == 1
+
+
+def report_many(peer, bodies):
+    """Send one report of several events; the reply messages, by kind, until every event
+    was answered."""
+    peer.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, *bodies])
+    replies = {}
+    answered = 0
+    while answered < len(bodies):
+        _, kind, *answers = peer.reports.recv_multipart()
+        assert kind not in replies  # one message of each kind
+        replies[kind] = [json.loads(answer) for answer in answers]
+        answered += len(answers)
+    return replies
+
+
+def test_a_report_of_many_events_gets_one_ack_message(hub):
+    _, peer = hub
+    events = [ban(f"198.51.100.{i}") for i in range(1, 51)]
+    replies = report_many(peer, [event.encode() for event in events])
+    assert replies == {protocol.ACK: [{"id": event.id, "outcome": "banned"} for event in events]}
+    received = [peer.next_update() for _ in events]
+    assert [header["seq"] for header, _ in received] == list(range(1, 51))
+    assert [update for _, update in received] == events
+
+
+def test_each_event_of_a_report_is_judged_on_its_own(hub):
+    _, peer = hub
+    good, other = ban("198.51.100.1"), ban("198.51.100.2")
+    forged = ban("198.51.100.3", node="node2")  # node1's key may not report for node2
+    broken = ban("198.51.100.4").encode().replace(b"198.51.100.4", b"0.0.0.0/0; reboot")
+    bodies = [good.encode(), broken, other.encode(), forged.encode(), good.encode()]
+    replies = report_many(peer, bodies)
+    assert replies[protocol.ACK] == [
+        {"id": good.id, "outcome": "banned"},
+        {"id": other.id, "outcome": "banned"},
+        {"id": good.id, "outcome": "duplicate"},
+    ]
+    refused = replies[protocol.NAK]
+    assert [nak["id"] for nak in refused] == [json.loads(broken)["id"], forged.id]
+    assert "not an address" in refused[0]["reason"] and "key of" in refused[1]["reason"]
+    assert [peer.next_update()[1] for _ in range(2)] == [good, other]
+    header, snapshot = peer.snapshot()
+    assert header["seq"] == 2 and sorted(e.ip for e in snapshot) == [good.ip, other.ip]
+
+
+def test_a_report_of_too_many_events_is_refused_whole(hub):
+    _, peer = hub
+    events = [ban(f"198.51.100.{i}") for i in range(1, protocol.MAX_REPORT_EVENTS + 2)]
+    kind, body = peer.report(*(event.encode() for event in events))
+    assert kind == protocol.NAK and "expected 1-100 event bodies" in body["reason"]
+    header, snapshot = peer.snapshot()
+    assert header["seq"] == 0 and snapshot == []
 
 
 def test_wrong_protocol_frame_is_refused(hub):
