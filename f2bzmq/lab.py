@@ -79,7 +79,7 @@ class Namespaces:
 
     def add(self, name: str) -> str:
         namespace = self.prefix + name
-        _ip("netns", "add", namespace)
+        run_command("ip", "netns", "add", namespace)
         self.created.append(namespace)
         return namespace
 
@@ -88,7 +88,7 @@ class Namespaces:
         for namespace in reversed(self.created):
             try:
                 self._kill_processes(namespace)
-                _ip("netns", "delete", namespace)
+                run_command("ip", "netns", "delete", namespace)
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
                 errors.append(error)  # keep removing the others
         self.created.clear()
@@ -98,7 +98,7 @@ class Namespaces:
     @staticmethod
     def _kill_processes(namespace: str) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = [int(pid) for pid in _ip("netns", "pids", namespace).split()]
+            pids = [int(pid) for pid in run_command("ip", "netns", "pids", namespace).split()]
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
@@ -115,19 +115,18 @@ def netns_holds(namespace: str, pid: int) -> bool:
         return False
 
 
-def _ip(*arguments: str) -> str:
+def run_command(*command: str, timeout: float = 30) -> str:
+    """Run a command (never through a shell); its output, or an error that shows it."""
     done = subprocess.run(
-        ["ip", *arguments],
+        command,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout,
         check=False,
     )
     if done.returncode != 0:
-        raise RuntimeError(
-            f"ip {' '.join(arguments)}: exit {done.returncode}: {done.stderr.strip()}"
-        )
+        raise RuntimeError(f"{' '.join(command)}: exit {done.returncode}: {done.stderr.strip()}")
     return done.stdout
 
 
@@ -299,17 +298,9 @@ class Fail2banServer:
 
     def banned(self, jail: str) -> list[str]:
         """What the server itself reports, through the real fail2ban-client, not our code."""
-        done = subprocess.run(
-            [CLIENT_PROGRAM, "-s", str(self.socket), "get", jail, "banip"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=15,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"fail2ban-client get {jail} banip failed: {done.stderr.strip()}")
-        return done.stdout.split()
+        return run_command(
+            CLIENT_PROGRAM, "-s", str(self.socket), "get", jail, "banip", timeout=15
+        ).split()
 
     def attack(self, *ips: str, count: int | None = None) -> None:
         """Append sshd failures from each ip to auth_log: by default just enough for a ban."""

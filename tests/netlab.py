@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from f2bzmq.lab import Cluster, Fail2banServer, Namespaces, netns_holds
+from f2bzmq.lab import Cluster, Fail2banServer, Namespaces, netns_holds, run_command
 
 NODES = {"node1": "10.250.0.11", "node2": "10.250.0.12", "node3": "10.250.0.13"}
 ATTACKER = "10.250.0.66"
@@ -98,21 +98,6 @@ def missing_requirements() -> str | None:
         if shutil.which(program) is None:
             return f"{program} is not installed"
     return None
-
-
-def run(*command: str, timeout: float = 30) -> str:
-    """Run a command (never through a shell); its output, or an error that shows it."""
-    done = subprocess.run(
-        command,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)}: exit {done.returncode}: {done.stderr.strip()}")
-    return done.stdout
 
 
 @dataclass
@@ -192,18 +177,20 @@ class NetnsCluster:
 
     def _build_network(self) -> None:
         bridge = self.namespaces["bridge"] = self._namespaces.add("bridge")
-        run("ip", "-n", bridge, "link", "set", "lo", "up")
-        run("ip", "-n", bridge, "link", "add", "br0", "type", "bridge")
-        run("ip", "-n", bridge, "link", "set", "br0", "up")
+        run_command("ip", "-n", bridge, "link", "set", "lo", "up")
+        run_command("ip", "-n", bridge, "link", "add", "br0", "type", "bridge")
+        run_command("ip", "-n", bridge, "link", "set", "br0", "up")
         for name, address in {**NODES, "attacker": ATTACKER}.items():
             namespace = self.namespaces[name] = self._namespaces.add(name)
             port = f"to-{name}"
             peer = ("peer", "eth0", "netns", namespace)
-            run("ip", "-n", bridge, "link", "add", port, "type", "veth", *peer)
-            run("ip", "-n", bridge, "link", "set", port, "master", "br0", "up")
-            run("ip", "-n", namespace, "link", "set", "lo", "up")
-            run("ip", "-n", namespace, "addr", "add", f"{address}/{PREFIX_LENGTH}", "dev", "eth0")
-            run("ip", "-n", namespace, "link", "set", "eth0", "up")
+            run_command("ip", "-n", bridge, "link", "add", port, "type", "veth", *peer)
+            run_command("ip", "-n", bridge, "link", "set", port, "master", "br0", "up")
+            run_command("ip", "-n", namespace, "link", "set", "lo", "up")
+            run_command(
+                "ip", "-n", namespace, "addr", "add", f"{address}/{PREFIX_LENGTH}", "dev", "eth0"
+            )
+            run_command("ip", "-n", namespace, "link", "set", "eth0", "up")
 
     def _check_isolation(self) -> None:
         """Each fail2ban-server runs in its node's namespace: its bans can reach no other
@@ -288,7 +275,7 @@ class NetnsCluster:
     def firewall(self, node: str) -> str:
         """The node's rules, as nft and iptables-save list them (whichever backend holds them)."""
         return "\n".join(
-            run(*self.exec_in(node), *command)
+            run_command(*self.exec_in(node), *command)
             for command in (("nft", "list", "ruleset"), ("iptables-save",))
         )
 
