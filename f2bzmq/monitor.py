@@ -26,7 +26,16 @@ from .logparse import BanReporter, Kind, LogRecord
 from .metrics import DelayHistogram, counter, gauge, histogram
 from .outbox import Outbox
 from .protocol import BanEvent, ProtocolError
-from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain, send_frames
+from .runtime import (
+    NOTICE,
+    RateLimitedLog,
+    StopSignals,
+    Wakeup,
+    batched_logging,
+    clock,
+    drain,
+    send_frames,
+)
 from .tail import LogFollower, LogPosition
 
 log = logging.getLogger("f2bzmq.monitor")
@@ -201,8 +210,9 @@ class Monitor:
             if events:
                 self.send_pending()  # first: the rest of the loop is bookkeeping
                 self.trim_outbox()
-            for event in events:
-                log.log(NOTICE, "%s: queued for the cluster", event.describe())
+            with batched_logging():  # a line per event, written at once
+                for event in events:
+                    log.log(NOTICE, "%s: queued for the cluster", event.describe())
             self.counters["reported"] += len(events)
             if not self.follower.has_more():
                 break

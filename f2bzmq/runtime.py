@@ -123,8 +123,8 @@ class RateLimitedLog:
 class BatchedFileHandler(logging.handlers.WatchedFileHandler):
     """A log file that logrotate may move (like WatchedFileHandler), written in batches.
 
-    The hub logs a line per ban; writing and flushing each line, and checking with a
-    stat whether the file was rotated, cost a third of its time per event. Inside
+    Every daemon logs a line per ban; writing and flushing each line, and checking with
+    a stat whether the file was rotated, cost the hub a third of its time per event. Inside
     `batched_logging()` lines gather in the stream's buffer and are written, with
     one rotation check, when the batch ends: milliseconds later, before the loop
     waits again. Outside a batch (other threads, start-up, errors) every line is

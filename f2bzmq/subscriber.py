@@ -23,7 +23,15 @@ from .fail2ban import Fail2banClient, Fail2banError
 from .keys import Security
 from .metrics import DelayHistogram, counter, gauge, histogram
 from .protocol import Allowlist, BanEvent, ProtocolError
-from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain
+from .runtime import (
+    NOTICE,
+    RateLimitedLog,
+    StopSignals,
+    Wakeup,
+    batched_logging,
+    clock,
+    drain,
+)
 
 log = logging.getLogger("f2bzmq.subscriber")
 
@@ -515,8 +523,9 @@ class Subscriber:
                 self.applied[jail].difference_update(batch)
                 self.counters["unbanned"] += len(batch)
             verb = "Ban" if ban else "Unban"
-            for ip in batch:
-                log.log(NOTICE, "[%s] %s %s", jail, verb, ip)
+            with batched_logging():  # a line per address, written at once
+                for ip in batch:
+                    log.log(NOTICE, "[%s] %s %s", jail, verb, ip)
 
     def status(self) -> dict:
         now = time.monotonic()
