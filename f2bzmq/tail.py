@@ -261,6 +261,7 @@ class LogFollower:
         self._more = False  # the last read_lines stopped at max_lines with lines left
         self._observer: Observer | None = None
         self._file_watch: FileWatch | None = None
+        self._watch_failed = False  # an inotify watch could not be added (warned once)
         self._stopped = False
         # Rotation can lose lines: copytruncate those written between its copy and its
         # truncation, and fail2ban itself a line logged while flushlogs swaps its log handler.
@@ -367,10 +368,24 @@ class LogFollower:
         return [line.decode("utf-8", errors="replace") for line in lines]
 
     def _watch_generations(self) -> None:
-        if self._file_watch is not None:
-            for generation in self._generations():
-                if generation.fd is not None:
-                    self._file_watch.add(generation.fd)
+        if self._file_watch is None:
+            return
+        for generation in self._generations():
+            if generation.fd is None:
+                continue
+            try:
+                self._file_watch.add(generation.fd)
+            except OSError as error:
+                # Out of inotify watches (fs.inotify.max_user_watches), or no /proc: check()
+                # still finds new lines, at its pace. Said once, not at every read.
+                if not self._watch_failed:
+                    log.warning(
+                        "cannot watch %s for writes (%s): new lines are found by the"
+                        " periodic check only",
+                        self._path,
+                        error.strerror or error,
+                    )
+                self._watch_failed = True
 
     def _generations(self) -> list[_Generation]:
         current = [self._current] if self._current is not None else []

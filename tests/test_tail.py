@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
+import logging
 import os
 import select
 import shlex
@@ -16,6 +18,7 @@ from typing import Callable
 
 import pytest
 
+from f2bzmq.inotify import FileWatch
 from f2bzmq.runtime import Wakeup
 from f2bzmq.tail import LogFollower, LogPosition
 
@@ -205,6 +208,32 @@ def test_rotated_file_wakes_until_retired(log_path: Path, wakes: Wakes) -> None:
     finally:
         writer.close()
         follower.stop()
+
+
+def test_without_a_file_watch_the_periodic_check_still_finds_new_lines(
+    log_path: Path, wakes: Wakes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Running out of inotify watches can't be caused for this test alone without lowering
+    # the limit for every process of the machine: the refusal is a stand-in.
+    def refuse(self: FileWatch, fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FileWatch, "add", refuse)
+    append(log_path, 1)
+    follower = LogFollower(log_path, wake=wakes.pipe.wake)
+    with caplog.at_level(logging.WARNING, logger="f2bzmq.tail"):
+        follower.start()
+        try:
+            assert read_all(follower) == [1]
+            append(log_path, 2)
+            assert not wakes.wait(follower, 0.3)  # no watch, no wake-up on the write
+            follower.check()  # what the monitor runs every few seconds
+            assert wakes.wait(follower, 0)
+            assert read_all(follower) == [2]
+        finally:
+            follower.stop()
+    warnings = [r.getMessage() for r in caplog.records if "cannot watch" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
 
 
 def test_file_created_after_start(log_path: Path, wakes: Wakes) -> None:
