@@ -10,13 +10,13 @@ on ``fileno()`` and calls ``drain()`` before it reads.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 
 IN_MODIFY = 0x00000002  # the file was written or truncated
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# The C library Python itself runs on: no library search (find_library runs ldconfig).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.inotify_init1.argtypes = [ctypes.c_int]
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 _libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
