@@ -66,6 +66,12 @@ class BatchSizer:
         fits = int(COMMAND_SECONDS / max(self.per_address[jail], 1e-6))
         return max(1, min(self.limit, last * BATCH_GROWTH, fits))
 
+    def reset(self) -> None:
+        """Measure again from FIRST_BATCH: after a failed command (a timeout, or fail2ban
+        restarted, maybe with slower actions) the old figures no longer hold."""
+        self.last.clear()
+        self.per_address.clear()
+
     def observe(self, jail: str, count: int, seconds: float) -> None:
         """A command of ``count`` addresses took ``seconds``."""
         cost = seconds / count
@@ -474,6 +480,7 @@ class Subscriber:
             self.fail2ban_ok = False
             self.fail2ban_error = str(error)
             self.applied = None  # fail2ban may have restarted: read its jails again
+            self.batches.reset()
             self.next_retry = time.monotonic() + RETRY_INTERVAL
             return
         if not self.fail2ban_ok:

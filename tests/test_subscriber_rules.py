@@ -125,6 +125,15 @@ def test_a_slower_command_shrinks_the_next_and_one_address_always_fits():
     assert BatchSizer(limit=10).size("cluster") == 10
 
 
+def test_after_a_failed_command_sizes_are_measured_again():
+    sizes = BatchSizer(limit=2000)
+    for size in (50, 200, 800):
+        sizes.observe("cluster", size, size * 0.0001)
+    assert sizes.size("cluster") == 2000
+    sizes.reset()  # fail2ban timed out, or restarted with a slower action
+    assert sizes.size("cluster") == FIRST_BATCH
+
+
 def test_shipped_fail2ban_snippets_load_in_a_real_fail2ban(tmp_path):
     """The jail.d and filter.d files from fail2ban/ with Debian's own jail.conf."""
     shipped = Path(__file__).resolve().parent.parent / "fail2ban"
