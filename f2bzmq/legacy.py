@@ -149,7 +149,8 @@ class LegacyEndpoints:
         replies: list[list[bytes]] = []
         updates: list[Update] = []
         now = time.time()
-        for frames in drain(self.reports, DRAIN_LIMIT, copy=False):
+        # An old report is one frame behind its envelope: a longer message is cut, not kept.
+        for frames in drain(self.reports, DRAIN_LIMIT, copy=False, max_frames=16):
             envelope, request = split_envelope([frame.bytes for frame in frames])
             reply, update = self.handle_report(request, now, frames[-1].get("Peer-Address"))
             replies.append([*envelope, reply])

@@ -36,7 +36,10 @@ from .state import Outcome, StateStore, Update
 
 log = logging.getLogger("f2bzmq.publisher")
 
-MAX_MESSAGE = 64 * 1024  # a whole report message; larger ones disconnect the peer
+MAX_MESSAGE = 64 * 1024  # a frame (libzmq's maxmsgsize is per frame); larger ones disconnect
+# A report's frames: the peer's identity, the protocol, the kind and its events. One
+# more event is kept of a longer message, so that what is kept is refused whole.
+MAX_REPORT_FRAMES = protocol.MAX_REPORT_EVENTS + 4
 DRAIN_LIMIT = 1000  # events taken per commit (in as many reports): one fsync ACKs them all
 REPLY_HWM = 10 * DRAIN_LIMIT  # replies queued per peer (an ACK is about 80 bytes an event)
 SNAPSHOT_PART = 500  # events per snapshot message
@@ -169,7 +172,7 @@ class Publisher:
         updates: list[Update] = []
         now = time.time()
         taken = 0
-        for frames in drain(self.collector, DRAIN_LIMIT, copy=False):
+        for frames in drain(self.collector, DRAIN_LIMIT, copy=False, max_frames=MAX_REPORT_FRAMES):
             peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
             # The node name the authenticator gave this peer's key (None without keys).
             user = frames[-1].get("User-Id") if self.auth is not None else None
@@ -328,7 +331,7 @@ class Publisher:
         self.next_hugz = now + self.heartbeat_interval
 
     def handle_snapshots(self) -> None:
-        for frames in drain(self.snapshots, 100):
+        for frames in drain(self.snapshots, 100, max_frames=8):
             peer, body = frames[0], frames[1:]
             try:
                 kind, _ = protocol.split_message(body)

@@ -49,9 +49,13 @@ _MORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
 
 
-def drain(sock: zmq.Socket, limit: int, copy: bool = True) -> Iterator[list]:
+def drain(
+    sock: zmq.Socket, limit: int, copy: bool = True, max_frames: int | None = None
+) -> Iterator[list]:
     """Every message waiting on sock, at most `limit`, without blocking: one poll, one batch.
-    Each message is a list of bytes, or of zmq.Frame with copy=False."""
+    Each message is a list of bytes, or of zmq.Frame with copy=False, of at most
+    `max_frames` frames: the rest of a longer one is read and dropped, so a peer's
+    millions of empty frames cost no memory (the kept part is still too long to pass)."""
     recv = sock.recv
     for _ in range(limit):
         try:
@@ -61,7 +65,8 @@ def drain(sock: zmq.Socket, limit: int, copy: bool = True) -> Iterator[list]:
         frames = [frame]
         while frame.more:  # the other parts of a message arrive with its first
             frame = recv(_NOBLOCK, copy=False)
-            frames.append(frame)
+            if max_frames is None or len(frames) < max_frames:
+                frames.append(frame)
         yield [frame.bytes for frame in frames] if copy else frames
 
 

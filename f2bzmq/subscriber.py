@@ -302,7 +302,7 @@ class Subscriber:
 
     def handle_updates(self, link: HubLink, now: float) -> None:
         """Take every waiting message; a gap or a new hub identity asks for a snapshot."""
-        for frames in drain(link.updates, 10000):
+        for frames in drain(link.updates, 10000, max_frames=5):  # an update has 4
             try:
                 kind, rest = protocol.split_message(frames)
                 if kind not in (protocol.UPDATE, protocol.HUGZ):
@@ -385,7 +385,7 @@ class Subscriber:
         self.pending = True
 
     def handle_snapshot(self, link: HubLink, now: float) -> None:
-        for frames in drain(link.snapshots, 1000):
+        for frames in drain(link.snapshots, 1000, max_frames=5):  # a part has 4
             try:
                 kind, rest = protocol.split_message(frames)
                 if kind != protocol.SNAPSHOT_PART or len(rest) != 2:

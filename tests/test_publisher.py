@@ -126,6 +126,16 @@ def test_a_report_of_too_many_events_is_refused_whole(hub):
     assert header["seq"] == 0 and snapshot == []
 
 
+def test_a_message_of_very_many_frames_gets_one_nak_and_the_hub_goes_on(hub):
+    hub_, peer = hub
+    peer.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT] + [b""] * 200000)
+    _, kind, body = peer.reports.recv_multipart()
+    assert kind == protocol.NAK and "expected 1-100 event bodies" in json.loads(body)["reason"]
+    good = ban()
+    assert peer.report(good.encode())[1]["outcome"] == "banned"
+    assert hub_.publisher.alive()
+
+
 def test_wrong_protocol_frame_is_refused(hub):
     _, peer = hub
     peer.reports.send_multipart([b"F2BZMQ9", protocol.EVENT, ban().encode()])
