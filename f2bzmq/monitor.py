@@ -151,7 +151,9 @@ class Monitor:
         self.follower.start()
         poller = zmq.Poller()
         poller.register(self.wakeup.read_fd, zmq.POLLIN)
-        poller.register(self.follower.fileno(), zmq.POLLIN)
+        written = self.follower.fileno()  # None without inotify: the safety check reads
+        if written is not None:
+            poller.register(written, zmq.POLLIN)
         for hub in self.hubs:
             poller.register(hub.socket, zmq.POLLIN)
         if self.control:
@@ -163,7 +165,7 @@ class Monitor:
             ready = dict(poller.poll(self._timeout_ms()))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
-            if self.wakeup.read_fd in ready or self.follower.fileno() in ready:
+            if self.wakeup.read_fd in ready or written in ready:
                 self.read_log()
             if self.control and self.control.socket in ready:
                 self.control.handle()
@@ -305,7 +307,7 @@ class Monitor:
 
     def handle_replies(self, hub: HubReporter) -> None:
         answered: list[str] = []  # ACKed or refused for good: out of the outbox together
-        for frames in drain(hub.socket, 10000):
+        for frames in drain(hub.socket, 10000, max_frames=protocol.MAX_REPORT_EVENTS + 3):
             try:
                 kind, rest = protocol.split_message(frames)
                 if kind not in (protocol.ACK, protocol.NAK) or not rest:
@@ -328,7 +330,12 @@ class Monitor:
             self.refusals.warning("reply", "odd reply from %s: %s", hub.endpoint, error)
             return None
         event_id = body.get("id")
-        if event_id not in hub.in_flight:
+        if not isinstance(event_id, str) or event_id not in hub.in_flight:
+            if kind == protocol.NAK:
+                # A whole report refused (an older hub takes one event a report) or a
+                # stale answer: the events stay in the outbox and go again after ack_timeout.
+                reason = str(body.get("reason", "no reason given"))[:200]
+                self.refusals.warning("nak", "%s refused a report: %s", hub.endpoint, reason)
             return None
         _, sent = hub.in_flight.pop(event_id)
         self.ack_delays.observe(time.monotonic() - sent)

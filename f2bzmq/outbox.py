@@ -90,6 +90,8 @@ class Outbox:
     def ack(self, target: str, event_ids: Iterable[str]) -> int:
         """The publisher at `target` has these events: forget them there, in one transaction
         (a commit each was most of the monitor's cost of a burst). Returns how many it had."""
+        if isinstance(event_ids, str):
+            raise TypeError("Outbox.ack takes a list of event ids, not one id")
         with self.db:
             self.db.execute("BEGIN")
             before = self.db.total_changes
