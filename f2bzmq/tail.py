@@ -281,7 +281,10 @@ class LogFollower:
         files created, renamed or deleted (through watchdog, calling wake())."""
         if self._observer is not None:
             return
-        self._file_watch = FileWatch()
+        try:
+            self._file_watch = FileWatch()
+        except OSError as error:  # the user's inotify instances are used up
+            self._watch_unavailable(error)
         self._watch_generations()
         handler = _WakeOnLogEvents(os.path.basename(self._path), self._wake)
         self._observer = Observer()
@@ -290,11 +293,10 @@ class LogFollower:
         )
         self._observer.start()
 
-    def fileno(self) -> int:
-        """A descriptor that polls readable when a file we read was written (after start())."""
-        if self._file_watch is None:
-            raise RuntimeError("LogFollower.fileno before start()")
-        return self._file_watch.fileno()
+    def fileno(self) -> int | None:
+        """A descriptor that polls readable when a file we read was written (after start());
+        None when inotify could not give us one: then check() finds new lines."""
+        return None if self._file_watch is None else self._file_watch.fileno()
 
     def stop(self) -> None:
         """Stop and join the observer and close the files; position() stays valid."""
@@ -375,17 +377,18 @@ class LogFollower:
                 continue
             try:
                 self._file_watch.add(generation.fd)
-            except OSError as error:
-                # Out of inotify watches (fs.inotify.max_user_watches), or no /proc: check()
-                # still finds new lines, at its pace. Said once, not at every read.
-                if not self._watch_failed:
-                    log.warning(
-                        "cannot watch %s for writes (%s): new lines are found by the"
-                        " periodic check only",
-                        self._path,
-                        error.strerror or error,
-                    )
-                self._watch_failed = True
+            except OSError as error:  # out of inotify watches, or no /proc
+                self._watch_unavailable(error)
+
+    def _watch_unavailable(self, error: OSError) -> None:
+        """check() still finds new lines, at its pace. Said once, not at every read."""
+        if not self._watch_failed:
+            log.warning(
+                "cannot watch %s for writes (%s): new lines are found by the periodic check only",
+                self._path,
+                error.strerror or error,
+            )
+        self._watch_failed = True
 
     def _generations(self) -> list[_Generation]:
         current = [self._current] if self._current is not None else []

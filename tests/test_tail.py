@@ -77,9 +77,16 @@ class Wakes:
 
     def wait(self, follower: LogFollower, timeout: float) -> bool:
         """True if woken within ``timeout`` seconds."""
-        ready, _, _ = select.select([self.pipe.read_fd, follower.fileno()], [], [], timeout)
+        written = follower.fileno()
+        watched = [self.pipe.read_fd] + ([written] if written is not None else [])
+        ready, _, _ = select.select(watched, [], [], timeout)
         self.pipe.drain()
         return bool(ready)
+
+    @staticmethod
+    def written(follower: LogFollower, timeout: float) -> bool:
+        """True if a file the follower reads was written within ``timeout`` seconds."""
+        return bool(select.select([follower.fileno()], [], [], timeout)[0])
 
     def close(self) -> None:
         self.pipe.close()
@@ -192,7 +199,7 @@ def test_rotated_file_wakes_until_retired(log_path: Path, wakes: Wakes) -> None:
         log_path.touch()
         assert read_all(follower) == []
         writer.write(2)  # a late line to the renamed file, before flushlogs
-        assert wakes.wait(follower, WAIT)
+        assert wakes.written(follower, WAIT)  # its own watch, not the touch's directory event
         assert read_all(follower) == [2]
         writer.reopen()
         writer.write(3)
@@ -234,6 +241,31 @@ def test_without_a_file_watch_the_periodic_check_still_finds_new_lines(
             follower.stop()
     warnings = [r.getMessage() for r in caplog.records if "cannot watch" in r.getMessage()]
     assert len(warnings) == 1 and "No space left on device" in warnings[0]
+
+
+def test_without_inotify_the_periodic_check_still_finds_new_lines(
+    log_path: Path, wakes: Wakes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The user's inotify instances used up (EMFILE): a stand-in, for the same reason.
+    def refuse(self: FileWatch) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(FileWatch, "__init__", refuse)
+    append(log_path, 1)
+    follower = LogFollower(log_path, wake=wakes.pipe.wake)
+    with caplog.at_level(logging.WARNING, logger="f2bzmq.tail"):
+        follower.start()
+        try:
+            assert follower.fileno() is None
+            assert read_all(follower) == [1]
+            append(log_path, 2)
+            follower.check()
+            assert wakes.wait(follower, 0)
+            assert read_all(follower) == [2]
+        finally:
+            follower.stop()
+    warnings = [r.getMessage() for r in caplog.records if "cannot watch" in r.getMessage()]
+    assert len(warnings) == 1 and "Too many open files" in warnings[0]
 
 
 def test_file_created_after_start(log_path: Path, wakes: Wakes) -> None:
