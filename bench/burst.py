@@ -159,7 +159,8 @@ def inject(cluster: Cluster, ips: list[str]) -> None:
             while answered < len(events):
                 _, kind, *answers = node.reports.recv_multipart()
                 if kind != protocol.ACK:
-                    raise BenchError(f"the hub refused an event: {answers[0].decode('replace')}")
+                    reason = answers[0].decode(errors="replace")
+                    raise BenchError(f"the hub refused an event: {reason}")
                 answered += len(answers)
     finally:
         node.close()
