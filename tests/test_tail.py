@@ -217,15 +217,34 @@ def test_rotated_file_wakes_until_retired(log_path: Path, wakes: Wakes) -> None:
         follower.stop()
 
 
-def test_without_a_file_watch_the_periodic_check_still_finds_new_lines(
-    log_path: Path, wakes: Wakes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    # Running out of inotify watches can't be caused for this test alone without lowering
-    # the limit for every process of the machine: the refusal is a stand-in.
-    def refuse(self: FileWatch, fd: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+def refuse_inotify_watch(self: FileWatch, fd: int) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")  # fs.inotify.max_user_watches
 
-    monkeypatch.setattr(FileWatch, "add", refuse)
+
+def refuse_inotify_instance(self: FileWatch) -> None:
+    raise OSError(errno.EMFILE, "Too many open files")  # fs.inotify.max_user_instances
+
+
+@pytest.mark.parametrize(
+    "method, refusal, reason",
+    [
+        ("add", refuse_inotify_watch, "No space left on device"),
+        ("__init__", refuse_inotify_instance, "Too many open files"),
+    ],
+    ids=["no watch left", "no instance left"],
+)
+def test_without_inotify_the_periodic_check_still_finds_new_lines(
+    log_path: Path,
+    wakes: Wakes,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    refusal: Callable[..., None],
+    reason: str,
+) -> None:
+    # Using up the user's inotify watches or instances can't be done for this test alone
+    # without starving every other process of the machine: the refusal is a stand-in.
+    monkeypatch.setattr(FileWatch, method, refusal)
     append(log_path, 1)
     follower = LogFollower(log_path, wake=wakes.pipe.wake)
     with caplog.at_level(logging.WARNING, logger="f2bzmq.tail"):
@@ -233,39 +252,14 @@ def test_without_a_file_watch_the_periodic_check_still_finds_new_lines(
         try:
             assert read_all(follower) == [1]
             append(log_path, 2)
-            assert not wakes.wait(follower, 0.3)  # no watch, no wake-up on the write
+            assert not wakes.wait(follower, 0.3)  # nothing tells of the write
             follower.check()  # what the monitor runs every few seconds
             assert wakes.wait(follower, 0)
             assert read_all(follower) == [2]
         finally:
             follower.stop()
     warnings = [r.getMessage() for r in caplog.records if "cannot watch" in r.getMessage()]
-    assert len(warnings) == 1 and "No space left on device" in warnings[0]
-
-
-def test_without_inotify_the_periodic_check_still_finds_new_lines(
-    log_path: Path, wakes: Wakes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    # The user's inotify instances used up (EMFILE): a stand-in, for the same reason.
-    def refuse(self: FileWatch) -> None:
-        raise OSError(errno.EMFILE, "Too many open files")
-
-    monkeypatch.setattr(FileWatch, "__init__", refuse)
-    append(log_path, 1)
-    follower = LogFollower(log_path, wake=wakes.pipe.wake)
-    with caplog.at_level(logging.WARNING, logger="f2bzmq.tail"):
-        follower.start()
-        try:
-            assert follower.fileno() is None
-            assert read_all(follower) == [1]
-            append(log_path, 2)
-            follower.check()
-            assert wakes.wait(follower, 0)
-            assert read_all(follower) == [2]
-        finally:
-            follower.stop()
-    warnings = [r.getMessage() for r in caplog.records if "cannot watch" in r.getMessage()]
-    assert len(warnings) == 1 and "Too many open files" in warnings[0]
+    assert len(warnings) == 1 and reason in warnings[0]
 
 
 def test_file_created_after_start(log_path: Path, wakes: Wakes) -> None:
