@@ -39,10 +39,9 @@ class FileWatch:
     def fileno(self) -> int:
         return self._fd
 
-    def add(self, fd: int) -> None:
-        """Watch the file open as ``fd``: that very inode, whatever its name is now."""
-        st = os.fstat(fd)
-        identity = (st.st_dev, st.st_ino)
+    def add(self, fd: int, identity: tuple[int, int]) -> None:
+        """Watch the file open as ``fd`` (its (device, inode) is ``identity``): that very
+        inode, whatever its name is now. Known identities cost nothing, not even a stat."""
         if identity in self._watches:
             return
         # The /proc link names the open file itself, so a rename between our open and this

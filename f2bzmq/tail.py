@@ -376,7 +376,7 @@ class LogFollower:
             if generation.fd is None:
                 continue
             try:
-                self._file_watch.add(generation.fd)
+                self._file_watch.add(generation.fd, (generation.device, generation.inode))
             except OSError as error:  # out of inotify watches, or no /proc
                 self._watch_unavailable(error)
 

@@ -217,7 +217,7 @@ def test_rotated_file_wakes_until_retired(log_path: Path, wakes: Wakes) -> None:
         follower.stop()
 
 
-def refuse_inotify_watch(self: FileWatch, fd: int) -> None:
+def refuse_inotify_watch(self: FileWatch, fd: int, identity: tuple[int, int]) -> None:
     raise OSError(errno.ENOSPC, "No space left on device")  # fs.inotify.max_user_watches
 
 
