@@ -330,11 +330,11 @@ class Monitor:
             self.refusals.warning("reply", "odd reply from %s: %s", hub.endpoint, error)
             return None
         event_id = body.get("id")
+        reason = str(body.get("reason", "no reason given"))[:200]
         if not isinstance(event_id, str) or event_id not in hub.in_flight:
             if kind == protocol.NAK:
                 # A whole report refused (an older hub takes one event a report) or a
                 # stale answer: the events stay in the outbox and go again after ack_timeout.
-                reason = str(body.get("reason", "no reason given"))[:200]
                 self.refusals.warning("nak", "%s refused a report: %s", hub.endpoint, reason)
             return None
         _, sent = hub.in_flight.pop(event_id)
@@ -342,7 +342,6 @@ class Monitor:
         hub.failures = 0
         hub.last_ack = time.time()
         if kind == protocol.NAK:
-            reason = str(body.get("reason", "no reason given"))[:200]
             if body.get("retry") is True:
                 # The hub is throttling this node: send again from the outbox, later.
                 self.refusals.warning("retry", "%s asks to wait: %s", hub.endpoint, reason)
