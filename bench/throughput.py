@@ -7,14 +7,17 @@ with synchronous=FULL, in a folder on the file system the output names) and:
   the way the monitor does (what its window has room for, in reports of up to 100
   events [F2BZMQ1, event, body, …]; WINDOW in flight, ACK by id),
   spread over up to 10 processes;
-- SUBSCRIBERS update connections, each a SUB with its own node key, spread over a
-  few processes; each counts the updates it receives and the gaps in their
-  sequence numbers.
+- SUBSCRIBERS update connections, each a SUB with its own node key on the packed
+  update stream subscribers take, spread over a few processes; each inflates and
+  counts the updates it receives and the gaps in their sequence numbers.
 
 Every event bans a distinct address, so every event must become one update at
 every subscriber. The figures: events ACKed per second (an ACK means committed to
 disk), events per second until the slowest subscriber counted every update, and
-the loss (must be zero). In the same run, the naive way the old tool reported: a
+the loss (must be zero), the bytes per event on the wire (packed, and what the
+plain stream would have sent), and the rate the hub's busiest thread would allow
+if the hub had the machine to itself (extrapolated: here the simulated
+subscribers take most of the cores). In the same run, the naive way the old tool reported: a
 fresh ZeroMQ context and REQ socket per event and one round trip each, against
 the same hub's fail2ban-zmq-tools endpoint with every subscriber connected, timed
 on a sample and extrapolated as if MONITORS such monitors added up perfectly.
@@ -240,7 +243,7 @@ def count_updates(names, keys_dir, endpoint, conn) -> None:
     Each socket is read until it has heard the hub (joined) and passed the sequence
     number the parent names; from there every update with a later sequence number
     counts, and a message that does not start where the previous one ended is a gap.
-    The hub sends up to 100 updates per message in one frame, so counting costs little.
+    The hub sends up to 100 updates per message in one packed frame, so counting costs little.
     """
     in_child(f"subscribers {names[0]}..", _count_updates, conn, names, keys_dir, endpoint)
 
@@ -253,21 +256,26 @@ class Tally:
         self.count = 0
         self.gaps = 0
         self.messages = 0  # update messages past the marker
+        self.wire_bytes = 0  # their packed lists of events
+        self.plain_bytes = 0  # the same inflated
 
     def take(self, frames: list[bytes], marker: int | None) -> None:
         first = json.loads(frames[2])["seq"]
         if frames[1] != protocol.UPDATE:
             self.last = first if self.last is None else self.last
             return
-        # Counted, not parsed: the bench's events all start with their id, and the hub sends
-        # each as the bytes it received, so this is exact and costs the sink almost nothing.
-        events = frames[3].count(b'{"id":')
+        # Inflated as a subscriber does, then counted, not parsed: the bench's events hold no
+        # "{" but the one they start with, so this is exact and costs the sink little.
+        body = protocol.unpack(frames[3], protocol.MAX_UPDATE)
+        events = body.count(b"{")
         if marker is not None and self.last is not None and first != self.last + 1:
             self.gaps += 1
         self.last = first + events - 1
         if marker is not None:
             self.count += max(0, self.last - max(first - 1, marker))
             self.messages += 1
+            self.wire_bytes += len(frames[3])
+            self.plain_bytes += len(body)
 
 
 def _count_updates(context, names, keys_dir, endpoint, conn) -> dict:
@@ -276,7 +284,7 @@ def _count_updates(context, names, keys_dir, endpoint, conn) -> dict:
     for name in names:
         sock = node_socket(context, zmq.SUB, keys_dir, name)
         sock.rcvhwm = 0  # a burst waits in memory here, never dropped
-        sock.setsockopt(zmq.SUBSCRIBE, protocol.PROTOCOL)
+        sock.setsockopt(zmq.SUBSCRIBE, protocol.PACKED)
         sock.connect(endpoint)
         poller.register(sock, zmq.POLLIN)
         numbers[sock] = len(numbers)
@@ -326,6 +334,8 @@ def _count_updates(context, names, keys_dir, endpoint, conn) -> dict:
         "counts": [tally.count for tally in tallies],
         "gaps": sum(tally.gaps for tally in tallies),
         "messages": sum(tally.messages for tally in tallies),
+        "wire_bytes": sum(tally.wire_bytes for tally in tallies),
+        "plain_bytes": sum(tally.plain_bytes for tally in tallies),
         "done": done,
         "cpu_seconds": time.process_time() - cpu,
     }
@@ -417,7 +427,7 @@ class SubscriberSwarm:
             pipe.send(("expect", total, timeout))
         counts, done, gaps = [], [], 0
         self.cpu_seconds = 0.0
-        self.messages = 0
+        self.messages = self.wire_bytes = self.plain_bytes = 0
         for pipe in self.pipes:
             result = self.workers.expect(pipe, timeout + 30)
             counts += result["counts"]
@@ -425,6 +435,8 @@ class SubscriberSwarm:
             gaps += result["gaps"]
             self.cpu_seconds += result["cpu_seconds"]
             self.messages += result["messages"]
+            self.wire_bytes += result["wire_bytes"]
+            self.plain_bytes += result["plain_bytes"]
         return counts, done, gaps
 
 
@@ -634,9 +646,14 @@ def measure(
     return {
         **setup,
         **figures(total, monitors, results, (counts, done, gaps), naive_ms),
-        "hub": hub_figures(hub_cpu, hub_threads, hub_memory, results, done),
+        "hub": hub_figures(hub_cpu, hub_threads, hub_memory, results, done, total),
         # The hub's fan-out is paid per message: how many updates each carried on average.
         "events_per_update_message": sum(counts) / max(1, swarm.messages),
+        # And per byte (encrypted, sent and read by every subscriber): packed, and plain.
+        "update_bytes_per_event": {
+            "packed": swarm.wire_bytes / max(1, sum(counts)),
+            "plain": swarm.plain_bytes / max(1, sum(counts)),
+        },
         "cpu_seconds": {
             "hub": hub_cpu,
             "simulated_monitors": sum(result["cpu_seconds"] for result in results),
@@ -706,13 +723,21 @@ def merge_python_threads(threads: dict[str, float]) -> dict[str, float]:
 
 
 def hub_figures(
-    cpu: float, threads: dict[str, float], memory: dict, results: list[dict], done: list
+    cpu: float,
+    threads: dict[str, float],
+    memory: dict,
+    results: list[dict],
+    done: list,
+    events: int,
 ) -> dict:
-    """The hub's share of a core over the run (in all, and per thread), its memory at the end."""
+    """The hub's share of a core over the run (in all, and per thread), its memory at the end,
+    and the rate its busiest thread allows: what it would reach with a core per thread."""
     started = min(result["started"] for result in results)
     ended = max([result["finished"] for result in results] + [d for d in done if d])
     seconds = max(1e-9, ended - started)
+    busiest = max(threads.values(), default=0.0)
     return {
+        "alone_events_per_s": events / busiest if busiest > 0 else 0.0,
         "cpu_percent": 100 * cpu / seconds,
         # The Python thread runs the reactor; ZMQbg/IO/0 encrypts and writes for every peer.
         "thread_cpu_percent": {
@@ -729,6 +754,10 @@ def text(result: dict) -> str:
     rows = [
         ["f2bzmq: events ACKed (stored) /s", result["ingest_events_per_s"]],
         ["f2bzmq: events delivered to every subscriber /s", result["delivered_events_per_s"]],
+        [
+            "f2bzmq hub alone, at most (its busiest thread's CPU) /s",
+            result["hub"]["alone_events_per_s"],
+        ],
         ["naive: REQ per event, one monitor /s", naive["events_per_s_one_monitor"]],
         [
             f"naive: x {result['monitors']} monitors, if they added up /s",
@@ -749,7 +778,9 @@ def text(result: dict) -> str:
         f" p90 {ack['p90']:.2f} p99 {ack['p99']:.2f}"
         f" max {ack['max']:.2f}; hub CPU {result['hub']['cpu_percent']:.0f} % ({threads}),"
         f" RSS {result['hub']['rss_kb'] / 1024:.1f} MB;"
-        f" {result['events_per_update_message']:.1f} events per update message"
+        f" {result['events_per_update_message']:.1f} events per update message,"
+        f" {result['update_bytes_per_event']['packed']:.0f} bytes an event packed"
+        f" ({result['update_bytes_per_event']['plain']:.0f} plain)"
         f"\nloss: {'none' if result['zero_loss'] else json.dumps(loss)}"
         f"{'' if not result['first_refusal'] else ' (' + result['first_refusal'] + ')'};"
         f" ACKed / naive: {result['speedup_vs_naive']:.1f}x"

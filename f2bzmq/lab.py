@@ -639,7 +639,8 @@ def pids_of(pattern: str) -> list[int]:
 
 class NodeClient:
     """A node as the hub sees it, driven by hand: a monitor's DEALER, a subscriber's SUB and
-    snapshot DEALER, with the node's CURVE keys (or none, `secure=False`)."""
+    snapshot DEALER, with the node's CURVE keys (or none, `secure=False`). Its SUB takes the
+    plain update stream, as subscribers before the packed one did, or `stream`."""
 
     def __init__(
         self,
@@ -648,8 +649,10 @@ class NodeClient:
         node: str = "node1",
         address: str = "127.0.0.1",
         hub_key: Path | None = None,
+        stream: bytes = protocol.PROTOCOL,
     ) -> None:
         self.context = zmq.Context()
+        self.stream = stream
         self.keys_dir = keys_dir
         self.hub_key = hub_key or (keys_dir / f"{HUB}.key" if keys_dir else None)
         self.ports = ports
@@ -657,7 +660,7 @@ class NodeClient:
         self.reports = self.secure(self.context.socket(zmq.DEALER))
         self.reports.connect(f"tcp://{address}:{ports[0]}")
         self.updates = self.secure(self.context.socket(zmq.SUB))
-        self.updates.setsockopt(zmq.SUBSCRIBE, protocol.PROTOCOL + b"")
+        self.updates.setsockopt(zmq.SUBSCRIBE, stream)
         self.updates.connect(f"tcp://{address}:{ports[1]}")
         self.snapshots_endpoint = f"tcp://{address}:{ports[2]}"
         self.received: list[tuple[dict, BanEvent]] = []  # updates of a message not yet read
@@ -688,11 +691,15 @@ class NodeClient:
             if self.received:
                 return self.received.pop(0)
             frames = self.updates.recv_multipart()
+            assert frames[0] == self.stream
             if frames[1] == protocol.UPDATE:
                 header = json.loads(frames[2])
+                body = frames[3]
+                if self.stream == protocol.PACKED:
+                    body = protocol.unpack(body, protocol.MAX_UPDATE)
                 self.received = [
                     (dict(header, seq=header["seq"] + offset), BanEvent.from_object(item))
-                    for offset, item in enumerate(json.loads(frames[3]))
+                    for offset, item in enumerate(json.loads(body))
                 ]
         raise AssertionError("only heartbeats")
 

@@ -1,8 +1,10 @@
 """Wire protocol v1: the ban event, its strict validation, and the message frames.
 
 Every message is a multipart ZeroMQ message whose first frame is PROTOCOL and
-second frame names the message kind; bodies are strict JSON objects. Nothing here
-touches a socket, so every rule is tested without one.
+second frame names the message kind; bodies are strict JSON objects. The hub sends
+its update stream twice: under PROTOCOL as it is, and under PACKED with each list of
+events zlib-compressed, which is what subscribers take. Nothing here touches a
+socket, so every rule is tested without one.
 """
 
 from __future__ import annotations
@@ -13,17 +15,23 @@ import re
 import socket
 import time
 import uuid
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 PROTOCOL = b"F2BZMQ1"
+# The update stream again (the same messages, heartbeats included), each update's list
+# of events zlib-compressed: a fifth of the bytes for the hub to encrypt and send to
+# every subscriber. A PUB/SUB topic matches a prefix; neither name is a prefix of the
+# other, so a SUB gets one stream: subscribers from before it keep the plain one.
+PACKED = b"F2BZMQZ1"
 
 # Message kinds (second frame).
 EVENT = b"event"  # monitor -> publisher: [PROTOCOL, EVENT, event, event, …]
 ACK = b"ack"  # publisher -> monitor: [PROTOCOL, ACK, {"id": …}, …], one per event ACKed
 NAK = b"nak"  # publisher -> monitor: [PROTOCOL, NAK, {"id": …, "reason": …}, …]
 UPDATE = b"update"  # PUB: [PROTOCOL, UPDATE, {"publisher": …, "seq": n}, [event n, event n+1, …]]
-HUGZ = b"hugz"  # PUB heartbeat: [PROTOCOL, HUGZ, {"publisher": …, "seq": n}]
+HUGZ = b"hugz"  # PUB heartbeat: [PROTOCOL, HUGZ, {"publisher": …, "seq": n}]; PACKED alike
 SNAPSHOT_REQUEST = b"icanhaz"  # subscriber -> publisher: [PROTOCOL, SNAPSHOT_REQUEST, {}]
 SNAPSHOT_PART = b"snapshot"  # publisher -> subscriber: [PROTOCOL, SNAPSHOT_PART, header, [events]]
 
@@ -318,11 +326,34 @@ def event_list(events: Iterable[BanEvent]) -> bytes:
     return b"[" + b",".join(event.encode() for event in events) + b"]"
 
 
-def split_message(frames: list[bytes]) -> tuple[bytes, list[bytes]]:
-    """Check the protocol frame; return the kind and the remaining frames."""
+def pack(body: bytes) -> bytes:
+    """An update's list of events as the PACKED stream carries it."""
+    return zlib.compress(body, 1)  # level 1: 5x smaller on events, at 1 us an event
+
+
+def unpack(data: bytes, limit: int) -> bytes:
+    """A PACKED frame inflated, refused whole when it would pass `limit` bytes (a frame of
+    a few kB can inflate to gigabytes), is not zlib, or is cut short or followed by more."""
+    inflater = zlib.decompressobj()
+    try:
+        body = inflater.decompress(data, limit + 1)
+    except zlib.error as error:
+        raise ProtocolError(f"packed body does not inflate: {error}") from None
+    if len(body) > limit:
+        raise ProtocolError(f"packed body inflates past {limit} bytes")
+    if not inflater.eof:
+        raise ProtocolError("packed body is cut short")
+    if inflater.unused_data:
+        raise ProtocolError("packed body has bytes after its end")
+    return body
+
+
+def split_message(frames: list[bytes], name: bytes = PROTOCOL) -> tuple[bytes, list[bytes]]:
+    """Check the protocol frame (PROTOCOL, or `name` on the PACKED stream); return the
+    kind and the remaining frames."""
     if len(frames) < 2:
         raise ProtocolError("message has too few frames")
-    if frames[0] != PROTOCOL:
+    if frames[0] != name:
         shown = frames[0][:20].decode("ascii", "replace")
-        raise ProtocolError(f"unknown protocol {shown!r}, expected {PROTOCOL.decode()}")
+        raise ProtocolError(f"unknown protocol {shown!r}, expected {name.decode()}")
     return frames[1], frames[2:]

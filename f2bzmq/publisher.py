@@ -308,7 +308,10 @@ class Publisher:
     def _publish(self, updates: list[Update]) -> None:
         header = protocol.stream_header(self.table.instance, updates[0].seq)
         body = protocol.event_list(update.event for update in updates)
+        # Both streams: PUB sends each only to the connections that subscribed to it.
         send_frames(self.broadcaster, [protocol.PROTOCOL, protocol.UPDATE, header, body])
+        packed = protocol.pack(body)
+        send_frames(self.broadcaster, [protocol.PACKED, protocol.UPDATE, header, packed])
         for update in updates:
             self.legacy.broadcast(update.event)
         self.counters["broadcast"] += len(updates)
@@ -327,7 +330,8 @@ class Publisher:
     def send_hugz(self, now: float) -> None:
         """Heartbeat with the current sequence, so silence means a dead link and a gap shows."""
         header = protocol.stream_header(self.table.instance, self.table.sequence)
-        send_frames(self.broadcaster, [protocol.PROTOCOL, protocol.HUGZ, header])
+        for name in (protocol.PROTOCOL, protocol.PACKED):
+            send_frames(self.broadcaster, [name, protocol.HUGZ, header])
         self.next_hugz = now + self.heartbeat_interval
 
     def handle_snapshots(self) -> None:

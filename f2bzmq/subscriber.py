@@ -160,6 +160,7 @@ class HubLink:
         self.sequence = 0  # last sequence applied
         self.synced = False  # a snapshot has been applied since the last loss of contact
         self.heard = time.monotonic()
+        self.streamed = False  # heard anything on the update stream, ever
         self.snapshot_asked: float | None = None
         self.snapshot_parts: list[BanEvent] = []
         # Updates that came during a snapshot: (hub state id, sequence, event).
@@ -175,7 +176,7 @@ class HubLink:
         sock.maxmsgsize = MAX_MESSAGE
         sock.rcvhwm = 1_000_000
         sock.linger = 0
-        sock.setsockopt(zmq.SUBSCRIBE, protocol.PROTOCOL)
+        sock.setsockopt(zmq.SUBSCRIBE, protocol.PACKED)
         sock.connect(self.publish_endpoint)
         return sock
 
@@ -304,7 +305,7 @@ class Subscriber:
         """Take every waiting message; a gap or a new hub identity asks for a snapshot."""
         for frames in drain(link.updates, 10000, max_frames=5):  # an update has 4
             try:
-                kind, rest = protocol.split_message(frames)
+                kind, rest = protocol.split_message(frames, protocol.PACKED)
                 if kind not in (protocol.UPDATE, protocol.HUGZ):
                     raise ProtocolError(f"unexpected {kind[:20]!r} on the update stream")
                 header = protocol.decode_object(rest[0], 256) if rest else {}
@@ -319,6 +320,7 @@ class Subscriber:
                 self.refusals.warning("update", "ignored a message from the hub: %s", error)
                 continue
             link.heard = now
+            link.streamed = True
             if not events:
                 self.take_heartbeat(link, instance, sequence, now)
             for offset, event in enumerate(events):
@@ -328,7 +330,8 @@ class Subscriber:
         """The events of an update message, all or none: one taken in part would look like a gap."""
         if len(rest) != 2:
             raise ProtocolError("an update has a header and one list of events")
-        items = protocol.decode_list(rest[1], protocol.MAX_UPDATE)
+        body = protocol.unpack(rest[1], protocol.MAX_UPDATE)
+        items = protocol.decode_list(body, protocol.MAX_UPDATE)
         if not 1 <= len(items) <= protocol.MAX_UPDATE_EVENTS:
             raise ProtocolError(f"an update has 1-{protocol.MAX_UPDATE_EVENTS} events")
         return [BanEvent.from_object(item, self.networks) for item in items]
@@ -447,9 +450,15 @@ class Subscriber:
         if now - link.heard > self.heartbeat_timeout:
             self.refusals.warning(
                 f"silent {link.publish_endpoint}",
-                "no heartbeat from %s for %.0f s: resync when it is back",
+                "no heartbeat from %s for %.0f s%s: resync when it is back",
                 link.publish_endpoint,
                 now - link.heard,
+                (
+                    " (its snapshots come, its packed update stream never did: a hub older"
+                    " than this node? upgrade hubs first)"
+                    if link.snapshots_received and not link.streamed
+                    else ""
+                ),
             )
             # Its view may be stale: the other hubs decide until it sends a snapshot.
             link.synced = False

@@ -16,12 +16,14 @@ that got through.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import random
 import re
 import socket
 import time
+import zlib
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,6 +59,7 @@ DECOYS_V4 = [ipaddress.ip_network("203.0.113.0/24"), ipaddress.ip_network("198.5
 DECOYS_V6 = ipaddress.ip_network("2001:db8:dead::/48")
 
 P = protocol.PROTOCOL
+PACKED = protocol.PACKED
 METACHARACTERS = [";", "|", "&&", "`", "$(", ")", ">", "<", "'", '"', "\\", "\n", "\r", "\t"]
 METACHARACTERS += [" ", "\x00", "*", "?", "~", "#", "{", "}", "!", "%", "/"]
 PAYLOADS = ["reboot", "rm -rf /", "$(reboot)", "`id`", "id>x", "-j ACCEPT", "--help"]
@@ -415,7 +418,8 @@ class Hostile:
                 "message kind": 6,
                 "header": 9,
                 "sequence": 8,
-                "body": 58,
+                "packing": 6,
+                "body": 52,
             }
         )
         if category == "random bytes":
@@ -424,6 +428,8 @@ class Hostile:
         if category == "sequence":
             return self.sequence_game(hub)
         header = hub.header(hub.sequence + 1)  # the place a hostile update would take
+        if category == "packing":
+            return category, [PACKED, update, header, self.bad_packing()]
         if category == "body":
             category, body = self.body(protocol.MAX_UPDATE)
             # An update's events are one JSON array, taken all or none: a valid decoy beside
@@ -460,6 +466,28 @@ class Hostile:
         if category == "message kind":
             return category, [P, self.kind_frame((update, hugz)), header, decoy]
         return category, [P, r.choice([update, hugz]), self.bad_header(hub), decoy]  # "header"
+
+    def bad_packing(self) -> bytes:
+        """An update's events as no hub packs them: each must be refused whole."""
+        r = self.rng
+        events = encode([self.event() for _ in range(r.randrange(1, 5))])
+        packed = protocol.pack(events)
+        return r.choice(
+            [
+                lambda: events,  # not packed at all
+                lambda: self.random_bytes(),
+                lambda: b"\x78\x01" + self.random_bytes(),  # a zlib header, then noise
+                lambda: packed[: r.randrange(1, len(packed))],
+                lambda: packed + b"x",
+                lambda: r.choice(self.bombs),
+                lambda: protocol.pack(b"[" + b" " * protocol.MAX_UPDATE + events[1:]),
+            ]
+        )()
+
+    @functools.cached_property
+    def bombs(self) -> list[bytes]:
+        """Frames of a few kB that inflate to megabytes: a node must stop at its limit."""
+        return [zlib.compress(b" " * size, 9) for size in (protocol.MAX_UPDATE + 1, 20 << 20)]
 
     def bad_header(self, hub: FakeHub) -> bytes:
         r = self.rng
@@ -888,6 +916,7 @@ class FakeHub:
         self.snapshots_served = 0
         self.bad_requests = 0
         self.next_hugz = 0.0
+        self.packed = True  # False: a hub from before the packed stream
 
     @property
     def banned(self) -> list[str]:
@@ -897,6 +926,12 @@ class FakeHub:
         return encode({"publisher": instance or self.instance, "seq": sequence})
 
     def publish(self, frames: list[bytes]) -> None:
+        """Send on the packed stream, as a hub does: a message written for the plain one
+        (P, or something that starts with it, first) with its list of events packed."""
+        if self.packed and frames[0].startswith(P):
+            frames = [PACKED + frames[0][len(P) :], *frames[1:]]
+            if len(frames) > 3:
+                frames[3] = protocol.pack(frames[3])
         self.updates.send_multipart(frames)
 
     def update(self, event: BanEvent, record: bool = True) -> None:
@@ -1066,7 +1101,7 @@ def test_subscriber_takes_100000_hostile_updates(
                 ever_banned |= expected
                 valid_slots += 1
             category, frames = hostile.update(hub)
-            while not frames[0].startswith(P):  # these never reach the subscriber's code
+            while not frames[0].startswith((P, PACKED)):  # filtered by the subscription
                 hub.publish(frames)
                 sent["filtered by the subscription"] += 1
                 category, frames = hostile.update(hub)
@@ -1109,7 +1144,8 @@ def test_subscriber_takes_100000_hostile_updates(
         subscriptions = hub.subscriptions
         for _ in range(OVERSIZED_UPDATES):
             header = hub.header(hub.sequence + 1)
-            hub.publish([P, protocol.UPDATE, header, b" " * (NODE_MAX_FRAME + 1)])
+            oversized = hostile.rng.randbytes(NODE_MAX_FRAME + 1)  # packing can't shrink it
+            hub.publish([PACKED, protocol.UPDATE, header, oversized])
             sent["oversized frame"] += 1
         send_valid_update(hub, hostile, 0, addresses, expected, unbanned, sent)
         ever_banned |= expected
@@ -1188,3 +1224,28 @@ def send_valid_update(
         hub.update(event)
         expected.add(event.ip)
     sent[f"valid {kind}"] += 1
+
+
+def test_a_subscriber_says_why_a_hub_older_than_it_sends_no_updates(
+    node: tuple[Fail2banServer, RoleProcess, list[int], Path],
+) -> None:
+    """That hub's snapshots come, its plain update stream is not what the node takes: the
+    node still converges from the snapshots, and its log says to upgrade the hub."""
+    server, subscriber, ports, keys = node
+    context = zmq.Context()
+    hub = FakeHub(context, ports, keys, Hostile(SEED, "node1"))
+    hub.packed = False
+    hub.update(BanEvent.new("node1", "sshd", "ban", "198.18.0.1", bantime=3600))
+    log = server.directory / "subscriber.log"
+    try:
+        subscriber.start()
+        deadline = time.monotonic() + 30
+        text = ""
+        while "upgrade hubs first" not in text:
+            assert subscriber.alive() and time.monotonic() < deadline, tail(text, 20)
+            hub.serve(0.1)
+            text = log.read_text(errors="replace") if log.exists() else ""
+        assert hub.snapshots_served >= 1
+        assert server.banned("cluster") == ["198.18.0.1"]
+    finally:
+        context.destroy(linger=0)

@@ -1,6 +1,7 @@
 """Event validation and encoding: every rule, no socket."""
 
 import json
+import zlib
 
 import pytest
 
@@ -115,6 +116,39 @@ def test_split_message_checks_the_protocol_frame():
         protocol.split_message([b"F2BZMQ9", protocol.EVENT, b"{}"])
     with pytest.raises(ProtocolError, match="too few frames"):
         protocol.split_message([protocol.PROTOCOL])
+    assert protocol.split_message([protocol.PACKED, protocol.HUGZ], protocol.PACKED)[0] == b"hugz"
+    with pytest.raises(ProtocolError, match="expected F2BZMQZ1"):
+        protocol.split_message([protocol.PROTOCOL, protocol.HUGZ], protocol.PACKED)
+
+
+def test_the_two_update_streams_never_match_each_others_subscription():
+    assert not protocol.PACKED.startswith(protocol.PROTOCOL)
+    assert not protocol.PROTOCOL.startswith(protocol.PACKED)
+
+
+def test_a_packed_list_of_events_inflates_to_the_same_bytes_and_is_smaller():
+    events = [BanEvent.decode(event_body(ip=f"192.0.2.{n}")) for n in range(1, 101)]
+    body = protocol.event_list(events)
+    packed = protocol.pack(body)
+    assert protocol.unpack(packed, protocol.MAX_UPDATE) == body
+    assert len(packed) < len(body) / 3
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"[]", "does not inflate"),
+        (b"\x78\x01garbage", "does not inflate"),
+        (protocol.pack(b"[" + b" " * 500 + b"]")[:-6], "cut short"),
+        (protocol.pack(b"[]") + b"x", "bytes after its end"),
+        (protocol.pack(b" " * 1001), "inflates past 1000 bytes"),
+        (zlib.compress(b" " * (64 << 20), 9), "inflates past 1000 bytes"),  # 64 kB -> 64 MB
+    ],
+)
+def test_packed_bodies_that_do_not_inflate_within_the_limit_are_refused(data, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        protocol.unpack(data, 1000)
+    assert protocol.unpack(protocol.pack(b" " * 1000), 1000) == b" " * 1000
 
 
 def test_expiry():

@@ -39,6 +39,23 @@ def test_a_new_ban_is_acked_and_broadcast_with_a_sequence_number(hub):
     assert header["seq"] == 1 and update == event
 
 
+def test_every_update_and_heartbeat_goes_out_plain_and_packed(hub):
+    """Subscribers take the packed stream; one from before it keeps the plain one."""
+    _, peer = hub
+    packed = NodeClient(peer.ports, peer.keys_dir, "node2", stream=protocol.PACKED)
+    try:
+        assert packed.updates.recv_multipart()[:2] == [protocol.PACKED, protocol.HUGZ]
+        events = [ban(f"192.0.2.{n}") for n in range(1, 31)]
+        acks, _ = peer.report(*(event.encode() for event in events))
+        assert acks == protocol.ACK
+        for client in (peer, packed):
+            got = [client.next_update() for _ in events]
+            assert [update for _, update in got] == events
+            assert [header["seq"] for header, _ in got] == list(range(1, 31))
+    finally:
+        packed.close()
+
+
 def test_duplicates_and_known_bans_are_acked_but_not_broadcast(hub):
     _, peer = hub
     first = ban()
