@@ -5,11 +5,13 @@ with synchronous=FULL, in a folder on the file system the output names) and:
 
 - MONITORS simulated monitors, each a DEALER with its own node key sending events
   the way the monitor does (what its window has room for, in reports of up to 100
-  events [F2BZMQ1, event, body, …]; WINDOW in flight, ACK by id),
-  spread over up to 10 processes;
+  events [F2BZMQ1, event, body, …]; WINDOW in flight, by default the monitor's
+  `in_flight`; ACK by id), spread over up to 10 processes;
 - SUBSCRIBERS update connections, each a SUB with its own node key on the packed
   update stream subscribers take, spread over a few processes; each inflates and
-  counts the updates it receives and the gaps in their sequence numbers.
+  counts the updates it receives and the gaps in their sequence numbers. They run at
+  the lowest CPU priority: on a deployment they are 200 other machines, here they
+  share the hub's cores, and the hub's work comes first.
 
 Every event bans a distinct address, so every event must become one update at
 every subscriber. The figures: events ACKed per second (an ACK means committed to
@@ -34,6 +36,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import signal
 import sys
@@ -56,6 +59,7 @@ from common import (
 )
 
 from f2bzmq import protocol
+from f2bzmq.config import SCHEMA
 from f2bzmq.keys import HUB
 from f2bzmq.lab import Hub, NodeClient, free_ports, make_keys, tail
 from f2bzmq.monitor import reports
@@ -70,6 +74,7 @@ MAX_EVENTS = 100_000  # the bench's send_hwm: every update fits a lagging subscr
 STATS_INTERVAL_MS = 20  # the longest a subscriber process waits for its next message
 SINK_PAUSE = 0.003  # seconds a simulated subscriber process lets messages gather
 SETUP_TIMEOUT = 120.0  # seconds for every connection to be up
+WINDOW = int(SCHEMA["monitor", "in_flight"][0])  # the monitor's default events in flight
 
 
 def event_address(number: int) -> str:
@@ -279,6 +284,7 @@ class Tally:
 
 
 def _count_updates(context, names, keys_dir, endpoint, conn) -> dict:
+    os.nice(19)  # the measuring yields to the hub measured (see the module's docstring)
     numbers = {}
     poller = zmq.Poller()
     for name in names:
@@ -542,7 +548,7 @@ def run(
     events: int = 50000,
     monitors: int = 10,
     subscribers: int = 200,
-    window: int = 100,
+    window: int = WINDOW,
     naive: int = 200,
     loglevel: str = "INFO",
     directory: str | None = None,
@@ -794,7 +800,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=50000, help="events in all (50000)")
     parser.add_argument("--monitors", type=int, default=10, help="reporting monitors (10)")
     parser.add_argument("--subscribers", type=int, default=200, help="update connections (200)")
-    parser.add_argument("--window", type=int, default=100, help="events in flight per monitor")
+    parser.add_argument(
+        "--window", type=int, default=WINDOW, help=f"events in flight per monitor ({WINDOW})"
+    )
     parser.add_argument("--naive", type=int, default=200, help="naive round trips to time")
     parser.add_argument("--loglevel", default="INFO", help="the hub's log level (INFO)")
     parser.add_argument("--dir", help="where the hub keeps its state (default: a temp folder)")
