@@ -177,7 +177,7 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
     ("monitor", "logpath"): ("/var/log/fail2ban.log", _text),
     ("monitor", "ignore_jails"): ("", _jail_names),
     ("monitor", "ack_timeout"): ("5", _number(float, 0.1, 3600)),
-    ("monitor", "in_flight"): ("1000", _number(int, 1, 100000)),
+    ("monitor", "in_flight"): ("100", _number(int, 1, 100000)),
     ("monitor", "outbox_max"): ("100000", _number(int, 100, 10**8)),
     ("monitor", "start_at"): ("end", lambda v: _choice(v, ("end", "beginning"))),
     ("publisher", "bind"): ("127.0.0.1", _hosts),

@@ -1,10 +1,10 @@
 """Wire protocol v1: the ban event, its strict validation, and the message frames.
 
-Every message is a multipart ZeroMQ message whose first frame is PROTOCOL and
-second frame names the message kind; bodies are strict JSON objects. The hub sends
-its update stream twice: under PROTOCOL as it is, and under PACKED with each list of
-events zlib-compressed, which is what subscribers take. Nothing here touches a
-socket, so every rule is tested without one.
+Every message is a multipart ZeroMQ message whose first frame is PROTOCOL (or
+PACKED) and second frame names the message kind; bodies are strict JSON objects.
+The hub sends its update stream twice: under PROTOCOL as it is, and under PACKED
+with each list of events zlib-compressed, which is what subscribers take. Nothing
+here touches a socket, so every rule is tested without one.
 """
 
 from __future__ import annotations

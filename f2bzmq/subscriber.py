@@ -455,7 +455,7 @@ class Subscriber:
                 now - link.heard,
                 (
                     " (its snapshots come, its packed update stream never did: a hub older"
-                    " than this node? upgrade hubs first)"
+                    " than this node, so upgrade hubs first, or its publish port blocked?)"
                     if link.snapshots_received and not link.streamed
                     else ""
                 ),

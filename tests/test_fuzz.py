@@ -1230,22 +1230,29 @@ def test_a_subscriber_says_why_a_hub_older_than_it_sends_no_updates(
     node: tuple[Fail2banServer, RoleProcess, list[int], Path],
 ) -> None:
     """That hub's snapshots come, its plain update stream is not what the node takes: the
-    node still converges from the snapshots, and its log says to upgrade the hub."""
+    node still converges from a snapshot each heartbeat timeout, and its log says why."""
     server, subscriber, ports, keys = node
     context = zmq.Context()
     hub = FakeHub(context, ports, keys, Hostile(SEED, "node1"))
     hub.packed = False
     hub.update(BanEvent.new("node1", "sshd", "ban", "198.18.0.1", bantime=3600))
     log = server.directory / "subscriber.log"
+
+    def serve_until(condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            text = log.read_text(errors="replace") if log.exists() else ""
+            assert subscriber.alive() and time.monotonic() < deadline, f"{what}\n{tail(text)}"
+            hub.serve(0.1)
+
     try:
         subscriber.start()
-        deadline = time.monotonic() + 30
-        text = ""
-        while "upgrade hubs first" not in text:
-            assert subscriber.alive() and time.monotonic() < deadline, tail(text, 20)
-            hub.serve(0.1)
-            text = log.read_text(errors="replace") if log.exists() else ""
-        assert hub.snapshots_served >= 1
-        assert server.banned("cluster") == ["198.18.0.1"]
+        serve_until(lambda: server.banned("cluster") == ["198.18.0.1"], "no first snapshot")
+        served = hub.snapshots_served
+        hub.update(BanEvent.new("node1", "sshd", "ban", "198.18.0.2", bantime=3600))
+        serve_until(lambda: len(server.banned("cluster")) == 2, "the later ban never came")
+        assert hub.snapshots_served > served  # by a snapshot: the update itself went unheard
+        text = log.read_text(errors="replace")
+        assert "its packed update stream never did" in text and "upgrade hubs first" in text
     finally:
         context.destroy(linger=0)
