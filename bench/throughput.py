@@ -249,7 +249,7 @@ def count_updates(names, keys_dir, endpoint, conn) -> None:
     Each socket is read until it has heard the hub (joined) and passed the sequence
     number the parent names; from there every update with a later sequence number
     counts, and a message that does not start where the previous one ended is a gap.
-    The hub sends up to 100 updates per message in one packed frame, so counting costs little.
+    The hub sends up to 1000 updates per message in one packed frame, so counting costs little.
     """
     in_child(f"subscribers {names[0]}..", _count_updates, conn, names, keys_dir, endpoint)
 
@@ -272,7 +272,7 @@ class Tally:
             return
         # Inflated as a subscriber does, then counted, not parsed: the bench's events hold no
         # "{" but the one they start with, so this is exact and costs the sink little.
-        body = protocol.unpack(frames[3], protocol.MAX_UPDATE)
+        body = protocol.unpack(frames[3], protocol.MAX_PACKED)
         events = body.count(b"{")
         if marker is not None and self.last is not None and first != self.last + 1:
             self.gaps += 1

@@ -696,7 +696,7 @@ class NodeClient:
                 header = json.loads(frames[2])
                 body = frames[3]
                 if self.stream == protocol.PACKED:
-                    body = protocol.unpack(body, protocol.MAX_UPDATE)
+                    body = protocol.unpack(body, protocol.MAX_PACKED)
                 self.received = [
                     (dict(header, seq=header["seq"] + offset), BanEvent.from_object(item))
                     for offset, item in enumerate(json.loads(body))

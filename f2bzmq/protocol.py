@@ -45,6 +45,11 @@ MAX_BODY = 4096  # bytes of one event's JSON; a real event is about 250
 # receiving are paid per frame, so a burst goes out in few of them.
 MAX_UPDATE_EVENTS = 100
 MAX_UPDATE = MAX_UPDATE_EVENTS * (MAX_BODY + 1) + 2  # bytes of that frame at most
+# The packed stream's updates carry up to a hub's whole pass (1000 events): the fan-out
+# is paid per message, and there the bytes are few. Even packed, the largest possible
+# (4 MB of events that do not compress) fits the frames a node takes.
+MAX_PACKED_EVENTS = 1000
+MAX_PACKED = MAX_PACKED_EVENTS * (MAX_BODY + 1) + 2  # bytes of that array inflated, at most
 # Events per report, a frame each: a monitor sends what waits in its outbox in few
 # messages and the hub answers each report with one ACK message, since the hub pays
 # (and with CURVE encrypts) per message. One event per report is the common case.

@@ -293,28 +293,31 @@ class Publisher:
             self.register_sockets()
 
     def broadcast(self, updates: list[Update]) -> None:
-        """Publish updates in order, consecutive sequence numbers sharing a message."""
-        message: list[Update] = []
-        for update in updates:
-            if message and (
-                update.seq != message[-1].seq + 1 or len(message) == protocol.MAX_UPDATE_EVENTS
-            ):
-                self._publish(message)
-                message = []
-            message.append(update)
-        if message:
-            self._publish(message)
-
-    def _publish(self, updates: list[Update]) -> None:
-        header = protocol.stream_header(self.table.instance, updates[0].seq)
-        body = protocol.event_list(update.event for update in updates)
-        # Both streams: PUB sends each only to the connections that subscribed to it.
-        send_frames(self.broadcaster, [protocol.PROTOCOL, protocol.UPDATE, header, body])
-        packed = protocol.pack(body)
-        send_frames(self.broadcaster, [protocol.PACKED, protocol.UPDATE, header, packed])
+        """Publish updates in order, each run of consecutive sequence numbers in as few
+        messages as each stream takes: PUB sends a stream only to its subscribers."""
+        start = 0
+        for end in range(1, len(updates) + 1):
+            if end < len(updates) and updates[end].seq == updates[end - 1].seq + 1:
+                continue
+            run = updates[start:end]
+            for first in range(0, len(run), protocol.MAX_UPDATE_EVENTS):
+                self._publish_plain(run[first : first + protocol.MAX_UPDATE_EVENTS])
+            for first in range(0, len(run), protocol.MAX_PACKED_EVENTS):
+                self._publish_packed(run[first : first + protocol.MAX_PACKED_EVENTS])
+            start = end
         for update in updates:
             self.legacy.broadcast(update.event)
         self.counters["broadcast"] += len(updates)
+
+    def _publish_plain(self, updates: list[Update]) -> None:
+        header = protocol.stream_header(self.table.instance, updates[0].seq)
+        body = protocol.event_list(update.event for update in updates)
+        send_frames(self.broadcaster, [protocol.PROTOCOL, protocol.UPDATE, header, body])
+
+    def _publish_packed(self, updates: list[Update]) -> None:
+        header = protocol.stream_header(self.table.instance, updates[0].seq)
+        packed = protocol.pack(protocol.event_list(update.event for update in updates))
+        send_frames(self.broadcaster, [protocol.PACKED, protocol.UPDATE, header, packed])
 
     def flush_ttl(self, now: float) -> None:
         """Lift bans whose time is up, even when their origin never reports the Unban."""

@@ -330,10 +330,10 @@ class Subscriber:
         """The events of an update message, all or none: one taken in part would look like a gap."""
         if len(rest) != 2:
             raise ProtocolError("an update has a header and one list of events")
-        body = protocol.unpack(rest[1], protocol.MAX_UPDATE)
-        items = protocol.decode_list(body, protocol.MAX_UPDATE)
-        if not 1 <= len(items) <= protocol.MAX_UPDATE_EVENTS:
-            raise ProtocolError(f"an update has 1-{protocol.MAX_UPDATE_EVENTS} events")
+        body = protocol.unpack(rest[1], protocol.MAX_PACKED)
+        items = protocol.decode_list(body, protocol.MAX_PACKED)
+        if not 1 <= len(items) <= protocol.MAX_PACKED_EVENTS:
+            raise ProtocolError(f"an update has 1-{protocol.MAX_PACKED_EVENTS} events")
         return [BanEvent.from_object(item, self.networks) for item in items]
 
     def take_heartbeat(self, link: HubLink, instance: str, sequence: int, now: float) -> None:

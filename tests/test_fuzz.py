@@ -252,10 +252,11 @@ class Hostile:
 
     # --- event bodies ------------------------------------------------------------------
 
-    def body(self, limit: int = protocol.MAX_BODY) -> tuple[str, bytes]:
-        """An event body that must be refused, and what kind of hostile it is."""
+    def body(self, limit: int = protocol.MAX_BODY, huge: int = 12) -> tuple[str, bytes]:
+        """An event body that must be refused, and what kind of hostile it is; `huge`
+        weighs the bodies past `limit` (megabytes past an update's limit)."""
         r = self.rng
-        category = self.pick({"field": 55, "json": 20, "deep json": 3, "shape": 10, "huge": 12})
+        category = self.pick({"field": 55, "json": 20, "deep json": 3, "shape": 10, "huge": huge})
         if category == "field":
             label, changes, missing = self.bad_fields()
             body = self.event(**changes)
@@ -283,7 +284,7 @@ class Hostile:
             return "bad json", text
         if category == "deep json":  # nesting that a recursive parser does not survive
             unit = r.choice([b"[", b'{"a":', b'[{"a":'])
-            most = limit // len(unit)
+            most = min(limit, 1 << 17) // len(unit)  # far past any recursion limit
             return "deep json", unit * r.randrange(most // 2, most + 1)
         if category == "shape":
             shapes = [b"null", b"true", b"1", b'"ban"', b"[]", b"[" + good + b"]", b"{}"]
@@ -431,7 +432,7 @@ class Hostile:
         if category == "packing":
             return category, [PACKED, update, header, self.bad_packing()]
         if category == "body":
-            category, body = self.body(protocol.MAX_UPDATE)
+            category, body = self.body(protocol.MAX_PACKED, huge=2)
             # An update's events are one JSON array, taken all or none: a valid decoy beside
             # the hostile one must not be banned either.
             valid = [encode(self.event()) for _ in range(r.choice([0, 0, 1, 5]))]
@@ -445,7 +446,7 @@ class Hostile:
                     [P, update, header],
                     [P, hugz],
                     [P, update, header, decoy, decoy],
-                    [P, update, header, encode([self.event()] * (protocol.MAX_UPDATE_EVENTS + 1))],
+                    [P, update, header, encode([self.event()] * (protocol.MAX_PACKED_EVENTS + 1))],
                     [P, update, header, b"[]"],
                     [P, update, header, decoy, b""],
                     [P, update] + [header] * r.randrange(3, 40),
@@ -480,14 +481,20 @@ class Hostile:
                 lambda: packed[: r.randrange(1, len(packed))],
                 lambda: packed + b"x",
                 lambda: r.choice(self.bombs),
-                lambda: protocol.pack(b"[" + b" " * protocol.MAX_UPDATE + events[1:]),
             ]
         )()
 
     @functools.cached_property
     def bombs(self) -> list[bytes]:
-        """Frames of a few kB that inflate to megabytes: a node must stop at its limit."""
-        return [zlib.compress(b" " * size, 9) for size in (protocol.MAX_UPDATE + 1, 20 << 20)]
+        """Frames of a few kB that inflate past a node's limit: blanks, and decoy bans
+        that would be valid but for the blanks before them."""
+        limit = protocol.MAX_PACKED
+        decoys = encode([self.event() for _ in range(3)])
+        return [
+            zlib.compress(b" " * (limit + 1), 9),
+            zlib.compress(b" " * (20 << 20), 9),
+            zlib.compress(b"[" + b" " * limit + decoys[1:], 9),
+        ]
 
     def bad_header(self, hub: FakeHub) -> bytes:
         r = self.rng

@@ -1,6 +1,7 @@
 """Event validation and encoding: every rule, no socket."""
 
 import json
+import random
 import zlib
 
 import pytest
@@ -119,6 +120,13 @@ def test_split_message_checks_the_protocol_frame():
     assert protocol.split_message([protocol.PACKED, protocol.HUGZ], protocol.PACKED)[0] == b"hugz"
     with pytest.raises(ProtocolError, match="expected F2BZMQZ1"):
         protocol.split_message([protocol.PROTOCOL, protocol.HUGZ], protocol.PACKED)
+
+
+def test_the_largest_packed_update_fits_a_nodes_frame_even_if_nothing_compresses():
+    from f2bzmq.subscriber import MAX_MESSAGE
+
+    noise = random.Random(1).randbytes(protocol.MAX_PACKED)
+    assert len(protocol.pack(noise)) <= MAX_MESSAGE
 
 
 def test_the_two_update_streams_never_match_each_others_subscription():

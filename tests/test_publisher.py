@@ -2,6 +2,7 @@
 
 import json
 import signal
+import time
 
 import pytest
 
@@ -186,24 +187,44 @@ def test_expired_bans_are_lifted_and_broadcast(hub):
     assert (header["seq"], update.action, update.ip) == (2, "unban", "192.0.2.10")
 
 
-def test_a_burst_goes_out_in_few_messages_with_consecutive_sequence_numbers(hub):
-    _, peer = hub
-    events = [ban(f"198.51.{i // 250}.{i % 250 + 1}") for i in range(500)]
-    for event in events:  # all in flight at once, as a monitor's window allows
-        peer.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, event.encode()])
-    acks = [peer.reports.recv_multipart()[1] for _ in events]
-    assert acks == [protocol.ACK] * len(events)
-    messages, received = 0, []
+@pytest.mark.parametrize("stream", [protocol.PROTOCOL, protocol.PACKED])
+def test_a_burst_goes_out_in_few_messages_with_consecutive_sequence_numbers(hub, stream):
+    running, peer = hub
+    node = NodeClient(peer.ports, peer.keys_dir, "node2", stream=stream)
+    assert node.updates.recv_multipart()[1] == protocol.HUGZ  # joined
+    events = [ban(f"198.51.{i // 250}.{i % 250 + 1}") for i in range(1500)]
+    # All in flight at once, in reports of 100, waiting for the hub together: stopped,
+    # it finds them all on waking and takes up to 1000 events in one pass.
+    running.publisher.process.send_signal(signal.SIGSTOP)
+    try:
+        for first in range(0, len(events), 100):
+            report = [event.encode() for event in events[first : first + 100]]
+            peer.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, *report])
+        time.sleep(0.2)
+    finally:
+        running.publisher.process.send_signal(signal.SIGCONT)
+    acked = sum(len(peer.reports.recv_multipart()) - 2 for _ in range(15))
+    assert acked == len(events)
+    most = protocol.MAX_PACKED_EVENTS if stream == protocol.PACKED else protocol.MAX_UPDATE_EVENTS
+    sizes, received = [], []
     while len(received) < len(events):
-        frames = peer.updates.recv_multipart()
+        frames = node.updates.recv_multipart()
         if frames[1] != protocol.UPDATE:
             continue
-        messages += 1
         assert len(frames) == 4
-        items = json.loads(frames[3])
-        assert 1 <= len(items) <= protocol.MAX_UPDATE_EVENTS
+        body = (
+            protocol.unpack(frames[3], protocol.MAX_PACKED)
+            if stream == protocol.PACKED
+            else frames[3]
+        )
+        items = json.loads(body)
+        assert 1 <= len(items) <= most
+        sizes.append(len(items))
         first = json.loads(frames[2])["seq"]
         received += [(first + i, BanEvent.from_object(item)) for i, item in enumerate(items)]
+    node.close()
     assert [seq for seq, _ in received] == list(range(1, len(events) + 1))
     assert sorted(event.ip for _, event in received) == sorted(event.ip for event in events)
-    assert messages < len(events)  # several events shared a message
+    assert len(sizes) < len(events) / 10  # many events shared a message
+    if stream == protocol.PACKED:
+        assert max(sizes) > protocol.MAX_UPDATE_EVENTS  # more than the plain stream takes
