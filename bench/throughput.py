@@ -19,12 +19,13 @@ Every event bans a distinct address, so every event must become one update at
 every subscriber. The figures: events ACKed per second (an ACK means committed to
 disk), events per second until the slowest subscriber counted every update, and
 the loss (must be zero), the bytes per event on the wire (packed, and what the
-plain stream would have sent), and the rate the hub's busiest thread would allow
-if the hub had the machine to itself (extrapolated: here the simulated
-subscribers take most of the cores). In the same run, the naive way the old tool reported: a
-fresh ZeroMQ context and REQ socket per event and one round trip each, against
-the same hub's fail2ban-zmq-tools endpoint with every subscriber connected, timed
-on a sample and extrapolated as if MONITORS such monitors added up perfectly.
+plain stream would have sent), and, as an upper bound, the rate the CPU of the
+hub's busiest thread allows (it leaves out waits such as each commit's fsync):
+here the simulated subscribers take most of the cores. In the same run, the naive
+way the old tool reported: a fresh ZeroMQ context and REQ socket per event and one
+round trip each, against the same hub's fail2ban-zmq-tools endpoint with every
+subscriber connected, timed on a sample and extrapolated as if MONITORS such
+monitors added up perfectly.
 
     python3 bench/throughput.py --events 50000 --monitors 10 --subscribers 200 --json r.json
 
