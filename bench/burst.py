@@ -39,7 +39,7 @@ from pathlib import Path
 from common import BenchError, report, stop_on_sigterm, table
 
 from f2bzmq import protocol
-from f2bzmq.fail2ban import Fail2banClient, Fail2banError
+from f2bzmq.fail2ban_client import Fail2banClient, Fail2banError
 from f2bzmq.lab import (
     CLIENT_PROGRAM,
     Cluster,

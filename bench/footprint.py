@@ -42,7 +42,7 @@ from common import (
     wakeups,
 )
 
-from f2bzmq.fail2ban import Fail2banClient
+from f2bzmq.fail2ban_client import Fail2banClient
 from f2bzmq.lab import Cluster, child_environment
 
 # The old tool's way of following a log: read to the end, then sleep a second and retry.

@@ -40,7 +40,7 @@ from pathlib import Path
 from common import BenchError, report, spread, stop_on_sigterm, table
 from throughput import SubscriberSwarm, Workers, join_swarm
 
-from f2bzmq.fail2ban import Fail2banClient
+from f2bzmq.fail2ban_client import Fail2banClient
 from f2bzmq.lab import CLIENT_PROGRAM, Cluster, make_keys, wait_until
 
 # fail2ban's "[jail] Ban ip" lines, and the hub's "[jail] Ban ip from node".

@@ -31,13 +31,13 @@ import zmq
 import zmq.auth
 
 from . import protocol
-from .fail2ban import Fail2banClient
+from .fail2ban_client import Fail2banClient
 from .keys import HUB, keygen
 from .protocol import BanEvent
 
 STOCK_FILTERS = Path("/etc/fail2ban/filter.d")
 STOCK_ACTIONS = Path("/etc/fail2ban/action.d")
-PROJECT_ACTIONS = Path(__file__).resolve().parent.parent / "fail2ban" / "action.d"
+PROJECT_ACTIONS = Path(__file__).resolve().parent.parent / "etc" / "fail2ban" / "action.d"
 CLIENT_PROGRAM = "fail2ban-client"
 
 # The project's no-op filter for the sync jail: bans arrive only through "set <jail> banip".

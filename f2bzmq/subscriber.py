@@ -19,7 +19,7 @@ import zmq
 from . import protocol
 from .config import Config
 from .control import ControlSocket
-from .fail2ban import Fail2banClient, Fail2banError
+from .fail2ban_client import Fail2banClient, Fail2banError
 from .keys import Security
 from .metrics import DelayHistogram, counter, gauge, histogram
 from .protocol import Allowlist, BanEvent, ProtocolError

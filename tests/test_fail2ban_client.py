@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from f2bzmq.fail2ban import (
+from f2bzmq.fail2ban_client import (
     Fail2banClient,
     Fail2banError,
     RemoteObject,

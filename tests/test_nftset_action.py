@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from f2bzmq.fail2ban import Fail2banClient, Fail2banError
+from f2bzmq.fail2ban_client import Fail2banClient, Fail2banError
 from f2bzmq.lab import (
     CLIENT_PROGRAM,
     Fail2banServer,

@@ -135,8 +135,8 @@ def test_after_a_failed_command_sizes_are_measured_again():
 
 
 def test_shipped_fail2ban_snippets_load_in_a_real_fail2ban(tmp_path):
-    """The jail.d and filter.d files from fail2ban/ with Debian's own jail.conf."""
-    shipped = Path(__file__).resolve().parent.parent / "fail2ban"
+    """The jail.d and filter.d files from etc/fail2ban/ with Debian's own jail.conf."""
+    shipped = Path(__file__).resolve().parent.parent / "etc" / "fail2ban"
     server = Fail2banServer(tmp_path, "node", jails=Path("/etc/fail2ban/jail.conf").read_text())
     for name in ("paths-common.conf", "paths-debian.conf"):
         (server.config / name).symlink_to(Path("/etc/fail2ban") / name)

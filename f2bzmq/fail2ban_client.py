@@ -19,7 +19,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("f2bzmq.fail2ban")
 
 END = b"<F2B_END_COMMAND>"
 CLOSE = b"<F2B_CLOSE_COMMAND>"
