@@ -63,7 +63,7 @@ def keygen_main(name: str | None, directory: str | None, config_path: str | None
         return 2
     try:
         if directory is None:
-            directory = load_config(find_config(config_path)).get("general", "keys_dir")
+            directory = load_config(find_config(config_path)).general.keys_dir
         public, secret = keygen(name, directory)
     except (ConfigError, KeyFileError, ProtocolError, OSError) as error:
         print(f"keygen: {error}", file=sys.stderr)

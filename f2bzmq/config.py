@@ -13,14 +13,15 @@ import os
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Union
 
-from .control import MAX_SOCKET_PATH, control_path
-from .metrics import parse_listen
+from .oldkeys import rename_old_keys
 from .protocol import NetworkLimits, ProtocolError, check_name
 
 DEFAULT_PATHS = ("/etc/fail2ban-cluster/fail2ban-cluster.conf", "fail2ban-cluster.conf")
+MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path less its terminating NUL
 
 
 class ConfigError(Exception):
@@ -155,99 +156,167 @@ def _logtarget(value: str) -> str:
     return value
 
 
-# (section, key) -> (default, parser). The shipped fail2ban-cluster.conf documents each.
-SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], object]]] = {
-    ("general", "node"): ("", _node),
-    ("general", "hubs"): ("127.0.0.1", _hosts),
-    ("general", "report_port"): ("5690", _number(int, 1, 65535)),
-    ("general", "publish_port"): ("5691", _number(int, 1, 65535)),
-    ("general", "snapshot_port"): ("5692", _number(int, 1, 65535)),
-    ("general", "state_dir"): ("/var/lib/fail2ban-cluster", _text),
-    ("general", "run_dir"): ("/run/fail2ban-cluster", _text),
-    ("general", "logtarget"): ("AUTO", _logtarget),
-    ("general", "loglevel"): ("INFO", _loglevel),
-    ("general", "fail2ban_socket"): ("/var/run/fail2ban/fail2ban.sock", _text),
-    ("general", "fail2ban_client"): ("fail2ban-client", _text),
-    ("general", "sync_jail"): ("cluster", _name),
-    ("general", "jail_map"): ("", _jail_map),
-    ("general", "keys_dir"): ("/etc/fail2ban-cluster/keys", _text),
-    ("general", "insecure"): ("false", _bool),
-    ("general", "min_prefix_v4"): ("24", _number(int, 8, 32)),
-    ("general", "min_prefix_v6"): ("48", _number(int, 16, 128)),
-    ("monitor", "logpath"): ("/var/log/fail2ban.log", _text),
-    ("monitor", "ignore_jails"): ("", _jail_names),
-    ("monitor", "ack_timeout"): ("5", _number(float, 0.1, 3600)),
-    ("monitor", "in_flight"): ("100", _number(int, 1, 100000)),
-    ("monitor", "outbox_max"): ("100000", _number(int, 100, 10**8)),
-    ("monitor", "start_at"): ("end", lambda v: _choice(v, ("end", "beginning"))),
-    ("publisher", "bind"): ("127.0.0.1", _hosts),
-    ("publisher", "default_bantime"): ("600", _number(int, -1, 2**31 - 1)),
-    ("publisher", "heartbeat_interval"): ("1", _number(float, 0.05, 3600)),
-    ("publisher", "send_hwm"): ("1000", _number(int, 10, 10**7)),
-    ("publisher", "allow_networks"): ("true", _bool),
-    ("publisher", "allowlist"): ("127.0.0.0/8 ::1/128", _networks),
-    ("publisher", "rate_limit"): ("50", _number(float, 0.1, 10**6)),
-    ("publisher", "rate_burst"): ("1000", _number(int, 1, 10**7)),
-    ("publisher", "allow_foreign_unban"): ("false", _bool),
-    ("publisher", "legacy_report_bind"): ("", _endpoints),
-    ("publisher", "legacy_publish_bind"): ("", _endpoints),
-    ("publisher", "legacy_token"): ("", _legacy_token),
-    ("subscriber", "allowlist"): ("127.0.0.0/8 ::1/128", _networks),
-    ("subscriber", "batch_size"): ("2000", _number(int, 1, 10000)),
-    ("subscriber", "heartbeat_timeout"): ("5", _number(float, 0.1, 3600)),
-    ("subscriber", "resync_interval"): ("300", _number(float, 1, 86400)),
-    ("monitor", "metrics"): ("", parse_listen),
-    ("publisher", "metrics"): ("", parse_listen),
-    ("subscriber", "metrics"): ("", parse_listen),
+def _listen(value: str) -> tuple[str, int] | None:
+    """`[role] metrics`: empty is off; PORT listens on 127.0.0.1; HOST:PORT or [V6]:PORT."""
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", value
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address to listen on") from None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{port!r} is not a port number")
+    return host, int(port)
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _key(default: str, parse: Callable[[str], Any]) -> Any:
+    """A key of fail2ban-cluster.conf: its default as the shipped file writes it, and the
+    parser that turns a value into the attribute (or raises ValueError saying why not)."""
+    return field(metadata={"default": default, "parse": parse})
+
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+@dataclass(frozen=True)
+class GeneralSettings:
+    """[general]: what every role on every server shares."""
+
+    node: str = _key("", _node)
+    hubs: list[str] = _key("127.0.0.1", _hosts)
+    report_port: int = _key("5690", _number(int, 1, 65535))
+    publish_port: int = _key("5691", _number(int, 1, 65535))
+    snapshot_port: int = _key("5692", _number(int, 1, 65535))
+    state_dir: str = _key("/var/lib/fail2ban-cluster", _text)
+    run_dir: str = _key("/run/fail2ban-cluster", _text)
+    logtarget: str = _key("AUTO", _logtarget)
+    loglevel: int = _key("INFO", _loglevel)
+    fail2ban_socket: str = _key("/var/run/fail2ban/fail2ban.sock", _text)
+    fail2ban_client: str = _key("fail2ban-client", _text)
+    sync_jail: str = _key("cluster", _name)
+    jail_map: dict[str, str] = _key("", _jail_map)
+    keys_dir: str = _key("/etc/fail2ban-cluster/keys", _text)
+    insecure: bool = _key("false", _bool)
+    min_prefix_v4: int = _key("24", _number(int, 8, 32))
+    min_prefix_v6: int = _key("48", _number(int, 16, 128))
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """[monitor]: following fail2ban.log and reporting to the hubs."""
+
+    logpath: str = _key("/var/log/fail2ban.log", _text)
+    ignore_jails: list[str] = _key("", _jail_names)
+    ack_timeout: float = _key("5", _number(float, 0.1, 3600))
+    in_flight: int = _key("100", _number(int, 1, 100000))
+    outbox_max: int = _key("100000", _number(int, 100, 10**8))
+    start_at: str = _key("end", _choice("end", "beginning"))
+    metrics: tuple[str, int] | None = _key("", _listen)
+
+
+@dataclass(frozen=True)
+class PublisherSettings:
+    """[publisher]: the hub's ports, rules and limits."""
+
+    bind: list[str] = _key("127.0.0.1", _hosts)
+    default_bantime: int = _key("600", _number(int, -1, 2**31 - 1))
+    heartbeat_interval: float = _key("1", _number(float, 0.05, 3600))
+    send_hwm: int = _key("1000", _number(int, 10, 10**7))
+    allow_networks: bool = _key("true", _bool)
+    allowlist: list[Network] = _key("127.0.0.0/8 ::1/128", _networks)
+    rate_limit: float = _key("50", _number(float, 0.1, 10**6))
+    rate_burst: int = _key("1000", _number(int, 1, 10**7))
+    allow_foreign_unban: bool = _key("false", _bool)
+    legacy_report_bind: list[str] = _key("", _endpoints)
+    legacy_publish_bind: list[str] = _key("", _endpoints)
+    legacy_token: str = _key("", _legacy_token)
+    metrics: tuple[str, int] | None = _key("", _listen)
+
+
+@dataclass(frozen=True)
+class SubscriberSettings:
+    """[subscriber]: applying the cluster's bans to this node's fail2ban."""
+
+    allowlist: list[Network] = _key("127.0.0.0/8 ::1/128", _networks)
+    batch_size: int = _key("2000", _number(int, 1, 10000))
+    heartbeat_timeout: float = _key("5", _number(float, 0.1, 3600))
+    resync_interval: float = _key("300", _number(float, 1, 86400))
+    metrics: tuple[str, int] | None = _key("", _listen)
+
+
+SECTIONS = {
+    "general": GeneralSettings,
+    "monitor": MonitorSettings,
+    "publisher": PublisherSettings,
+    "subscriber": SubscriberSettings,
 }
 
-
-def _choice(value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
-    return value
+# (section, key) -> (default, parser), in the order of the classes above. The shipped
+# fail2ban-cluster.conf documents each.
+SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], Any]]] = {
+    (section, key.name): (key.metadata["default"], key.metadata["parse"])
+    for section, settings in SECTIONS.items()
+    for key in fields(settings)
+}
 
 
 @dataclass(frozen=True)
 class Config:
-    """Parsed settings; `get(section, key)` returns the parsed value."""
+    """Every parsed setting, a frozen object per section, read as attributes:
+    `config.publisher.rate_limit`."""
 
     path: str
-    values: dict[tuple[str, str], object]
+    general: GeneralSettings
+    monitor: MonitorSettings
+    publisher: PublisherSettings
+    subscriber: SubscriberSettings
     warnings: tuple[str, ...] = ()  # deprecated keys read; the daemon logs them at start
 
-    def get(self, section: str, key: str):
-        return self.values[(section, key)]
+    def section(self, name: str) -> Any:
+        """A section's settings by name: the role's own (`metrics`) for a role's daemon."""
+        return getattr(self, name)
 
     @property
     def node(self) -> str:
-        return self.values[("general", "node")]
+        return self.general.node
 
     def endpoints(self, port_key: str) -> list[str]:
         """tcp:// endpoints of every hub for one of the three ports."""
-        port = self.values[("general", port_key)]
-        return [tcp_endpoint(host, port) for host in self.values[("general", "hubs")]]
+        port = getattr(self.general, port_key)
+        return [tcp_endpoint(host, port) for host in self.general.hubs]
 
     def binds(self, port_key: str) -> list[str]:
-        port = self.values[("general", port_key)]
-        return [tcp_endpoint(host, port) for host in self.values[("publisher", "bind")]]
+        port = getattr(self.general, port_key)
+        return [tcp_endpoint(host, port) for host in self.publisher.bind]
 
     def state_path(self, name: str) -> Path:
-        return Path(self.values[("general", "state_dir")]) / name
+        return Path(self.general.state_dir) / name
+
+    def control_path(self, role: str) -> Path:
+        """The role's control socket, where `status` asks the running daemon."""
+        return Path(self.general.run_dir) / f"{role}.sock"
 
     def network_limits(self) -> NetworkLimits:
         return NetworkLimits(
-            self.values[("publisher", "allow_networks")],
-            self.values[("general", "min_prefix_v4")],
-            self.values[("general", "min_prefix_v6")],
+            self.publisher.allow_networks, self.general.min_prefix_v4, self.general.min_prefix_v6
         )
 
     def sync_jails(self) -> set[str]:
         """Local jails the subscriber writes into: the monitor must not report them back."""
-        return {
-            self.values[("general", "sync_jail")],
-            *self.values[("general", "jail_map")].values(),
-        }
+        return {self.general.sync_jail, *self.general.jail_map.values()}
 
 
 def tcp_endpoint(host: str, port: int) -> str:
@@ -289,28 +358,55 @@ def load_config(path: str) -> Config:
         if not required and not os.path.exists(file):
             continue
         found = {key: (value, _where(file, *key)) for key, value in _read_ini(file).items()}
-        warnings += _rename_old_keys(found)
-        raw.update(found)
-    values = {}
-    for (section, key), (default, parse) in SCHEMA.items():
-        value, where = raw.pop((section, key), (default, _where(path, section, key)))
         try:
-            values[(section, key)] = parse(value.strip())
-            if (section, key) in PATH_KEYS:
-                values[(section, key)] = str(Path(path).resolve().parent / values[(section, key)])
-            if (section, key) == ("general", "run_dir"):
-                _check_run_dir(values[(section, key)])
+            warnings += rename_old_keys(found)
         except ValueError as error:
-            raise ConfigError(f"{where}: {error}") from None
+            raise ConfigError(str(error)) from None
+        raw.update(found)
+    return build_config(raw, path, tuple(warnings))
+
+
+def build_config(
+    raw: dict[tuple[str, str], tuple[str, str]], path: str, warnings: tuple[str, ...] = ()
+) -> Config:
+    """Parse every key (value as written, where it is set), defaults for the rest. Tests
+    build a daemon's settings with it without a file: `config_from({...})`."""
+    raw = dict(raw)
+    sections = {}
+    for section, settings in SECTIONS.items():
+        values = {}
+        for key in fields(settings):
+            value, where = raw.pop((section, key.name), (key.metadata["default"], None))
+            where = where or _where(path, section, key.name)
+            try:
+                parsed = key.metadata["parse"](value.strip())
+                if (section, key.name) in PATH_KEYS:
+                    parsed = str(Path(path).resolve().parent / parsed)
+                if (section, key.name) == ("general", "run_dir"):
+                    _check_run_dir(parsed)
+            except ValueError as error:
+                raise ConfigError(f"{where}: {error}") from None
+            values[key.name] = parsed
+        sections[section] = settings(**values)
     if raw:
         _, where = next(iter(raw.values()))
         raise ConfigError(f"{where}: unknown key")
-    return Config(path, values, tuple(warnings))
+    return Config(path, warnings=warnings, **sections)
+
+
+def config_from(values: dict[str, dict[str, str]], path: str = "fail2ban-cluster.conf") -> Config:
+    """Settings as a file with these sections and keys would give: `{"publisher": {...}}`."""
+    raw = {
+        (section, key): (value, _where(path, section, key))
+        for section, keys in values.items()
+        for key, value in keys.items()
+    }
+    return build_config(raw, path)
 
 
 def _check_run_dir(run_dir: str) -> None:
     """The longest control socket path, run_dir/subscriber.sock, must fit a unix socket."""
-    longest = len(os.fsencode(str(control_path(Path(run_dir), "subscriber"))))
+    longest = len(os.fsencode(str(Path(run_dir) / "subscriber.sock")))
     if longest > MAX_SOCKET_PATH:
         raise ValueError(
             f"too long for the daemons' control sockets ({longest} bytes with "
@@ -320,127 +416,6 @@ def _check_run_dir(run_dir: str) -> None:
 
 def _where(file: str, section: str, key: str) -> str:
     return f"{file}: [{section}] {key}"
-
-
-@dataclass(frozen=True)
-class OldKey:
-    """A key of fail2ban-zmq-tools' fail2ban-cluster.conf, and what f2bzmq makes of it."""
-
-    new: tuple[str, str] | None  # (section, key) it is read as; None: ignored, nothing means it
-    note: str  # what differs from the old meaning, or what replaces it
-    convert: Callable[[str], str] = str.strip
-    secret: bool = False  # keep the value out of the warning, and so out of the logs
-
-
-_OLD_URL = re.compile(r"^tcp://(\[[^]]+\]|[^:/\s]+):([0-9]+)$")
-
-
-def _old_endpoint(value: str) -> str:
-    """An old tcp:// URL, without the "# comment" the old shipped file wrote after it."""
-    return re.sub(r"\s+#.*$", "", value).strip()
-
-
-def _old_hub(value: str) -> str:
-    """The host of an old monitor's or subscriber's URL of the publisher."""
-    url = _old_endpoint(value)
-    match = _OLD_URL.match(url)
-    if not match or match[1] == "*":
-        raise ValueError(f"{url!r} is not a tcp://HOST:PORT URL of a publisher")
-    return match[1].strip("[]")
-
-
-_BY_KEY = "the monitor proves who it is with its CURVE key in [general] keys_dir"
-
-# (section, old key) -> what it becomes; section "*" stands for any section. An old file
-# keeps working while a cluster migrates, and every old key logs a warning naming its
-# successor. The old [publisher] auth is read together with authtoken in _rename_old_keys.
-OLD_KEYS: dict[tuple[str, str], OldKey] = {
-    ("monitor", "zmqreplyserver"): OldKey(
-        ("general", "hubs"),
-        "the monitor reports to that host on [general] report_port, with CURVE keys; "
-        "the old port is not used",
-        _old_hub,
-    ),
-    ("subscriber", "zmqpublisherurl"): OldKey(
-        ("general", "hubs"),
-        "the subscriber listens to that host on [general] publish_port and snapshot_port, "
-        "with CURVE keys; the old port is not used",
-        _old_hub,
-    ),
-    ("*", "fail2banlogpath"): OldKey(("monitor", "logpath"), "same meaning"),
-    ("publisher", "replybindurl"): OldKey(
-        ("publisher", "legacy_report_bind"),
-        "old monitors keep reporting there, unencrypted",
-        _old_endpoint,
-    ),
-    ("publisher", "broadcasterbindurl"): OldKey(
-        ("publisher", "legacy_publish_bind"),
-        "old subscribers keep listening there, unencrypted",
-        _old_endpoint,
-    ),
-    ("publisher", "authtoken"): OldKey(
-        ("publisher", "legacy_token"), "old monitors must send it", secret=True
-    ),
-    ("publisher", "auth"): OldKey(
-        None, "old monitors must send a token exactly when legacy_token is set"
-    ),
-    ("monitor", "auth"): OldKey(None, _BY_KEY),
-    ("monitor", "authtoken"): OldKey(None, _BY_KEY),
-    ("*", "pidfile"): OldKey(None, "PID files are [general] run_dir/ROLE.pid"),
-    ("subscriber", "zmqprefixfilter"): OldKey(
-        None, "the subscriber takes every update of its hubs"
-    ),
-    ("subscriber", "subscriberaction"): OldKey(
-        None, "the subscriber bans in [general] sync_jail through fail2ban's socket"
-    ),
-}
-
-
-def _rename_old_keys(found: dict[tuple[str, str], tuple[str, str]]) -> list[str]:
-    """Read one file's fail2ban-zmq-tools keys as f2bzmq keys, in place; return the warnings."""
-    warnings = []
-    # The old publisher asked for its token only when auth was exactly "true".
-    auth = found.get(("publisher", "auth"))
-    if auth is not None and auth[0].strip() != "true" and ("publisher", "authtoken") in found:
-        _, where = found.pop(("publisher", "authtoken"))
-        warnings.append(
-            f"{where} is a fail2ban-zmq-tools key and is ignored: auth is not true, "
-            "so old monitors send no token and [publisher] legacy_token stays empty"
-        )
-    renamed: dict[tuple[str, str], tuple[str, str, str]] = {}  # new key -> value, where, old key
-    for (section, key), (value, where) in list(found.items()):
-        old = OLD_KEYS.get((section, key)) or OLD_KEYS.get(("*", key))
-        if old is None:
-            continue
-        del found[(section, key)]
-        new = old.new
-        if new is None:
-            warnings.append(f"{where} is a fail2ban-zmq-tools key and is ignored: {old.note}")
-            continue
-        successor = f"[{new[0]}] {new[1]}"
-        if new in found:
-            warnings.append(
-                f"{where} is a fail2ban-zmq-tools key and is ignored: {successor} is set"
-            )
-            continue
-        try:
-            converted = old.convert(value)
-        except ValueError as error:
-            raise ConfigError(f"{where}: {error}") from None
-        if new in renamed and renamed[new][0] != converted:
-            earlier, _, other = renamed[new]
-            raise ConfigError(
-                f"{where}: gives {successor} = {converted!r}, but {other} gives {earlier!r}: "
-                f"set {successor} instead of both"
-            )
-        renamed[new] = (converted, where, f"[{section}] {key}")
-        shown = "(hidden)" if old.secret else converted
-        warnings.append(
-            f"{where} is a fail2ban-zmq-tools key: read as {successor} = {shown} "
-            f"({old.note}); rename it to {new[1]} in [{new[0]}]"
-        )
-    found.update({key: (value, where) for key, (value, where, _) in renamed.items()})
-    return warnings
 
 
 def _read_ini(file: str) -> dict[tuple[str, str], str]:

@@ -16,19 +16,15 @@ from pathlib import Path
 
 import zmq
 
+from .config import MAX_SOCKET_PATH
 from .runtime import drain
 
-MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path less its terminating NUL
 MAX_REQUEST = 64  # bytes; the only requests are short words
 STATUS = b"status"
 
 
 class ControlError(Exception):
     """The daemon did not answer; str() says why in one line."""
-
-
-def control_path(run_dir: Path, role: str) -> Path:
-    return Path(run_dir) / f"{role}.sock"
 
 
 class ControlSocket:

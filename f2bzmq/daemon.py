@@ -19,7 +19,7 @@ from pathlib import Path
 import daemon
 
 from .config import Config
-from .control import ControlError, ask, control_path
+from .control import ControlError, ask
 from .metrics import MetricsExporter
 from .runtime import setup_logging
 
@@ -38,16 +38,16 @@ class RoleControl:
         self.role = role
         self.config = config
         self.factory = factory
-        run_dir = Path(config.get("general", "run_dir"))
+        run_dir = Path(config.general.run_dir)
         self.pidfile = run_dir / f"{role}.pid"
-        self.control = control_path(run_dir, role)
+        self.control = config.control_path(role)
 
     def setup_logging(self, foreground: bool) -> None:
         """The role's log, then the configuration's warnings (old key names) into it."""
         setup_logging(
             self.role,
-            self.config.get("general", "logtarget"),
-            self.config.get("general", "loglevel"),
+            self.config.general.logtarget,
+            self.config.general.loglevel,
             foreground,
         )
         for warning in self.config.warnings:
@@ -94,7 +94,7 @@ class RoleControl:
 
     def build(self) -> tuple[object, MetricsExporter | None]:
         """The role's reactor, and its Prometheus endpoint when `[role] metrics` asks for one."""
-        listen = self.config.get(self.role, "metrics")
+        listen = self.config.section(self.role).metrics
         exporter = MetricsExporter(self.role, listen, self.control) if listen else None
         try:
             return self.factory(self.config, self.control), exporter

@@ -162,12 +162,7 @@ class Security:
     @classmethod
     def for_role(cls, config, role: str) -> Security:
         """From [general] keys_dir and insecure; raises KeyFileError saying what to fix."""
-        return cls(
-            config.get("general", "keys_dir"),
-            config.node,
-            role,
-            config.get("general", "insecure"),
-        )
+        return cls(config.general.keys_dir, config.node, role, config.general.insecure)
 
     def server(self, sock: zmq.Socket) -> None:
         """A hub socket: encrypted, and open only to clients the authenticator accepts."""

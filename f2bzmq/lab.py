@@ -713,7 +713,7 @@ class NodeClient:
         events = []
         while True:
             _, kind, header, body = sock.recv_multipart()
-            assert kind == protocol.SNAPSHOT_PART
+            assert kind == protocol.SNAPSHOT
             header = json.loads(header)
             events += [BanEvent.from_object(item) for item in json.loads(body)]
             if header["last"]:

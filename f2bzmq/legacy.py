@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("f2bzmq.legacy")
 
-NAK = b"NAK"
+LEGACY_NAK = b"NAK"  # the old hub's refusal: no reason, just the word
 MAX_REPORT = 512  # bytes: a token (at most 256), two names of 64, an action and an address
-MAX_MESSAGE = 4096  # bytes of a frame; ZeroMQ drops a peer that sends more (no reply at all)
+MAX_FRAME = 4096  # bytes of a frame; ZeroMQ drops a peer that sends more (no reply at all)
 DRAIN_LIMIT = 1000  # reports taken per commit, as on the native endpoint
 LEGACY_SEND_HWM = 100000  # messages queued per old subscriber: one ban each
 ZAP_DOMAIN = b"f2bzmq-legacy"  # how the authenticator's log names these plain connections
@@ -95,9 +95,9 @@ class LegacyEndpoints:
     def __init__(self, hub: Publisher) -> None:
         self.hub = hub  # the publisher: its checks, ban table, store and broadcasts
         config = hub.config
-        self.token = config.get("publisher", "legacy_token")
-        report_binds = config.get("publisher", "legacy_report_bind")
-        publish_binds = config.get("publisher", "legacy_publish_bind")
+        self.token = config.publisher.legacy_token
+        report_binds = config.publisher.legacy_report_bind
+        publish_binds = config.publisher.legacy_publish_bind
         # ROUTER, not REP: old monitors use REQ, and a ROUTER lets the hub's one poll loop
         # answer many of them without blocking.
         self.reports = self._socket(zmq.ROUTER, report_binds) if report_binds else None
@@ -130,7 +130,7 @@ class LegacyEndpoints:
             # Old subscribers can't see a drop, let alone recover from one: a deep queue.
             sock.sndhwm = LEGACY_SEND_HWM
         else:
-            sock.maxmsgsize = MAX_MESSAGE
+            sock.maxmsgsize = MAX_FRAME
         for endpoint in endpoints:
             try:
                 sock.bind(endpoint)
@@ -176,7 +176,7 @@ class LegacyEndpoints:
             hub.refusals.warning(
                 f"legacy:{peer}", "refused a legacy report from %s: %s", peer, error
             )
-            return NAK, None
+            return LEGACY_NAK, None
         return report.echo, update
 
     def broadcast(self, event: BanEvent) -> None:

@@ -9,7 +9,6 @@ figures are taken by the loop that owns them and no state is shared between thre
 from __future__ import annotations
 
 import bisect
-import ipaddress
 from pathlib import Path
 
 from .control import ControlError, ask
@@ -52,23 +51,6 @@ def gauge(help_text: str, value: float | dict[str, float], label: str | None = N
 
 def histogram(help_text: str, delays: DelayHistogram) -> dict:
     return {"type": "histogram", "help": help_text, "value": delays.as_dict()}
-
-
-def parse_listen(value: str) -> tuple[str, int] | None:
-    """`[role] metrics`: empty is off; PORT listens on 127.0.0.1; HOST:PORT or [V6]:PORT."""
-    if not value:
-        return None
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        host, port = "127.0.0.1", value
-    host = host.strip("[]")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{host!r} is not an IP address to listen on") from None
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{port!r} is not a port number")
-    return host, int(port)
 
 
 class MetricsExporter:

@@ -106,15 +106,15 @@ class Monitor:
     def __init__(self, config: Config, control_path: Path | None = None) -> None:
         self.config = config
         self.node = config.node
-        self.ack_timeout = config.get("monitor", "ack_timeout")
-        self.window = config.get("monitor", "in_flight")
+        self.ack_timeout = config.monitor.ack_timeout
+        self.window = config.monitor.in_flight
         self.networks = config.network_limits()
-        self.outbox_max = config.get("monitor", "outbox_max")
-        ignore = set(config.get("monitor", "ignore_jails")) | config.sync_jails()
+        self.outbox_max = config.monitor.outbox_max
+        ignore = set(config.monitor.ignore_jails) | config.sync_jails()
         self.reporter = BanReporter(ignore)
         self.fail2ban = Fail2banClient(
-            config.get("general", "fail2ban_socket"),
-            client_program=config.get("general", "fail2ban_client"),
+            config.general.fail2ban_socket,
+            client_program=config.general.fail2ban_client,
         )
         self.bantimes: dict[str, tuple[int | None, float]] = {}
         config.state_path("").mkdir(parents=True, exist_ok=True)
@@ -124,10 +124,10 @@ class Monitor:
         self.wakeup = Wakeup()
         self.signals = StopSignals(self.wakeup)
         self.follower = LogFollower(
-            config.get("monitor", "logpath"),
+            config.monitor.logpath,
             position=None if saved is None else LogPosition.from_json(saved),
             wake=self.wakeup.wake,
-            from_end=config.get("monitor", "start_at") == "end",
+            from_end=config.monitor.start_at == "end",
         )
         self.rotations_seen = 0  # a rotation found at start-up counts too
         self.refusals = RateLimitedLog(log)
@@ -144,7 +144,7 @@ class Monitor:
             NOTICE,
             "monitor %s started: following %s, reporting to %s, %d events waiting",
             self.node,
-            self.config.get("monitor", "logpath"),
+            self.config.monitor.logpath,
             " ".join(hub.endpoint for hub in self.hubs),
             self.outbox.depth(),
         )
@@ -298,9 +298,7 @@ class Monitor:
             if room <= 0:
                 continue
             for report in reports(self.outbox.pending(hub.endpoint, room, hub.cursor)):
-                send_frames(
-                    hub.socket, [protocol.PROTOCOL, protocol.EVENT, *(r[2] for r in report)]
-                )
+                send_frames(hub.socket, protocol.encode_report(r[2] for r in report))
                 for row, event_id, _ in report:
                     hub.in_flight[event_id] = (row, now)
                 hub.cursor = report[-1][0]
@@ -309,30 +307,23 @@ class Monitor:
         answered: list[str] = []  # ACKed or refused for good: out of the outbox together
         for frames in drain(hub.socket, 10000, max_frames=protocol.MAX_REPORT_EVENTS + 3):
             try:
-                kind, rest = protocol.split_message(frames)
-                if kind not in (protocol.ACK, protocol.NAK) or not rest:
-                    raise ProtocolError("expected an ack or a nak")
+                answers, problems = protocol.decode_reply(frames)
             except ProtocolError as error:
-                self.refusals.warning("reply", "odd reply from %s: %s", hub.endpoint, error)
-                continue
-            for answer in rest[: protocol.MAX_REPORT_EVENTS]:
-                event_id = self.take_reply(hub, kind, answer)
+                problems, answers = [str(error)], []
+            for problem in problems:
+                self.refusals.warning("reply", "odd reply from %s: %s", hub.endpoint, problem)
+            for answer in answers:
+                event_id = self.take_reply(hub, answer)
                 if event_id is not None:
                     answered.append(event_id)
         if answered:
             self.outbox.ack(hub.endpoint, answered)
 
-    def take_reply(self, hub: HubReporter, kind: bytes, answer: bytes) -> str | None:
+    def take_reply(self, hub: HubReporter, answer: protocol.Answer) -> str | None:
         """One event's ACK or NAK; its id when it leaves the outbox (ACKed or refused)."""
-        try:
-            body = protocol.decode_object(answer, 4096)
-        except ProtocolError as error:
-            self.refusals.warning("reply", "odd reply from %s: %s", hub.endpoint, error)
-            return None
-        event_id = body.get("id")
-        reason = str(body.get("reason", "no reason given"))[:200]
-        if not isinstance(event_id, str) or event_id not in hub.in_flight:
-            if kind == protocol.NAK:
+        event_id, reason = answer.id, answer.reason
+        if event_id not in hub.in_flight:
+            if not answer.stored:
                 # A whole report refused (an older hub takes one event a report) or a
                 # stale answer: the events stay in the outbox and go again after ack_timeout.
                 self.refusals.warning("nak", "%s refused a report: %s", hub.endpoint, reason)
@@ -341,8 +332,8 @@ class Monitor:
         self.ack_delays.observe(time.monotonic() - sent)
         hub.failures = 0
         hub.last_ack = time.time()
-        if kind == protocol.NAK:
-            if body.get("retry") is True:
+        if not answer.stored:
+            if answer.retry:
                 # The hub is throttling this node: send again from the outbox, later.
                 self.refusals.warning("retry", "%s asks to wait: %s", hub.endpoint, reason)
                 hub.cursor = 0
@@ -359,7 +350,7 @@ class Monitor:
         return {
             "role": "monitor",
             "node": self.node,
-            "Log file": str(self.config.get("monitor", "logpath")),
+            "Log file": str(self.config.monitor.logpath),
             "Log position": self.follower.position().offset,
             "Events reported": self.counters["reported"],
             "Events ACKed": self.counters["acked"],

@@ -1,10 +1,12 @@
-"""Wire protocol v1: the ban event, its strict validation, and the message frames.
+"""Wire protocol v1: the ban event, its strict validation, and every message's frames.
 
 Every message is a multipart ZeroMQ message whose first frame is PROTOCOL (or
 PACKED) and second frame names the message kind; bodies are strict JSON objects.
-The hub sends its update stream twice: under PROTOCOL as it is, and under PACKED
-with each list of events zlib-compressed, which is what subscribers take. Nothing
-here touches a socket, so every rule is tested without one.
+Each kind has its encoder and its decoder here, side by side, and a decoder checks
+everything a peer could get wrong before the caller sees a value. The hub sends its
+update stream twice: under PROTOCOL as it is, and under PACKED with each list of
+events zlib-compressed, which is what subscribers take. Nothing here touches a
+socket, so every rule is tested without one.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import socket
 import time
 import uuid
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+
+from .addresses import plain_ipv4
 
 PROTOCOL = b"F2BZMQ1"
 # The update stream again (the same messages, heartbeats included), each update's list
@@ -27,13 +30,13 @@ PROTOCOL = b"F2BZMQ1"
 PACKED = b"F2BZMQZ1"
 
 # Message kinds (second frame).
-EVENT = b"event"  # monitor -> publisher: [PROTOCOL, EVENT, event, event, …]
-ACK = b"ack"  # publisher -> monitor: [PROTOCOL, ACK, {"id": …}, …], one per event ACKed
-NAK = b"nak"  # publisher -> monitor: [PROTOCOL, NAK, {"id": …, "reason": …}, …]
+EVENT = b"event"  # monitor -> hub, a report: [PROTOCOL, EVENT, event, event, …]
+ACK = b"ack"  # hub -> monitor: [PROTOCOL, ACK, {"id", "outcome"}, …], one per event stored
+NAK = b"nak"  # hub -> monitor: [PROTOCOL, NAK, {"id", "reason", "retry"}, …]
 UPDATE = b"update"  # PUB: [PROTOCOL, UPDATE, {"publisher": …, "seq": n}, [event n, event n+1, …]]
 HUGZ = b"hugz"  # PUB heartbeat: [PROTOCOL, HUGZ, {"publisher": …, "seq": n}]; PACKED alike
-SNAPSHOT_REQUEST = b"icanhaz"  # subscriber -> publisher: [PROTOCOL, SNAPSHOT_REQUEST, {}]
-SNAPSHOT_PART = b"snapshot"  # publisher -> subscriber: [PROTOCOL, SNAPSHOT_PART, header, [events]]
+SNAPSHOT_REQUEST = b"icanhaz"  # node -> hub: [PROTOCOL, SNAPSHOT_REQUEST, {}]
+SNAPSHOT = b"snapshot"  # hub -> node, a part: [PROTOCOL, SNAPSHOT, header, [events]]
 
 BAN = "ban"
 UNBAN = "unban"
@@ -55,6 +58,15 @@ MAX_PACKED = MAX_PACKED_EVENTS * (MAX_BODY + 1) + 2  # bytes of that array infla
 # (and with CURVE encrypts) per message. One event per report is the common case.
 MAX_REPORT_EVENTS = 100
 MAX_REPORT = 48 * 1024  # bytes of a report's event frames together; a single one may be more
+SNAPSHOT_EVENTS = 500  # events per snapshot part: about 130 kB
+MAX_HEADER = 256  # bytes of an update's, heartbeat's or snapshot part's header
+MAX_ANSWER = 4096  # bytes of one ACK or NAK body a monitor reads
+# libzmq's maxmsgsize bounds each frame a socket takes; a peer sending a larger one
+# is disconnected. The hub takes reports and requests, a node takes the hub's stream
+# and snapshot parts: the largest possible packed update (MAX_PACKED of events that do
+# not compress) and a snapshot part of SNAPSHOT_EVENTS events of MAX_BODY fit.
+MAX_HUB_FRAME = 64 * 1024
+MAX_NODE_FRAME = 4 * 1024 * 1024
 MAX_NAME = 64
 # fail2ban refuses jail names it can't use in a command line or a chain name; we
 # are stricter still: letters, digits and ._- only, so a name is never a path or a flag.
@@ -216,7 +228,7 @@ def canonical_address(value: object, networks: NetworkLimits = NetworkLimits()) 
     if "%" in value:
         # A zone index is free text to ipaddress, and a scoped address can't be banned.
         raise ProtocolError(f"ip {value!r} has a zone index")
-    if _plain_ipv4(value) is not None:
+    if plain_ipv4(value) is not None:
         return value  # the common case, without ipaddress's cost
     try:
         if "/" not in value:
@@ -238,42 +250,6 @@ def canonical_address(value: object, networks: NetworkLimits = NetworkLimits()) 
     if network.version == 6 and network.overlaps(_IPV4_MAPPED):
         raise ProtocolError(f"network {network} holds IPv4-mapped addresses: write it in IPv4")
     return str(network)
-
-
-def _plain_ipv4(value: str) -> int | None:
-    """The address as an int when `value` is a canonical dotted quad, else None."""
-    try:
-        packed = socket.inet_pton(socket.AF_INET, value)
-    except (OSError, ValueError):  # ValueError: an embedded NUL
-        return None
-    # inet_pton refuses leading zeros and short forms; the round trip makes sure.
-    if socket.inet_ntop(socket.AF_INET, packed) != value:
-        return None
-    return int.from_bytes(packed, "big")
-
-
-class Allowlist:
-    """Networks never to ban, as integer ranges per family: checked on every event, so cheap."""
-
-    def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
-        self.networks = list(networks)
-        self.ranges: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
-        for net in self.networks:
-            self.ranges[net.version].append((int(net.network_address), int(net.broadcast_address)))
-
-    def covers(self, ip: str) -> bool:
-        """True when an allowlisted network holds the address or overlaps the banned network."""
-        first = _plain_ipv4(ip)
-        if first is not None:
-            ranges, last = self.ranges[4], first
-        else:
-            network = ipaddress.ip_network(ip, strict=False)
-            ranges = self.ranges[network.version]
-            first, last = int(network.network_address), int(network.broadcast_address)
-        for low, high in ranges:  # noqa: SIM110 - a plain loop: any() + generator costs 2x
-            if first <= high and low <= last:
-                return True
-        return False
 
 
 def peek_id(data: bytes) -> str:
@@ -316,16 +292,6 @@ def encode_object(body: dict) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-# The two bodies the hub writes for every event, without json.dumps: their values are
-# a validated 32-hex id, a fixed outcome word, a uuid hex and an int.
-def ack_body(event_id: str, outcome: str) -> bytes:
-    return f'{{"id":"{event_id}","outcome":"{outcome}"}}'.encode()
-
-
-def stream_header(instance: str, sequence: int) -> bytes:
-    return f'{{"publisher":"{instance}","seq":{int(sequence)}}}'.encode()
-
-
 def event_list(events: Iterable[BanEvent]) -> bytes:
     """Events as one JSON array frame, each in the bytes it was stored with."""
     return b"[" + b",".join(event.encode() for event in events) + b"]"
@@ -353,7 +319,7 @@ def unpack(data: bytes, limit: int) -> bytes:
     return body
 
 
-def split_message(frames: list[bytes], name: bytes = PROTOCOL) -> tuple[bytes, list[bytes]]:
+def split_message(frames: Sequence[bytes], name: bytes = PROTOCOL) -> tuple[bytes, list[bytes]]:
     """Check the protocol frame (PROTOCOL, or `name` on the PACKED stream); return the
     kind and the remaining frames."""
     if len(frames) < 2:
@@ -361,4 +327,195 @@ def split_message(frames: list[bytes], name: bytes = PROTOCOL) -> tuple[bytes, l
     if frames[0] != name:
         shown = frames[0][:20].decode("ascii", "replace")
         raise ProtocolError(f"unknown protocol {shown!r}, expected {name.decode()}")
-    return frames[1], frames[2:]
+    return frames[1], list(frames[2:])
+
+
+# Reports: a monitor's events to a hub, each judged on its own.
+
+
+def encode_report(bodies: Iterable[bytes]) -> list[bytes]:
+    return [PROTOCOL, EVENT, *bodies]
+
+
+def decode_report(frames: Sequence[bytes]) -> list[bytes]:
+    """The event bodies of a report; ProtocolError when the report can't be taken at all."""
+    kind, bodies = split_message(frames)
+    if kind != EVENT or not 1 <= len(bodies) <= MAX_REPORT_EVENTS:
+        raise ProtocolError(f"expected 1-{MAX_REPORT_EVENTS} {EVENT.decode()} bodies")
+    return bodies
+
+
+# Replies: a hub's answer to a report, one ACK message for the events it stored and one
+# NAK message for the events it refused.
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a hub said of one event: stored (with the outcome) or refused (with the reason)."""
+
+    id: str  # "" when the hub could not tell which event it refuses
+    stored: bool
+    outcome: str = ""  # a state.Outcome value, when stored
+    reason: str = ""  # why not, when refused
+    retry: bool = False  # refused for now (the hub throttles this node): send again later
+
+
+# The two bodies the hub writes for every event, without json.dumps: their values are
+# a validated 32-hex id and a fixed outcome word.
+def ack_body(event_id: str, outcome: str) -> bytes:
+    return f'{{"id":"{event_id}","outcome":"{outcome}"}}'.encode()
+
+
+def nak_body(event_id: str, reason: str, retry: bool = False) -> bytes:
+    return encode_object({"id": event_id, "reason": reason, "retry": retry})
+
+
+def encode_replies(acks: Sequence[bytes], naks: Sequence[bytes]) -> list[list[bytes]]:
+    """The reply messages to one report: an ACK message and a NAK message, each if needed."""
+    return [[PROTOCOL, kind, *bodies] for kind, bodies in ((ACK, acks), (NAK, naks)) if bodies]
+
+
+def decode_reply(frames: Sequence[bytes]) -> tuple[list[Answer], list[str]]:
+    """The answers in one reply message, and why each unreadable body was skipped;
+    ProtocolError when the message is not a reply at all."""
+    kind, bodies = split_message(frames)
+    if kind not in (ACK, NAK) or not bodies:
+        raise ProtocolError("expected an ack or a nak")
+    answers, problems = [], []
+    for data in bodies[:MAX_REPORT_EVENTS]:
+        try:
+            body = decode_object(data, MAX_ANSWER)
+        except ProtocolError as error:
+            problems.append(str(error))
+            continue
+        event_id = body.get("id")
+        if not isinstance(event_id, str) or not _ID.fullmatch(event_id):
+            event_id = ""
+        if kind == ACK:
+            answers.append(Answer(event_id, True, outcome=str(body.get("outcome", ""))[:40]))
+        else:
+            reason = str(body.get("reason", "no reason given"))[:200]
+            answers.append(Answer(event_id, False, reason=reason, retry=body.get("retry") is True))
+    return answers, problems
+
+
+# The update stream: updates and heartbeats, each naming the hub's state and a sequence.
+
+
+@dataclass(frozen=True)
+class StreamMessage:
+    """An update (its events numbered from `seq` on) or a heartbeat (no events; `seq` is
+    the hub's last sequence), from the hub state `publisher`."""
+
+    publisher: str  # the hub state's id: a new one means the hub lost its state
+    seq: int
+    events: list[BanEvent]
+
+    @property
+    def heartbeat(self) -> bool:
+        return not self.events
+
+
+def stream_header(instance: str, sequence: int) -> bytes:
+    # Without json.dumps: the values are a uuid hex and an int.
+    return f'{{"publisher":"{instance}","seq":{int(sequence)}}}'.encode()
+
+
+def encode_update(instance: str, first: int, events: Iterable[BanEvent], packed: bool) -> list:
+    """One update message of up to MAX_UPDATE_EVENTS (plain) or MAX_PACKED_EVENTS events."""
+    body = event_list(events)
+    if packed:
+        return [PACKED, UPDATE, stream_header(instance, first), pack(body)]
+    return [PROTOCOL, UPDATE, stream_header(instance, first), body]
+
+
+def encode_heartbeat(instance: str, sequence: int, packed: bool) -> list[bytes]:
+    return [PACKED if packed else PROTOCOL, HUGZ, stream_header(instance, sequence)]
+
+
+def decode_stream(
+    frames: Sequence[bytes], networks: NetworkLimits = NetworkLimits(), stream: bytes = PACKED
+) -> StreamMessage:
+    """An update or heartbeat of `stream`, all or nothing: an update taken in part would
+    look like a gap, and a gap costs a snapshot."""
+    kind, rest = split_message(frames, stream)
+    if kind not in (UPDATE, HUGZ):
+        raise ProtocolError(f"unexpected {kind[:20]!r} on the update stream")
+    if not rest:
+        raise ProtocolError("header lacks publisher or seq")
+    publisher, sequence = _header(decode_object(rest[0], MAX_HEADER), "header")
+    if kind == HUGZ:
+        return StreamMessage(publisher, sequence, [])
+    if len(rest) != 2:
+        raise ProtocolError("an update has a header and one list of events")
+    if stream == PACKED:
+        body, limit, most = unpack(rest[1], MAX_PACKED), MAX_PACKED, MAX_PACKED_EVENTS
+    else:
+        body, limit, most = rest[1], MAX_UPDATE, MAX_UPDATE_EVENTS
+    items = decode_list(body, limit)
+    if not 1 <= len(items) <= most:
+        raise ProtocolError(f"an update has 1-{most} events")
+    return StreamMessage(publisher, sequence, [BanEvent.from_object(i, networks) for i in items])
+
+
+def _header(header: dict, what: str) -> tuple[str, int]:
+    """The hub state id and the sequence number of a stream or snapshot header."""
+    publisher, sequence = header.get("publisher"), header.get("seq")
+    if not isinstance(publisher, str) or type(sequence) is not int:
+        raise ProtocolError(f"{what} lacks publisher or seq")
+    if not _ID.fullmatch(publisher) or sequence < 0:
+        raise ProtocolError(f"{what} has a malformed publisher or seq")
+    return publisher, sequence
+
+
+# Snapshots: a node asks a hub for its whole table, the hub answers in parts.
+
+
+def encode_snapshot_request() -> list[bytes]:
+    return [PROTOCOL, SNAPSHOT_REQUEST, b"{}"]
+
+
+def decode_snapshot_request(frames: Sequence[bytes]) -> None:
+    """Nothing to return: a request carries no field; ProtocolError when it is not one."""
+    kind, _ = split_message(frames)
+    if kind != SNAPSHOT_REQUEST:
+        raise ProtocolError(f"expected {SNAPSHOT_REQUEST.decode()}")
+
+
+@dataclass(frozen=True)
+class SnapshotPart:
+    """One part of a hub's table at sequence `seq`; the table is whole after the `last` one."""
+
+    publisher: str
+    seq: int
+    number: int
+    last: bool
+    events: list[BanEvent]
+
+
+def encode_snapshot(instance: str, sequence: int, events: Sequence[BanEvent]) -> Iterator[list]:
+    """The parts of a snapshot of `events` at `sequence`; an empty table is one empty part."""
+    starts = range(0, len(events), SNAPSHOT_EVENTS) or [0]
+    for number, start in enumerate(starts):
+        last = number == len(starts) - 1
+        header = {"publisher": instance, "seq": sequence, "part": number, "last": last}
+        body = event_list(events[start : start + SNAPSHOT_EVENTS])
+        yield [PROTOCOL, SNAPSHOT, encode_object(header), body]
+
+
+def decode_snapshot_part(
+    frames: Sequence[bytes], networks: NetworkLimits = NetworkLimits()
+) -> SnapshotPart:
+    """A part, whole or not at all: a part with one event missing would read as "the
+    cluster lifted that ban"."""
+    kind, rest = split_message(frames)
+    if kind != SNAPSHOT or len(rest) != 2:
+        raise ProtocolError("expected a snapshot part")
+    header = decode_object(rest[0], MAX_HEADER)
+    publisher, sequence = _header(header, "snapshot header")
+    number, last = header.get("part", 0), header.get("last")
+    if isinstance(number, bool) or not isinstance(number, int) or not isinstance(last, bool):
+        raise ProtocolError("snapshot header lacks part or last")
+    items = decode_list(rest[1], MAX_NODE_FRAME)
+    events = [BanEvent.from_object(item, networks) for item in items]
+    return SnapshotPart(publisher, sequence, number, last, events)

@@ -15,12 +15,13 @@ from pathlib import Path
 import zmq
 
 from . import protocol
+from .addresses import Allowlist
 from .config import Config
 from .control import ControlSocket
 from .keys import Security
 from .legacy import LegacyEndpoints
 from .metrics import DelayHistogram, counter, gauge, histogram
-from .protocol import Allowlist, BanEvent, ProtocolError
+from .protocol import BanEvent, ProtocolError
 from .ratelimit import TokenBuckets
 from .runtime import (
     NOTICE,
@@ -36,13 +37,13 @@ from .state import Outcome, StateStore, Update
 
 log = logging.getLogger("f2bzmq.publisher")
 
-MAX_MESSAGE = 64 * 1024  # a frame (libzmq's maxmsgsize is per frame); larger ones disconnect
 # A report's frames: the peer's identity, the protocol, the kind and its events. One
 # more event is kept of a longer message, so that what is kept is refused whole.
 MAX_REPORT_FRAMES = protocol.MAX_REPORT_EVENTS + 4
 DRAIN_LIMIT = 1000  # events taken per commit (in as many reports): one fsync ACKs them all
 REPLY_HWM = 10 * DRAIN_LIMIT  # replies queued per peer (an ACK is about 80 bytes an event)
-SNAPSHOT_PART = 500  # events per snapshot message
+# The two update streams: (packed, events per message).
+_STREAMS = ((False, protocol.MAX_UPDATE_EVENTS), (True, protocol.MAX_PACKED_EVENTS))
 
 
 class RateLimited(ProtocolError):
@@ -54,18 +55,16 @@ class Publisher:
 
     def __init__(self, config: Config, control_path: Path | None = None) -> None:
         self.config = config
-        self.default_bantime = config.get("publisher", "default_bantime")
+        self.default_bantime = config.publisher.default_bantime
         self.networks = config.network_limits()
-        self.heartbeat_interval = config.get("publisher", "heartbeat_interval")
+        self.heartbeat_interval = config.publisher.heartbeat_interval
         state_dir = config.state_path("")
         state_dir.mkdir(parents=True, exist_ok=True)
         self.store = StateStore(config.state_path("publisher.sqlite3"))
         self.table = self.store.load(config.node, self.default_bantime, 86400.0)
-        self.table.allow_foreign_unban = config.get("publisher", "allow_foreign_unban")
-        self.allowlist = Allowlist(config.get("publisher", "allowlist"))
-        self.buckets = TokenBuckets(
-            config.get("publisher", "rate_limit"), config.get("publisher", "rate_burst")
-        )
+        self.table.allow_foreign_unban = config.publisher.allow_foreign_unban
+        self.allowlist = Allowlist(config.publisher.allowlist)
+        self.buckets = TokenBuckets(config.publisher.rate_limit, config.publisher.rate_burst)
         self.refusals = RateLimitedLog(log)
         # reports: messages from monitors, each of one or more events
         self.counters = {"reports": 0, "accepted": 0, "refused": 0, "duplicates": 0, "broadcast": 0}
@@ -106,9 +105,9 @@ class Publisher:
         if kind == zmq.PUB:
             # PUB drops silently past the high-water mark; sequence numbers make a
             # drop visible to subscribers, a high mark makes it rare.
-            sock.sndhwm = self.config.get("publisher", "send_hwm")
+            sock.sndhwm = self.config.publisher.send_hwm
         else:
-            sock.maxmsgsize = MAX_MESSAGE
+            sock.maxmsgsize = protocol.MAX_HUB_FRAME
             sock.router_mandatory = False
             # A ROUTER drops what exceeds a peer's queue: room for many drained batches
             # of ACKs, so a burst never loses one while libzmq's I/O thread catches up.
@@ -204,14 +203,10 @@ class Publisher:
         messages (one ACK for every event taken, one NAK for every event refused) and
         what to broadcast."""
         try:
-            kind, rest = protocol.split_message(frames)
-            if kind != protocol.EVENT or not 1 <= len(rest) <= protocol.MAX_REPORT_EVENTS:
-                raise ProtocolError(
-                    f"expected 1-{protocol.MAX_REPORT_EVENTS} {protocol.EVENT.decode()} bodies"
-                )
+            rest = protocol.decode_report(frames)
         except ProtocolError as error:
             event_id = protocol.peek_id(frames[-1]) if len(frames) == 3 else ""
-            return [[protocol.PROTOCOL, protocol.NAK, self.refuse(event_id, error, user)]], []
+            return protocol.encode_replies([], [self.refuse(event_id, error, user)]), []
         acks: list[bytes] = []
         naks: list[bytes] = []
         updates: list[Update] = []
@@ -226,12 +221,7 @@ class Publisher:
             acks.append(protocol.ack_body(event.id, outcome.value))
             if update is not None:
                 updates.append(update)
-        answers = [
-            [protocol.PROTOCOL, kind, *bodies]
-            for kind, bodies in ((protocol.ACK, acks), (protocol.NAK, naks))
-            if bodies
-        ]
-        return answers, updates
+        return protocol.encode_replies(acks, naks), updates
 
     def admit(
         self, event: BanEvent, now: float, user: str | None = None
@@ -270,7 +260,7 @@ class Publisher:
         who = f" from {user}" if user else ""
         # Keyed by node, never by the reason: a hostile peer chooses the reason's text.
         self.refusals.warning(f"report {user}", "refused a report%s: %s", who, error)
-        return protocol.encode_object({"id": event_id, "reason": str(error), "retry": retry})
+        return protocol.nak_body(event_id, str(error), retry)
 
     def reload_keys(self) -> None:
         """SIGHUP: read nodes/ again; if a key went away, cut every connection so it can't stay."""
@@ -300,24 +290,18 @@ class Publisher:
             if end < len(updates) and updates[end].seq == updates[end - 1].seq + 1:
                 continue
             run = updates[start:end]
-            for first in range(0, len(run), protocol.MAX_UPDATE_EVENTS):
-                self._publish_plain(run[first : first + protocol.MAX_UPDATE_EVENTS])
-            for first in range(0, len(run), protocol.MAX_PACKED_EVENTS):
-                self._publish_packed(run[first : first + protocol.MAX_PACKED_EVENTS])
+            for packed, size in _STREAMS:
+                for first in range(0, len(run), size):
+                    self._publish(run[first : first + size], packed)
             start = end
         for update in updates:
             self.legacy.broadcast(update.event)
         self.counters["broadcast"] += len(updates)
 
-    def _publish_plain(self, updates: list[Update]) -> None:
-        header = protocol.stream_header(self.table.instance, updates[0].seq)
-        body = protocol.event_list(update.event for update in updates)
-        send_frames(self.broadcaster, [protocol.PROTOCOL, protocol.UPDATE, header, body])
-
-    def _publish_packed(self, updates: list[Update]) -> None:
-        header = protocol.stream_header(self.table.instance, updates[0].seq)
-        packed = protocol.pack(protocol.event_list(update.event for update in updates))
-        send_frames(self.broadcaster, [protocol.PACKED, protocol.UPDATE, header, packed])
+    def _publish(self, updates: list[Update], packed: bool) -> None:
+        events = (update.event for update in updates)
+        message = protocol.encode_update(self.table.instance, updates[0].seq, events, packed)
+        send_frames(self.broadcaster, message)
 
     def flush_ttl(self, now: float) -> None:
         """Lift bans whose time is up, even when their origin never reports the Unban."""
@@ -332,18 +316,16 @@ class Publisher:
 
     def send_hugz(self, now: float) -> None:
         """Heartbeat with the current sequence, so silence means a dead link and a gap shows."""
-        header = protocol.stream_header(self.table.instance, self.table.sequence)
-        for name in (protocol.PROTOCOL, protocol.PACKED):
-            send_frames(self.broadcaster, [name, protocol.HUGZ, header])
+        for packed in (False, True):
+            message = protocol.encode_heartbeat(self.table.instance, self.table.sequence, packed)
+            send_frames(self.broadcaster, message)
         self.next_hugz = now + self.heartbeat_interval
 
     def handle_snapshots(self) -> None:
         for frames in drain(self.snapshots, 100, max_frames=8):
             peer, body = frames[0], frames[1:]
             try:
-                kind, _ = protocol.split_message(body)
-                if kind != protocol.SNAPSHOT_REQUEST:
-                    raise ProtocolError(f"expected {protocol.SNAPSHOT_REQUEST.decode()}")
+                protocol.decode_snapshot_request(body)
             except ProtocolError as error:
                 self.refusals.warning("snapshot", "refused a snapshot request: %s", error)
                 continue
@@ -351,26 +333,8 @@ class Publisher:
 
     def send_snapshot(self, peer: bytes) -> None:
         sequence, events = self.table.snapshot()
-        parts = [events[i : i + SNAPSHOT_PART] for i in range(0, len(events), SNAPSHOT_PART)]
-        parts = parts or [[]]
-        for number, part in enumerate(parts):
-            header = {
-                "publisher": self.table.instance,
-                "seq": sequence,
-                "part": number,
-                "last": number == len(parts) - 1,
-            }
-            body = protocol.event_list(part)
-            send_frames(
-                self.snapshots,
-                [
-                    peer,
-                    protocol.PROTOCOL,
-                    protocol.SNAPSHOT_PART,
-                    protocol.encode_object(header),
-                    body,
-                ],
-            )
+        for part in protocol.encode_snapshot(self.table.instance, sequence, events):
+            send_frames(self.snapshots, [peer, *part])
         log.debug("sent a snapshot of %d bans at sequence %d", len(events), sequence)
 
     def status(self) -> dict:

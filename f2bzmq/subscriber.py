@@ -17,12 +17,13 @@ from pathlib import Path
 import zmq
 
 from . import protocol
+from .addresses import Allowlist
 from .config import Config
 from .control import ControlSocket
 from .fail2ban_client import Fail2banClient, Fail2banError
 from .keys import Security
 from .metrics import DelayHistogram, counter, gauge, histogram
-from .protocol import Allowlist, BanEvent, ProtocolError
+from .protocol import BanEvent, ProtocolError
 from .runtime import (
     NOTICE,
     RateLimitedLog,
@@ -35,7 +36,6 @@ from .runtime import (
 
 log = logging.getLogger("f2bzmq.subscriber")
 
-MAX_MESSAGE = 4 * 1024 * 1024  # a snapshot part of 500 events is about 130 kB
 SNAPSHOT_TIMEOUT = 10.0
 RETRY_INTERVAL = 2.0  # fail2ban unreachable: try again this often
 MAX_TRACKED = 100000  # origin times kept for the delay histogram while fail2ban is away
@@ -173,7 +173,7 @@ class HubLink:
     def _updates_socket(self) -> zmq.Socket:
         sock = self.context.socket(zmq.SUB)
         self.security.client(sock)
-        sock.maxmsgsize = MAX_MESSAGE
+        sock.maxmsgsize = protocol.MAX_NODE_FRAME
         sock.rcvhwm = 1_000_000
         sock.linger = 0
         sock.setsockopt(zmq.SUBSCRIBE, protocol.PACKED)
@@ -187,7 +187,7 @@ class HubLink:
     def _snapshot_socket(self) -> zmq.Socket:
         sock = self.context.socket(zmq.DEALER)
         self.security.client(sock)
-        sock.maxmsgsize = MAX_MESSAGE
+        sock.maxmsgsize = protocol.MAX_NODE_FRAME
         sock.linger = 0
         sock.connect(self.snapshot_endpoint)
         return sock
@@ -199,7 +199,7 @@ class HubLink:
             self.snapshots = self._snapshot_socket()
         self.snapshot_parts = []
         self.snapshot_asked = now
-        self.snapshots.send_multipart([protocol.PROTOCOL, protocol.SNAPSHOT_REQUEST, b"{}"])
+        self.snapshots.send_multipart(protocol.encode_snapshot_request())
 
     def close(self) -> None:
         self.updates.close()
@@ -213,16 +213,16 @@ class Subscriber:
         self.config = config
         self.policy = LocalPolicy(
             config.node,
-            config.get("general", "sync_jail"),
-            config.get("general", "jail_map"),
-            config.get("subscriber", "allowlist"),
+            config.general.sync_jail,
+            config.general.jail_map,
+            config.subscriber.allowlist,
         )
-        self.batches = BatchSizer(config.get("subscriber", "batch_size"))
+        self.batches = BatchSizer(config.subscriber.batch_size)
         self.networks = config.network_limits()
-        self.heartbeat_timeout = config.get("subscriber", "heartbeat_timeout")
+        self.heartbeat_timeout = config.subscriber.heartbeat_timeout
         self.fail2ban = Fail2banClient(
-            config.get("general", "fail2ban_socket"),
-            client_program=config.get("general", "fail2ban_client"),
+            config.general.fail2ban_socket,
+            client_program=config.general.fail2ban_client,
         )
         self.refusals = RateLimitedLog(log)
         security = Security.for_role(config, "subscriber")
@@ -239,7 +239,7 @@ class Subscriber:
         # snapshot, a hub lost or an error: then compare everything.
         self.touched: set[tuple[str, str]] | None = None
         self.next_retry = 0.0
-        self.resync_interval = config.get("subscriber", "resync_interval")
+        self.resync_interval = config.subscriber.resync_interval
         self.next_resync = time.monotonic() + self.resync_interval
         self.fail2ban_ok = False  # the last call to fail2ban succeeded
         self.fail2ban_error: str | None = None  # why the last call failed, until one succeeds
@@ -305,36 +305,18 @@ class Subscriber:
         """Take every waiting message; a gap or a new hub identity asks for a snapshot."""
         for frames in drain(link.updates, 10000, max_frames=5):  # an update has 4
             try:
-                kind, rest = protocol.split_message(frames, protocol.PACKED)
-                if kind not in (protocol.UPDATE, protocol.HUGZ):
-                    raise ProtocolError(f"unexpected {kind[:20]!r} on the update stream")
-                header = protocol.decode_object(rest[0], 256) if rest else {}
-                instance, sequence = header.get("publisher"), header.get("seq")
-                if not isinstance(instance, str) or not isinstance(sequence, int):
-                    raise ProtocolError("header lacks publisher or seq")
-                events = []
-                if kind == protocol.UPDATE:
-                    events = self.update_events(rest)
+                message = protocol.decode_stream(frames, self.networks)
             except ProtocolError as error:
                 self.counters["refused"] += 1
                 self.refusals.warning("update", "ignored a message from the hub: %s", error)
                 continue
             link.heard = now
             link.streamed = True
-            if not events:
+            instance, sequence = message.publisher, message.seq
+            if message.heartbeat:
                 self.take_heartbeat(link, instance, sequence, now)
-            for offset, event in enumerate(events):
+            for offset, event in enumerate(message.events):
                 self.take_update(link, instance, sequence + offset, event, now)
-
-    def update_events(self, rest: list[bytes]) -> list[BanEvent]:
-        """The events of an update message, all or none: one taken in part would look like a gap."""
-        if len(rest) != 2:
-            raise ProtocolError("an update has a header and one list of events")
-        body = protocol.unpack(rest[1], protocol.MAX_PACKED)
-        items = protocol.decode_list(body, protocol.MAX_PACKED)
-        if not 1 <= len(items) <= protocol.MAX_PACKED_EVENTS:
-            raise ProtocolError(f"an update has 1-{protocol.MAX_PACKED_EVENTS} events")
-        return [BanEvent.from_object(item, self.networks) for item in items]
 
     def take_heartbeat(self, link: HubLink, instance: str, sequence: int, now: float) -> None:
         """A heartbeat names the hub's state and its last sequence: both must match ours."""
@@ -390,35 +372,26 @@ class Subscriber:
     def handle_snapshot(self, link: HubLink, now: float) -> None:
         for frames in drain(link.snapshots, 1000, max_frames=5):  # a part has 4
             try:
-                kind, rest = protocol.split_message(frames)
-                if kind != protocol.SNAPSHOT_PART or len(rest) != 2:
-                    raise ProtocolError("expected a snapshot part")
-                header = protocol.decode_object(rest[0], 256)
-                instance, sequence = header.get("publisher"), header.get("seq")
-                if not isinstance(instance, str) or not isinstance(sequence, int) or sequence < 0:
-                    raise ProtocolError("snapshot header lacks publisher or seq")
-                items = protocol.decode_list(rest[1], MAX_MESSAGE)
-                # A part is taken whole or not at all: a part with one event missing would
-                # read as "the cluster lifted that ban". (One shared configuration keeps the
-                # hub's and the nodes' network limits the same.)
-                events = [BanEvent.from_object(item, self.networks) for item in items]
+                # (One shared configuration keeps the hub's and the nodes' network limits
+                # the same.)
+                part = protocol.decode_snapshot_part(frames, self.networks)
             except ProtocolError as error:
                 self.counters["refused"] += 1
                 self.refusals.warning("snapshot", "ignored a snapshot part: %s", error)
                 continue
             if link.snapshot_asked is None:
                 continue
-            link.snapshot_parts.extend(events)
-            if header.get("last") is True:
-                self.finish_snapshot(link, header, now)
+            link.snapshot_parts.extend(part.events)
+            if part.last:
+                self.finish_snapshot(link, part, now)
 
-    def finish_snapshot(self, link: HubLink, header: dict, now: float) -> None:
+    def finish_snapshot(self, link: HubLink, part: protocol.SnapshotPart, now: float) -> None:
         """Replace the view with the snapshot, then replay the updates that came after it."""
         link.view = ClusterView()
         for event in link.snapshot_parts:
             link.view.apply(event)
-        link.instance = header["publisher"]
-        link.sequence = header["seq"]
+        link.instance = part.publisher
+        link.sequence = part.seq
         for instance, sequence, event in sorted(link.buffered, key=lambda item: item[1]):
             if instance == link.instance and sequence == link.sequence + 1:
                 link.view.apply(event)
@@ -493,7 +466,7 @@ class Subscriber:
             self.next_retry = time.monotonic() + RETRY_INTERVAL
             return
         if not self.fail2ban_ok:
-            log.info("fail2ban is reachable at %s", self.config.get("general", "fail2ban_socket"))
+            log.info("fail2ban is reachable at %s", self.config.general.fail2ban_socket)
         self.fail2ban_ok = True
         self.fail2ban_error = None
         self.pending = False

@@ -27,7 +27,7 @@ def test_defaults_and_endpoints(tmp_path):
     config = load_config(write(tmp_path, "[general]\nnode = web1\nhubs = 10.0.0.1, ::1\n"))
     assert config.node == "web1"
     assert config.endpoints("report_port") == ["tcp://10.0.0.1:5690", "tcp://[::1]:5690"]
-    assert config.get("subscriber", "batch_size") == 2000
+    assert config.subscriber.batch_size == 2000
     assert config.sync_jails() == {"cluster"}
 
 
@@ -35,20 +35,20 @@ def test_local_file_overrides(tmp_path):
     path = write(tmp_path, "[general]\nnode = web1\n[subscriber]\nbatch_size = 50\n")
     write(tmp_path, "[subscriber]\nbatch_size = 10\n", "fail2ban-cluster.local")
     config = load_config(path)
-    assert config.get("subscriber", "batch_size") == 10
+    assert config.subscriber.batch_size == 10
     assert config.node == "web1"
 
 
 def test_relative_paths_are_taken_from_the_files_folder(tmp_path):
     config = load_config(write(tmp_path, "[general]\nstate_dir = state\n"))
-    assert config.get("general", "state_dir") == str(tmp_path.resolve() / "state")
+    assert config.general.state_dir == str(tmp_path.resolve() / "state")
 
 
 def test_jail_map(tmp_path):
     config = load_config(
         write(tmp_path, "[general]\njail_map = sshd = sshd-cluster\n  nginx = web-cluster\n")
     )
-    assert config.get("general", "jail_map") == {"sshd": "sshd-cluster", "nginx": "web-cluster"}
+    assert config.general.jail_map == {"sshd": "sshd-cluster", "nginx": "web-cluster"}
     assert config.sync_jails() == {"cluster", "sshd-cluster", "web-cluster"}
 
 

@@ -29,7 +29,7 @@ def publisher(config: Path, *verb: str, timeout: float = 30) -> subprocess.Compl
 
 
 def run_dir_of(config: Path) -> Path:
-    return Path(load_config(str(config)).get("general", "run_dir"))
+    return Path(load_config(str(config)).general.run_dir)
 
 
 def run_in_foreground(config: Path) -> subprocess.Popen:

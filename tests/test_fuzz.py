@@ -44,9 +44,9 @@ from f2bzmq.lab import (
     wait_until,
     write_config,
 )
+from f2bzmq.protocol import MAX_HUB_FRAME as HUB_MAX_FRAME
+from f2bzmq.protocol import MAX_NODE_FRAME as NODE_MAX_FRAME
 from f2bzmq.protocol import BanEvent
-from f2bzmq.publisher import MAX_MESSAGE as HUB_MAX_FRAME
-from f2bzmq.subscriber import MAX_MESSAGE as NODE_MAX_FRAME
 
 SEED = 20251123
 HOSTILE_MESSAGES = 100_000  # per daemon, as the security issue asks
@@ -313,7 +313,7 @@ class Hostile:
     def kind_frame(self, not_these: tuple[bytes, ...]) -> bytes:
         r = self.rng
         kinds = [protocol.EVENT, protocol.ACK, protocol.NAK, protocol.UPDATE, protocol.HUGZ]
-        kinds += [protocol.SNAPSHOT_REQUEST, protocol.SNAPSHOT_PART, b"EVENT", b"event "]
+        kinds += [protocol.SNAPSHOT_REQUEST, protocol.SNAPSHOT, b"EVENT", b"event "]
         kinds += [b"event\x00", b"", b"Event", b"update\n", self.random_bytes(40)]
         while True:
             kind = r.choice(kinds)
@@ -548,16 +548,16 @@ class Hostile:
         events = [self.body()[1] for _ in range(r.randrange(1, 4))]
         items = b"[" + b",".join(e for e in events if e[:1] == b"{" and e[-1:] == b"}") + b"]"
         if r.random() < 0.1:  # nesting that a recursive parser does not survive
-            return [P, protocol.SNAPSHOT_PART, header, b"[" * r.randrange(1000, 100000)]
+            return [P, protocol.SNAPSHOT, header, b"[" * r.randrange(1000, 100000)]
         return r.choice(
             [
-                [P, protocol.SNAPSHOT_PART, header, b"not json"],
-                [P, protocol.SNAPSHOT_PART, header, b'{"a":1}'],
-                [P, protocol.SNAPSHOT_PART, header],
-                [P, protocol.SNAPSHOT_PART, b"{", b"[]"],
-                [P, protocol.SNAPSHOT_PART, header, encode([self.event(ip="0.0.0.0/0")])],
-                [P, protocol.SNAPSHOT_PART, header, items if items != b"[]" else b"[1]"],
-                [self.protocol_frame(), protocol.SNAPSHOT_PART, header, b"[]"],
+                [P, protocol.SNAPSHOT, header, b"not json"],
+                [P, protocol.SNAPSHOT, header, b'{"a":1}'],
+                [P, protocol.SNAPSHOT, header],
+                [P, protocol.SNAPSHOT, b"{", b"[]"],
+                [P, protocol.SNAPSHOT, header, encode([self.event(ip="0.0.0.0/0")])],
+                [P, protocol.SNAPSHOT, header, items if items != b"[]" else b"[1]"],
+                [self.protocol_frame(), protocol.SNAPSHOT, header, b"[]"],
                 [P, protocol.NAK, header, b"[]"],
                 [self.random_bytes()],
             ]
@@ -726,7 +726,7 @@ class ReportRun:
             while True:
                 assert sock.poll(15000), "the hub did not answer a snapshot request"
                 _, kind, header, body = sock.recv_multipart()
-                assert kind == protocol.SNAPSHOT_PART
+                assert kind == protocol.SNAPSHOT
                 for item in json.loads(body):
                     events.append(BanEvent.decode(encode(item), protocol.ANY_NETWORK))
                 if json.loads(header)["last"]:
@@ -985,9 +985,7 @@ class FakeHub:
                 "last": number == len(parts) - 1,
             }
             body = b"[" + b",".join(event.encode() for event in part) + b"]"
-            self.snapshots.send_multipart(
-                [identity, P, protocol.SNAPSHOT_PART, encode(header), body]
-            )
+            self.snapshots.send_multipart([identity, P, protocol.SNAPSHOT, encode(header), body])
         self.snapshots_served += 1
 
 

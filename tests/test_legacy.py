@@ -16,7 +16,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from f2bzmq.config import ConfigError, load_config
 from f2bzmq.lab import Cluster, Hub, NodeClient, free_ports, make_keys, wait_until
-from f2bzmq.legacy import MAX_MESSAGE, format_update, parse_report
+from f2bzmq.legacy import MAX_FRAME, format_update, parse_report
 from f2bzmq.protocol import BAN, UNBAN, BanEvent, NetworkLimits, ProtocolError
 
 TOKEN = "s3cret-token"
@@ -249,7 +249,7 @@ def test_refused_reports_get_nak_and_change_nothing(hub, frames):
 
 def test_a_frame_over_the_size_cap_drops_the_peer_and_the_endpoint_goes_on(hub):
     hub_, peer, old, ports = hub
-    assert old.request("x" * (MAX_MESSAGE + 1)) is None
+    assert old.request("x" * (MAX_FRAME + 1)) is None
     assert old.request(f"{TOKEN}|oldweb|sshd|Ban|198.51.100.23") == "oldweb|sshd|Ban|198.51.100.23"
     assert ("oldweb", "sshd", "198.51.100.23") in table(peer)[1]
     assert hub_.publisher.alive()
@@ -370,11 +370,11 @@ def test_an_old_configuration_file_loads_with_a_warning_per_old_key(tmp_path):
     path = tmp_path / "fail2ban-cluster.conf"
     path.write_text(OLD_FILE.format(token=TOKEN))
     config = load_config(str(path))
-    assert config.get("general", "hubs") == ["hub.example.org"]
-    assert config.get("monitor", "logpath") == "/var/log/fail2ban.log"
-    assert config.get("publisher", "legacy_report_bind") == ["tcp://*:5678"]
-    assert config.get("publisher", "legacy_publish_bind") == ["tcp://*:5680"]
-    assert config.get("publisher", "legacy_token") == TOKEN
+    assert config.general.hubs == ["hub.example.org"]
+    assert config.monitor.logpath == "/var/log/fail2ban.log"
+    assert config.publisher.legacy_report_bind == ["tcp://*:5678"]
+    assert config.publisher.legacy_publish_bind == ["tcp://*:5680"]
+    assert config.publisher.legacy_token == TOKEN
     warnings = "\n".join(config.warnings)
     assert len(config.warnings) == 14
     for old, new in (
@@ -399,8 +399,8 @@ def test_old_keys_yield_to_new_ones_and_their_mistakes_name_the_old_key(tmp_path
         "[publisher]\nlegacy_report_bind = tcp://10.0.0.5:5678\n"
     )
     config = load_config(str(path))
-    assert config.get("publisher", "legacy_token") == ""  # the old hub asked for no token
-    assert config.get("publisher", "legacy_report_bind") == ["tcp://10.0.0.5:5678"]
+    assert config.publisher.legacy_token == ""  # the old hub asked for no token
+    assert config.publisher.legacy_report_bind == ["tcp://10.0.0.5:5678"]
     assert any("authtoken is a fail2ban-zmq-tools key and is ignored" in w for w in config.warnings)
     (tmp_path / "fail2ban-cluster.local").unlink()
     for text, error in (
@@ -481,7 +481,7 @@ def listening_ports(pid: int) -> set[int]:
 def test_legacy_endpoints_are_off_by_default(tmp_path):
     config = load_config(str(Path(__file__).resolve().parent.parent / "fail2ban-cluster.conf"))
     for key in ("legacy_report_bind", "legacy_publish_bind"):
-        assert config.get("publisher", key) == []
+        assert getattr(config.publisher, key) == []
     ports = free_ports(3)
     hub = Hub(tmp_path, ports, keys_dir=make_keys(tmp_path / "keys", []))
     hub.publisher.start()

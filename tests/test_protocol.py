@@ -123,10 +123,10 @@ def test_split_message_checks_the_protocol_frame():
 
 
 def test_the_largest_packed_update_fits_a_nodes_frame_even_if_nothing_compresses():
-    from f2bzmq.subscriber import MAX_MESSAGE
+    from f2bzmq.protocol import MAX_NODE_FRAME
 
     noise = random.Random(1).randbytes(protocol.MAX_PACKED)
-    assert len(protocol.pack(noise)) <= MAX_MESSAGE
+    assert len(protocol.pack(noise)) <= MAX_NODE_FRAME
 
 
 def test_the_two_update_streams_never_match_each_others_subscription():
@@ -182,7 +182,9 @@ def test_odd_ipv4_spellings_are_refused_as_ipaddress_refuses_them(text):
 def test_allowlist_covers_addresses_and_overlapping_networks():
     import ipaddress
 
-    allowlist = protocol.Allowlist(
+    from f2bzmq.addresses import Allowlist
+
+    allowlist = Allowlist(
         ipaddress.ip_network(n) for n in ("127.0.0.0/8", "10.1.0.0/16", "2001:db8::/32")
     )
     assert allowlist.covers("127.0.0.1")
@@ -191,3 +193,158 @@ def test_allowlist_covers_addresses_and_overlapping_networks():
     assert allowlist.covers("10.0.0.0/15")  # a wider ban would hold the allowlisted range
     assert allowlist.covers("2001:db8::5")
     assert not allowlist.covers("2001:db9::5")
+
+
+# Every message kind: what its encoder writes, its decoder reads back, and what a
+# decoder refuses.
+
+STATE = "ab" * 16  # a hub state id
+
+
+def events(count: int) -> list[BanEvent]:
+    return [BanEvent.decode(event_body(id=f"{n:032x}", ip=f"192.0.2.{n}")) for n in range(count)]
+
+
+def test_a_report_round_trips_and_holds_1_to_100_events():
+    bodies = [event.encode() for event in events(3)]
+    assert protocol.decode_report(protocol.encode_report(bodies)) == bodies
+    for frames, reason in [
+        ([protocol.PROTOCOL, protocol.EVENT], "expected 1-100 event bodies"),
+        (protocol.encode_report([b"{}"] * 101), "expected 1-100 event bodies"),
+        ([protocol.PROTOCOL, protocol.ACK, b"{}"], "expected 1-100 event bodies"),
+        ([b"F2BZMQ2", protocol.EVENT, b"{}"], "unknown protocol"),
+    ]:
+        with pytest.raises(ProtocolError, match=reason):
+            protocol.decode_report(frames)
+
+
+def test_replies_carry_outcomes_and_reasons_with_the_retry_flag():
+    ids = [f"{n:032x}" for n in range(3)]
+    messages = protocol.encode_replies(
+        [protocol.ack_body(ids[0], "banned")],
+        [protocol.nak_body(ids[1], "rate limit", retry=True), protocol.nak_body(ids[2], "bad")],
+    )
+    assert [message[1] for message in messages] == [protocol.ACK, protocol.NAK]
+    answers = [a for message in messages for a in protocol.decode_reply(message)[0]]
+    assert answers == [
+        protocol.Answer(ids[0], True, outcome="banned"),
+        protocol.Answer(ids[1], False, reason="rate limit", retry=True),
+        protocol.Answer(ids[2], False, reason="bad", retry=False),
+    ]
+    assert protocol.encode_replies([], []) == []
+
+
+def test_a_reply_body_that_cannot_be_read_is_skipped_with_its_reason():
+    message = [protocol.PROTOCOL, protocol.NAK, b"nope", b'{"id": 5, "retry": "yes"}']
+    answers, problems = protocol.decode_reply(message)
+    assert answers == [protocol.Answer("", False, reason="no reason given", retry=False)]
+    assert problems == ["body is not JSON: Expecting value: line 1 column 1 (char 0)"]
+    with pytest.raises(ProtocolError, match="expected an ack or a nak"):
+        protocol.decode_reply([protocol.PROTOCOL, protocol.UPDATE, b"{}"])
+    with pytest.raises(ProtocolError, match="expected an ack or a nak"):
+        protocol.decode_reply([protocol.PROTOCOL, protocol.ACK])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_updates_and_heartbeats_round_trip_on_both_streams(packed):
+    stream = protocol.PACKED if packed else protocol.PROTOCOL
+    batch = events(5)
+    message = protocol.encode_update(STATE, 7, batch, packed)
+    assert message[0] == stream
+    decoded = protocol.decode_stream(message, stream=stream)
+    assert (decoded.publisher, decoded.seq, decoded.events, decoded.heartbeat) == (
+        STATE,
+        7,
+        batch,
+        False,
+    )
+    hugz = protocol.decode_stream(protocol.encode_heartbeat(STATE, 9, packed), stream=stream)
+    assert (hugz.publisher, hugz.seq, hugz.events, hugz.heartbeat) == (STATE, 9, [], True)
+
+
+@pytest.mark.parametrize(
+    "frames, reason",
+    [
+        ([protocol.PACKED, protocol.ACK, b"{}"], "unexpected b'ack'"),
+        ([protocol.PACKED, protocol.HUGZ], "header lacks publisher or seq"),
+        ([protocol.PACKED, protocol.HUGZ, b'{"publisher": "ab"}'], "lacks publisher or seq"),
+        ([protocol.PACKED, protocol.HUGZ, b'{"publisher": 1, "seq": 1}'], "lacks publisher"),
+        ([protocol.PACKED, protocol.HUGZ, b'{"publisher": "x", "seq": 1}'], "malformed"),
+        ([protocol.PACKED, protocol.HUGZ, protocol.stream_header(STATE, -1)], "malformed"),
+        (
+            [protocol.PACKED, protocol.HUGZ, b'{"publisher": "%s", "seq": true}' % STATE.encode()],
+            "lacks publisher or seq",
+        ),
+        ([protocol.PACKED, protocol.UPDATE, protocol.stream_header(STATE, 1)], "one list"),
+        (
+            [protocol.PACKED, protocol.UPDATE, protocol.stream_header(STATE, 1), b"[]"],
+            "does not inflate",
+        ),
+        (
+            [
+                protocol.PACKED,
+                protocol.UPDATE,
+                protocol.stream_header(STATE, 1),
+                protocol.pack(b"[]"),
+            ],
+            "an update has 1-1000 events",
+        ),
+        (
+            protocol.encode_update(STATE, 1, [], True)[:3] + [protocol.pack(b'[{"id": 1}]')],
+            "unknown field|missing field|id must be",
+        ),
+    ],
+)
+def test_stream_messages_are_refused_whole_with_a_reason(frames, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        protocol.decode_stream(frames)
+
+
+def test_an_update_with_one_network_past_the_limits_is_refused_whole():
+    wide = BanEvent.decode(event_body(ip="10.0.0.0/16"), NetworkLimits(True, 8, 32))
+    message = protocol.encode_update(STATE, 1, [*events(2), wide], packed=True)
+    with pytest.raises(ProtocolError, match="wider than the allowed /24"):
+        protocol.decode_stream(message)
+    assert len(protocol.decode_stream(message, NetworkLimits(True, 8, 32)).events) == 3
+
+
+def test_a_snapshot_goes_in_parts_of_500_and_an_empty_one_is_one_empty_part():
+    table = events(256) + events(256) + events(256)  # 768 events
+    parts = [protocol.decode_snapshot_part(m) for m in protocol.encode_snapshot(STATE, 4, table)]
+    assert [(p.number, p.last, len(p.events)) for p in parts] == [(0, False, 500), (1, True, 268)]
+    assert all(p.publisher == STATE and p.seq == 4 for p in parts)
+    assert [e for p in parts for e in p.events] == table
+    (empty,) = [protocol.decode_snapshot_part(m) for m in protocol.encode_snapshot(STATE, 0, [])]
+    assert (empty.number, empty.last, empty.events) == (0, True, [])
+
+
+@pytest.mark.parametrize(
+    "frames, reason",
+    [
+        ([protocol.PROTOCOL, protocol.SNAPSHOT, b"{}"], "expected a snapshot part"),
+        ([protocol.PROTOCOL, protocol.UPDATE, b"{}", b"[]"], "expected a snapshot part"),
+        ([protocol.PROTOCOL, protocol.SNAPSHOT, b"{", b"[]"], "not JSON"),
+        (
+            [protocol.PROTOCOL, protocol.SNAPSHOT, protocol.stream_header(STATE, 0), b"[]"],
+            "lacks part or last",
+        ),
+        (
+            [
+                protocol.PROTOCOL,
+                protocol.SNAPSHOT,
+                json.dumps({"publisher": STATE, "seq": 0, "part": 0, "last": True}).encode(),
+                b'[{"a": 1}]',
+            ],
+            "unknown field 'a'",
+        ),
+    ],
+)
+def test_snapshot_parts_are_refused_whole_with_a_reason(frames, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        protocol.decode_snapshot_part(frames)
+
+
+def test_a_snapshot_request_is_the_one_word():
+    protocol.decode_snapshot_request(protocol.encode_snapshot_request())
+    with pytest.raises(ProtocolError, match="expected icanhaz"):
+        protocol.decode_snapshot_request([protocol.PROTOCOL, protocol.EVENT, b"{}"])
