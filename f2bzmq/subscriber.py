@@ -1,9 +1,10 @@
 """The node side: follow the hub's updates and keep the local sync jail equal to the cluster.
 
-`ClusterView`, `desired_bans` and `wants_address` are pure; `Subscriber` is one poll loop over one
+`desired_bans` and `wants_address` are pure; `Subscriber` is one poll loop over one
 SUB socket (`updates`) and one DEALER (`snapshots`) per hub, plus fail2ban's socket.
-It catches up from a snapshot at start, after a gap in sequence numbers, and after
-the hub's heartbeats stopped, then reconciles the jail with what the cluster bans.
+Each hub's stream rules (catching up from a snapshot at start, after a gap in sequence
+numbers, and after the hub's heartbeats stopped) live in its `sync.HubSync` core; this
+module carries out what the core decides and reconciles the jail with what the cluster bans.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
@@ -33,10 +33,22 @@ from .runtime import (
     clock,
     drain,
 )
+from .sync import (
+    SNAPSHOT_TIMEOUT,
+    ClusterView,
+    Gap,
+    HubSync,
+    NewState,
+    Notice,
+    Outcome,
+    OutOfStep,
+    Silent,
+    SnapshotLate,
+    SnapshotTaken,
+)
 
 log = logging.getLogger("f2bzmq.subscriber")
 
-SNAPSHOT_TIMEOUT = 10.0
 RETRY_INTERVAL = 2.0  # fail2ban unreachable: try again this often
 MAX_TRACKED = 100000  # origin times kept for the delay histogram while fail2ban is away
 COMMAND_SECONDS = 0.25  # about how long one banip/unbanip command may keep fail2ban busy
@@ -78,26 +90,6 @@ class BatchSizer:
         old = self.per_address.get(jail)
         self.per_address[jail] = cost if old is None else (old + cost) / 2
         self.last[jail] = count
-
-
-@dataclass
-class ClusterView:
-    """What one hub says the cluster bans: (jail, address) -> the ban event."""
-
-    bans: dict[tuple[str, str], BanEvent] = field(default_factory=dict)
-    jails_of: dict[str, set[str]] = field(default_factory=dict)  # address -> jails banning it
-
-    def apply(self, event: BanEvent) -> None:
-        key = (event.jail, event.ip)
-        if event.action == protocol.BAN:
-            if key not in self.bans:
-                self.bans[key] = event
-                self.jails_of.setdefault(event.ip, set()).add(event.jail)
-        elif self.bans.pop(key, None) is not None:
-            jails = self.jails_of[event.ip]
-            jails.discard(event.jail)
-            if not jails:
-                del self.jails_of[event.ip]
 
 
 class LocalPolicy:
@@ -146,27 +138,16 @@ def wants_address(
 
 
 class HubLink:
-    """The sockets to one hub and where this node stands in its update stream."""
+    """The sockets to one hub, and the core that follows its update stream."""
 
     def __init__(
-        self, context: zmq.Context, publish: str, snapshot: str, security: Security
+        self, context: zmq.Context, publish: str, snapshot: str, security: Security, sync: HubSync
     ) -> None:
         self.security = security
         self.publish_endpoint = publish
         self.snapshot_endpoint = snapshot
         self.context = context
-        self.view = ClusterView()
-        self.instance: str | None = None  # the hub state's identity; a new one means resync
-        self.sequence = 0  # last sequence applied
-        self.synced = False  # a snapshot has been applied since the last loss of contact
-        self.heard = time.monotonic()
-        self.streamed = False  # heard anything on the update stream, ever
-        self.snapshot_asked: float | None = None
-        self.snapshot_parts: list[BanEvent] = []
-        # Updates that came during a snapshot: (hub state id, sequence, event).
-        self.buffered: list[tuple[str, int, BanEvent]] = []
-        self.snapshots_received = 0
-        self.last_snapshot: float | None = None  # time.time() of the last whole snapshot
+        self.sync = sync
         self.updates = self._updates_socket()
         self.snapshots = self._snapshot_socket()
 
@@ -180,10 +161,6 @@ class HubLink:
         sock.connect(self.publish_endpoint)
         return sock
 
-    def reconnect_updates(self) -> None:
-        self.updates.close()
-        self.updates = self._updates_socket()
-
     def _snapshot_socket(self) -> zmq.Socket:
         sock = self.context.socket(zmq.DEALER)
         self.security.client(sock)
@@ -192,14 +169,19 @@ class HubLink:
         sock.connect(self.snapshot_endpoint)
         return sock
 
-    def ask_snapshot(self, now: float) -> None:
-        """Request the whole table; a fresh socket drops any half-received older answer."""
-        if self.snapshot_asked is not None:
-            self.snapshots.close()
-            self.snapshots = self._snapshot_socket()
-        self.snapshot_parts = []
-        self.snapshot_asked = now
-        self.snapshots.send_multipart(protocol.encode_snapshot_request())
+    def sockets(self) -> tuple[zmq.Socket, zmq.Socket]:
+        return self.updates, self.snapshots
+
+    def execute(self, outcome: Outcome) -> None:
+        """The core's socket actions: a fresh SUB, a fresh DEALER, a snapshot request."""
+        if outcome.reconnect_updates:
+            self.updates.close()
+            self.updates = self._updates_socket()
+        if outcome.ask_snapshot:
+            if outcome.renew_snapshot_socket:
+                self.snapshots.close()
+                self.snapshots = self._snapshot_socket()
+            self.snapshots.send_multipart(protocol.encode_snapshot_request())
 
     def close(self) -> None:
         self.updates.close()
@@ -227,8 +209,9 @@ class Subscriber:
         self.refusals = RateLimitedLog(log)
         security = Security.for_role(config, "subscriber")
         self.context = zmq.Context()
+        now = time.monotonic()
         self.links = [
-            HubLink(self.context, publish, snapshot, security)
+            HubLink(self.context, publish, snapshot, security, HubSync(self.heartbeat_timeout, now))
             for publish, snapshot in zip(
                 config.endpoints("publish_port"), config.endpoints("snapshot_port")
             )
@@ -243,7 +226,7 @@ class Subscriber:
         self.next_resync = time.monotonic() + self.resync_interval
         self.fail2ban_ok = False  # the last call to fail2ban succeeded
         self.fail2ban_error: str | None = None  # why the last call failed, until one succeeds
-        self.counters = {"banned": 0, "unbanned": 0, "refused": 0, "snapshots": 0}
+        self.counters = {"banned": 0, "unbanned": 0, "refused": 0}
         self.origin_times: dict[str, float] = {}  # ip -> its update's origin time, until applied
         self.apply_delays = DelayHistogram()  # the origin's Ban line -> fail2ban's banip returned
         self.started = time.monotonic()
@@ -266,7 +249,7 @@ class Subscriber:
         for link in self.links:
             poller.register(link.updates, zmq.POLLIN)
             poller.register(link.snapshots, zmq.POLLIN)
-            link.ask_snapshot(time.monotonic())
+            self.follow(link, link.sync.start(time.monotonic()))
         while not self.signals.stopping:
             ready = dict(poller.poll(self._timeout_ms()))
             if self.wakeup.read_fd in ready:
@@ -275,13 +258,13 @@ class Subscriber:
                 self.control.handle()
             now = time.monotonic()
             for link in self.links:
+                before = link.sockets()
                 if link.updates in ready:
                     self.handle_updates(link, now)
                 if link.snapshots in ready:
                     self.handle_snapshot(link, now)
-                old_sockets = (link.updates, link.snapshots)
-                self.check_link(link, now)
-                for old, new in zip(old_sockets, (link.updates, link.snapshots)):
+                self.follow(link, link.sync.on_tick(now))
+                for old, new in zip(before, link.sockets()):
                     if new is not old:
                         poller.unregister(old)
                         poller.register(new, zmq.POLLIN)
@@ -302,7 +285,7 @@ class Subscriber:
         return int(min(self.heartbeat_timeout / 2, 1.0) * 1000)
 
     def handle_updates(self, link: HubLink, now: float) -> None:
-        """Take every waiting message; a gap or a new hub identity asks for a snapshot."""
+        """Take every waiting message, each whole or not at all."""
         for frames in drain(link.updates, 10000, max_frames=5):  # an update has 4
             try:
                 message = protocol.decode_stream(frames, self.networks)
@@ -310,64 +293,11 @@ class Subscriber:
                 self.counters["refused"] += 1
                 self.refusals.warning("update", "ignored a message from the hub: %s", error)
                 continue
-            link.heard = now
-            link.streamed = True
-            instance, sequence = message.publisher, message.seq
             if message.heartbeat:
-                self.take_heartbeat(link, instance, sequence, now)
-            for offset, event in enumerate(message.events):
-                self.take_update(link, instance, sequence + offset, event, now)
-
-    def take_heartbeat(self, link: HubLink, instance: str, sequence: int, now: float) -> None:
-        """A heartbeat names the hub's state and its last sequence: both must match ours."""
-        if link.snapshot_asked is not None:
-            return
-        if instance != link.instance:
-            log.info("hub %s has new state %s: resync", link.publish_endpoint, instance[:8])
-            link.ask_snapshot(now)
-        elif sequence != link.sequence:
-            self.refusals.warning(
-                f"gap {link.publish_endpoint}",
-                "missed updates from %s (at %d, hub at %d): resync",
-                link.publish_endpoint,
-                link.sequence,
-                sequence,
-            )
-            link.ask_snapshot(now)
-
-    def take_update(
-        self, link: HubLink, instance: str, sequence: int, event: BanEvent, now: float
-    ) -> None:
-        """Apply the next update to the hub's view; keep it for later while resyncing."""
-        if link.snapshot_asked is not None:
-            link.buffered.append((instance, sequence, event))
-            return
-        if instance != link.instance:
-            log.info("hub %s has new state %s: resync", link.publish_endpoint, instance[:8])
-            link.ask_snapshot(now)
-            link.buffered.append((instance, sequence, event))
-            return
-        if sequence <= link.sequence:
-            return
-        if sequence != link.sequence + 1:
-            self.refusals.warning(
-                f"gap {link.publish_endpoint}",
-                "missed updates from %s (%d to %d): resync",
-                link.publish_endpoint,
-                link.sequence + 1,
-                sequence - 1,
-            )
-            link.ask_snapshot(now)
-            link.buffered.append((instance, sequence, event))
-            return
-        link.sequence = sequence
-        link.view.apply(event)
-        if self.touched is not None:
-            self.touched.add((event.jail, event.ip))
-        if event.action == protocol.BAN and len(self.origin_times) < MAX_TRACKED:
-            self.origin_times.setdefault(event.ip, event.time)
-        log.debug("update %d: %s", sequence, event.describe())
-        self.pending = True
+                outcome = link.sync.on_heartbeat(message.publisher, message.seq, now)
+            else:
+                outcome = link.sync.on_update(message.publisher, message.seq, message.events, now)
+            self.follow(link, outcome)
 
     def handle_snapshot(self, link: HubLink, now: float) -> None:
         for frames in drain(link.snapshots, 1000, max_frames=5):  # a part has 4
@@ -379,70 +309,28 @@ class Subscriber:
                 self.counters["refused"] += 1
                 self.refusals.warning("snapshot", "ignored a snapshot part: %s", error)
                 continue
-            if link.snapshot_asked is None:
-                continue
-            link.snapshot_parts.extend(part.events)
-            if part.last:
-                self.finish_snapshot(link, part, now)
+            self.follow(link, link.sync.on_snapshot_part(part, now))
 
-    def finish_snapshot(self, link: HubLink, part: protocol.SnapshotPart, now: float) -> None:
-        """Replace the view with the snapshot, then replay the updates that came after it."""
-        link.view = ClusterView()
-        for event in link.snapshot_parts:
-            link.view.apply(event)
-        link.instance = part.publisher
-        link.sequence = part.seq
-        for instance, sequence, event in sorted(link.buffered, key=lambda item: item[1]):
-            if instance == link.instance and sequence == link.sequence + 1:
-                link.view.apply(event)
-                link.sequence = sequence
-        link.buffered = []
-        link.snapshot_parts = []
-        link.snapshot_asked = None
-        link.synced = True
-        link.heard = now
-        link.snapshots_received += 1
-        self.touched = None
-        link.last_snapshot = time.time()
-        self.counters["snapshots"] += 1
-        log.info(
-            "snapshot from %s: %d bans at sequence %d",
-            link.snapshot_endpoint,
-            len(link.view.bans),
-            link.sequence,
-        )
-        self.pending = True
-
-    def check_link(self, link: HubLink, now: float) -> None:
-        """Silence past the heartbeat timeout, or a snapshot that never came: ask again."""
-        if link.snapshot_asked is not None:
-            if now - link.snapshot_asked > SNAPSHOT_TIMEOUT:
-                log.warning("no snapshot from %s yet: asking again", link.snapshot_endpoint)
-                link.ask_snapshot(now)
-            return
-        if now - link.heard > self.heartbeat_timeout:
-            self.refusals.warning(
-                f"silent {link.publish_endpoint}",
-                "no heartbeat from %s for %.0f s%s: resync when it is back",
-                link.publish_endpoint,
-                now - link.heard,
-                (
-                    " (its snapshots come, its packed update stream never did: a hub older"
-                    " than this node, so upgrade hubs first, or its publish port blocked?)"
-                    if link.snapshots_received and not link.streamed
-                    else ""
-                ),
-            )
-            # Its view may be stale: the other hubs decide until it sends a snapshot.
-            link.synced = False
-            self.touched = None
-            # A fresh SUB too: libzmq drops a connection for good after an oversized frame.
-            link.reconnect_updates()
-            link.ask_snapshot(now)
+    def follow(self, link: HubLink, outcome: Outcome) -> None:
+        """Do what the hub's core decided: tell the jails, log, move the sockets."""
+        for sequence, event in outcome.applied:
+            log.debug("update %d: %s", sequence, event.describe())
+            if self.touched is not None:
+                self.touched.add((event.jail, event.ip))
+            if event.action == protocol.BAN and len(self.origin_times) < MAX_TRACKED:
+                self.origin_times.setdefault(event.ip, event.time)
+            self.pending = True
+        if outcome.replaced or outcome.left_out:
+            self.touched = None  # compare every ban
+        if outcome.replaced:
+            self.pending = True
+        for notice in outcome.notices:
+            log_notice(notice, link, self.refusals)
+        link.execute(outcome)
 
     def reconcile(self) -> None:
         """Make each local jail hold exactly what the cluster bans, in bounded batches."""
-        synced = [link.view for link in self.links if link.synced]
+        synced = [link.sync.view for link in self.links if link.sync.synced]
         if not synced:
             # Knowing nothing of the cluster is no reason to lift what the jail holds.
             self.pending = False
@@ -519,6 +407,7 @@ class Subscriber:
     def status(self) -> dict:
         now = time.monotonic()
         in_jails = {jail: len(ips) for jail, ips in (self.applied or {}).items()}
+        snapshots = sum(link.sync.snapshots_received for link in self.links)
         return {
             "role": "subscriber",
             "node": self.config.node,
@@ -526,15 +415,15 @@ class Subscriber:
             "Banned in local jails": in_jails,
             "Bans applied": self.counters["banned"],
             "Unbans applied": self.counters["unbanned"],
-            "Snapshots received": self.counters["snapshots"],
+            "Snapshots received": snapshots,
             "Messages refused": self.counters["refused"],
             "Hubs": {
                 link.publish_endpoint: {
-                    "synced": link.synced,
-                    "sequence": link.sequence,
-                    "cluster bans": len(link.view.bans),
-                    "last heard": f"{now - link.heard:.1f} s ago",
-                    "last snapshot": clock(link.last_snapshot),
+                    "synced": link.sync.synced,
+                    "sequence": link.sync.sequence,
+                    "cluster bans": len(link.sync.view.bans),
+                    "last heard": f"{now - link.sync.heard:.1f} s ago",
+                    "last snapshot": clock(_epoch(link.sync.last_snapshot, now)),
                 }
                 for link in self.links
             },
@@ -542,18 +431,18 @@ class Subscriber:
             "metrics": {
                 "bans_applied": counter("banip calls made", self.counters["banned"]),
                 "unbans_applied": counter("unbanip calls made", self.counters["unbanned"]),
-                "snapshots": counter("snapshots received", self.counters["snapshots"]),
+                "snapshots": counter("snapshots received", snapshots),
                 "messages_refused": counter("hub messages refused", self.counters["refused"]),
                 "local_bans": gauge("addresses in the local jails", in_jails, "jail"),
                 "fail2ban_up": gauge("1 when fail2ban answered", int(self.fail2ban_ok)),
                 "hub_synced": gauge(
                     "1 when the hub's view is current",
-                    {link.publish_endpoint: int(link.synced) for link in self.links},
+                    {link.publish_endpoint: int(link.sync.synced) for link in self.links},
                     "hub",
                 ),
                 "hub_sequence": gauge(
                     "last sequence applied",
-                    {link.publish_endpoint: link.sequence for link in self.links},
+                    {link.publish_endpoint: link.sync.sequence for link in self.links},
                     "hub",
                 ),
                 "apply_delay_seconds": histogram(
@@ -568,7 +457,7 @@ class Subscriber:
         if self.fail2ban_error is not None:
             found.append(f"fail2ban is not reachable: {self.fail2ban_error}")
         starting = now - self.started < self.heartbeat_timeout + SNAPSHOT_TIMEOUT
-        if not starting and not any(link.synced for link in self.links):
+        if not starting and not any(link.sync.synced for link in self.links):
             found.append("no hub is synced: cluster bans are not being applied")
         return found
 
@@ -581,3 +470,55 @@ class Subscriber:
         self.fail2ban.close()
         self.wakeup.close()
         log.log(NOTICE, "subscriber %s stopped", self.config.node)
+
+
+# Said after "no heartbeat from …" when the hub's snapshots come but its update stream never did.
+OLD_HUB_HINT = (
+    " (its snapshots come, its packed update stream never did: a hub older"
+    " than this node, so upgrade hubs first, or its publish port blocked?)"
+)
+
+
+def log_notice(notice: Notice, link: HubLink, refusals: RateLimitedLog) -> None:
+    """Log a notice of a hub's core in the words operators grep for."""
+    hub = link.publish_endpoint
+    if isinstance(notice, NewState):
+        log.info("hub %s has new state %s: resync", hub, notice.state_id[:8])
+    elif isinstance(notice, Gap):
+        refusals.warning(
+            f"gap {hub}",
+            "missed updates from %s (%d to %d): resync",
+            hub,
+            notice.first,
+            notice.last,
+        )
+    elif isinstance(notice, OutOfStep):
+        refusals.warning(
+            f"gap {hub}",
+            "missed updates from %s (at %d, hub at %d): resync",
+            hub,
+            notice.at,
+            notice.hub_at,
+        )
+    elif isinstance(notice, SnapshotTaken):
+        log.info(
+            "snapshot from %s: %d bans at sequence %d",
+            link.snapshot_endpoint,
+            notice.bans,
+            notice.sequence,
+        )
+    elif isinstance(notice, SnapshotLate):
+        log.warning("no snapshot from %s yet: asking again", link.snapshot_endpoint)
+    elif isinstance(notice, Silent):
+        refusals.warning(
+            f"silent {hub}",
+            "no heartbeat from %s for %.0f s%s: resync when it is back",
+            hub,
+            notice.seconds,
+            OLD_HUB_HINT if notice.stream_never_came else "",
+        )
+
+
+def _epoch(moment: float | None, now: float) -> float | None:
+    """A time.monotonic() moment as a unix time, for people to read."""
+    return None if moment is None else time.time() - (now - moment)

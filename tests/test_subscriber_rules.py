@@ -11,11 +11,11 @@ from f2bzmq.subscriber import (
     COMMAND_SECONDS,
     FIRST_BATCH,
     BatchSizer,
-    ClusterView,
     LocalPolicy,
     desired_bans,
     wants_address,
 )
+from f2bzmq.sync import ClusterView
 
 
 def policy(**changes):
