@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from f2bzmq.jails import LocalPolicy, desired_bans
 from f2bzmq.protocol import BanEvent, SnapshotPart
-from f2bzmq.subscriber import LocalPolicy, desired_bans
 from f2bzmq.sync import (
     SNAPSHOT_TIMEOUT,
     ClusterView,

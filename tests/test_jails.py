@@ -1,13 +1,11 @@
-"""The subscriber's pure rules: which local jail gets what, and what it never bans."""
+"""What the local jails must hold: which local jail gets what, and what it never bans."""
 
 import ipaddress
 import random
 import shutil
 from pathlib import Path
 
-from f2bzmq.lab import Fail2banServer
-from f2bzmq.protocol import BanEvent
-from f2bzmq.subscriber import (
+from f2bzmq.jails import (
     COMMAND_SECONDS,
     FIRST_BATCH,
     BatchSizer,
@@ -15,6 +13,8 @@ from f2bzmq.subscriber import (
     desired_bans,
     wants_address,
 )
+from f2bzmq.lab import Fail2banServer
+from f2bzmq.protocol import BanEvent
 from f2bzmq.sync import ClusterView
 
 
