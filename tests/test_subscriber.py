@@ -1,0 +1,158 @@
+"""The subscriber's reactor in this process, built from settings without a file: it must
+carry out what its stream-sync core decides (ask for snapshots, a fresh SUB after
+silence) against a hub the test plays with the wire codec, and a real fail2ban-server."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from f2bzmq import protocol
+from f2bzmq.config import config_from
+from f2bzmq.lab import Fail2banServer, free_ports, wait_until
+from f2bzmq.protocol import BanEvent
+from f2bzmq.subscriber import Subscriber
+
+HEARTBEAT_TIMEOUT = 1.0
+STATE = "ab" * 16  # the played hub's state id
+
+
+class PlayedHub:
+    """A hub's update stream (XPUB: it sees each SUB subscribe) and snapshot ROUTER."""
+
+    def __init__(self, context: zmq.Context, publish_port: int, snapshot_port: int) -> None:
+        self.updates = context.socket(zmq.XPUB)
+        self.updates.xpub_verbose = True  # every subscription, also a resubscribing SUB's
+        self.snapshots = context.socket(zmq.ROUTER)
+        for sock, port in ((self.updates, publish_port), (self.snapshots, snapshot_port)):
+            sock.linger = 0
+            sock.bind(f"tcp://127.0.0.1:{port}")
+        self.sequence = 0
+        self.table: dict[str, BanEvent] = {}  # ip -> the ban in force
+        self.subscriptions = 0
+        self.snapshot_requests = 0
+        self.beating = True
+        self.next_hugz = 0.0
+
+    def change(self, event: BanEvent, publish: bool = True) -> None:
+        """The next update; publish=False loses it on the way, as a full queue would."""
+        self.sequence += 1
+        if event.action == protocol.BAN:
+            self.table[event.ip] = event
+        else:
+            del self.table[event.ip]
+        if publish:
+            self.updates.send_multipart(
+                protocol.encode_update(STATE, self.sequence, [event], packed=True)
+            )
+
+    def serve(self) -> None:
+        """Note subscriptions, answer snapshot requests, send a heartbeat when it is due."""
+        while self.updates.poll(0):
+            if self.updates.recv()[:1] == b"\x01":
+                self.subscriptions += 1
+        while self.snapshots.poll(0):
+            peer, *request = self.snapshots.recv_multipart()
+            protocol.decode_snapshot_request(request)
+            self.snapshot_requests += 1
+            table = list(self.table.values())
+            for part in protocol.encode_snapshot(STATE, self.sequence, table):
+                self.snapshots.send_multipart([peer, *part])
+        if self.beating and time.monotonic() >= self.next_hugz:
+            self.updates.send_multipart(protocol.encode_heartbeat(STATE, self.sequence, True))
+            self.next_hugz = time.monotonic() + HEARTBEAT_TIMEOUT / 5
+
+
+@pytest.fixture
+def own_signals() -> Iterator[None]:
+    """The reactor takes SIGTERM, SIGINT, SIGHUP and the wake-up fd: give them back."""
+    numbers = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    handlers = {number: signal.getsignal(number) for number in numbers}
+    wakeup_fd = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup_fd)
+    yield
+    signal.set_wakeup_fd(wakeup_fd)
+    for number, handler in handlers.items():
+        signal.signal(number, handler)
+
+
+def ban(ip: str, node: str = "node1") -> BanEvent:
+    return BanEvent.new(node, "sshd", "ban", ip, bantime=600)
+
+
+def test_the_reactor_follows_its_core_through_a_gap_and_silence(
+    tmp_path: Path, own_signals: None
+) -> None:
+    _, publish_port, snapshot_port = free_ports(3)
+    context = zmq.Context()
+    hub = PlayedHub(context, publish_port, snapshot_port)
+    hub.change(ban("192.0.2.1"))
+    hub.change(ban("192.0.2.2"))
+    hub.change(ban("192.0.2.3", node="node2"))  # the node's own report: not applied back
+    with Fail2banServer(tmp_path, "node2") as server, server.client() as fail2ban:
+        config = config_from(
+            {
+                "general": {
+                    "node": "node2",
+                    "publish_port": str(publish_port),
+                    "snapshot_port": str(snapshot_port),
+                    "insecure": "true",
+                    "fail2ban_socket": str(server.socket),
+                },
+                "subscriber": {"heartbeat_timeout": str(HEARTBEAT_TIMEOUT)},
+            }
+        )
+        subscriber = Subscriber(config)
+        reactor = threading.Thread(target=subscriber.run)
+        reactor.start()
+
+        def settle(condition: Callable[[], bool], what: str) -> None:
+            """Play the hub until condition() holds."""
+
+            def served() -> bool:
+                hub.serve()
+                return condition()
+
+            assert wait_until(served, 10, interval=0.02), what
+
+        def jail_holds(*last_octets: int) -> None:
+            wanted = {f"192.0.2.{n}" for n in last_octets}
+            settle(lambda: set(fail2ban.banned("cluster")) == wanted, f"the jail holds {wanted}")
+
+        def asked(snapshots: int, subscriptions: int) -> None:
+            settle(
+                lambda: (hub.snapshot_requests, hub.subscriptions) == (snapshots, subscriptions),
+                f"{snapshots} snapshot requests and {subscriptions} subscriptions",
+            )
+
+        try:
+            jail_holds(1, 2)
+            asked(1, 1)
+            hub.change(ban("192.0.2.4"))
+            jail_holds(1, 2, 4)
+            hub.change(ban("192.0.2.5"), publish=False)
+            hub.change(ban("192.0.2.6"))  # a gap: only a snapshot brings .5
+            jail_holds(1, 2, 4, 5, 6)
+            asked(2, 1)
+            hub.beating = False
+            hub.change(BanEvent.new("node1", "sshd", "unban", "192.0.2.1"), publish=False)
+            jail_holds(2, 4, 5, 6)  # after the silence: a fresh SUB and a snapshot
+            hub.beating = True
+            asked(3, 2)
+            hub.change(ban("192.0.2.7"))  # through the fresh SUB
+            jail_holds(2, 4, 5, 6, 7)
+        finally:
+            subscriber.signals.stopping = True
+            subscriber.wakeup.wake()
+            reactor.join(10)
+            context.destroy(linger=0)
+        assert not reactor.is_alive()
+        assert set(server.banned("cluster")) == {f"192.0.2.{n}" for n in (2, 4, 5, 6, 7)}
+        followed = subscriber.status()["Hubs"].values()
+        assert [(link["synced"], link["sequence"]) for link in followed] == [(True, 8)]
