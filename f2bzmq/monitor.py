@@ -20,28 +20,16 @@ import zmq
 from . import protocol
 from .config import Config
 from .control import ControlSocket
-from .fail2ban_client import Fail2banClient, Fail2banError
 from .keys import Security
-from .logparse import BanReporter, Kind, LogRecord
 from .metrics import DelayHistogram, counter, gauge, histogram
 from .outbox import Outbox
-from .protocol import BanEvent, ProtocolError
-from .runtime import (
-    NOTICE,
-    RateLimitedLog,
-    StopSignals,
-    Wakeup,
-    batched_logging,
-    clock,
-    drain,
-    send_frames,
-)
-from .tail import LogFollower, LogPosition
+from .protocol import ProtocolError
+from .reporting import LogReporter
+from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain, send_frames
 
 log = logging.getLogger("f2bzmq.monitor")
 
 MAX_BACKOFF = 30.0
-BANTIME_CACHE = 60.0  # seconds a jail's bantime read from fail2ban stays trusted
 SAFETY_CHECK = 5.0  # inotify can drop events under load: stat the log this often
 UNHEALTHY_AFTER = 60.0  # seconds a hub may leave waiting events unACKed before `status` warns
 
@@ -108,30 +96,14 @@ class Monitor:
         self.node = config.node
         self.ack_timeout = config.monitor.ack_timeout
         self.window = config.monitor.in_flight
-        self.networks = config.network_limits()
-        self.outbox_max = config.monitor.outbox_max
-        ignore = set(config.monitor.ignore_jails) | config.sync_jails()
-        self.reporter = BanReporter(ignore)
-        self.fail2ban = Fail2banClient(
-            config.general.fail2ban_socket,
-            client_program=config.general.fail2ban_client,
-        )
-        self.bantimes: dict[str, tuple[int | None, float]] = {}
         config.state_path("").mkdir(parents=True, exist_ok=True)
         endpoints = config.endpoints("report_port")
         self.outbox = Outbox(config.state_path("monitor.sqlite3"), endpoints)
-        saved = self.outbox.position()
-        self.wakeup = Wakeup()
+        self.wakeup = Wakeup()  # the log follower's thread and the signals wake the loop
         self.signals = StopSignals(self.wakeup)
-        self.follower = LogFollower(
-            config.monitor.logpath,
-            position=None if saved is None else LogPosition.from_json(saved),
-            wake=self.wakeup.wake,
-            from_end=config.monitor.start_at == "end",
-        )
-        self.rotations_seen = 0  # a rotation found at start-up counts too
+        self.reporting = LogReporter(config, self.outbox, self.wakeup.wake)
         self.refusals = RateLimitedLog(log)
-        self.counters = {"reported": 0, "acked": 0, "refused": 0}
+        self.counters = {"acked": 0, "refused": 0}
         security = Security.for_role(config, "monitor")
         self.context = zmq.Context()
         self.hubs = [HubReporter(self.context, endpoint, security) for endpoint in endpoints]
@@ -148,10 +120,11 @@ class Monitor:
             " ".join(hub.endpoint for hub in self.hubs),
             self.outbox.depth(),
         )
-        self.follower.start()
+        follower = self.reporting.follower
+        follower.start()
         poller = zmq.Poller()
         poller.register(self.wakeup.read_fd, zmq.POLLIN)
-        written = self.follower.fileno()  # None without inotify: the safety check reads
+        written = follower.fileno()  # None without inotify: the safety check reads
         if written is not None:
             poller.register(written, zmq.POLLIN)
         for hub in self.hubs:
@@ -159,14 +132,14 @@ class Monitor:
         if self.control:
             poller.register(self.control.socket, zmq.POLLIN)
         next_check = 0.0
-        self.read_log()
+        self.reporting.read(self.send_pending)
         while not self.signals.stopping:
             self.send_pending()
             ready = dict(poller.poll(self._timeout_ms()))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
             if self.wakeup.read_fd in ready or written in ready:
-                self.read_log()
+                self.reporting.read(self.send_pending)
             if self.control and self.control.socket in ready:
                 self.control.handle()
             now = time.monotonic()
@@ -185,7 +158,7 @@ class Monitor:
                     hub.reset(now)
                     poller.register(hub.socket, zmq.POLLIN)
             if now >= next_check:
-                self.follower.check()
+                follower.check()
                 next_check = now + SAFETY_CHECK
         self.close()
 
@@ -199,95 +172,6 @@ class Monitor:
             if hub.paused_until > now:
                 deadlines.append(hub.paused_until)
         return max(1, int((min(deadlines) - now) * 1000) + 1)
-
-    def read_log(self) -> None:
-        """Turn new log lines into events, stored with the new log position in one commit."""
-        for _ in range(10000):
-            lines = self.follower.read_lines()
-            records = self.reporter.feed_lines(lines)
-            events = [self.make_event(record) for record in records]
-            events = [event for event in events if event is not None]
-            if lines or events:
-                self.outbox.add(events, self.follower.position().to_json())
-            if events:
-                self.send_pending()  # first: the rest of the loop is bookkeeping
-                self.trim_outbox()
-            with batched_logging():  # a line per event, written at once
-                for event in events:
-                    log.log(NOTICE, "%s: queued for the cluster", event.describe())
-            self.counters["reported"] += len(events)
-            if not self.follower.has_more():
-                break
-        if self.follower.rotations != self.rotations_seen:
-            self.rotations_seen = self.follower.rotations
-            self.report_current_bans()
-
-    def report_current_bans(self) -> None:
-        """After a rotation, report every ban fail2ban holds: a line written between
-        copytruncate's copy and its truncation is in no file, and fail2ban drops a line
-        logged while flushlogs swaps its handler. The hub records a known ban as nothing new."""
-        try:
-            jails = [
-                jail for jail in self.fail2ban.jails() if jail not in self.reporter.ignore_jails
-            ]
-            bans = [(jail, *ban) for jail in jails for ban in self.fail2ban.banned_with_time(jail)]
-        except (Fail2banError, OSError) as error:
-            log.warning("log rotated, and fail2ban can't list its bans to check: %s", error)
-            return
-        events = []
-        for jail, ip, start, bantime in bans:
-            try:
-                events.append(
-                    BanEvent.new(self.node, jail, protocol.BAN, ip, start, bantime, self.networks)
-                )
-            except ProtocolError as error:
-                self.refusals.warning(str(error), "[%s] %s not reported: %s", jail, ip, error)
-        self.outbox.add(events)
-        self.trim_outbox()
-        log.info(
-            "log rotated: reported the %d bans fail2ban holds, in case lines were lost",
-            len(events),
-        )
-
-    def trim_outbox(self) -> None:
-        dropped = self.outbox.trim(self.outbox_max)
-        if dropped:
-            log.warning(
-                "outbox full (%d events): dropped the %d oldest, unbans first; "
-                "are the hubs reachable?",
-                self.outbox_max,
-                dropped,
-            )
-
-    def make_event(self, record: LogRecord) -> BanEvent | None:
-        action = protocol.BAN if record.kind is Kind.BAN else protocol.UNBAN
-        bantime = None
-        if action == protocol.BAN:
-            bantime = record.bantime if record.bantime is not None else self.bantime(record.jail)
-        try:
-            return BanEvent.new(
-                self.node, record.jail, action, record.ip, record.time, bantime, self.networks
-            )
-        except ProtocolError as error:
-            self.refusals.warning(
-                str(error), "[%s] %s not reported: %s", record.jail, record.ip, error
-            )
-            return None
-
-    def bantime(self, jail: str) -> int | None:
-        """The jail's bantime from fail2ban, cached; None when fail2ban can't say."""
-        now = time.monotonic()
-        cached = self.bantimes.get(jail)
-        if cached is not None and now - cached[1] < BANTIME_CACHE:
-            return cached[0]
-        try:
-            value = int(self.fail2ban.bantime(jail))
-            value = value if value == protocol.PERMANENT or value > 0 else None
-        except (Fail2banError, OSError, ValueError) as error:
-            self.refusals.warning("bantime", "cannot read the bantime of [%s]: %s", jail, error)
-            value = None
-        self.bantimes[jail] = (value, now)
-        return value
 
     def send_pending(self) -> None:
         now = time.monotonic()
@@ -347,12 +231,13 @@ class Monitor:
 
     def status(self) -> dict:
         waiting = {hub.endpoint: self.outbox.depth(hub.endpoint) for hub in self.hubs}
+        position = self.reporting.follower.position().offset
         return {
             "role": "monitor",
             "node": self.node,
             "Log file": str(self.config.monitor.logpath),
-            "Log position": self.follower.position().offset,
-            "Events reported": self.counters["reported"],
+            "Log position": position,
+            "Events reported": self.reporting.reported,
             "Events ACKed": self.counters["acked"],
             "Events refused": self.counters["refused"],
             "Outbox depth": self.outbox.depth(),
@@ -366,11 +251,11 @@ class Monitor:
             },
             "problems": self.problems(waiting),
             "metrics": {
-                "events_reported": counter("events read from the log", self.counters["reported"]),
+                "events_reported": counter("events read from the log", self.reporting.reported),
                 "events_acked": counter("hub ACKs received", self.counters["acked"]),
                 "events_refused": counter("events a hub refused", self.counters["refused"]),
                 "outbox_depth": gauge("events waiting for a hub", waiting, "hub"),
-                "log_position": gauge("offset read in the log", self.follower.position().offset),
+                "log_position": gauge("offset read in the log", position),
                 "ack_delay_seconds": histogram("event sent -> hub ACK", self.ack_delays),
             },
         }
@@ -389,13 +274,12 @@ class Monitor:
         return found
 
     def close(self) -> None:
-        self.follower.stop()
+        self.reporting.close()
         for hub in self.hubs:
             hub.socket.close()
         if self.control:
             self.control.close()
         self.context.term()
         self.outbox.close()
-        self.fail2ban.close()
         self.wakeup.close()
         log.log(NOTICE, "monitor %s stopped", self.node)
