@@ -17,6 +17,10 @@ from .protocol import MAX_REPORT, MAX_REPORT_EVENTS, Answer
 
 RETRY_PAUSE = 1.0  # seconds a retry NAK (the hub throttles this node) stops the sending
 MAX_BACKOFF = 30.0  # seconds: the longest wait before sending again to a silent hub
+# A send that would block finds no connection to queue on: a hub that refused this node's
+# CURVE key leaves its DEALER without one until the reset. Trying again this often costs
+# an outbox read per hub; the reset after ack_timeout is what ends it.
+BLOCKED_PAUSE = 0.1
 
 Row = tuple[int, str, bytes]  # an outbox row: (row number, event id, event body)
 
@@ -59,6 +63,7 @@ class Reset:
     """The hub left events waiting past ack_timeout: a new link, the events again, later."""
 
     waited: float  # seconds the oldest of them has waited
+    blocked: bool  # some could not even be sent: the link has no connection
     until: float  # nothing is sent before: the backoff
 
 
@@ -70,7 +75,8 @@ class DeliveryWindow:
         self.ack_timeout = ack_timeout
         self.in_flight: dict[str, tuple[int, float]] = {}  # event id -> (outbox row, sent at)
         self.cursor = 0  # the last outbox row taken: the next ones are read past it
-        self.paused_until = 0.0  # nothing is sent before: a retry NAK, a backoff
+        self.paused_until = 0.0  # nothing is sent before: a retry NAK, a backoff, a blocked send
+        self.blocked_since: float | None = None  # the first send that would block, unanswered
         self.failures = 0  # resets since the hub last answered: the backoff doubles with each
 
     def room(self, now: float) -> int:
@@ -89,6 +95,19 @@ class DeliveryWindow:
         for row, event_id, _ in fresh:
             self.in_flight[event_id] = (row, now)
         return list(reports(fresh))
+
+    def unsent(self, left: Sequence[list[Row]], now: float) -> None:
+        """These reports of the last take() did not leave (the send would have blocked):
+        taken again after BLOCKED_PAUSE, or after the reset if the hub stays unreachable."""
+        rows = [row for report in left for row in report]
+        if not rows:
+            return
+        for _, event_id, _ in rows:
+            self.in_flight.pop(event_id, None)
+        self.cursor = min(self.cursor, min(row for row, _, _ in rows) - 1)
+        if self.blocked_since is None:
+            self.blocked_since = now
+        self.paused_until = max(self.paused_until, now + BLOCKED_PAUSE)
 
     def on_answers(self, answers: Iterable[Answer], now: float) -> Answered:
         """The hub's answers: which events leave the outbox, which go again, what to log."""
@@ -112,6 +131,7 @@ class DeliveryWindow:
                 answered.leave.append(answer.id)
         if answered.delays:  # the hub hears this node
             self.failures = 0
+            self.blocked_since = None
         return answered
 
     def on_tick(self, now: float) -> Reset | None:
@@ -122,9 +142,10 @@ class DeliveryWindow:
             return None
         self.failures += 1
         backoff = min(MAX_BACKOFF, 0.5 * 2 ** (self.failures - 1))
-        reset = Reset(now - since, now + backoff)
+        reset = Reset(now - since, self.blocked_since is not None, now + backoff)
         self.in_flight.clear()
         self.cursor = 0
+        self.blocked_since = None
         self.paused_until = reset.until
         return reset
 
@@ -139,8 +160,11 @@ class DeliveryWindow:
         return min(deadlines, default=None)
 
     def _waiting_since(self) -> float | None:
-        """When the oldest event still unanswered was sent."""
+        """When the oldest event still unanswered was sent, or first failed to be."""
         # An id enters in_flight once, when it is sent, so the first is the oldest: no
         # scan of up to `in_flight` events on every turn of the loop.
         oldest = next(iter(self.in_flight.values()), None)
-        return None if oldest is None else oldest[1]
+        times = [] if oldest is None else [oldest[1]]
+        if self.blocked_since is not None:
+            times.append(self.blocked_since)
+        return min(times, default=None)

@@ -24,7 +24,7 @@ from .metrics import DelayHistogram, counter, gauge, histogram
 from .outbox import Outbox
 from .protocol import Answer, ProtocolError
 from .reporting import LogReporter
-from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain, send_frames
+from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain, try_send_frames
 
 log = logging.getLogger("f2bzmq.monitor")
 
@@ -57,9 +57,12 @@ class HubLink:
         self.socket.close()
         self.socket = self._connect()
 
-    def send(self, reports: list[list[Row]]) -> None:
-        for report in reports:
-            send_frames(self.socket, protocol.encode_report(r[2] for r in report))
+    def send(self, reports: list[list[Row]], now: float) -> None:
+        """Each report, never blocking: what the socket can't take goes back to the window."""
+        for number, report in enumerate(reports):
+            if not try_send_frames(self.socket, protocol.encode_report(r[2] for r in report)):
+                self.window.unsent(reports[number:], now)
+                return
 
 
 class Monitor:
@@ -144,7 +147,7 @@ class Monitor:
             room = hub.window.room(now)
             while room:
                 rows = self.outbox.pending(hub.endpoint, room, hub.window.cursor)
-                hub.send(hub.window.take(rows, now))
+                hub.send(hub.window.take(rows, now), now)
                 # Rows still in flight after a retry NAK are skipped: read on while rows come.
                 room = hub.window.room(now) if len(rows) == room else 0
 
@@ -179,10 +182,14 @@ class Monitor:
         reset = hub.window.on_tick(now)
         if reset is None:
             return
+        # A blocked link has lost its connection for good (libzmq does not reconnect after
+        # a failed handshake); a silent one may have a hub that is down or overloaded.
+        no_connection = ", and no connection (does it know this node's key?)"
         log.warning(
-            "no answer from %s for %.1f s: %d events wait in the outbox; retrying",
+            "no answer from %s for %.1f s%s: %d events wait in the outbox; retrying",
             hub.endpoint,
             reset.waited,
+            no_connection if reset.blocked else "",
             self.outbox.depth(hub.endpoint),
         )
         poller.unregister(hub.socket)

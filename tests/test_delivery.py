@@ -2,7 +2,13 @@
 
 import pytest
 
-from f2bzmq.delivery import MAX_BACKOFF, RETRY_PAUSE, DeliveryWindow, Reset
+from f2bzmq.delivery import (
+    BLOCKED_PAUSE,
+    MAX_BACKOFF,
+    RETRY_PAUSE,
+    DeliveryWindow,
+    Reset,
+)
 from f2bzmq.protocol import MAX_REPORT_EVENTS, Answer
 
 T0 = 1000.0  # a monotonic clock
@@ -134,7 +140,7 @@ def test_no_answer_within_ack_timeout_resets_the_link_after_a_doubling_backoff()
     assert window.next_deadline(T0 + 1) == T0 + ACK_TIMEOUT  # the oldest decides
     assert window.on_tick(T0 + ACK_TIMEOUT) is None
     now = T0 + ACK_TIMEOUT + 0.01
-    assert window.on_tick(now) == Reset(pytest.approx(ACK_TIMEOUT + 0.01), now + 0.5)
+    assert window.on_tick(now) == Reset(pytest.approx(ACK_TIMEOUT + 0.01), False, now + 0.5)
     assert (window.in_flight, window.cursor, window.room(now)) == ({}, 0, 0)
     assert window.on_tick(now + 100) is None  # nothing in flight: nothing to wait for
     backoffs = []
@@ -159,6 +165,48 @@ def test_any_answer_of_an_event_in_flight_ends_the_backoff_series():
     assert window.failures == 0
     reset = window.on_tick(now + ACK_TIMEOUT + 1)  # 2 still unanswered
     assert reset.until == now + ACK_TIMEOUT + 1 + 0.5
+
+
+def test_reports_the_socket_could_not_take_are_taken_again_after_a_pause():
+    window = DeliveryWindow(10, ACK_TIMEOUT)
+    reports = window.take(rows(*range(1, 151)), T0)
+    assert sent(reports) == list(range(1, 11)) and window.cursor == 10
+    window.unsent(reports, T0)
+    assert (window.in_flight, window.cursor, window.blocked_since) == ({}, 0, T0)
+    assert window.room(T0 + BLOCKED_PAUSE - 0.01) == 0
+    assert window.next_deadline(T0) == T0 + BLOCKED_PAUSE
+    assert sent(window.take(rows(*range(1, 151)), T0 + BLOCKED_PAUSE)) == list(range(1, 11))
+
+
+def test_only_the_reports_left_unsent_go_back():
+    window = DeliveryWindow(500, ACK_TIMEOUT)
+    reports = window.take(rows(*range(1, 251)), T0)
+    window.unsent(reports[1:], T0)  # the first report left, the other two did not
+    assert list(window.in_flight) == [eid(n) for n in range(1, 101)]
+    assert (window.cursor, window.blocked_since) == (100, T0)
+
+
+def test_a_link_that_stays_blocked_is_reset_even_with_nothing_in_flight():
+    window = DeliveryWindow(10, ACK_TIMEOUT)
+    for now in (T0, T0 + 1, T0 + 2.5, T0 + ACK_TIMEOUT):
+        assert window.room(now) == 10
+        window.unsent(window.take(rows(1, 2), now), now)
+        assert window.in_flight == {} and window.room(now) == 0
+        assert window.on_tick(now) is None
+        assert window.next_deadline(now) == min(now + BLOCKED_PAUSE, T0 + ACK_TIMEOUT)
+    assert window.blocked_since == T0  # the first failure counts
+    now = T0 + ACK_TIMEOUT + 0.05
+    assert window.on_tick(now) == Reset(pytest.approx(ACK_TIMEOUT + 0.05), True, now + 0.5)
+    assert window.blocked_since is None and window.cursor == 0
+
+
+def test_an_answer_ends_the_blocked_state():
+    window = window_with(1)
+    window.unsent(window.take(rows(2), T0 + 1), T0 + 1)
+    assert window.blocked_since == T0 + 1
+    window.on_answers([ack(1)], T0 + 2)
+    assert window.blocked_since is None
+    assert window.next_deadline(T0 + 2) is None
 
 
 def test_an_idle_window_has_no_deadline():

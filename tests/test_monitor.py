@@ -1,4 +1,4 @@
-"""The monitor's shell: a real log file and real sockets, the hub played by the test."""
+"""The monitor's shell: a real log file, real sockets, the hub played by the test or real."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 import zmq
 
 from f2bzmq import protocol
-from f2bzmq.config import config_from
-from f2bzmq.lab import free_ports
+from f2bzmq.config import config_from, load_config
+from f2bzmq.control import ControlError, ask
+from f2bzmq.lab import Hub, RoleProcess, free_ports, make_keys, wait_until, write_config
 from f2bzmq.monitor import Monitor
 from f2bzmq.outbox import Outbox
 
@@ -118,3 +119,72 @@ def test_the_monitor_acts_on_each_answer_of_a_hub(tmp_path: Path, signals_restor
     outbox = Outbox(config.state_path("monitor.sqlite3"), config.endpoints("report_port"))
     assert outbox.depth() == 0  # ACKed and refused events alike have left it
     outbox.close()
+
+
+def monitor_status(config: Path) -> dict | None:
+    try:
+        return ask(load_config(str(config)).control_path("monitor"), timeout=2)
+    except ControlError:
+        return None
+
+
+def test_a_hub_that_refuses_the_nodes_key_does_not_freeze_the_monitor(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path / "keys", ["node1"])
+    withheld = tmp_path / "node1.key"
+    (keys / "nodes" / "node1.key").rename(withheld)
+    ports = free_ports(3)
+    hub = Hub(tmp_path, ports, keys_dir=keys)
+    directory = tmp_path / "node1"
+    directory.mkdir()
+    fail2ban_log = directory / "fail2ban.log"
+    fail2ban_log.write_text("")
+    config = directory / "fail2ban-cluster.conf"
+    write_config(
+        config,
+        "node1",
+        ports,
+        directory,
+        keys,
+        general={"fail2ban_socket": str(directory / "no-fail2ban.sock")},
+        monitor={"logpath": str(fail2ban_log), "ack_timeout": "1"},
+    )
+    monitor = RoleProcess("monitor", config, directory)
+    hub.publisher.start()
+    try:
+        assert wait_until(lambda: ask_hub(hub) is not None, 15)
+        monitor.start()
+        assert wait_until(lambda: monitor_status(config) is not None, 15), monitor.log_text()
+        time.sleep(0.5)  # the hub refuses the handshake: libzmq drops the DEALER's only pipe
+        with fail2ban_log.open("a") as log:
+            log.write(ban_line("192.0.2.7"))
+
+        def reported() -> bool:
+            status = monitor_status(config)
+            return status is not None and status["Events reported"] == 1
+
+        # A send that blocked would stop the loop before it counts the event, for good.
+        assert wait_until(reported, 10), monitor.log_text()
+        for _ in range(3):  # through resets of the link, every second
+            time.sleep(1)
+            status = monitor_status(config)
+            assert status is not None and status["Outbox depth"] == 1
+        withheld.rename(keys / "nodes" / "node1.key")
+        hub.publisher.process.send_signal(signal.SIGHUP)
+
+        def delivered() -> bool:
+            status = monitor_status(config)
+            return status is not None and (status["Events ACKed"], status["Outbox depth"]) == (1, 0)
+
+        assert wait_until(delivered, 30, 0.2), monitor_status(config)
+        assert monitor.stop() == 0
+    finally:
+        if monitor.alive():
+            monitor.stop()
+        hub.publisher.stop()
+
+
+def ask_hub(hub: Hub) -> dict | None:
+    try:
+        return ask(load_config(str(hub.config)).control_path("publisher"), timeout=2)
+    except ControlError:
+        return None
