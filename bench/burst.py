@@ -39,6 +39,7 @@ from pathlib import Path
 from common import BenchError, report, stop_on_sigterm, table
 
 from f2bzmq import protocol
+from f2bzmq.delivery import reports
 from f2bzmq.fail2ban_client import Fail2banClient, Fail2banError
 from f2bzmq.lab import (
     CLIENT_PROGRAM,
@@ -49,7 +50,6 @@ from f2bzmq.lab import (
     netns_holds,
     wait_until,
 )
-from f2bzmq.monitor import reports
 from f2bzmq.protocol import BanEvent
 
 JAIL = "cluster"

@@ -1,18 +1,16 @@
 """The node's reporter: fail2ban.log lines in, events to every hub, kept until ACKed.
 
 One poll loop over a wake-up pipe (woken by the log follower's inotify thread and
-by signals) and one DEALER per hub (`reporters`). Every event is in the outbox on
-disk before it is sent; a DEALER lets many events be in flight, each ACKed by id,
-and a hub that stays silent past `ack_timeout` gets a fresh socket and the events
-again, after a capped exponential backoff (a duplicate is harmless: hubs drop
-event ids they have seen).
+by signals) and one DEALER per hub (`hubs`). Every event is in the outbox on disk
+before it is sent (`reporting`); each hub's `DeliveryWindow` says which events go
+now, what the answers mean and when the link starts afresh (`delivery`). Nothing
+here decides; it moves events between the log, the outbox and the sockets.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import zmq
@@ -20,63 +18,31 @@ import zmq
 from . import protocol
 from .config import Config
 from .control import ControlSocket
-from .fail2ban_client import Fail2banClient, Fail2banError
+from .delivery import DeliveryWindow, Row
 from .keys import Security
-from .logparse import BanReporter, Kind, LogRecord
 from .metrics import DelayHistogram, counter, gauge, histogram
 from .outbox import Outbox
-from .protocol import BanEvent, ProtocolError
-from .runtime import (
-    NOTICE,
-    RateLimitedLog,
-    StopSignals,
-    Wakeup,
-    batched_logging,
-    clock,
-    drain,
-    send_frames,
-)
-from .tail import LogFollower, LogPosition
+from .protocol import Answer, ProtocolError
+from .reporting import LogReporter
+from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain, try_send_frames
 
 log = logging.getLogger("f2bzmq.monitor")
 
-MAX_BACKOFF = 30.0
-BANTIME_CACHE = 60.0  # seconds a jail's bantime read from fail2ban stays trusted
 SAFETY_CHECK = 5.0  # inotify can drop events under load: stat the log this often
 UNHEALTHY_AFTER = 60.0  # seconds a hub may leave waiting events unACKed before `status` warns
 
-Row = tuple[int, str, bytes]  # an outbox row: (row number, event id, event body)
 
+class HubLink:
+    """One hub: its DEALER socket and its delivery window."""
 
-def reports(rows: list[Row]) -> Iterator[list[Row]]:
-    """Outbox rows, in order, grouped into reports of at most MAX_REPORT_EVENTS events and
-    MAX_REPORT bytes (a single event of up to MAX_BODY is always a report of its own)."""
-    report: list[Row] = []
-    size = 0
-    for row in rows:
-        if report and (
-            len(report) == protocol.MAX_REPORT_EVENTS or size + len(row[2]) > protocol.MAX_REPORT
-        ):
-            yield report
-            report, size = [], 0
-        report.append(row)
-        size += len(row[2])
-    if report:
-        yield report
-
-
-class HubReporter:
-    """One hub: its DEALER socket and the events sent to it but not yet answered."""
-
-    def __init__(self, context: zmq.Context, endpoint: str, security: Security) -> None:
+    def __init__(
+        self, context: zmq.Context, endpoint: str, security: Security, window: DeliveryWindow
+    ) -> None:
         self.context = context
         self.security = security
         self.endpoint = endpoint
-        self.in_flight: dict[str, tuple[int, float]] = {}  # event id -> (outbox row, sent at)
-        self.cursor = 0  # last outbox row sent
-        self.failures = 0  # consecutive timeouts, for the backoff
-        self.paused_until = 0.0
-        self.last_ack: float | None = None
+        self.window = window
+        self.last_ack: float | None = None  # wall clock, for `status`
         self.socket = self._connect()
 
     def _connect(self) -> zmq.Socket:
@@ -87,17 +53,16 @@ class HubReporter:
         sock.connect(self.endpoint)
         return sock
 
-    def reset(self, now: float) -> None:
-        """The hub did not answer in time: new socket, resend all after a backoff."""
+    def reconnect(self) -> None:
         self.socket.close()
         self.socket = self._connect()
-        self.in_flight.clear()
-        self.cursor = 0
-        self.failures += 1
-        self.paused_until = now + min(MAX_BACKOFF, 0.5 * 2 ** (self.failures - 1))
 
-    def oldest(self) -> float | None:
-        return min((sent for _, sent in self.in_flight.values()), default=None)
+    def send(self, reports: list[list[Row]], now: float) -> None:
+        """Each report, never blocking: what the socket can't take goes back to the window."""
+        for number, report in enumerate(reports):
+            if not try_send_frames(self.socket, protocol.encode_report(r[2] for r in report)):
+                self.window.unsent(reports[number:], now)
+                return
 
 
 class Monitor:
@@ -106,35 +71,25 @@ class Monitor:
     def __init__(self, config: Config, control_path: Path | None = None) -> None:
         self.config = config
         self.node = config.node
-        self.ack_timeout = config.monitor.ack_timeout
-        self.window = config.monitor.in_flight
-        self.networks = config.network_limits()
-        self.outbox_max = config.monitor.outbox_max
-        ignore = set(config.monitor.ignore_jails) | config.sync_jails()
-        self.reporter = BanReporter(ignore)
-        self.fail2ban = Fail2banClient(
-            config.general.fail2ban_socket,
-            client_program=config.general.fail2ban_client,
-        )
-        self.bantimes: dict[str, tuple[int | None, float]] = {}
         config.state_path("").mkdir(parents=True, exist_ok=True)
         endpoints = config.endpoints("report_port")
         self.outbox = Outbox(config.state_path("monitor.sqlite3"), endpoints)
-        saved = self.outbox.position()
-        self.wakeup = Wakeup()
+        self.wakeup = Wakeup()  # the log follower's thread and the signals wake the loop
         self.signals = StopSignals(self.wakeup)
-        self.follower = LogFollower(
-            config.monitor.logpath,
-            position=None if saved is None else LogPosition.from_json(saved),
-            wake=self.wakeup.wake,
-            from_end=config.monitor.start_at == "end",
-        )
-        self.rotations_seen = 0  # a rotation found at start-up counts too
+        self.reporting = LogReporter(config, self.outbox, self.wakeup.wake)
         self.refusals = RateLimitedLog(log)
-        self.counters = {"reported": 0, "acked": 0, "refused": 0}
+        self.counters = {"acked": 0, "refused": 0}
         security = Security.for_role(config, "monitor")
         self.context = zmq.Context()
-        self.hubs = [HubReporter(self.context, endpoint, security) for endpoint in endpoints]
+        self.hubs = [
+            HubLink(
+                self.context,
+                endpoint,
+                security,
+                DeliveryWindow(config.monitor.in_flight, config.monitor.ack_timeout),
+            )
+            for endpoint in endpoints
+        ]
         self.control = control_path and ControlSocket(self.context, control_path, self.status)
         self.started = time.monotonic()
         self.ack_delays = DelayHistogram()  # an event sent -> its ACK, per hub
@@ -148,10 +103,11 @@ class Monitor:
             " ".join(hub.endpoint for hub in self.hubs),
             self.outbox.depth(),
         )
-        self.follower.start()
+        follower = self.reporting.follower
+        follower.start()
         poller = zmq.Poller()
         poller.register(self.wakeup.read_fd, zmq.POLLIN)
-        written = self.follower.fileno()  # None without inotify: the safety check reads
+        written = follower.fileno()  # None without inotify: the safety check reads
         if written is not None:
             poller.register(written, zmq.POLLIN)
         for hub in self.hubs:
@@ -159,218 +115,114 @@ class Monitor:
         if self.control:
             poller.register(self.control.socket, zmq.POLLIN)
         next_check = 0.0
-        self.read_log()
+        self.reporting.read(self.send_pending)
         while not self.signals.stopping:
             self.send_pending()
             ready = dict(poller.poll(self._timeout_ms()))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
             if self.wakeup.read_fd in ready or written in ready:
-                self.read_log()
+                self.reporting.read(self.send_pending)
             if self.control and self.control.socket in ready:
                 self.control.handle()
             now = time.monotonic()
             for hub in self.hubs:
                 if hub.socket in ready:
-                    self.handle_replies(hub)
-                oldest = hub.oldest()
-                if oldest is not None and now - oldest > self.ack_timeout:
-                    log.warning(
-                        "no answer from %s for %.1f s: %d events wait in the outbox; retrying",
-                        hub.endpoint,
-                        now - oldest,
-                        self.outbox.depth(hub.endpoint),
-                    )
-                    poller.unregister(hub.socket)
-                    hub.reset(now)
-                    poller.register(hub.socket, zmq.POLLIN)
+                    self.handle_replies(hub, now)
+                self.check_link(hub, poller, now)
             if now >= next_check:
-                self.follower.check()
+                follower.check()
                 next_check = now + SAFETY_CHECK
         self.close()
 
     def _timeout_ms(self) -> int:
         now = time.monotonic()
-        deadlines = [now + SAFETY_CHECK]
-        for hub in self.hubs:
-            oldest = hub.oldest()
-            if oldest is not None:
-                deadlines.append(oldest + self.ack_timeout)
-            if hub.paused_until > now:
-                deadlines.append(hub.paused_until)
-        return max(1, int((min(deadlines) - now) * 1000) + 1)
-
-    def read_log(self) -> None:
-        """Turn new log lines into events, stored with the new log position in one commit."""
-        for _ in range(10000):
-            lines = self.follower.read_lines()
-            records = self.reporter.feed_lines(lines)
-            events = [self.make_event(record) for record in records]
-            events = [event for event in events if event is not None]
-            if lines or events:
-                self.outbox.add(events, self.follower.position().to_json())
-            if events:
-                self.send_pending()  # first: the rest of the loop is bookkeeping
-                self.trim_outbox()
-            with batched_logging():  # a line per event, written at once
-                for event in events:
-                    log.log(NOTICE, "%s: queued for the cluster", event.describe())
-            self.counters["reported"] += len(events)
-            if not self.follower.has_more():
-                break
-        if self.follower.rotations != self.rotations_seen:
-            self.rotations_seen = self.follower.rotations
-            self.report_current_bans()
-
-    def report_current_bans(self) -> None:
-        """After a rotation, report every ban fail2ban holds: a line written between
-        copytruncate's copy and its truncation is in no file, and fail2ban drops a line
-        logged while flushlogs swaps its handler. The hub records a known ban as nothing new."""
-        try:
-            jails = [
-                jail for jail in self.fail2ban.jails() if jail not in self.reporter.ignore_jails
-            ]
-            bans = [(jail, *ban) for jail in jails for ban in self.fail2ban.banned_with_time(jail)]
-        except (Fail2banError, OSError) as error:
-            log.warning("log rotated, and fail2ban can't list its bans to check: %s", error)
-            return
-        events = []
-        for jail, ip, start, bantime in bans:
-            try:
-                events.append(
-                    BanEvent.new(self.node, jail, protocol.BAN, ip, start, bantime, self.networks)
-                )
-            except ProtocolError as error:
-                self.refusals.warning(str(error), "[%s] %s not reported: %s", jail, ip, error)
-        self.outbox.add(events)
-        self.trim_outbox()
-        log.info(
-            "log rotated: reported the %d bans fail2ban holds, in case lines were lost",
-            len(events),
-        )
-
-    def trim_outbox(self) -> None:
-        dropped = self.outbox.trim(self.outbox_max)
-        if dropped:
-            log.warning(
-                "outbox full (%d events): dropped the %d oldest, unbans first; "
-                "are the hubs reachable?",
-                self.outbox_max,
-                dropped,
-            )
-
-    def make_event(self, record: LogRecord) -> BanEvent | None:
-        action = protocol.BAN if record.kind is Kind.BAN else protocol.UNBAN
-        bantime = None
-        if action == protocol.BAN:
-            bantime = record.bantime if record.bantime is not None else self.bantime(record.jail)
-        try:
-            return BanEvent.new(
-                self.node, record.jail, action, record.ip, record.time, bantime, self.networks
-            )
-        except ProtocolError as error:
-            self.refusals.warning(
-                str(error), "[%s] %s not reported: %s", record.jail, record.ip, error
-            )
-            return None
-
-    def bantime(self, jail: str) -> int | None:
-        """The jail's bantime from fail2ban, cached; None when fail2ban can't say."""
-        now = time.monotonic()
-        cached = self.bantimes.get(jail)
-        if cached is not None and now - cached[1] < BANTIME_CACHE:
-            return cached[0]
-        try:
-            value = int(self.fail2ban.bantime(jail))
-            value = value if value == protocol.PERMANENT or value > 0 else None
-        except (Fail2banError, OSError, ValueError) as error:
-            self.refusals.warning("bantime", "cannot read the bantime of [%s]: %s", jail, error)
-            value = None
-        self.bantimes[jail] = (value, now)
-        return value
+        deadlines = [hub.window.next_deadline(now) for hub in self.hubs]
+        deadline = min([now + SAFETY_CHECK, *(d for d in deadlines if d is not None)])
+        return max(1, int((deadline - now) * 1000) + 1)
 
     def send_pending(self) -> None:
         now = time.monotonic()
         for hub in self.hubs:
-            if hub.paused_until > now:
-                continue
-            room = self.window - len(hub.in_flight)
-            if room <= 0:
-                continue
-            for report in reports(self.outbox.pending(hub.endpoint, room, hub.cursor)):
-                send_frames(hub.socket, protocol.encode_report(r[2] for r in report))
-                for row, event_id, _ in report:
-                    hub.in_flight[event_id] = (row, now)
-                hub.cursor = report[-1][0]
+            room = hub.window.room(now)
+            while room:
+                rows = self.outbox.pending(hub.endpoint, room, hub.window.cursor)
+                hub.send(hub.window.take(rows, now), now)
+                # Rows still in flight after a retry NAK are skipped: read on while rows come.
+                room = hub.window.room(now) if len(rows) == room else 0
 
-    def handle_replies(self, hub: HubReporter) -> None:
-        answered: list[str] = []  # ACKed or refused for good: out of the outbox together
+    def handle_replies(self, hub: HubLink, now: float) -> None:
+        answers: list[Answer] = []
         for frames in drain(hub.socket, 10000, max_frames=protocol.MAX_REPORT_EVENTS + 3):
             try:
-                answers, problems = protocol.decode_reply(frames)
+                found, problems = protocol.decode_reply(frames)
             except ProtocolError as error:
-                problems, answers = [str(error)], []
+                found, problems = [], [str(error)]
             for problem in problems:
                 self.refusals.warning("reply", "odd reply from %s: %s", hub.endpoint, problem)
-            for answer in answers:
-                event_id = self.take_reply(hub, answer)
-                if event_id is not None:
-                    answered.append(event_id)
-        if answered:
-            self.outbox.ack(hub.endpoint, answered)
+            answers += found
+        answered = hub.window.on_answers(answers, now)
+        for answer in answered.stray:
+            self.refusals.warning("nak", "%s refused a report: %s", hub.endpoint, answer.reason)
+        for answer in answered.throttled:
+            self.refusals.warning("retry", "%s asks to wait: %s", hub.endpoint, answer.reason)
+        for answer in answered.refused:
+            log.error("%s refused event %s: %s; dropped", hub.endpoint, answer.id, answer.reason)
+        for delay in answered.delays:
+            self.ack_delays.observe(delay)
+        if answered.delays:
+            hub.last_ack = time.time()
+        self.counters["acked"] += answered.acked
+        self.counters["refused"] += len(answered.refused)
+        if answered.leave:  # ACKed or refused for good: out of the outbox together
+            self.outbox.ack(hub.endpoint, answered.leave)
 
-    def take_reply(self, hub: HubReporter, answer: protocol.Answer) -> str | None:
-        """One event's ACK or NAK; its id when it leaves the outbox (ACKed or refused)."""
-        event_id, reason = answer.id, answer.reason
-        if event_id not in hub.in_flight:
-            if not answer.stored:
-                # A whole report refused (an older hub takes one event a report) or a
-                # stale answer: the events stay in the outbox and go again after ack_timeout.
-                self.refusals.warning("nak", "%s refused a report: %s", hub.endpoint, reason)
-            return None
-        _, sent = hub.in_flight.pop(event_id)
-        self.ack_delays.observe(time.monotonic() - sent)
-        hub.failures = 0
-        hub.last_ack = time.time()
-        if not answer.stored:
-            if answer.retry:
-                # The hub is throttling this node: send again from the outbox, later.
-                self.refusals.warning("retry", "%s asks to wait: %s", hub.endpoint, reason)
-                hub.cursor = 0
-                hub.paused_until = time.monotonic() + 1.0
-                return None
-            self.counters["refused"] += 1
-            log.error("%s refused event %s: %s; dropped", hub.endpoint, event_id, reason)
-        else:
-            self.counters["acked"] += 1
-        return event_id
+    def check_link(self, hub: HubLink, poller: zmq.Poller, now: float) -> None:
+        """A hub that left events waiting past ack_timeout gets a new socket."""
+        reset = hub.window.on_tick(now)
+        if reset is None:
+            return
+        # A blocked link has lost its connection for good (libzmq does not reconnect after
+        # a failed handshake); a silent one may have a hub that is down or overloaded.
+        no_connection = ", and no connection (does it know this node's key?)"
+        log.warning(
+            "no answer from %s for %.1f s%s: %d events wait in the outbox; retrying",
+            hub.endpoint,
+            reset.waited,
+            no_connection if reset.blocked else "",
+            self.outbox.depth(hub.endpoint),
+        )
+        poller.unregister(hub.socket)
+        hub.reconnect()
+        poller.register(hub.socket, zmq.POLLIN)
 
     def status(self) -> dict:
         waiting = {hub.endpoint: self.outbox.depth(hub.endpoint) for hub in self.hubs}
+        position = self.reporting.follower.position().offset
         return {
             "role": "monitor",
             "node": self.node,
             "Log file": str(self.config.monitor.logpath),
-            "Log position": self.follower.position().offset,
-            "Events reported": self.counters["reported"],
+            "Log position": position,
+            "Events reported": self.reporting.reported,
             "Events ACKed": self.counters["acked"],
             "Events refused": self.counters["refused"],
             "Outbox depth": self.outbox.depth(),
             "Hubs": {
                 hub.endpoint: {
                     "waiting": waiting[hub.endpoint],
-                    "in flight": len(hub.in_flight),
+                    "in flight": len(hub.window.in_flight),
                     "last ACK": clock(hub.last_ack),
                 }
                 for hub in self.hubs
             },
             "problems": self.problems(waiting),
             "metrics": {
-                "events_reported": counter("events read from the log", self.counters["reported"]),
+                "events_reported": counter("events read from the log", self.reporting.reported),
                 "events_acked": counter("hub ACKs received", self.counters["acked"]),
                 "events_refused": counter("events a hub refused", self.counters["refused"]),
                 "outbox_depth": gauge("events waiting for a hub", waiting, "hub"),
-                "log_position": gauge("offset read in the log", self.follower.position().offset),
+                "log_position": gauge("offset read in the log", position),
                 "ack_delay_seconds": histogram("event sent -> hub ACK", self.ack_delays),
             },
         }
@@ -389,13 +241,12 @@ class Monitor:
         return found
 
     def close(self) -> None:
-        self.follower.stop()
+        self.reporting.close()
         for hub in self.hubs:
             hub.socket.close()
         if self.control:
             self.control.close()
         self.context.term()
         self.outbox.close()
-        self.fail2ban.close()
         self.wakeup.close()
         log.log(NOTICE, "monitor %s stopped", self.node)

@@ -47,6 +47,7 @@ class Wakeup:
 # frame, which costs more than the send itself (12 µs against 4 for a 4-frame ACK).
 _MORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = _MORE | _NOBLOCK
 
 
 def drain(
@@ -76,6 +77,21 @@ def send_frames(sock: zmq.Socket, frames: list) -> None:
     for frame in frames[:-1]:
         send(frame, _MORE)
     send(frames[-1])
+
+
+def try_send_frames(sock: zmq.Socket, frames: list) -> bool:
+    """send_frames without blocking: False, and nothing sent, when the socket can't queue.
+    A DEALER whose hub refused its CURVE handshake has no pipe left (libzmq does not
+    reconnect it) and a blocking send there waits for ever. Only the first frame can
+    find the socket full: libzmq counts a message against the high-water mark whole."""
+    send = sock.send
+    try:
+        for frame in frames[:-1]:
+            send(frame, _MORE_NOBLOCK)
+        send(frames[-1], _NOBLOCK)
+    except zmq.Again:
+        return False
+    return True
 
 
 class StopSignals:

@@ -1,6 +1,6 @@
 """The monitor's outbox: durable, per hub, in order, bounded; and how it goes out."""
 
-from f2bzmq.monitor import reports
+from f2bzmq.delivery import reports
 from f2bzmq.outbox import Outbox
 from f2bzmq.protocol import MAX_REPORT, BanEvent
 

@@ -1,0 +1,190 @@
+"""The monitor's shell: a real log file, real sockets, the hub played by the test or real."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import zmq
+
+from f2bzmq import protocol
+from f2bzmq.config import config_from, load_config
+from f2bzmq.control import ControlError, ask
+from f2bzmq.lab import Hub, RoleProcess, free_ports, make_keys, wait_until, write_config
+from f2bzmq.monitor import Monitor
+from f2bzmq.outbox import Outbox
+
+PREFIX = "2026-11-23 10:13:40,972 fail2ban.actions        [17048]: "
+
+
+def ban_line(ip: str) -> str:
+    return f"{PREFIX}NOTICE  [sshd] Ban {ip}\n"
+
+
+@pytest.fixture
+def signals_restored():
+    """The monitor takes SIGTERM, SIGINT, SIGHUP and the signal wake-up fd for its loop."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    wakeup_fd = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup_fd)
+    yield
+    signal.set_wakeup_fd(wakeup_fd)
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+class PlayedHub(threading.Thread):
+    """A ROUTER that answers each event as `answers` says (by address, a list of answers
+    given in turn), then stops the monitor once every event has had its last answer."""
+
+    def __init__(self, port: int, answers: dict[str, list[str]], monitor: Monitor) -> None:
+        super().__init__(daemon=True)
+        self.context = zmq.Context()
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.bind(f"tcp://127.0.0.1:{port}")
+        self.answers = {ip: list(said) for ip, said in answers.items()}
+        self.monitor = monitor
+        self.received: Counter[str] = Counter()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            deadline = time.monotonic() + 15
+            while any(self.answers.values()) and time.monotonic() < deadline:
+                if self.router.poll(100):
+                    self.answer(self.router.recv_multipart())
+        except BaseException as error:  # reported by the test
+            self.error = error
+        finally:
+            self.monitor.signals.stopping = True  # as SIGTERM does
+            self.monitor.wakeup.wake()
+            self.router.close()
+            self.context.term()
+
+    def answer(self, frames: list[bytes]) -> None:
+        peer, *report = frames
+        acks, naks = [], []
+        for body in protocol.decode_report(report):
+            event = json.loads(body)
+            self.received[event["ip"]] += 1
+            said = self.answers[event["ip"]].pop(0)
+            if said == "ack":
+                acks.append(protocol.ack_body(event["id"], "banned"))
+            else:
+                naks.append(protocol.nak_body(event["id"], said, retry=said == "wait"))
+        for reply in protocol.encode_replies(acks, naks):
+            self.router.send_multipart([peer, *reply])
+
+
+def test_the_monitor_acts_on_each_answer_of_a_hub(tmp_path: Path, signals_restored) -> None:
+    port = free_ports(1)[0]
+    fail2ban_log = tmp_path / "fail2ban.log"
+    fail2ban_log.write_text("".join(ban_line(f"192.0.2.{n}") for n in (1, 2, 3)))
+    config = config_from(
+        {
+            "general": {
+                "node": "node1",
+                "insecure": "true",
+                "report_port": str(port),
+                "state_dir": str(tmp_path / "state"),
+                "run_dir": str(tmp_path / "run"),
+                "fail2ban_socket": str(tmp_path / "no-fail2ban.sock"),
+            },
+            "monitor": {"logpath": str(fail2ban_log), "start_at": "beginning"},
+        }
+    )
+    monitor = Monitor(config)
+    hub = PlayedHub(
+        port,
+        {"192.0.2.1": ["ack"], "192.0.2.2": ["no such jail"], "192.0.2.3": ["wait", "ack"]},
+        monitor,
+    )
+    hub.start()
+    started = time.monotonic()
+    monitor.run()
+    hub.join(5)
+    assert hub.error is None
+    assert hub.answers == {"192.0.2.1": [], "192.0.2.2": [], "192.0.2.3": []}
+    # The throttled event came again, after the pause a retry NAK asks for; none other did.
+    assert hub.received == {"192.0.2.1": 1, "192.0.2.2": 1, "192.0.2.3": 2}
+    assert time.monotonic() - started >= 1.0
+    assert monitor.counters == {"acked": 2, "refused": 1}
+    assert monitor.reporting.reported == 3
+    outbox = Outbox(config.state_path("monitor.sqlite3"), config.endpoints("report_port"))
+    assert outbox.depth() == 0  # ACKed and refused events alike have left it
+    outbox.close()
+
+
+def monitor_status(config: Path) -> dict | None:
+    try:
+        return ask(load_config(str(config)).control_path("monitor"), timeout=2)
+    except ControlError:
+        return None
+
+
+def test_a_hub_that_refuses_the_nodes_key_does_not_freeze_the_monitor(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path / "keys", ["node1"])
+    withheld = tmp_path / "node1.key"
+    (keys / "nodes" / "node1.key").rename(withheld)
+    ports = free_ports(3)
+    hub = Hub(tmp_path, ports, keys_dir=keys)
+    directory = tmp_path / "node1"
+    directory.mkdir()
+    fail2ban_log = directory / "fail2ban.log"
+    fail2ban_log.write_text("")
+    config = directory / "fail2ban-cluster.conf"
+    write_config(
+        config,
+        "node1",
+        ports,
+        directory,
+        keys,
+        general={"fail2ban_socket": str(directory / "no-fail2ban.sock")},
+        monitor={"logpath": str(fail2ban_log), "ack_timeout": "1"},
+    )
+    monitor = RoleProcess("monitor", config, directory)
+    hub.publisher.start()
+    try:
+        assert wait_until(lambda: ask_hub(hub) is not None, 15)
+        monitor.start()
+        assert wait_until(lambda: monitor_status(config) is not None, 15), monitor.log_text()
+        time.sleep(0.5)  # the hub refuses the handshake: libzmq drops the DEALER's only pipe
+        with fail2ban_log.open("a") as log:
+            log.write(ban_line("192.0.2.7"))
+
+        def reported() -> bool:
+            status = monitor_status(config)
+            return status is not None and status["Events reported"] == 1
+
+        # A send that blocked would stop the loop before it counts the event, for good.
+        assert wait_until(reported, 10), monitor.log_text()
+        for _ in range(3):  # through resets of the link, every second
+            time.sleep(1)
+            status = monitor_status(config)
+            assert status is not None and status["Outbox depth"] == 1
+        withheld.rename(keys / "nodes" / "node1.key")
+        hub.publisher.process.send_signal(signal.SIGHUP)
+
+        def delivered() -> bool:
+            status = monitor_status(config)
+            return status is not None and (status["Events ACKed"], status["Outbox depth"]) == (1, 0)
+
+        assert wait_until(delivered, 30, 0.2), monitor_status(config)
+        assert monitor.stop() == 0
+    finally:
+        if monitor.alive():
+            monitor.stop()
+        hub.publisher.stop()
+
+
+def ask_hub(hub: Hub) -> dict | None:
+    try:
+        return ask(load_config(str(hub.config)).control_path("publisher"), timeout=2)
+    except ControlError:
+        return None
