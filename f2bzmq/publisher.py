@@ -10,6 +10,7 @@ moves the bytes, stores each batch before it answers, and keeps the timers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -85,42 +86,15 @@ class Publisher:
         self.next_hugz = 0.0
 
     def bind_sockets(self, patience: float = 0.0) -> None:
-        binds = self.config.binds
-        self.collector = self._socket(zmq.ROUTER, binds("report_port"), patience)
-        self.broadcaster = self._socket(zmq.PUB, binds("publish_port"), patience)
-        self.snapshots = self._socket(zmq.ROUTER, binds("snapshot_port"), patience)
+        hwm, binds = self.config.publisher.send_hwm, self.config.binds
+        bind = functools.partial(hub_socket, self.context, self.security, hwm, patience)
+        self.collector = bind(zmq.ROUTER, binds("report_port"))
+        self.broadcaster = bind(zmq.PUB, binds("publish_port"))
+        self.snapshots = bind(zmq.ROUTER, binds("snapshot_port"))
 
     def register_sockets(self) -> None:
         self.poller.register(self.collector, zmq.POLLIN)
         self.poller.register(self.snapshots, zmq.POLLIN)
-
-    def _socket(self, kind: int, endpoints: list[str], patience: float = 0.0) -> zmq.Socket:
-        """A bound hub socket; `patience` seconds of retries while a closed one frees its port."""
-        sock = self.context.socket(kind)
-        sock.linger = 1000
-        self.security.server(sock)
-        if kind == zmq.PUB:
-            # PUB drops silently past the high-water mark; sequence numbers make a
-            # drop visible to subscribers, a high mark makes it rare.
-            sock.sndhwm = self.config.publisher.send_hwm
-        else:
-            sock.maxmsgsize = protocol.MAX_HUB_FRAME
-            sock.router_mandatory = False
-            # A ROUTER drops what exceeds a peer's queue: room for many drained batches
-            # of ACKs, so a burst never loses one while libzmq's I/O thread catches up.
-            sock.sndhwm = REPLY_HWM
-        for endpoint in endpoints:
-            deadline = time.monotonic() + patience
-            while True:
-                try:
-                    sock.bind(endpoint)
-                    break
-                except zmq.ZMQError as error:
-                    if error.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
-                        sock.close(linger=0)
-                        raise RuntimeError(f"cannot bind {endpoint}: {error}") from None
-                    time.sleep(0.02)  # libzmq releases a closed listener asynchronously
-        return sock
 
     def run(self) -> None:
         log.log(
@@ -318,3 +292,39 @@ class Publisher:
         log.log(
             NOTICE, "publisher %s stopped at sequence %d", self.config.node, self.table.sequence
         )
+
+
+def hub_socket(
+    context: zmq.Context,
+    security: Security,
+    send_hwm: int,
+    patience: float,
+    kind: int,
+    endpoints: list[str],
+) -> zmq.Socket:
+    """A bound hub socket; `patience` seconds of retries while a closed one frees its port."""
+    sock = context.socket(kind)
+    sock.linger = 1000
+    security.server(sock)
+    if kind == zmq.PUB:
+        # PUB drops silently past the high-water mark; sequence numbers make a
+        # drop visible to subscribers, a high mark makes it rare.
+        sock.sndhwm = send_hwm
+    else:
+        sock.maxmsgsize = protocol.MAX_HUB_FRAME
+        sock.router_mandatory = False
+        # A ROUTER drops what exceeds a peer's queue: room for many drained batches
+        # of ACKs, so a burst never loses one while libzmq's I/O thread catches up.
+        sock.sndhwm = REPLY_HWM
+    for endpoint in endpoints:
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                sock.bind(endpoint)
+                break
+            except zmq.ZMQError as error:
+                if error.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                    sock.close(linger=0)
+                    raise RuntimeError(f"cannot bind {endpoint}: {error}") from None
+                time.sleep(0.02)  # libzmq releases a closed listener asynchronously
+    return sock
