@@ -4,8 +4,9 @@ An old monitor sends one string frame over REQ, `[token|]hostname|jail|action|ip
 takes the same string without the token back as ACK, or `NAK`. An old subscriber reads
 `hostname|jail|Ban|ip` (or `Unban`) frames from PUB with an empty prefix and skips its
 own hostname. `parse_report` and `format_update` hold the format's rules without a
-socket; `LegacyEndpoints` puts them on the publisher's poll loop. The old format has no
-encryption: its sockets are plain and belong on trusted interfaces.
+socket; the hub's admission core judges each old report by them and by the rules every
+report meets; `LegacyEndpoints` puts the sockets on the publisher's poll loop. The old
+format has no encryption: its sockets are plain and belong on trusted interfaces.
 """
 
 from __future__ import annotations
@@ -13,17 +14,15 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import zmq
 
+from .config import PublisherSettings
 from .protocol import BAN, UNBAN, BanEvent, NetworkLimits, ProtocolError
 from .runtime import drain
 from .state import Update
-
-if TYPE_CHECKING:
-    from .publisher import Publisher
 
 log = logging.getLogger("f2bzmq.legacy")
 
@@ -90,14 +89,25 @@ def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
 
 
 class LegacyEndpoints:
-    """The hub's plain sockets in the old format; each is None when its key is empty."""
+    """The hub's plain sockets in the old format; each is None when its key is empty.
 
-    def __init__(self, hub: Publisher) -> None:
-        self.hub = hub  # the publisher: its checks, ban table, store and broadcasts
-        config = hub.config
-        self.token = config.publisher.legacy_token
-        report_binds = config.publisher.legacy_report_bind
-        publish_binds = config.publisher.legacy_publish_bind
+    Only a shell: the hub's admission core judges each request (`judge`, given the
+    request, the peer's address and the time), and the hub's `commit` stores a batch,
+    then sends its replies on the socket it names and broadcasts what changed.
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context,
+        settings: PublisherSettings,
+        judge: Callable[[list[bytes], str, float], tuple[bytes, Update | None]],
+        commit: Callable[[zmq.Socket, list[list[bytes]], list[Update], str], None],
+    ) -> None:
+        self.context = context  # the hub's: its authenticator sees these connections too
+        self.judge = judge
+        self.commit = commit
+        report_binds = settings.legacy_report_bind
+        publish_binds = settings.legacy_publish_bind
         # ROUTER, not REP: old monitors use REQ, and a ROUTER lets the hub's one poll loop
         # answer many of them without blocking.
         self.reports = self._socket(zmq.ROUTER, report_binds) if report_binds else None
@@ -110,7 +120,7 @@ class LegacyEndpoints:
                 " ".join(report_binds) or "(off)",
                 " ".join(publish_binds) or "(off)",
             )
-        if report_binds and not self.token:
+        if report_binds and not settings.legacy_token:
             log.warning(
                 "legacy_token is empty: anyone who reaches %s can ban and unban",
                 " ".join(report_binds),
@@ -123,7 +133,7 @@ class LegacyEndpoints:
         connection too; pyzmq's authenticator admits NULL when it has no address lists,
         so old clients get in here while the CURVE sockets still refuse them.
         """
-        sock = self.hub.context.socket(kind)
+        sock = self.context.socket(kind)
         sock.linger = 1000
         sock.zap_domain = ZAP_DOMAIN
         if kind == zmq.PUB:
@@ -145,39 +155,17 @@ class LegacyEndpoints:
 
     def handle_reports(self) -> None:
         """Answer every waiting old report, once the accepted ones are committed; broadcast."""
-        hub = self.hub
         replies: list[list[bytes]] = []
         updates: list[Update] = []
         now = time.time()
         # An old report is one frame behind its envelope: a longer message is cut, not kept.
         for frames in drain(self.reports, DRAIN_LIMIT, copy=False, max_frames=16):
             envelope, request = split_envelope([frame.bytes for frame in frames])
-            reply, update = self.handle_report(request, now, frames[-1].get("Peer-Address"))
+            reply, update = self.judge(request, frames[-1].get("Peer-Address"), now)
             replies.append([*envelope, reply])
             if update is not None:
                 updates.append(update)
-        hub.finish_batch(self.reports, replies, updates, " (legacy report)")
-
-    def handle_report(
-        self, request: list[bytes], now: float, peer: str
-    ) -> tuple[bytes, Update | None]:
-        """Check and apply one old report through the hub's own rules; the reply and update."""
-        hub = self.hub
-        try:
-            report = parse_report(request, self.token, hub.networks, now)
-            if hub.auth is not None and report.event.node in hub.auth.names:
-                # A node with a key reports through the encrypted endpoint: its name can't
-                # be borrowed on the plain one.
-                raise ProtocolError(f"node {report.event.node} has a key: it must use it")
-            _, update = hub.admit(report.event, now)
-        except ProtocolError as error:
-            hub.counters["refused"] += 1
-            # Keyed by the peer's address, not by the reason: that holds the sender's text.
-            hub.refusals.warning(
-                f"legacy:{peer}", "refused a legacy report from %s: %s", peer, error
-            )
-            return LEGACY_NAK, None
-        return report.echo, update
+        self.commit(self.reports, replies, updates, " (legacy report)")
 
     def broadcast(self, event: BanEvent) -> None:
         if self.broadcaster is not None:

@@ -4,10 +4,13 @@ One poll loop over three sockets, after zguide's Clone server: `collector`
 (ROUTER) takes events and answers ACK/NAK, `broadcaster` (PUB) sends updates and
 heartbeats, `snapshots` (ROUTER) hands the whole table to subscribers that
 (re)connect or saw a gap. `legacy` adds fail2ban-zmq-tools' format when configured.
+What to make of a report is the admission core's to say (`admission.py`); this shell
+moves the bytes, stores each batch before it answers, and keeps the timers.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -15,14 +18,13 @@ from pathlib import Path
 import zmq
 
 from . import protocol
-from .addresses import Allowlist
+from .admission import Admission
 from .config import Config
 from .control import ControlSocket
 from .keys import Security
 from .legacy import LegacyEndpoints
-from .metrics import DelayHistogram, counter, gauge, histogram
-from .protocol import BanEvent, ProtocolError
-from .ratelimit import TokenBuckets
+from .metrics import counter, gauge, histogram
+from .protocol import ProtocolError
 from .runtime import (
     NOTICE,
     RateLimitedLog,
@@ -33,7 +35,7 @@ from .runtime import (
     drain,
     send_frames,
 )
-from .state import Outcome, StateStore, Update
+from .state import StateStore, Update
 
 log = logging.getLogger("f2bzmq.publisher")
 
@@ -46,36 +48,32 @@ REPLY_HWM = 10 * DRAIN_LIMIT  # replies queued per peer (an ACK is about 80 byte
 _STREAMS = ((False, protocol.MAX_UPDATE_EVENTS), (True, protocol.MAX_PACKED_EVENTS))
 
 
-class RateLimited(ProtocolError):
-    """A report refused because its node floods; the monitor may send it again later."""
-
-
 class Publisher:
-    """The hub's reactor."""
+    """The hub's reactor: sockets, the store and timers around the admission core."""
 
     def __init__(self, config: Config, control_path: Path | None = None) -> None:
         self.config = config
-        self.default_bantime = config.publisher.default_bantime
-        self.networks = config.network_limits()
         self.heartbeat_interval = config.publisher.heartbeat_interval
         state_dir = config.state_path("")
         state_dir.mkdir(parents=True, exist_ok=True)
         self.store = StateStore(config.state_path("publisher.sqlite3"))
-        self.table = self.store.load(config.node, self.default_bantime, 86400.0)
+        # The core's table: the shell stores, expires and snapshots it.
+        self.table = self.store.load(config.node, config.publisher.default_bantime, 86400.0)
         self.table.allow_foreign_unban = config.publisher.allow_foreign_unban
-        self.allowlist = Allowlist(config.publisher.allowlist)
-        self.buckets = TokenBuckets(config.publisher.rate_limit, config.publisher.rate_burst)
-        self.refusals = RateLimitedLog(log)
-        # reports: messages from monitors, each of one or more events
-        self.counters = {"reports": 0, "accepted": 0, "refused": 0, "duplicates": 0, "broadcast": 0}
-        self.nodes: dict[str, float] = {}  # node name -> last report time
-        self.accept_delays = DelayHistogram()  # the origin's Ban line -> stored here
+        self.admission = Admission(config, self.table)  # what every report is judged by
+        self.refusals = RateLimitedLog(log)  # of snapshot requests; the core logs reports'
+        self.broadcasts = 0  # updates published
         self.security = Security.for_role(config, "publisher")
         self.context = zmq.Context()
         # The authenticator must run before the first bind, on the sockets' context.
         self.auth = self.security.authenticator(self.context)
+        if self.auth is not None:
+            self.admission.authorized = frozenset(self.auth.names)
         self.bind_sockets()
-        self.legacy = LegacyEndpoints(self)  # fail2ban-zmq-tools' format, when configured
+        # fail2ban-zmq-tools' format, when configured
+        self.legacy = LegacyEndpoints(
+            self.context, config.publisher, self.admission.handle_legacy, self.finish_batch
+        )
         self.wakeup = Wakeup()
         self.signals = StopSignals(self.wakeup)
         self.poller = zmq.Poller()
@@ -88,42 +86,15 @@ class Publisher:
         self.next_hugz = 0.0
 
     def bind_sockets(self, patience: float = 0.0) -> None:
-        binds = self.config.binds
-        self.collector = self._socket(zmq.ROUTER, binds("report_port"), patience)
-        self.broadcaster = self._socket(zmq.PUB, binds("publish_port"), patience)
-        self.snapshots = self._socket(zmq.ROUTER, binds("snapshot_port"), patience)
+        hwm, binds = self.config.publisher.send_hwm, self.config.binds
+        bind = functools.partial(hub_socket, self.context, self.security, hwm, patience)
+        self.collector = bind(zmq.ROUTER, binds("report_port"))
+        self.broadcaster = bind(zmq.PUB, binds("publish_port"))
+        self.snapshots = bind(zmq.ROUTER, binds("snapshot_port"))
 
     def register_sockets(self) -> None:
         self.poller.register(self.collector, zmq.POLLIN)
         self.poller.register(self.snapshots, zmq.POLLIN)
-
-    def _socket(self, kind: int, endpoints: list[str], patience: float = 0.0) -> zmq.Socket:
-        """A bound hub socket; `patience` seconds of retries while a closed one frees its port."""
-        sock = self.context.socket(kind)
-        sock.linger = 1000
-        self.security.server(sock)
-        if kind == zmq.PUB:
-            # PUB drops silently past the high-water mark; sequence numbers make a
-            # drop visible to subscribers, a high mark makes it rare.
-            sock.sndhwm = self.config.publisher.send_hwm
-        else:
-            sock.maxmsgsize = protocol.MAX_HUB_FRAME
-            sock.router_mandatory = False
-            # A ROUTER drops what exceeds a peer's queue: room for many drained batches
-            # of ACKs, so a burst never loses one while libzmq's I/O thread catches up.
-            sock.sndhwm = REPLY_HWM
-        for endpoint in endpoints:
-            deadline = time.monotonic() + patience
-            while True:
-                try:
-                    sock.bind(endpoint)
-                    break
-                except zmq.ZMQError as error:
-                    if error.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
-                        sock.close(linger=0)
-                        raise RuntimeError(f"cannot bind {endpoint}: {error}") from None
-                    time.sleep(0.02)  # libzmq releases a closed listener asynchronously
-        return sock
 
     def run(self) -> None:
         log.log(
@@ -175,11 +146,10 @@ class Publisher:
             peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
             # The node name the authenticator gave this peer's key (None without keys).
             user = frames[-1].get("User-Id") if self.auth is not None else None
-            answers, changes = self.handle_report(body, now, user)
+            answers, changes = self.admission.handle_report(body, user, now)
             replies.extend([peer, *answer] for answer in answers)
             updates.extend(changes)
             taken += max(1, len(body) - 2)
-            self.counters["reports"] += 1
             if taken >= DRAIN_LIMIT:
                 break  # the rest waits for the next pass: a pass stays short
         self.finish_batch(self.collector, replies, updates)
@@ -196,72 +166,6 @@ class Publisher:
             # Logged only now that it is stored: a crash can't leave a ban in the log twice.
             log.log(NOTICE, "%s%s", update.event.describe(), note)
 
-    def handle_report(
-        self, frames: list[bytes], now: float, user: str | None = None
-    ) -> tuple[list[list[bytes]], list[Update]]:
-        """Check and apply each event of one report, each on its own; return the reply
-        messages (one ACK for every event taken, one NAK for every event refused) and
-        what to broadcast."""
-        try:
-            rest = protocol.decode_report(frames)
-        except ProtocolError as error:
-            event_id = protocol.peek_id(frames[-1]) if len(frames) == 3 else ""
-            return protocol.encode_replies([], [self.refuse(event_id, error, user)]), []
-        acks: list[bytes] = []
-        naks: list[bytes] = []
-        updates: list[Update] = []
-        for body in rest:
-            try:
-                event = BanEvent.decode(body, self.networks)
-                outcome, update = self.admit(event, now, user)
-            except ProtocolError as error:
-                retry = isinstance(error, RateLimited)
-                naks.append(self.refuse(protocol.peek_id(body), error, user, retry))
-                continue
-            acks.append(protocol.ack_body(event.id, outcome.value))
-            if update is not None:
-                updates.append(update)
-        return protocol.encode_replies(acks, naks), updates
-
-    def admit(
-        self, event: BanEvent, now: float, user: str | None = None
-    ) -> tuple[Outcome, Update | None]:
-        """The hub's rules and rate limit for a decoded event from any endpoint, then the table."""
-        self.authorize(event, user)
-        if not self.buckets.allow(user or event.node, now):
-            rate = self.buckets.rate
-            raise RateLimited(f"rate limit: node {event.node} sends more than {rate:g} events/s")
-        outcome, update = self.table.apply(event, now)
-        self.nodes[event.node] = now
-        if outcome is Outcome.DUPLICATE:
-            self.counters["duplicates"] += 1
-        else:
-            self.counters["accepted"] += 1
-            self.accept_delays.observe(now - event.time)
-        if update is None:
-            log.debug("%s: %s", event.describe(), outcome.value)
-        return outcome, update
-
-    def authorize(self, event: BanEvent, user: str | None) -> None:
-        """The hub's own rules: who may report what."""
-        if user is not None:
-            if user not in self.auth.names:
-                raise ProtocolError("this node's key has been withdrawn")
-            if event.node != user:
-                raise ProtocolError(f"node {event.node!r} reported with the key of {user!r}")
-        if event.action == protocol.BAN and self.allowlist.covers(event.ip):
-            raise ProtocolError(f"{event.ip} is in the hub's allowlist")
-
-    def refuse(
-        self, event_id: str, error: ProtocolError, user: str | None, retry: bool = False
-    ) -> bytes:
-        """A NAK body with the reason, logged at a bounded rate."""
-        self.counters["refused"] += 1
-        who = f" from {user}" if user else ""
-        # Keyed by node, never by the reason: a hostile peer chooses the reason's text.
-        self.refusals.warning(f"report {user}", "refused a report%s: %s", who, error)
-        return protocol.nak_body(event_id, str(error), retry)
-
     def reload_keys(self) -> None:
         """SIGHUP: read nodes/ again; if a key went away, cut every connection so it can't stay."""
         if self.auth is None:
@@ -269,6 +173,7 @@ class Publisher:
             return
         before = set(self.auth.names)
         count = self.auth.reload()
+        self.admission.authorized = frozenset(self.auth.names)
         removed = before - self.auth.names
         log.log(NOTICE, "reloaded node keys: %d accepted", count)
         if removed:
@@ -296,7 +201,7 @@ class Publisher:
             start = end
         for update in updates:
             self.legacy.broadcast(update.event)
-        self.counters["broadcast"] += len(updates)
+        self.broadcasts += len(updates)
 
     def _publish(self, updates: list[Update], packed: bool) -> None:
         events = (update.event for update in updates)
@@ -338,6 +243,7 @@ class Publisher:
         log.debug("sent a snapshot of %d bans at sequence %d", len(events), sequence)
 
     def status(self) -> dict:
+        counters, nodes = self.admission.counters, self.admission.last_report
         per_jail: dict[str, int] = {}
         for jail, _ in self.table.bans:
             per_jail[jail] = per_jail.get(jail, 0) + 1
@@ -347,26 +253,26 @@ class Publisher:
             "Sequence number": self.table.sequence,
             "Currently banned": len(self.table.bans),
             "Banned per jail": per_jail,
-            "Nodes (last report)": {node: clock(seen) for node, seen in self.nodes.items()},
-            "Reports received": self.counters["reports"],
-            "Events accepted": self.counters["accepted"],
-            "Events refused": self.counters["refused"],
-            "Duplicates dropped": self.counters["duplicates"],
-            "Updates broadcast": self.counters["broadcast"],
+            "Nodes (last report)": {node: clock(seen) for node, seen in nodes.items()},
+            "Reports received": counters["reports"],
+            "Events accepted": counters["accepted"],
+            "Events refused": counters["refused"],
+            "Duplicates dropped": counters["duplicates"],
+            "Updates broadcast": self.broadcasts,
             "problems": [],
             "metrics": {
                 "sequence": gauge("sequence number of the last update", self.table.sequence),
                 "bans": gauge("active cluster bans per jail", per_jail, "jail"),
-                "nodes": gauge("nodes that have reported", len(self.nodes)),
+                "nodes": gauge("nodes that have reported", len(nodes)),
                 "reports_received": counter(
-                    "report messages, of one or more events", self.counters["reports"]
+                    "report messages, of one or more events", counters["reports"]
                 ),
-                "events_accepted": counter("events stored", self.counters["accepted"]),
-                "events_refused": counter("events refused", self.counters["refused"]),
-                "duplicates": counter("events already known", self.counters["duplicates"]),
-                "updates_broadcast": counter("updates published", self.counters["broadcast"]),
+                "events_accepted": counter("events stored", counters["accepted"]),
+                "events_refused": counter("events refused", counters["refused"]),
+                "duplicates": counter("events already known", counters["duplicates"]),
+                "updates_broadcast": counter("updates published", self.broadcasts),
                 "accept_delay_seconds": histogram(
-                    "origin's Ban line -> stored by the hub", self.accept_delays
+                    "origin's Ban line -> stored by the hub", self.admission.accept_delays
                 ),
             },
         }
@@ -386,3 +292,39 @@ class Publisher:
         log.log(
             NOTICE, "publisher %s stopped at sequence %d", self.config.node, self.table.sequence
         )
+
+
+def hub_socket(
+    context: zmq.Context,
+    security: Security,
+    send_hwm: int,
+    patience: float,
+    kind: int,
+    endpoints: list[str],
+) -> zmq.Socket:
+    """A bound hub socket; `patience` seconds of retries while a closed one frees its port."""
+    sock = context.socket(kind)
+    sock.linger = 1000
+    security.server(sock)
+    if kind == zmq.PUB:
+        # PUB drops silently past the high-water mark; sequence numbers make a
+        # drop visible to subscribers, a high mark makes it rare.
+        sock.sndhwm = send_hwm
+    else:
+        sock.maxmsgsize = protocol.MAX_HUB_FRAME
+        sock.router_mandatory = False
+        # A ROUTER drops what exceeds a peer's queue: room for many drained batches
+        # of ACKs, so a burst never loses one while libzmq's I/O thread catches up.
+        sock.sndhwm = REPLY_HWM
+    for endpoint in endpoints:
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                sock.bind(endpoint)
+                break
+            except zmq.ZMQError as error:
+                if error.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                    sock.close(linger=0)
+                    raise RuntimeError(f"cannot bind {endpoint}: {error}") from None
+                time.sleep(0.02)  # libzmq releases a closed listener asynchronously
+    return sock

@@ -1,14 +1,20 @@
 """The publisher over real ZeroMQ sockets: ACK/NAK, broadcasts with sequence numbers, snapshots."""
 
+import contextlib
 import json
+import logging
 import signal
+import sqlite3
 import time
 
 import pytest
+import zmq
 
 from f2bzmq import protocol
+from f2bzmq.config import config_from
 from f2bzmq.lab import Hub, NodeClient, free_ports, make_keys, wait_until
 from f2bzmq.protocol import BanEvent
+from f2bzmq.publisher import Publisher
 
 
 @pytest.fixture
@@ -228,3 +234,95 @@ def test_a_burst_goes_out_in_few_messages_with_consecutive_sequence_numbers(hub,
     assert len(sizes) < len(events) / 10  # many events shared a message
     if stream == protocol.PACKED:
         assert max(sizes) > protocol.MAX_UPDATE_EVENTS  # more than the plain stream takes
+
+
+# The shell built in this process from settings, without a file: its sockets are real,
+# its store is SQLite on disk, and the loop's steps are called by hand.
+
+
+@pytest.fixture
+def signals_back():
+    """A hub takes SIGTERM, SIGINT, SIGHUP and the signal wake-up fd: give them back after."""
+    handlers = {
+        sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
+    wakeup = signal.set_wakeup_fd(-1)
+    yield
+    signal.set_wakeup_fd(wakeup)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def built_hub(tmp_path, ports, keys_dir=None, **publisher) -> Publisher:
+    general = {"node": "hub", "state_dir": str(tmp_path / "state")}
+    general.update(zip(("report_port", "publish_port", "snapshot_port"), map(str, ports)))
+    if keys_dir is None:
+        general["insecure"] = "true"
+    else:
+        general["keys_dir"] = str(keys_dir)
+    return Publisher(config_from({"general": general, "publisher": publisher}))
+
+
+def stored_bans(tmp_path) -> list[tuple[str, str]]:
+    """(node, address) of every ban in the hub's database, read over a connection of its own."""
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "publisher.sqlite3")) as db:
+        return sorted(db.execute("SELECT node, ip FROM bans"))
+
+
+def test_a_built_hub_answers_a_batch_once_it_is_stored(tmp_path, signals_back):
+    ports = free_ports(3)
+    hub = built_hub(tmp_path, ports)
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.linger = 0
+    dealer.connect(f"tcp://127.0.0.1:{ports[0]}")
+    try:
+        events = [ban("198.51.100.1"), ban("198.51.100.2", node="web7"), ban("127.0.0.1")]
+        dealer.send_multipart(protocol.encode_report(event.encode() for event in events))
+        assert hub.collector.poll(5000)
+        hub.handle_reports()
+        replies = [protocol.decode_reply(dealer.recv_multipart())[0] for _ in range(2)]
+        assert [[(a.stored, a.outcome or a.reason) for a in answers] for answers in replies] == [
+            [(True, "banned"), (True, "banned")],
+            [(False, "127.0.0.1 is in the hub's allowlist")],
+        ]
+        assert stored_bans(tmp_path) == [("node1", "198.51.100.1"), ("web7", "198.51.100.2")]
+        assert hub.status()["Events accepted"] == 2 and hub.status()["Updates broadcast"] == 2
+    finally:
+        dealer.close()
+        context.term()
+        hub.close()
+
+
+def test_a_built_hub_takes_old_reports_through_its_core_and_store(tmp_path, signals_back, caplog):
+    ports = free_ports(4)
+    old_endpoint = f"tcp://127.0.0.1:{ports[3]}"
+    hub = built_hub(tmp_path, ports[:3], legacy_report_bind=old_endpoint)
+    context = zmq.Context()
+    old = context.socket(zmq.REQ)
+    old.linger = 0
+    old.connect(old_endpoint)
+    try:
+        with caplog.at_level(logging.INFO):
+            old.send(b"oldweb|sshd|Ban|198.51.100.3")
+            assert hub.legacy.reports.poll(5000)
+            hub.legacy.handle_reports()
+            assert old.recv() == b"oldweb|sshd|Ban|198.51.100.3"
+        assert stored_bans(tmp_path) == [("oldweb", "198.51.100.3")]
+        assert "[sshd] Ban 198.51.100.3 from oldweb (legacy report)" in caplog.messages
+    finally:
+        old.close()
+        context.term()
+        hub.close()
+
+
+def test_a_built_hub_gives_its_core_the_node_keys_it_reads_again(tmp_path, signals_back):
+    keys = make_keys(tmp_path / "keys", ["node1", "node2"])
+    hub = built_hub(tmp_path, free_ports(3), keys)
+    try:
+        assert hub.admission.authorized == {"node1", "node2"}
+        (keys / "nodes" / "node1.key").unlink()
+        hub.reload_keys()
+        assert hub.admission.authorized == {"node2"}
+    finally:
+        hub.close()

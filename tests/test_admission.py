@@ -1,0 +1,284 @@
+"""The hub's admission rules without a socket: a report in, the replies and updates out."""
+
+import json
+import logging
+
+import pytest
+
+from f2bzmq import protocol
+from f2bzmq.admission import Admission
+from f2bzmq.config import config_from
+from f2bzmq.legacy import LEGACY_NAK
+from f2bzmq.protocol import BAN, EVENT, PROTOCOL, UNBAN, BanEvent
+from f2bzmq.state import BanTable
+
+NOW = 1_795_000_000.0
+TOKEN = "s3cret"
+PEER = "192.0.2.200"  # an old monitor's address
+
+
+def hub(authorized=("node1", "node2"), **publisher: str) -> Admission:
+    """A hub's core holding these node keys, with 10.9.0.0/16 in its allowlist."""
+    settings = {"allowlist": "127.0.0.0/8 10.9.0.0/16", "legacy_token": TOKEN, **publisher}
+    admission = Admission(config_from({"publisher": settings}), BanTable("hub", 600))
+    admission.authorized = frozenset(authorized)
+    return admission
+
+
+def ban(ip="192.0.2.10", node="node1", action=BAN, when=NOW) -> bytes:
+    return BanEvent.new(node, "sshd", action, ip, when, 600 if action == BAN else None).encode()
+
+
+def judge(admission: Admission, frames: list[bytes], user="node1", now=NOW):
+    """What the hub says of one report: each answer as (id, "ACK", outcome) or
+    (id, "NAK", reason, retry), in the order of its reply messages, and the updates to
+    broadcast as (sequence number, address)."""
+    replies, updates = admission.handle_report(frames, user, now)
+    said = []
+    for reply in replies:
+        answers, problems = protocol.decode_reply(reply)
+        assert problems == []
+        for a in answers:
+            said.append((a.id, "ACK", a.outcome) if a.stored else (a.id, "NAK", a.reason, a.retry))
+    return said, [(update.seq, update.event.ip) for update in updates]
+
+
+def report(*bodies: bytes) -> list[bytes]:
+    return [PROTOCOL, EVENT, *bodies]
+
+
+def event_id(body: bytes) -> str:
+    return json.loads(body)["id"]
+
+
+BODY = ban()
+NOT_AN_ADDRESS = (
+    "ip '0.0.0.0/0; reboot' is not an address: "
+    "'0.0.0.0/0; reboot' does not appear to be an IPv4 or IPv6 network"
+)
+
+
+@pytest.mark.parametrize(
+    "body, user, answer",
+    [
+        (ban(), "node1", ("ACK", "banned")),
+        (ban(node="web7"), None, ("ACK", "banned")),  # a hub without keys: any name
+        (ban(action=UNBAN), "node1", ("ACK", "redundant")),
+        (ban(when=NOW - 700), "node1", ("ACK", "expired")),
+        (ban(node="node2"), "node1", ("NAK", "node 'node2' reported with the key of 'node1'")),
+        (ban(node="node3"), "node3", ("NAK", "this node's key has been withdrawn")),
+        (ban("10.9.1.2"), "node1", ("NAK", "10.9.1.2 is in the hub's allowlist")),
+        (ban("10.9.1.0/24"), "node1", ("NAK", "10.9.1.0/24 is in the hub's allowlist")),
+        (ban("::ffff:10.9.1.2"), "node1", ("NAK", "10.9.1.2 is in the hub's allowlist")),
+        (ban("10.9.1.2", action=UNBAN), "node1", ("ACK", "redundant")),
+        (
+            BODY.replace(b"192.0.2.10", b"192.0.2.0/20"),
+            "node1",
+            ("NAK", "network 192.0.0.0/20 is wider than the allowed /24"),
+        ),
+        (BODY.replace(b"192.0.2.10", b"0.0.0.0/0; reboot"), "node1", ("NAK", NOT_AN_ADDRESS)),
+    ],
+    ids=[
+        "new ban",
+        "no keys",
+        "unban of nothing",
+        "ban already over",
+        "another node's name",
+        "withdrawn key",
+        "allowlisted",
+        "network over the allowlist",
+        "allowlisted, IPv4-mapped",
+        "unban of an allowlisted address",
+        "network too wide",
+        "not an address",
+    ],
+)
+def test_each_event_is_answered_by_the_hubs_rules(body, user, answer):
+    admission = hub()
+    said, updates = judge(admission, report(body), user)
+    retry = (False,) if answer[0] == "NAK" else ()
+    assert said == [(event_id(body), *answer, *retry)]
+    banned = [json.loads(body)["ip"]] if answer == ("ACK", "banned") else []
+    assert updates == [(1, ip) for ip in banned]
+    assert [ip for _, ip in admission.table.bans] == banned
+
+
+@pytest.mark.parametrize(
+    "frames, named, reason",
+    [
+        ([PROTOCOL, EVENT], "", "expected 1-100 event bodies"),
+        (report(*(ban(f"192.0.2.{n}") for n in range(1, 102))), "", "expected 1-100 event bodies"),
+        ([PROTOCOL, protocol.ACK, BODY], event_id(BODY), "expected 1-100 event bodies"),
+        ([b"F2BZMQ9", EVENT, BODY], event_id(BODY), "unknown protocol 'F2BZMQ9', expected F2BZMQ1"),
+        ([PROTOCOL], "", "message has too few frames"),
+    ],
+    ids=["no events", "101 events", "another kind", "another protocol", "one frame"],
+)
+def test_a_report_that_cannot_be_read_gets_one_nak_and_changes_nothing(frames, named, reason):
+    admission = hub()
+    assert judge(admission, frames) == ([(named, "NAK", reason, False)], [])
+    assert admission.table.sequence == 0 and admission.table.seen == {}
+    assert admission.counters == {"reports": 1, "accepted": 0, "refused": 1, "duplicates": 0}
+
+
+def test_each_event_of_a_report_is_judged_on_its_own():
+    admission = hub()
+    good, other, allowlisted = ban("198.51.100.1"), ban("198.51.100.2"), ban("10.9.0.1")
+    forged = ban("198.51.100.3", node="node2")
+    unreadable = b'{"id": "' + b"ab" * 16 + b'", "node": 5}'
+    said, updates = judge(admission, report(good, unreadable, other, forged, good, allowlisted))
+    assert said == [
+        (event_id(good), "ACK", "banned"),
+        (event_id(other), "ACK", "banned"),
+        (event_id(good), "ACK", "duplicate"),
+        ("ab" * 16, "NAK", "missing field 'action'", False),
+        (event_id(forged), "NAK", "node 'node2' reported with the key of 'node1'", False),
+        (event_id(allowlisted), "NAK", "10.9.0.1 is in the hub's allowlist", False),
+    ]
+    assert updates == [(1, "198.51.100.1"), (2, "198.51.100.2")]
+    assert admission.counters == {"reports": 1, "accepted": 2, "refused": 3, "duplicates": 1}
+
+
+def test_a_flooding_node_is_told_to_retry_later_and_the_others_are_not():
+    admission = hub(rate_limit="0.1", rate_burst="5")
+    said = [judge(admission, report(ban(f"198.51.100.{n}")))[0][0] for n in range(1, 9)]
+    assert [answer[1:] for answer in said] == [("ACK", "banned")] * 5 + [
+        ("NAK", "rate limit: node node1 sends more than 0.1 events/s", True)
+    ] * 3
+    assert admission.table.sequence == 5  # a throttled event never reaches the table
+    node2 = [judge(admission, report(ban(f"203.0.113.{n}", "node2")), "node2") for n in range(5)]
+    assert [said[0][1:] for said, _ in node2] == [("ACK", "banned")] * 5
+    # One token back after 10 s at 0.1 events/s, and one only.
+    later = [judge(admission, report(ban(f"198.51.100.{n}")), now=NOW + 10)[0] for n in (9, 10)]
+    assert [said[0][1] for said in later] == ["ACK", "NAK"]
+
+
+def test_an_event_the_rules_refuse_costs_no_token():
+    """The bucket pays for what may reach the table: a node refused by a rule is not
+    throttled on top of it."""
+    admission = hub(rate_limit="0.1", rate_burst="2")
+    for _ in range(5):
+        judge(admission, report(ban("10.9.0.1")))
+        judge(admission, report(ban(node="node2")))
+    said = [judge(admission, report(ban(f"198.51.100.{n}")))[0][0][1] for n in (1, 2, 3)]
+    assert said == ["ACK", "ACK", "NAK"]
+
+
+def test_a_node_without_keys_is_throttled_by_the_name_it_reports():
+    admission = hub(authorized=(), rate_limit="0.1", rate_burst="1")
+    first, second = (
+        judge(admission, report(ban(ip, "web7")), None)[0][0]
+        for ip in ("198.51.100.1", "198.51.100.2")
+    )
+    assert (first[1], second[1:]) == (
+        "ACK",
+        ("NAK", "rate limit: node web7 sends more than 0.1 events/s", True),
+    )
+    assert judge(admission, report(ban(node="web8")), None)[0][0][1] == "ACK"
+
+
+def test_the_core_keeps_the_figures_of_what_it_took():
+    admission = hub()
+    judge(admission, report(ban("198.51.100.1", when=NOW - 0.004)), now=NOW)
+    judge(admission, report(ban("198.51.100.1", "node2", when=NOW - 2)), "node2", now=NOW + 1)
+    duplicate = ban("198.51.100.2", when=NOW + 2)
+    judge(admission, report(duplicate, duplicate, ban("10.9.0.1")), now=NOW + 2)
+    assert admission.counters == {"reports": 3, "accepted": 3, "refused": 1, "duplicates": 1}
+    assert admission.last_report == {"node1": NOW + 2, "node2": NOW + 1}
+    delays = admission.accept_delays
+    assert delays.count == 3 and delays.sum == pytest.approx(0.004 + 3 + 0)
+    assert [count for _, count in delays.as_dict()["buckets"]][:3] == [1, 2, 2]
+
+
+def test_a_key_withdrawn_after_its_node_connected_speaks_no_more():
+    admission = hub()
+    assert judge(admission, report(ban("198.51.100.1")))[0][0][1] == "ACK"
+    admission.authorized = frozenset({"node2"})  # what the hub read again on SIGHUP
+    said, updates = judge(admission, report(ban("198.51.100.2")))
+    assert said[0][1:] == ("NAK", "this node's key has been withdrawn", False) and updates == []
+
+
+# Old monitors: one string frame; the reply is the report without its token, or NAK.
+
+
+@pytest.mark.parametrize(
+    "request_, authorized, reply, why",
+    [
+        (f"{TOKEN}|oldweb|sshd|Ban|198.51.100.22", ("node1",), "oldweb|sshd|Ban|198.51.100.22", ""),
+        (f"{TOKEN}|oldweb|sshd|UnBan|198.51.100.22", (), "oldweb|sshd|UnBan|198.51.100.22", ""),
+        (f"{TOKEN}|node1|sshd|Ban|198.51.100.22", (), "node1|sshd|Ban|198.51.100.22", ""),
+        (
+            f"{TOKEN}|node1|sshd|Ban|198.51.100.22",
+            ("node1",),
+            "NAK",
+            "node node1 has a key: it must use it",
+        ),
+        ("wrong|oldweb|sshd|Ban|198.51.100.22", (), "NAK", "wrong token"),
+        (f"{TOKEN}|oldweb|sshd|Ban|10.9.3.4", (), "NAK", "10.9.3.4 is in the hub's allowlist"),
+        (
+            f"{TOKEN}|oldweb|sshd|Ban|::ffff:127.0.0.1",
+            (),
+            "NAK",
+            "127.0.0.1 is in the hub's allowlist",
+        ),
+        (f"{TOKEN}|oldweb|sshd;reboot|Ban|198.51.100.22", (), "NAK", "jail"),
+    ],
+    ids=[
+        "ban",
+        "unban",
+        "a node name without a key",
+        "a node with a key",
+        "wrong token",
+        "allowlisted",
+        "allowlisted, IPv4-mapped",
+        "odd jail",
+    ],
+)
+def test_old_reports_are_held_to_the_same_rules(request_, authorized, reply, why, caplog):
+    admission = hub(authorized)
+    with caplog.at_level(logging.WARNING, "f2bzmq.admission"):
+        answer, update = admission.handle_legacy([request_.encode()], PEER, NOW)
+    assert answer == reply.encode()
+    if reply == "NAK":
+        assert answer == LEGACY_NAK and update is None and admission.table.seen == {}
+        (line,) = caplog.messages
+        assert line.startswith(f"refused a legacy report from {PEER}: ") and why in line
+        assert admission.counters["refused"] == 1
+    elif "|Ban|" in request_:
+        assert (update.seq, update.event.ip, update.event.bantime) == (1, "198.51.100.22", None)
+    else:
+        assert update is None  # nothing was banned
+    assert admission.counters["reports"] == 0  # "reports" counts the native endpoint's
+
+
+def test_old_monitors_are_throttled_by_the_name_they_report():
+    admission = hub(authorized=(), rate_limit="0.1", rate_burst="3")
+    replies = [
+        admission.handle_legacy([f"{TOKEN}|oldweb|sshd|Ban|198.51.100.{n}".encode()], PEER, NOW)[0]
+        for n in range(30, 35)
+    ]
+    assert (
+        replies
+        == [f"oldweb|sshd|Ban|198.51.100.{n}".encode() for n in range(30, 33)] + [LEGACY_NAK] * 2
+    )
+    other = admission.handle_legacy([f"{TOKEN}|other|sshd|Ban|198.51.100.36".encode()], PEER, NOW)
+    assert other[0] == b"other|sshd|Ban|198.51.100.36"
+
+
+def test_refusals_are_logged_once_a_minute_per_sender_whatever_the_reason(caplog):
+    admission = hub()
+    with caplog.at_level(logging.WARNING, "f2bzmq.admission"):
+        judge(admission, report(ban(node="node1")), "node2")
+        judge(admission, report(ban("10.9.0.1", node="node2")), "node2")  # another reason
+        judge(admission, report(ban("10.9.0.1")), "node1")
+        judge(admission, report(ban("10.9.0.1", node="web7")), None)
+        for peer in (PEER, PEER, "192.0.2.201"):
+            admission.handle_legacy([b"wrong|oldweb|sshd|Ban|198.51.100.1"], peer, NOW)
+    assert caplog.messages == [
+        "refused a report from node2: node 'node1' reported with the key of 'node2'",
+        "refused a report from node1: 10.9.0.1 is in the hub's allowlist",
+        "refused a report: 10.9.0.1 is in the hub's allowlist",
+        f"refused a legacy report from {PEER}: wrong token",
+        "refused a legacy report from 192.0.2.201: wrong token",
+    ]
+    assert admission.counters["refused"] == 7
