@@ -15,9 +15,10 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from f2bzmq.config import ConfigError, load_config
-from f2bzmq.lab import Cluster, Hub, NodeClient, free_ports, make_keys, wait_until
+from f2bzmq.lab import Cluster, Hub, free_ports, make_keys, wait_until
 from f2bzmq.legacy import MAX_MESSAGE, format_update, parse_report
 from f2bzmq.protocol import BAN, UNBAN, BanEvent, NetworkLimits, ProtocolError
+from tests.support.nodeclient import NodeClient
 
 TOKEN = "s3cret-token"
 TIMEOUT = 5000  # ms an old client waits for a reply

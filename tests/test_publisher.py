@@ -7,8 +7,9 @@ import time
 import pytest
 
 from f2bzmq import protocol
-from f2bzmq.lab import Hub, NodeClient, free_ports, make_keys, wait_until
+from f2bzmq.lab import Hub, free_ports, make_keys, wait_until
 from f2bzmq.protocol import BanEvent
+from tests.support.nodeclient import NodeClient
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ import zmq
 
 from f2bzmq import protocol
 from f2bzmq.keys import KeyFileError, keygen, load_secret
-from f2bzmq.lab import Cluster, Hub, NodeClient, free_ports, make_keys, wait_until
+from f2bzmq.lab import Cluster, Hub, free_ports, make_keys, wait_until
 from f2bzmq.protocol import BanEvent
+from tests.support.nodeclient import NodeClient
 
 SILENCE = 3000  # ms a shut-out client waits to prove it hears nothing
 
