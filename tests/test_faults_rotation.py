@@ -12,7 +12,6 @@ import gzip
 import re
 import signal
 import sqlite3
-import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from f2bzmq.lab import CLIENT_PROGRAM, Cluster, Hub, Node, wait_until
+from tests.support.logrotate import logrotate
 
 WAIT = 120.0  # generous bound for anything asynchronous; these tests never assert speed
 WAVES = 5  # attack waves per burst
@@ -149,26 +149,6 @@ def wait_outboxes_empty(cluster: Cluster) -> None:
 # --- A: logrotate during a burst of bans on node1 ---
 
 
-def logrotate(tmp_path: Path, node: Node, directives: str) -> Callable[[], None]:
-    """Run the real logrotate -f on node's fail2ban.log with a config and state of its own."""
-    config = tmp_path / "logrotate.conf"
-    config.write_text(
-        f'"{node.fail2ban.log}" {{\n    rotate {WAVES * 2}\n    missingok\n{directives}}}\n'
-    )
-    config.chmod(0o644)  # logrotate ignores a configuration others can write
-    state = tmp_path / "logrotate.state"
-
-    def run() -> None:
-        subprocess.run(
-            ["logrotate", "-s", str(state), "-f", str(config)],
-            check=True,
-            timeout=WAIT,
-            capture_output=True,
-        )
-
-    return run
-
-
 def burst_with_rotations(cluster: Cluster, rotate: Callable[[], None]) -> set[str]:
     """Attack node1 in WAVES waves; in each, run logrotate while fail2ban writes the wave's Ban
     lines. Return every address attacked, once fail2ban on node1 has banned them all."""
@@ -205,7 +185,8 @@ def test_logrotate_create_during_a_burst_loses_and_repeats_nothing(tmp_path, clu
         "    create 0640\n    compress\n    delaycompress\n"
         f"    postrotate\n        {flushlogs} >/dev/null\n    endscript\n"
     )
-    banned = burst_with_rotations(cluster, logrotate(tmp_path, node1, directives))
+    rotate = logrotate(tmp_path, node1.fail2ban.log, directives, WAVES * 2, WAIT)
+    banned = burst_with_rotations(cluster, rotate)
 
     wait_synced(cluster, {"node2": banned, "node3": banned})
     assert_rotated_mid_wave(node1)
@@ -235,7 +216,8 @@ def test_logrotate_copytruncate_during_a_burst_loses_and_repeats_nothing(tmp_pat
     """
     node1 = cluster["node1"]
     directives = "    copytruncate\n    compress\n    delaycompress\n"
-    banned = burst_with_rotations(cluster, logrotate(tmp_path, node1, directives))
+    rotate = logrotate(tmp_path, node1.fail2ban.log, directives, WAVES * 2, WAIT)
+    banned = burst_with_rotations(cluster, rotate)
 
     reported = once(queued(node1))
     on_disk = once(bans_on_disk(node1))

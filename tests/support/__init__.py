@@ -2,5 +2,6 @@
 
 `f2bzmq.lab` is the demo's cluster on one machine; what only tests and benchmarks use
 lives here: a node driven by hand (`nodeclient`), network namespaces (`netns`) and the
-cluster whose nodes have real firewalls in them (`netlab`).
+cluster whose nodes have real firewalls in them (`netlab`), and the real logrotate
+(`logrotate`).
 """
