@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .config import load_config
+from .control import ControlError, ask, control_path
 from .fail2ban_client import Fail2banClient
 from .keys import HUB, keygen
 
@@ -338,6 +340,22 @@ class RoleProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def ready(self) -> bool:
+        """The daemon answers `status` on its control socket, and a subscriber has a
+        snapshot of every hub: what the daemon says of itself, not what its log says."""
+        try:
+            status = ask(self.control_socket(), timeout=1.0)
+        except ControlError:
+            return False
+        if self.role == "subscriber":
+            return all(hub["synced"] for hub in status["Hubs"].values())
+        return True
+
+    def control_socket(self) -> Path:
+        """Where the daemon answers: ROLE.sock in the run_dir its configuration names."""
+        run_dir = load_config(str(self.config)).get("general", "run_dir")
+        return control_path(Path(run_dir), self.role)
+
     def log_text(self) -> str:
         return self.output.read_text(errors="replace") if self.output.exists() else ""
 
@@ -415,6 +433,7 @@ class Hub:
     ) -> None:
         self.name = name
         self.address = address
+        self.ports = ports  # report, publish and snapshot port
         self.directory = root / name
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config = self.directory / "fail2ban-cluster.conf"
@@ -528,14 +547,12 @@ class Cluster:
         return self
 
     def wait_ready(self, timeout: float = 30) -> None:
-        """Every subscriber has its first snapshot and every daemon is alive."""
-
-        def ready() -> bool:
-            return all(
-                "snapshot from" in node.log_text("subscriber") for node in self.nodes.values()
-            )
-
-        if not wait_until(ready, timeout, 0.1):
+        """Every daemon answers on its control socket and every subscriber has a snapshot of
+        every hub."""
+        daemons = [hub.publisher for hub in self.hubs]
+        for node in self.nodes.values():
+            daemons += [node.monitor, node.subscriber]
+        if not wait_until(lambda: all(daemon.ready() for daemon in daemons), timeout, 0.1):
             raise AssertionError("the cluster did not come up:\n" + self.diagnostics())
 
     def __exit__(self, *exc_info: object) -> None:

@@ -47,6 +47,7 @@ from f2bzmq.lab import (
 from f2bzmq.protocol import BanEvent
 from f2bzmq.publisher import MAX_MESSAGE as HUB_MAX_FRAME
 from f2bzmq.subscriber import MAX_MESSAGE as NODE_MAX_FRAME
+from tests.support.hub import running_hub
 
 SEED = 20251123
 HOSTILE_MESSAGES = 100_000  # per daemon, as the security issue asks
@@ -770,17 +771,11 @@ def send_outsiders(context: zmq.Context, ports: list[int], keys_dir: Path, hosti
 
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[tuple[Hub, list[int], Path]]:
-    ports = free_ports(3)
     keys = make_keys(tmp_path / "keys", ["node1", "node2"])
     # This test is not about throttling: a limit no run reaches.
     limits = {"rate_limit": "1000000", "rate_burst": "10000000"}
-    hub = Hub(tmp_path, ports, keys_dir=keys, publisher=limits)
-    hub.publisher.start()
-    try:
-        assert wait_until(lambda: "publisher hub started" in hub.log_text(), 15, 0.05)
-        yield hub, ports, keys
-    finally:
-        hub.publisher.stop()
+    with running_hub(tmp_path, keys, publisher=limits) as hub:
+        yield hub, hub.ports, keys
 
 
 def test_publisher_takes_100000_hostile_reports(hub: tuple[Hub, list[int], Path]) -> None:
@@ -1097,7 +1092,7 @@ def test_subscriber_takes_100000_hostile_updates(
     sent: Counter[str] = Counter()
     try:
         subscriber.start()
-        watch.wait(hub, lambda: watch.caught_up(0) and hub.subscriptions > 0, 20, "no start")
+        watch.wait(hub, lambda: subscriber.ready() and hub.subscriptions > 0, 20, "no start")
         started = time.monotonic()
         deadline = started + TIME_LIMIT
         valid_slots = 0

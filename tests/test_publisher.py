@@ -7,20 +7,18 @@ import time
 import pytest
 
 from f2bzmq import protocol
-from f2bzmq.lab import Hub, free_ports, make_keys, wait_until
+from f2bzmq.lab import make_keys
 from f2bzmq.protocol import BanEvent
+from tests.support.hub import start_hub
 from tests.support.nodeclient import NodeClient
 
 
 @pytest.fixture
 def hub(tmp_path):
-    ports = free_ports(3)
     keys = make_keys(tmp_path / "keys", ["node1", "node2"])
-    hub = Hub(tmp_path, ports, keys_dir=keys, publisher={"rate_burst": "100000"})
-    hub.publisher.start()
-    peer = NodeClient(ports, keys)
+    hub = start_hub(tmp_path, keys, publisher={"rate_burst": "100000"})
+    peer = NodeClient(hub.ports, keys)
     try:
-        assert wait_until(lambda: "publisher hub started" in hub.log_text(), 15, 0.05)
         # A SUB socket only gets what is published after it has joined: wait for a heartbeat.
         assert peer.updates.recv_multipart()[1] == protocol.HUGZ
         yield hub, peer
