@@ -170,12 +170,6 @@ def burst_with_rotations(cluster: Cluster, rotate: Callable[[], None]) -> set[st
     return set(attacked)
 
 
-@pytest.fixture
-def cluster(tmp_path: Path):
-    with Cluster(tmp_path / "lab", size=3) as running:
-        yield running
-
-
 def test_logrotate_create_during_a_burst_loses_and_repeats_nothing(tmp_path, cluster):
     """Debian's own rotation of fail2ban.log: rename, create, flushlogs, and the renamed file
     compressed one rotation later. fail2ban writes to the renamed file until flushlogs."""

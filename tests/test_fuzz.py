@@ -770,16 +770,15 @@ def send_outsiders(context: zmq.Context, ports: list[int], keys_dir: Path, hosti
 
 
 @pytest.fixture
-def hub(tmp_path: Path) -> Iterator[tuple[Hub, list[int], Path]]:
-    keys = make_keys(tmp_path / "keys", ["node1", "node2"])
-    # This test is not about throttling: a limit no run reaches.
+def hub(tmp_path: Path, keys: Path) -> Iterator[Hub]:
+    """The shared fixture's hub, but not about throttling: a limit no run reaches."""
     limits = {"rate_limit": "1000000", "rate_burst": "10000000"}
     with running_hub(tmp_path, keys, publisher=limits) as hub:
-        yield hub, hub.ports, keys
+        yield hub
 
 
-def test_publisher_takes_100000_hostile_reports(hub: tuple[Hub, list[int], Path]) -> None:
-    hub_, ports, keys = hub
+def test_publisher_takes_100000_hostile_reports(hub: Hub) -> None:
+    hub_, ports, keys = hub, hub.ports, hub.keys_dir
     context = zmq.Context()
     run = ReportRun(hub_, context, ports, keys)
     hostile = Hostile(SEED, "node1")

@@ -10,9 +10,9 @@ import zmq
 
 from f2bzmq import protocol
 from f2bzmq.keys import KeyFileError, keygen, load_secret
-from f2bzmq.lab import Cluster, Hub, free_ports, make_keys, wait_until
+from f2bzmq.lab import Cluster, Hub, free_ports, wait_until
 from f2bzmq.protocol import BanEvent
-from tests.support.hub import running_hub, start_hub
+from tests.support.hub import start_hub
 from tests.support.nodeclient import NodeClient
 
 SILENCE = 3000  # ms a shut-out client waits to prove it hears nothing
@@ -20,17 +20,6 @@ SILENCE = 3000  # ms a shut-out client waits to prove it hears nothing
 
 def ban(ip="198.51.100.10", node="node1", jail="sshd"):
     return BanEvent.new(node, jail, "ban", ip, bantime=600)
-
-
-@pytest.fixture
-def keys(tmp_path):
-    return make_keys(tmp_path / "keys", ["node1", "node2"])
-
-
-@pytest.fixture
-def hub(tmp_path, keys):
-    with running_hub(tmp_path, keys) as hub:
-        yield hub
 
 
 def client(hub, keys, node="node1", **options) -> NodeClient:
