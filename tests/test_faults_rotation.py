@@ -7,19 +7,17 @@ reports it, holds exactly the bans the other nodes reported.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import re
 import signal
-import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import pytest
 
 from f2bzmq.lab import CLIENT_PROGRAM, Cluster, Hub, Node, wait_until
 from tests.support.logrotate import logrotate
+from tests.support.state import hub_bans, hub_sequence, outbox_depth
 
 WAIT = 120.0  # generous bound for anything asynchronous; these tests never assert speed
 WAVES = 5  # attack waves per burst
@@ -125,17 +123,6 @@ def wait_banned_locally(cluster: Cluster, node: Node, want: set[str]) -> None:
     wait_sets(cluster, f"{node.name}'s sshd jail", lambda: set(node.fail2ban.banned("sshd")), want)
 
 
-def read_only(path: Path) -> sqlite3.Connection:
-    """A daemon's SQLite database, opened so that this test can never write to it."""
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-
-
-def outbox_depth(node: Node) -> int:
-    """Rows waiting in the monitor's outbox, one per event and hub not yet ACKed."""
-    with contextlib.closing(read_only(node.directory / "state" / "monitor.sqlite3")) as db:
-        return db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-
-
 def wait_outboxes_empty(cluster: Cluster) -> None:
     """Every monitor has every event ACKed by every hub."""
     for node in cluster.nodes.values():
@@ -227,19 +214,6 @@ def test_logrotate_copytruncate_during_a_burst_loses_and_repeats_nothing(tmp_pat
 # --- B: one of two hubs stopped in the middle of a burst ---
 
 
-def hub_bans(hub: Hub) -> set[tuple[str, str, str]]:
-    """(jail, address, origin node) of every ban the hub has committed to its state."""
-    with contextlib.closing(read_only(hub.directory / "state" / "publisher.sqlite3")) as db:
-        return set(db.execute("SELECT jail, ip, node FROM bans"))
-
-
-def hub_sequence(hub: Hub) -> int:
-    """The hub's committed sequence number: how many changes it has broadcast."""
-    with contextlib.closing(read_only(hub.directory / "state" / "publisher.sqlite3")) as db:
-        row = db.execute("SELECT value FROM meta WHERE key = 'sequence'").fetchone()
-    return int(row[0]) if row else 0
-
-
 def as_state(origins: dict[str, Iterable[str]]) -> set[tuple[str, str, str]]:
     return {("sshd", ip, node) for node, ips in origins.items() for ip in ips}
 
@@ -281,7 +255,7 @@ def test_a_hub_stopped_during_a_burst_loses_nothing(tmp_path, sig, stopped):
         try:
             for hub in cluster.hubs:
                 bans = as_state(origins)
-                wait_sets(cluster, f"{hub.name}'s bans", lambda hub=hub: hub_bans(hub), bans)
+                wait_sets(cluster, f"{hub.name}'s bans", lambda hub=hub: set(hub_bans(hub)), bans)
                 # Every ban was new to the cluster: one committed broadcast each, on each hub.
                 assert hub_sequence(hub) == len(bans)
             wait_outboxes_empty(cluster)
