@@ -41,16 +41,10 @@ from common import BenchError, report, stop_on_sigterm, table
 from f2bzmq import protocol
 from f2bzmq.delivery import reports
 from f2bzmq.fail2ban_client import Fail2banClient, Fail2banError
-from f2bzmq.lab import (
-    CLIENT_PROGRAM,
-    Cluster,
-    Fail2banServer,
-    Namespaces,
-    NodeClient,
-    netns_holds,
-    wait_until,
-)
+from f2bzmq.lab import CLIENT_PROGRAM, Cluster, Fail2banServer, wait_until
 from f2bzmq.protocol import BanEvent
+from tests.support.netns import Namespaces, netns_holds
+from tests.support.nodeclient import NodeClient
 
 JAIL = "cluster"
 REPORTER = "node1"  # the node whose reports are injected; its own subscriber ignores them

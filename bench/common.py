@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+# The repository: the benchmarks import the package and the tests' helpers (tests.support).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zmq  # noqa: E402

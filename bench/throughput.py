@@ -64,8 +64,9 @@ from common import (
 from f2bzmq import protocol
 from f2bzmq.delivery import reports
 from f2bzmq.keys import HUB
-from f2bzmq.lab import Hub, NodeClient, free_ports, make_keys, tail
+from f2bzmq.lab import Hub, free_ports, make_keys, tail
 from f2bzmq.protocol import BanEvent
+from tests.support.nodeclient import NodeClient
 
 SPAWN = multiprocessing.get_context("spawn")  # no child inherits a ZeroMQ context
 MORE = int(zmq.SNDMORE)

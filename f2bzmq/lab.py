@@ -1,10 +1,11 @@
 """A whole cluster on one machine: real fail2ban-servers and the three daemons on 127.0.0.1.
 
-Used by the demo (`python3 -m f2bzmq demo`) and by the tests. A `Fail2banServer`
-runs the distribution's fail2ban-server with its own configuration directory, so
-no system path is touched and several "nodes" run side by side; a `Cluster` adds
-a hub and, per node, a monitor and a subscriber, each its own process started the
-way an operator would (`run` with a private configuration file).
+Used by the demo (`python3 -m f2bzmq demo`); the tests and benchmarks build on it, with
+helpers of their own in tests/support. A `Fail2banServer` runs the distribution's
+fail2ban-server with its own configuration directory, so no system path is touched and
+several "nodes" run side by side; a `Cluster` adds a hub and, per node, a monitor and a
+subscriber, each its own process started the way an operator would (`run` with a private
+configuration file).
 
     with Cluster(root, size=3) as cluster:
         cluster["node1"].fail2ban.attack("192.0.2.7")
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -27,13 +27,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import zmq
-import zmq.auth
-
-from . import protocol
+from .config import load_config
+from .control import ControlError, ask
 from .fail2ban_client import Fail2banClient
 from .keys import HUB, keygen
-from .protocol import BanEvent
 
 STOCK_FILTERS = Path("/etc/fail2ban/filter.d")
 STOCK_ACTIONS = Path("/etc/fail2ban/action.d")
@@ -66,53 +63,6 @@ def process_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-class Namespaces:
-    """Network namespaces named `<label>-PID-RANDOM-<name>`, for a real ban action to change
-    only their firewalls; `close()` ends every process still inside (`ip netns delete`
-    alone would leave them running) and removes every one."""
-
-    def __init__(self, label: str = "f2bzmq") -> None:
-        self.prefix = f"{label}-{os.getpid()}-{os.urandom(3).hex()}-"
-        self.created: list[str] = []
-
-    def add(self, name: str) -> str:
-        namespace = self.prefix + name
-        run_command("ip", "netns", "add", namespace)
-        self.created.append(namespace)
-        return namespace
-
-    def close(self) -> None:
-        errors = []
-        for namespace in reversed(self.created):
-            try:
-                self._kill_processes(namespace)
-                run_command("ip", "netns", "delete", namespace)
-            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-                errors.append(error)  # keep removing the others
-        self.created.clear()
-        if errors:
-            raise errors[0]
-
-    @staticmethod
-    def _kill_processes(namespace: str) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = [int(pid) for pid in run_command("ip", "netns", "pids", namespace).split()]
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            if wait_until(lambda pids=pids: not any(map(process_alive, pids)), 5):
-                return
-        raise RuntimeError(f"processes in {namespace} survived SIGKILL")
-
-
-def netns_holds(namespace: str, pid: int) -> bool:
-    """True when process pid runs in the named network namespace (so not in the host's)."""
-    try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{namespace}").st_ino
-    except OSError:
-        return False
 
 
 def run_command(*command: str, timeout: float = 30) -> str:
@@ -390,6 +340,21 @@ class RoleProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def ready(self) -> bool:
+        """The daemon answers `status` on its control socket, and a subscriber has a
+        snapshot of every hub: what the daemon says of itself, not what its log says."""
+        try:
+            status = ask(self.control_socket(), timeout=1.0)
+        except ControlError:
+            return False
+        if self.role == "subscriber":
+            return all(hub["synced"] for hub in status["Hubs"].values())
+        return True
+
+    def control_socket(self) -> Path:
+        """Where the daemon answers: ROLE.sock in the run_dir its configuration names."""
+        return load_config(str(self.config)).control_path(self.role)
+
     def log_text(self) -> str:
         return self.output.read_text(errors="replace") if self.output.exists() else ""
 
@@ -467,6 +432,7 @@ class Hub:
     ) -> None:
         self.name = name
         self.address = address
+        self.ports = ports  # report, publish and snapshot port
         self.directory = root / name
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config = self.directory / "fail2ban-cluster.conf"
@@ -580,14 +546,12 @@ class Cluster:
         return self
 
     def wait_ready(self, timeout: float = 30) -> None:
-        """Every subscriber has its first snapshot and every daemon is alive."""
-
-        def ready() -> bool:
-            return all(
-                "snapshot from" in node.log_text("subscriber") for node in self.nodes.values()
-            )
-
-        if not wait_until(ready, timeout, 0.1):
+        """Every daemon answers on its control socket and every subscriber has a snapshot of
+        every hub."""
+        daemons = [hub.publisher for hub in self.hubs]
+        for node in self.nodes.values():
+            daemons += [node.monitor, node.subscriber]
+        if not wait_until(lambda: all(daemon.ready() for daemon in daemons), timeout, 0.1):
             raise AssertionError("the cluster did not come up:\n" + self.diagnostics())
 
     def __exit__(self, *exc_info: object) -> None:
@@ -622,103 +586,3 @@ class Cluster:
 
 def tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
-
-
-def pids_of(pattern: str) -> list[int]:
-    """PIDs whose command line contains pattern (for leak checks)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if pattern.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-class NodeClient:
-    """A node as the hub sees it, driven by hand: a monitor's DEALER, a subscriber's SUB and
-    snapshot DEALER, with the node's CURVE keys (or none, `secure=False`). Its SUB takes the
-    plain update stream, as subscribers before the packed one did, or `stream`."""
-
-    def __init__(
-        self,
-        ports: list[int],
-        keys_dir: Path | None,
-        node: str = "node1",
-        address: str = "127.0.0.1",
-        hub_key: Path | None = None,
-        stream: bytes = protocol.PROTOCOL,
-    ) -> None:
-        self.context = zmq.Context()
-        self.stream = stream
-        self.keys_dir = keys_dir
-        self.hub_key = hub_key or (keys_dir / f"{HUB}.key" if keys_dir else None)
-        self.ports = ports
-        self.node = node
-        self.reports = self.secure(self.context.socket(zmq.DEALER))
-        self.reports.connect(f"tcp://{address}:{ports[0]}")
-        self.updates = self.secure(self.context.socket(zmq.SUB))
-        self.updates.setsockopt(zmq.SUBSCRIBE, stream)
-        self.updates.connect(f"tcp://{address}:{ports[1]}")
-        self.snapshots_endpoint = f"tcp://{address}:{ports[2]}"
-        self.received: list[tuple[dict, BanEvent]] = []  # updates of a message not yet read
-        for sock in (self.reports, self.updates):
-            sock.rcvtimeo = 10000
-            sock.sndtimeo = 10000  # a refused handshake must not block a send for ever
-            sock.linger = 0
-
-    def secure(self, sock: zmq.Socket) -> zmq.Socket:
-        """A node's CURVE client socket, as the monitor and the subscriber make them."""
-        if self.keys_dir is None:
-            return sock
-        public, secret = zmq.auth.load_certificate(self.keys_dir / f"{self.node}.key_secret")
-        sock.curve_publickey, sock.curve_secretkey = public, secret
-        sock.curve_serverkey = zmq.auth.load_certificate(self.hub_key)[0]
-        return sock
-
-    def report(self, *frames: bytes) -> tuple[bytes, dict]:
-        """Send one report (one event body, or several); the kind and first body of the hub's
-        first reply (zmq.Again after rcvtimeo)."""
-        self.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, *frames])
-        _, kind, body, *_ = self.reports.recv_multipart()
-        return kind, json.loads(body)
-
-    def next_update(self) -> tuple[dict, BanEvent]:
-        """The next update, skipping heartbeats; its header carries its own sequence."""
-        for _ in range(100):
-            if self.received:
-                return self.received.pop(0)
-            frames = self.updates.recv_multipart()
-            assert frames[0] == self.stream
-            if frames[1] == protocol.UPDATE:
-                header = json.loads(frames[2])
-                body = frames[3]
-                if self.stream == protocol.PACKED:
-                    body = protocol.unpack(body, protocol.MAX_PACKED)
-                self.received = [
-                    (dict(header, seq=header["seq"] + offset), BanEvent.from_object(item))
-                    for offset, item in enumerate(json.loads(body))
-                ]
-        raise AssertionError("only heartbeats")
-
-    def snapshot(self) -> tuple[dict, list[BanEvent]]:
-        """The hub's whole table: the last part's header and every event."""
-        sock = self.secure(self.context.socket(zmq.DEALER))
-        sock.rcvtimeo = 10000
-        sock.linger = 0
-        sock.connect(self.snapshots_endpoint)
-        sock.send_multipart([protocol.PROTOCOL, protocol.SNAPSHOT_REQUEST, b"{}"])
-        events = []
-        while True:
-            _, kind, header, body = sock.recv_multipart()
-            assert kind == protocol.SNAPSHOT
-            header = json.loads(header)
-            events += [BanEvent.from_object(item) for item in json.loads(body)]
-            if header["last"]:
-                sock.close()
-                return header, events
-
-    def close(self):
-        self.context.destroy(linger=0)

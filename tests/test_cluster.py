@@ -7,12 +7,6 @@ from f2bzmq.lab import Cluster, wait_until
 ATTACKER = "192.0.2.10"
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    with Cluster(tmp_path, size=3) as running:
-        yield running
-
-
 def wait_banned(cluster, node, jail, ip, present=True, timeout=20):
     try:
         cluster[node].fail2ban.wait_banned(jail, ip, present, timeout)

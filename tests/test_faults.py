@@ -8,21 +8,19 @@ reports it, holds exactly what the cluster bans. Attackers come from the benchma
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from f2bzmq.lab import Cluster, Fail2banServer, Hub, Node, process_alive, wait_until
+from tests.support.state import hub_bans, hub_sequence, outbox_depth, read_only
 
 BENCHMARK = ipaddress.ip_network("198.18.0.0/15")
 BLOCK = 4096  # addresses per block: each group of attackers has a block of its own
@@ -103,35 +101,6 @@ def wait_converged(
         f"no exact convergence within {timeout:g}s:\n" + "\n".join(report) + "\n"
         f"{cluster.diagnostics()}"
     )
-
-
-@contextlib.contextmanager
-def read_only(path: Path):
-    """A read-only look at a daemon's SQLite file; the daemon may be writing meanwhile."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        yield db
-    finally:
-        db.close()
-
-
-def hub_bans(hub: Hub) -> list[tuple[str, str, str]]:
-    """(jail, ip, origin node) of every active ban in the hub's state."""
-    with read_only(hub.directory / "state" / "publisher.sqlite3") as db:
-        return db.execute("SELECT jail, ip, node FROM bans").fetchall()
-
-
-def hub_sequence(hub: Hub) -> int:
-    """How many updates the hub has committed to broadcasting."""
-    with read_only(hub.directory / "state" / "publisher.sqlite3") as db:
-        row = db.execute("SELECT value FROM meta WHERE key = 'sequence'").fetchone()
-    return 0 if row is None else int(row[0])
-
-
-def outbox_depth(node: Node) -> int:
-    """Events the node's monitor still waits to have ACKed, from its outbox on disk."""
-    with read_only(node.directory / "state" / "monitor.sqlite3") as db:
-        return db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
 
 
 def wait_outboxes_drained(cluster: Cluster) -> None:

@@ -7,19 +7,17 @@ reports it, holds exactly the bans the other nodes reported.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import re
 import signal
-import sqlite3
-import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import pytest
 
 from f2bzmq.lab import CLIENT_PROGRAM, Cluster, Hub, Node, wait_until
+from tests.support.logrotate import logrotate
+from tests.support.state import hub_bans, hub_sequence, outbox_depth
 
 WAIT = 120.0  # generous bound for anything asynchronous; these tests never assert speed
 WAVES = 5  # attack waves per burst
@@ -125,17 +123,6 @@ def wait_banned_locally(cluster: Cluster, node: Node, want: set[str]) -> None:
     wait_sets(cluster, f"{node.name}'s sshd jail", lambda: set(node.fail2ban.banned("sshd")), want)
 
 
-def read_only(path: Path) -> sqlite3.Connection:
-    """A daemon's SQLite database, opened so that this test can never write to it."""
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-
-
-def outbox_depth(node: Node) -> int:
-    """Rows waiting in the monitor's outbox, one per event and hub not yet ACKed."""
-    with contextlib.closing(read_only(node.directory / "state" / "monitor.sqlite3")) as db:
-        return db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-
-
 def wait_outboxes_empty(cluster: Cluster) -> None:
     """Every monitor has every event ACKed by every hub."""
     for node in cluster.nodes.values():
@@ -147,26 +134,6 @@ def wait_outboxes_empty(cluster: Cluster) -> None:
 
 
 # --- A: logrotate during a burst of bans on node1 ---
-
-
-def logrotate(tmp_path: Path, node: Node, directives: str) -> Callable[[], None]:
-    """Run the real logrotate -f on node's fail2ban.log with a config and state of its own."""
-    config = tmp_path / "logrotate.conf"
-    config.write_text(
-        f'"{node.fail2ban.log}" {{\n    rotate {WAVES * 2}\n    missingok\n{directives}}}\n'
-    )
-    config.chmod(0o644)  # logrotate ignores a configuration others can write
-    state = tmp_path / "logrotate.state"
-
-    def run() -> None:
-        subprocess.run(
-            ["logrotate", "-s", str(state), "-f", str(config)],
-            check=True,
-            timeout=WAIT,
-            capture_output=True,
-        )
-
-    return run
 
 
 def burst_with_rotations(cluster: Cluster, rotate: Callable[[], None]) -> set[str]:
@@ -190,12 +157,6 @@ def burst_with_rotations(cluster: Cluster, rotate: Callable[[], None]) -> set[st
     return set(attacked)
 
 
-@pytest.fixture
-def cluster(tmp_path: Path):
-    with Cluster(tmp_path / "lab", size=3) as running:
-        yield running
-
-
 def test_logrotate_create_during_a_burst_loses_and_repeats_nothing(tmp_path, cluster):
     """Debian's own rotation of fail2ban.log: rename, create, flushlogs, and the renamed file
     compressed one rotation later. fail2ban writes to the renamed file until flushlogs."""
@@ -205,7 +166,8 @@ def test_logrotate_create_during_a_burst_loses_and_repeats_nothing(tmp_path, clu
         "    create 0640\n    compress\n    delaycompress\n"
         f"    postrotate\n        {flushlogs} >/dev/null\n    endscript\n"
     )
-    banned = burst_with_rotations(cluster, logrotate(tmp_path, node1, directives))
+    rotate = logrotate(tmp_path, node1.fail2ban.log, directives, WAVES * 2, WAIT)
+    banned = burst_with_rotations(cluster, rotate)
 
     wait_synced(cluster, {"node2": banned, "node3": banned})
     assert_rotated_mid_wave(node1)
@@ -235,7 +197,8 @@ def test_logrotate_copytruncate_during_a_burst_loses_and_repeats_nothing(tmp_pat
     """
     node1 = cluster["node1"]
     directives = "    copytruncate\n    compress\n    delaycompress\n"
-    banned = burst_with_rotations(cluster, logrotate(tmp_path, node1, directives))
+    rotate = logrotate(tmp_path, node1.fail2ban.log, directives, WAVES * 2, WAIT)
+    banned = burst_with_rotations(cluster, rotate)
 
     reported = once(queued(node1))
     on_disk = once(bans_on_disk(node1))
@@ -249,19 +212,6 @@ def test_logrotate_copytruncate_during_a_burst_loses_and_repeats_nothing(tmp_pat
 
 
 # --- B: one of two hubs stopped in the middle of a burst ---
-
-
-def hub_bans(hub: Hub) -> set[tuple[str, str, str]]:
-    """(jail, address, origin node) of every ban the hub has committed to its state."""
-    with contextlib.closing(read_only(hub.directory / "state" / "publisher.sqlite3")) as db:
-        return set(db.execute("SELECT jail, ip, node FROM bans"))
-
-
-def hub_sequence(hub: Hub) -> int:
-    """The hub's committed sequence number: how many changes it has broadcast."""
-    with contextlib.closing(read_only(hub.directory / "state" / "publisher.sqlite3")) as db:
-        row = db.execute("SELECT value FROM meta WHERE key = 'sequence'").fetchone()
-    return int(row[0]) if row else 0
 
 
 def as_state(origins: dict[str, Iterable[str]]) -> set[tuple[str, str, str]]:
@@ -305,7 +255,7 @@ def test_a_hub_stopped_during_a_burst_loses_nothing(tmp_path, sig, stopped):
         try:
             for hub in cluster.hubs:
                 bans = as_state(origins)
-                wait_sets(cluster, f"{hub.name}'s bans", lambda hub=hub: hub_bans(hub), bans)
+                wait_sets(cluster, f"{hub.name}'s bans", lambda hub=hub: set(hub_bans(hub)), bans)
                 # Every ban was new to the cluster: one committed broadcast each, on each hub.
                 assert hub_sequence(hub) == len(bans)
             wait_outboxes_empty(cluster)

@@ -47,6 +47,7 @@ from f2bzmq.lab import (
 from f2bzmq.protocol import MAX_HUB_FRAME as HUB_MAX_FRAME
 from f2bzmq.protocol import MAX_NODE_FRAME as NODE_MAX_FRAME
 from f2bzmq.protocol import BanEvent
+from tests.support.hub import running_hub
 
 SEED = 20251123
 HOSTILE_MESSAGES = 100_000  # per daemon, as the security issue asks
@@ -769,22 +770,15 @@ def send_outsiders(context: zmq.Context, ports: list[int], keys_dir: Path, hosti
 
 
 @pytest.fixture
-def hub(tmp_path: Path) -> Iterator[tuple[Hub, list[int], Path]]:
-    ports = free_ports(3)
-    keys = make_keys(tmp_path / "keys", ["node1", "node2"])
-    # This test is not about throttling: a limit no run reaches.
+def hub(tmp_path: Path, keys: Path) -> Iterator[Hub]:
+    """The shared fixture's hub, but not about throttling: a limit no run reaches."""
     limits = {"rate_limit": "1000000", "rate_burst": "10000000"}
-    hub = Hub(tmp_path, ports, keys_dir=keys, publisher=limits)
-    hub.publisher.start()
-    try:
-        assert wait_until(lambda: "publisher hub started" in hub.log_text(), 15, 0.05)
-        yield hub, ports, keys
-    finally:
-        hub.publisher.stop()
+    with running_hub(tmp_path, keys, publisher=limits) as hub:
+        yield hub
 
 
-def test_publisher_takes_100000_hostile_reports(hub: tuple[Hub, list[int], Path]) -> None:
-    hub_, ports, keys = hub
+def test_publisher_takes_100000_hostile_reports(hub: Hub) -> None:
+    hub_, ports, keys = hub, hub.ports, hub.keys_dir
     context = zmq.Context()
     run = ReportRun(hub_, context, ports, keys)
     hostile = Hostile(SEED, "node1")
@@ -1095,7 +1089,7 @@ def test_subscriber_takes_100000_hostile_updates(
     sent: Counter[str] = Counter()
     try:
         subscriber.start()
-        watch.wait(hub, lambda: watch.caught_up(0) and hub.subscriptions > 0, 20, "no start")
+        watch.wait(hub, lambda: subscriber.ready() and hub.subscriptions > 0, 20, "no start")
         started = time.monotonic()
         deadline = started + TIME_LIMIT
         valid_slots = 0

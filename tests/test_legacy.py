@@ -15,9 +15,11 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from f2bzmq.config import ConfigError, load_config
-from f2bzmq.lab import Cluster, Hub, NodeClient, free_ports, make_keys, wait_until
+from f2bzmq.lab import Cluster, Hub, free_ports, make_keys, wait_until
 from f2bzmq.legacy import MAX_FRAME, format_update, parse_report
 from f2bzmq.protocol import BAN, UNBAN, BanEvent, NetworkLimits, ProtocolError
+from tests.support.hub import start_hub
+from tests.support.nodeclient import NodeClient
 
 TOKEN = "s3cret-token"
 TIMEOUT = 5000  # ms an old client waits for a reply
@@ -89,10 +91,7 @@ def legacy_hub(root: Path, keys: Path, ports: list[int], **publisher) -> Hub:
         "legacy_publish_bind": endpoint(ports[4]),
         **publisher,
     }
-    hub = Hub(root, ports[:3], keys_dir=keys, publisher=options)
-    hub.publisher.start()
-    assert wait_until(lambda: "publisher hub started" in hub.log_text(), 15), hub.log_text()
-    return hub
+    return start_hub(root, keys, ports[:3], publisher=options)
 
 
 def table(peer: NodeClient) -> tuple[int, list[tuple[str, str, str]]]:
@@ -483,10 +482,8 @@ def test_legacy_endpoints_are_off_by_default(tmp_path):
     for key in ("legacy_report_bind", "legacy_publish_bind"):
         assert getattr(config.publisher, key) == []
     ports = free_ports(3)
-    hub = Hub(tmp_path, ports, keys_dir=make_keys(tmp_path / "keys", []))
-    hub.publisher.start()
+    hub = start_hub(tmp_path, make_keys(tmp_path / "keys", []), ports)
     try:
-        assert wait_until(lambda: "publisher hub started" in hub.log_text(), 15)
         assert listening_ports(hub.publisher.process.pid) == set(ports)
         assert "legacy" not in hub.log_text().lower()
     finally:

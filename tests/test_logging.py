@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 
 import pytest
 
 from f2bzmq.runtime import batched_logging, setup_logging
+from tests.support.logrotate import logrotate
 
 
 @pytest.fixture
@@ -50,12 +50,9 @@ def test_lines_of_a_batch_are_written_when_it_ends_and_others_at_once(file_log):
 @pytest.mark.skipif(shutil.which("logrotate") is None, reason="needs logrotate")
 def test_after_logrotate_the_lines_go_to_the_new_file_and_none_is_lost(file_log, tmp_path):
     path, log = file_log
-    config = tmp_path / "logrotate.conf"
-    config.write_text(f"{path} {{\n    create 0600\n    rotate 2\n}}\n")
+    rotate = logrotate(tmp_path, path, "    create 0600\n", rotate=2, timeout=60)
     log.info("first")
-    subprocess.run(
-        ["logrotate", "-f", "-s", str(tmp_path / "state"), str(config)], check=True, timeout=60
-    )
+    rotate()
     rotated = tmp_path / "publisher.log.1"
     assert rotated.exists() and path.read_text() == ""
     with batched_logging():

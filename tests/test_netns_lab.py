@@ -2,15 +2,16 @@
 the attacker, and lifting the ban on node1 opens all three again.
 
 Each node's fail2ban runs in its own network namespace with a real ban action (see
-netlab.py); the attacker's connections, not fail2ban's logs, decide what counts.
-Prints the time from the failure lines to blocked on every node (`pytest -s`); never
-asserts on speed.
+tests/support/netlab.py); the attacker's connections, not fail2ban's logs, decide what
+counts. Prints the time from the failure lines to blocked on every node (`pytest -s`);
+never asserts on speed.
 """
 
 import time
 
 import pytest
-from netlab import ATTACKER, NODES, NetnsCluster, missing_requirements
+
+from tests.support.netlab import ATTACKER, NODES, NetnsCluster, missing_requirements
 
 MISSING = missing_requirements()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))

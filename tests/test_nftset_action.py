@@ -24,14 +24,8 @@ from pathlib import Path
 import pytest
 
 from f2bzmq.fail2ban_client import Fail2banClient, Fail2banError
-from f2bzmq.lab import (
-    CLIENT_PROGRAM,
-    Fail2banServer,
-    Namespaces,
-    netns_holds,
-    process_alive,
-    wait_until,
-)
+from f2bzmq.lab import CLIENT_PROGRAM, Fail2banServer, process_alive, wait_until
+from tests.support.netns import Namespaces, netns_holds
 
 TABLE = "f2bzmq"
 SERVER_ADDRESS, PEER_ADDRESS = "10.250.0.1", "10.250.0.2"  # exist only inside the namespaces

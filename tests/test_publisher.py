@@ -12,43 +12,25 @@ import zmq
 
 from f2bzmq import protocol
 from f2bzmq.config import config_from
-from f2bzmq.lab import Hub, NodeClient, free_ports, make_keys, wait_until
+from f2bzmq.lab import free_ports, make_keys
 from f2bzmq.protocol import BanEvent
 from f2bzmq.publisher import Publisher
-
-
-@pytest.fixture
-def hub(tmp_path):
-    ports = free_ports(3)
-    keys = make_keys(tmp_path / "keys", ["node1", "node2"])
-    hub = Hub(tmp_path, ports, keys_dir=keys, publisher={"rate_burst": "100000"})
-    hub.publisher.start()
-    peer = NodeClient(ports, keys)
-    try:
-        assert wait_until(lambda: "publisher hub started" in hub.log_text(), 15, 0.05)
-        # A SUB socket only gets what is published after it has joined: wait for a heartbeat.
-        assert peer.updates.recv_multipart()[1] == protocol.HUGZ
-        yield hub, peer
-    finally:
-        peer.close()
-        hub.publisher.stop()
+from tests.support.nodeclient import NodeClient
 
 
 def ban(ip="192.0.2.10", node="node1", bantime=600):
     return BanEvent.new(node, "sshd", "ban", ip, bantime=bantime)
 
 
-def test_a_new_ban_is_acked_and_broadcast_with_a_sequence_number(hub):
-    _, peer = hub
+def test_a_new_ban_is_acked_and_broadcast_with_a_sequence_number(peer):
     event = ban()
     assert peer.report(event.encode()) == (protocol.ACK, {"id": event.id, "outcome": "banned"})
     header, update = peer.next_update()
     assert header["seq"] == 1 and update == event
 
 
-def test_every_update_and_heartbeat_goes_out_plain_and_packed(hub):
+def test_every_update_and_heartbeat_goes_out_plain_and_packed(peer):
     """Subscribers take the packed stream; one from before it keeps the plain one."""
-    _, peer = hub
     packed = NodeClient(peer.ports, peer.keys_dir, "node2", stream=protocol.PACKED)
     try:
         assert packed.updates.recv_multipart()[:2] == [protocol.PACKED, protocol.HUGZ]
@@ -63,8 +45,7 @@ def test_every_update_and_heartbeat_goes_out_plain_and_packed(hub):
         packed.close()
 
 
-def test_duplicates_and_known_bans_are_acked_but_not_broadcast(hub):
-    _, peer = hub
+def test_duplicates_and_known_bans_are_acked_but_not_broadcast(peer):
     first = ban()
     peer.report(first.encode())
     assert peer.report(first.encode())[1]["outcome"] == "duplicate"
@@ -88,8 +69,7 @@ def test_duplicates_and_known_bans_are_acked_but_not_broadcast(hub):
         ([b"{" + b" " * 10000 + b"}"], "larger than"),
     ],
 )
-def test_invalid_reports_get_a_nak_with_the_reason_and_change_nothing(hub, frames, reason):
-    _, peer = hub
+def test_invalid_reports_get_a_nak_with_the_reason_and_change_nothing(peer, frames, reason):
     kind, body = peer.report(*frames)
     assert kind == protocol.NAK and reason in body["reason"] and body["retry"] is False
     good = ban()
@@ -111,8 +91,7 @@ def report_many(peer, bodies):
     return replies
 
 
-def test_a_report_of_many_events_gets_one_ack_message(hub):
-    _, peer = hub
+def test_a_report_of_many_events_gets_one_ack_message(peer):
     events = [ban(f"198.51.100.{i}") for i in range(1, 51)]
     replies = report_many(peer, [event.encode() for event in events])
     assert replies == {protocol.ACK: [{"id": event.id, "outcome": "banned"} for event in events]}
@@ -121,8 +100,7 @@ def test_a_report_of_many_events_gets_one_ack_message(hub):
     assert [update for _, update in received] == events
 
 
-def test_each_event_of_a_report_is_judged_on_its_own(hub):
-    _, peer = hub
+def test_each_event_of_a_report_is_judged_on_its_own(peer):
     good, other = ban("198.51.100.1"), ban("198.51.100.2")
     forged = ban("198.51.100.3", node="node2")  # node1's key may not report for node2
     broken = ban("198.51.100.4").encode().replace(b"198.51.100.4", b"0.0.0.0/0; reboot")
@@ -141,8 +119,7 @@ def test_each_event_of_a_report_is_judged_on_its_own(hub):
     assert header["seq"] == 2 and sorted(e.ip for e in snapshot) == [good.ip, other.ip]
 
 
-def test_a_report_of_too_many_events_is_refused_whole(hub):
-    _, peer = hub
+def test_a_report_of_too_many_events_is_refused_whole(peer):
     events = [ban(f"198.51.100.{i}") for i in range(1, protocol.MAX_REPORT_EVENTS + 2)]
     kind, body = peer.report(*(event.encode() for event in events))
     assert kind == protocol.NAK and "expected 1-100 event bodies" in body["reason"]
@@ -150,25 +127,22 @@ def test_a_report_of_too_many_events_is_refused_whole(hub):
     assert header["seq"] == 0 and snapshot == []
 
 
-def test_a_message_of_very_many_frames_gets_one_nak_and_the_hub_goes_on(hub):
-    hub_, peer = hub
+def test_a_message_of_very_many_frames_gets_one_nak_and_the_hub_goes_on(hub, peer):
     peer.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT] + [b""] * 200000)
     _, kind, body = peer.reports.recv_multipart()
     assert kind == protocol.NAK and "expected 1-100 event bodies" in json.loads(body)["reason"]
     good = ban()
     assert peer.report(good.encode())[1]["outcome"] == "banned"
-    assert hub_.publisher.alive()
+    assert hub.publisher.alive()
 
 
-def test_wrong_protocol_frame_is_refused(hub):
-    _, peer = hub
+def test_wrong_protocol_frame_is_refused(peer):
     peer.reports.send_multipart([b"F2BZMQ9", protocol.EVENT, ban().encode()])
     _, kind, body = peer.reports.recv_multipart()
     assert kind == protocol.NAK and "unknown protocol 'F2BZMQ9'" in json.loads(body)["reason"]
 
 
-def test_snapshot_has_every_active_ban_and_survives_kill_9(hub):
-    hub_, peer = hub
+def test_snapshot_has_every_active_ban_and_survives_kill_9(hub, peer):
     events = [ban(f"10.0.{i // 250}.{i % 250 + 1}") for i in range(1200)]
     for event in events:
         peer.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, event.encode()])
@@ -178,15 +152,14 @@ def test_snapshot_has_every_active_ban_and_survives_kill_9(hub):
     assert header["seq"] == 1200 and sorted(e.ip for e in snapshot) == sorted(e.ip for e in events)
 
     # Everything ACKed is on disk: a crash right after changes nothing.
-    hub_.publisher.stop(signal.SIGKILL)
-    hub_.publisher.start()
+    hub.publisher.stop(signal.SIGKILL)
+    hub.publisher.start()
     again, snapshot = peer.snapshot()
     assert again["seq"] == 1200 and again["publisher"] == header["publisher"]
     assert len(snapshot) == 1200
 
 
-def test_expired_bans_are_lifted_and_broadcast(hub):
-    _, peer = hub
+def test_expired_bans_are_lifted_and_broadcast(peer):
     peer.report(ban(bantime=1).encode())
     peer.next_update()
     header, update = peer.next_update()
@@ -194,21 +167,20 @@ def test_expired_bans_are_lifted_and_broadcast(hub):
 
 
 @pytest.mark.parametrize("stream", [protocol.PROTOCOL, protocol.PACKED])
-def test_a_burst_goes_out_in_few_messages_with_consecutive_sequence_numbers(hub, stream):
-    running, peer = hub
+def test_a_burst_goes_out_in_few_messages_with_consecutive_sequence_numbers(hub, peer, stream):
     node = NodeClient(peer.ports, peer.keys_dir, "node2", stream=stream)
     assert node.updates.recv_multipart()[1] == protocol.HUGZ  # joined
     events = [ban(f"198.51.{i // 250}.{i % 250 + 1}") for i in range(1500)]
     # All in flight at once, in reports of 100, waiting for the hub together: stopped,
     # it finds them all on waking and takes up to 1000 events in one pass.
-    running.publisher.process.send_signal(signal.SIGSTOP)
+    hub.publisher.process.send_signal(signal.SIGSTOP)
     try:
         for first in range(0, len(events), 100):
             report = [event.encode() for event in events[first : first + 100]]
             peer.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, *report])
         time.sleep(0.2)
     finally:
-        running.publisher.process.send_signal(signal.SIGCONT)
+        hub.publisher.process.send_signal(signal.SIGCONT)
     acked = sum(len(peer.reports.recv_multipart()) - 2 for _ in range(15))
     assert acked == len(events)
     most = protocol.MAX_PACKED_EVENTS if stream == protocol.PACKED else protocol.MAX_UPDATE_EVENTS

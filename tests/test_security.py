@@ -10,34 +10,16 @@ import zmq
 
 from f2bzmq import protocol
 from f2bzmq.keys import KeyFileError, keygen, load_secret
-from f2bzmq.lab import Cluster, Hub, NodeClient, free_ports, make_keys, wait_until
+from f2bzmq.lab import Cluster, Hub, free_ports, wait_until
 from f2bzmq.protocol import BanEvent
+from tests.support.hub import start_hub
+from tests.support.nodeclient import NodeClient
 
 SILENCE = 3000  # ms a shut-out client waits to prove it hears nothing
 
 
 def ban(ip="198.51.100.10", node="node1", jail="sshd"):
     return BanEvent.new(node, jail, "ban", ip, bantime=600)
-
-
-def started(hub: Hub) -> Hub:
-    hub.publisher.start()
-    assert wait_until(lambda: "publisher hub started" in hub.log_text(), 15, 0.05), hub.log_text()
-    return hub
-
-
-@pytest.fixture
-def keys(tmp_path):
-    return make_keys(tmp_path / "keys", ["node1", "node2"])
-
-
-@pytest.fixture
-def hub(tmp_path, keys):
-    ports = free_ports(3)
-    hub = started(Hub(tmp_path, ports, keys_dir=keys))
-    hub.ports = ports
-    yield hub
-    hub.publisher.stop()
 
 
 def client(hub, keys, node="node1", **options) -> NodeClient:
@@ -124,9 +106,7 @@ def test_a_node_cannot_report_in_another_nodes_name(hub, keys):
 def test_a_node_cannot_lift_another_nodes_ban_unless_allowed(tmp_path, keys):
     ports = free_ports(3)
     for allowed, outcome in (("false", "redundant"), ("true", "unbanned")):
-        hub = Hub(tmp_path, ports, keys_dir=keys, publisher={"allow_foreign_unban": allowed})
-        started(hub)
-        hub.ports = ports
+        hub = start_hub(tmp_path, keys, ports, publisher={"allow_foreign_unban": allowed})
         node1, node2 = client(hub, keys, "node1"), client(hub, keys, "node2")
         try:
             ip = "198.51.100.11" if allowed == "false" else "198.51.100.12"
@@ -140,11 +120,7 @@ def test_a_node_cannot_lift_another_nodes_ban_unless_allowed(tmp_path, keys):
 
 
 def test_the_hubs_allowlist_is_never_banned(tmp_path, keys):
-    ports = free_ports(3)
-    hub = started(
-        Hub(tmp_path, ports, keys_dir=keys, publisher={"allowlist": "127.0.0.0/8 10.9.0.0/16"})
-    )
-    hub.ports = ports
+    hub = start_hub(tmp_path, keys, publisher={"allowlist": "127.0.0.0/8 10.9.0.0/16"})
     peer = client(hub, keys)
     try:
         for ip, reason in (
@@ -165,11 +141,7 @@ def test_the_hubs_allowlist_is_never_banned(tmp_path, keys):
 
 
 def test_a_flooding_node_is_throttled_and_the_others_are_not(tmp_path, keys):
-    ports = free_ports(3)
-    hub = started(
-        Hub(tmp_path, ports, keys_dir=keys, publisher={"rate_limit": "0.1", "rate_burst": "5"})
-    )
-    hub.ports = ports
+    hub = start_hub(tmp_path, keys, publisher={"rate_limit": "0.1", "rate_burst": "5"})
     flooder, quiet = client(hub, keys, "node1"), client(hub, keys, "node2")
     try:
         replies = [flooder.report(ban(f"198.51.100.{i}").encode()) for i in range(1, 9)]

@@ -9,7 +9,6 @@ import os
 import select
 import shlex
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import pytest
 from f2bzmq.inotify import FileWatch
 from f2bzmq.runtime import Wakeup
 from f2bzmq.tail import LogFollower, LogPosition
+from tests.support.logrotate import logrotate
 
 WAIT = 20.0  # generous bound for anything asynchronous; tests never assert speed
 
@@ -579,23 +579,6 @@ def run_in_thread(
     return thread
 
 
-def logrotate(tmp_path: Path, log_path: Path, directives: str) -> Callable[[], None]:
-    conf = tmp_path / "logrotate.conf"
-    conf.write_text(f'"{log_path}" {{\n    rotate {ROTATIONS}\n    missingok\n{directives}}}\n')
-    conf.chmod(0o644)  # logrotate ignores a config others can write
-    state = tmp_path / "logrotate.state"
-
-    def run() -> None:
-        subprocess.run(
-            ["logrotate", "-s", str(state), "-f", str(conf)],
-            check=True,
-            timeout=WAIT,
-            capture_output=True,
-        )
-
-    return run
-
-
 def burst_with_rotations(
     log_path: Path, rotate: Callable[[], None], reopen_flag: Path | None
 ) -> list[int]:
@@ -669,14 +652,15 @@ def test_logrotate_create_delaycompress_during_burst(tmp_path: Path, log_path: P
         "    create\n    compress\n    delaycompress\n"
         f"    postrotate\n        touch {shlex.quote(str(flag))}\n    endscript\n"
     )
-    numbers = burst_with_rotations(log_path, logrotate(tmp_path, log_path, directives), flag)
+    rotate = logrotate(tmp_path, log_path, directives, ROTATIONS, WAIT)
+    numbers = burst_with_rotations(log_path, rotate, flag)
     assert numbers == list(range(1, TOTAL + 1))
     assert lines_on_disk(log_path) == set(numbers)
     assert len(list(tmp_path.glob("fail2ban.log.*.gz"))) == ROTATIONS - 1
 
 
 def test_logrotate_copytruncate_during_burst(tmp_path: Path, log_path: Path) -> None:
-    rotate = logrotate(tmp_path, log_path, "    copytruncate\n")
+    rotate = logrotate(tmp_path, log_path, "    copytruncate\n", ROTATIONS, WAIT)
     numbers = burst_with_rotations(log_path, rotate, None)
     # copytruncate's own race: a line appended after logrotate copied the end of the file and
     # before it truncated it is in no file. We return it only if we happened to read it in
@@ -695,7 +679,7 @@ def test_copytruncate_with_immediate_compress_reads_the_rest_from_the_gz_copy(
     follower = LogFollower(log_path)
     assert read_all(follower) == [1, 2, 3]
     append(log_path, 4, 5, 6)  # written, not read yet: the monitor is a little behind
-    logrotate(tmp_path, log_path, "copytruncate\ncompress\n")()
+    logrotate(tmp_path, log_path, "copytruncate\ncompress\n", ROTATIONS, WAIT)()
     append(log_path, 7)
     assert read_all(follower) == [4, 5, 6, 7]
     follower.stop()
@@ -710,7 +694,7 @@ def test_down_across_two_compressed_rotations_reads_every_file_in_order(
     saved = follower.position()
     follower.stop()
     append(log_path, 2)  # unread when the monitor stopped
-    rotate = logrotate(tmp_path, log_path, "create\ncompress\ndelaycompress\n")
+    rotate = logrotate(tmp_path, log_path, "create\ncompress\ndelaycompress\n", ROTATIONS, WAIT)
     for n in (3, 4):
         rotate()
         append(log_path, n)

@@ -29,7 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from f2bzmq.lab import Cluster, Fail2banServer, Namespaces, netns_holds, run_command
+from f2bzmq.lab import Cluster, Fail2banServer, run_command
+from tests.support.netns import Namespaces, netns_holds
 
 NODES = {"node1": "10.250.0.11", "node2": "10.250.0.12", "node3": "10.250.0.13"}
 ATTACKER = "10.250.0.66"
