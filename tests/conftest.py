@@ -3,6 +3,7 @@ running three-node cluster. A file that needs another kind builds it with tests/
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,3 +45,17 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """A hub and node1..node3, each with fail2ban, a monitor and a subscriber, all ready."""
     with Cluster(tmp_path, size=3) as running:
         yield running
+
+
+@pytest.fixture
+def own_signals() -> Iterator[None]:
+    """A reactor built in the test process takes SIGTERM, SIGINT, SIGHUP and the signal
+    wake-up fd for its loop: give them back to pytest afterwards."""
+    numbers = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    handlers = {number: signal.getsignal(number) for number in numbers}
+    wakeup_fd = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup_fd)
+    yield
+    signal.set_wakeup_fd(wakeup_fd)
+    for number, handler in handlers.items():
+        signal.signal(number, handler)

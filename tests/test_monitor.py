@@ -9,7 +9,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import zmq
 
 from f2bzmq import protocol
@@ -24,18 +23,6 @@ PREFIX = "2026-11-23 10:13:40,972 fail2ban.actions        [17048]: "
 
 def ban_line(ip: str) -> str:
     return f"{PREFIX}NOTICE  [sshd] Ban {ip}\n"
-
-
-@pytest.fixture
-def signals_restored():
-    """The monitor takes SIGTERM, SIGINT, SIGHUP and the signal wake-up fd for its loop."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    wakeup_fd = signal.set_wakeup_fd(-1)
-    signal.set_wakeup_fd(wakeup_fd)
-    yield
-    signal.set_wakeup_fd(wakeup_fd)
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 class PlayedHub(threading.Thread):
@@ -82,7 +69,7 @@ class PlayedHub(threading.Thread):
             self.router.send_multipart([peer, *reply])
 
 
-def test_the_monitor_acts_on_each_answer_of_a_hub(tmp_path: Path, signals_restored) -> None:
+def test_the_monitor_acts_on_each_answer_of_a_hub(tmp_path: Path, own_signals) -> None:
     port = free_ports(1)[0]
     fail2ban_log = tmp_path / "fail2ban.log"
     fail2ban_log.write_text("".join(ban_line(f"192.0.2.{n}") for n in (1, 2, 3)))

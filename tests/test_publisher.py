@@ -212,19 +212,6 @@ def test_a_burst_goes_out_in_few_messages_with_consecutive_sequence_numbers(hub,
 # its store is SQLite on disk, and the loop's steps are called by hand.
 
 
-@pytest.fixture
-def signals_back():
-    """A hub takes SIGTERM, SIGINT, SIGHUP and the signal wake-up fd: give them back after."""
-    handlers = {
-        sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    }
-    wakeup = signal.set_wakeup_fd(-1)
-    yield
-    signal.set_wakeup_fd(wakeup)
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
 def built_hub(tmp_path, ports, keys_dir=None, **publisher) -> Publisher:
     general = {"node": "hub", "state_dir": str(tmp_path / "state")}
     general.update(zip(("report_port", "publish_port", "snapshot_port"), map(str, ports)))
@@ -241,7 +228,7 @@ def stored_bans(tmp_path) -> list[tuple[str, str]]:
         return sorted(db.execute("SELECT node, ip FROM bans"))
 
 
-def test_a_built_hub_answers_a_batch_once_it_is_stored(tmp_path, signals_back):
+def test_a_built_hub_answers_a_batch_once_it_is_stored(tmp_path, own_signals):
     ports = free_ports(3)
     hub = built_hub(tmp_path, ports)
     context = zmq.Context()
@@ -266,7 +253,7 @@ def test_a_built_hub_answers_a_batch_once_it_is_stored(tmp_path, signals_back):
         hub.close()
 
 
-def test_a_built_hub_takes_old_reports_through_its_core_and_store(tmp_path, signals_back, caplog):
+def test_a_built_hub_takes_old_reports_through_its_core_and_store(tmp_path, own_signals, caplog):
     ports = free_ports(4)
     old_endpoint = f"tcp://127.0.0.1:{ports[3]}"
     hub = built_hub(tmp_path, ports[:3], legacy_report_bind=old_endpoint)
@@ -288,7 +275,7 @@ def test_a_built_hub_takes_old_reports_through_its_core_and_store(tmp_path, sign
         hub.close()
 
 
-def test_a_built_hub_gives_its_core_the_node_keys_it_reads_again(tmp_path, signals_back):
+def test_a_built_hub_gives_its_core_the_node_keys_it_reads_again(tmp_path, own_signals):
     keys = make_keys(tmp_path / "keys", ["node1", "node2"])
     hub = built_hub(tmp_path, free_ports(3), keys)
     try:

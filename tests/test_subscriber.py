@@ -4,13 +4,11 @@ silence) against a hub the test plays with the wire codec, and a real fail2ban-s
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import zmq
 
 from f2bzmq import protocol
@@ -67,19 +65,6 @@ class PlayedHub:
         if self.beating and time.monotonic() >= self.next_hugz:
             self.updates.send_multipart(protocol.encode_heartbeat(STATE, self.sequence, True))
             self.next_hugz = time.monotonic() + HEARTBEAT_TIMEOUT / 5
-
-
-@pytest.fixture
-def own_signals() -> Iterator[None]:
-    """The reactor takes SIGTERM, SIGINT, SIGHUP and the wake-up fd: give them back."""
-    numbers = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    handlers = {number: signal.getsignal(number) for number in numbers}
-    wakeup_fd = signal.set_wakeup_fd(-1)
-    signal.set_wakeup_fd(wakeup_fd)
-    yield
-    signal.set_wakeup_fd(wakeup_fd)
-    for number, handler in handlers.items():
-        signal.signal(number, handler)
 
 
 def ban(ip: str, node: str = "node1") -> BanEvent:
