@@ -15,8 +15,9 @@ node runs Debian's fail2ban with its default configuration, the sshd jail readin
 network namespace (the firewall path is the netns lab's and the Docker test's).
 
 node1's fail2ban bans an address after failed ssh logins; node2's sync jail must
-then hold it, and lose it once node1 lifts the ban. Prints one JSON line of results;
-exits non-zero, with the servers' logs on stderr, when something fails.
+then hold it, and lose it once node1 lifts the ban. Last, `apt-get purge` on the hub
+must remove its databases and logs and keep its keys. Prints one JSON line of
+results; exits non-zero, with the servers' logs on stderr, when something fails.
 """
 
 from __future__ import annotations
@@ -161,6 +162,14 @@ def check_package(root: Path) -> dict:
     verify = chroot(root, "systemd-analyze", "verify", "--man=no", *units, check=False)
     if verify.returncode != 0 or verify.stderr.strip():
         raise Failed(f"systemd-analyze verify: exit {verify.returncode}\n{verify.stderr}")
+    conffiles = chroot(root, "dpkg-query", "-W", "-f", "${Conffiles}", "f2bzmq").stdout
+    for conffile in (
+        "/etc/fail2ban-cluster/fail2ban-cluster.conf",
+        "/etc/fail2ban/jail.d/f2bzmq-cluster.conf",
+        "/etc/fail2ban/filter.d/f2bzmq-cluster.conf",
+    ):
+        if f" {conffile} " not in conffiles:
+            raise Failed(f"{conffile} is not a conffile: {conffiles}")
     enabled = list(root.glob("etc/systemd/system/*.wants/fail2ban-[mps]*.service"))
     if enabled:
         raise Failed(f"the package enabled units itself: {enabled}")
@@ -215,6 +224,21 @@ def attack(node: Server, tries: int = 3) -> None:
     node.write("/var/log/auth.log", lines, append=True)
 
 
+def purge(server: Server) -> None:
+    """apt-get purge removes the databases and logs, and keeps the keys and the user."""
+    server.run("apt-get", "purge", "-y", "-q", "f2bzmq")
+    for gone in (
+        "var/lib/fail2ban-cluster",
+        "var/log/fail2ban-cluster",
+        "usr/bin/f2bzmq-publisher",
+    ):
+        if server.path(gone).exists():
+            raise Failed(f"{server.name}: /{gone} is still there after the purge")
+    if not server.path(CONF_DIR / "keys" / "hub.key_secret").is_file():
+        raise Failed(f"{server.name}: the purge removed the keys")
+    server.run("getent", "passwd", "_f2bzmq")
+
+
 def scenario(base: Path, work: Path) -> dict:
     mount("-t", "proc", "proc", base / "proc")
     results: dict = {"package": check_package(base)}
@@ -251,13 +275,11 @@ def scenario(base: Path, work: Path) -> dict:
         timings["node2 unbanned"] = wait_for(
             "node2's sync jail lifts it", lambda: ATTACKER not in node2.banned("cluster")
         )
-        for server, roles in (
-            (node1, ("monitor", "subscriber")),
-            (node2, ("monitor", "subscriber")),
-            (hub, ("publisher",)),
-        ):
-            for role in roles:
-                server.run(f"f2bzmq-{role}", "stop")
+        for node in nodes:
+            node.run("f2bzmq-monitor", "stop")
+            node.run("f2bzmq-subscriber", "stop")
+        hub.run("f2bzmq-publisher", "stop")
+        purge(hub)
         return results
     except (Failed, subprocess.SubprocessError, OSError) as error:
         raise Failed(f"{error}\n" + "\n".join(server.logs() for server in servers)) from None
