@@ -16,8 +16,9 @@ network namespace (the firewall path is the netns lab's and the Docker test's).
 
 node1's fail2ban bans an address after failed ssh logins; node2's sync jail must
 then hold it, and lose it once node1 lifts the ban. Last, `apt-get purge` on the hub
-must remove its databases and logs and keep its keys. Prints one JSON line of
-results; exits non-zero, with the servers' logs on stderr, when something fails.
+must remove its databases and logs and keep its keys, and the installed demo
+(`python3 -m f2bzmq demo`) must run on node1. Prints one JSON line of results;
+exits non-zero, with the servers' logs on stderr, when something fails.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ class Server:
         mount("-t", "tmpfs", "-o", "mode=755", "tmpfs", self.root / "run")
         mount("-t", "tmpfs", "-o", "mode=1777", "tmpfs", self.root / "tmp")
 
-    def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-        return chroot(self.root, *argv, check=check)
+    def run(self, *argv: str, check: bool = True, timeout: float = COMMAND_TIMEOUT):
+        return chroot(self.root, *argv, check=check, timeout=timeout)
 
     def path(self, inside: str | Path) -> Path:
         return self.root / str(inside).lstrip("/")
@@ -106,14 +107,16 @@ def mount(*argv: str | Path) -> None:
     subprocess.run(["mount", *map(str, argv)], check=True, timeout=COMMAND_TIMEOUT)
 
 
-def chroot(root: Path, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+def chroot(
+    root: Path, *argv: str, check: bool = True, timeout: float = COMMAND_TIMEOUT
+) -> subprocess.CompletedProcess:
     done = subprocess.run(
         ["chroot", str(root), *argv],
         env=ENV,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=COMMAND_TIMEOUT,
+        timeout=timeout,
         check=False,
     )
     if check and done.returncode != 0:
@@ -280,6 +283,10 @@ def scenario(base: Path, work: Path) -> dict:
             node.run("f2bzmq-subscriber", "stop")
         hub.run("f2bzmq-publisher", "stop")
         purge(hub)
+        # The demo comes with the package: its own hub and nodes, beside node1's fail2ban.
+        demo = node1.run("python3", "-m", "f2bzmq", "demo", "--nodes", "2", timeout=180)
+        if "done: the demo cluster is stopped" not in demo.stdout:
+            raise Failed(f"python3 -m f2bzmq demo:\n{demo.stdout}{demo.stderr}")
         return results
     except (Failed, subprocess.SubprocessError, OSError) as error:
         raise Failed(f"{error}\n" + "\n".join(server.logs() for server in servers)) from None

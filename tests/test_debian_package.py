@@ -152,7 +152,10 @@ def scratch(tmp_path_factory):
         remove(folder)
 
 
-@pytest.mark.skipif(missing() is not None, reason=missing() or "")
+MISSING = missing()
+
+
+@pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 def test_the_deb_installs_with_apt_on_debian_13_and_12_and_a_ban_travels(scratch):
     timings = Timings()
     source = scratch / "src"
