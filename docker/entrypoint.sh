@@ -10,7 +10,6 @@ STATE=/var/lib/fail2ban-cluster # this container's volume: keys and databases
 KEYS=$STATE/keys
 SHARED=/srv/public-keys # shared by every container: public keys only
 RUN_DIR=/run/fail2ban-cluster
-READY=/run/f2bzmq-ready # the healthcheck's word that every daemon is up
 KEY_WAIT=${KEY_WAIT:-120} # seconds to wait for the other side's public keys
 START_WAIT=60             # seconds for fail2ban and the daemons to come up
 
@@ -42,7 +41,7 @@ wait_for() {
 # A previous run of this container may have left PID files whose numbers are
 # reused in the new PID namespace.
 fresh_start() {
-    rm -f "$READY" "$RUN_DIR"/*.pid "$RUN_DIR"/*.status
+    rm -f "$RUN_DIR"/*.pid "$RUN_DIR"/*.status
     mkdir -p "$KEYS"
 }
 
@@ -90,9 +89,9 @@ node() {
     f2bzmq-monitor run &
     pids+=($!)
     # `run` writes its PID file once the daemon is built: the monitor then follows the
-    # log from its end, so a Ban fail2ban writes after this point is reported.
+    # log from its end, so a Ban fail2ban writes after this point is reported. Whether
+    # the daemons are healthy is the healthcheck's question: their `status`.
     if wait_for "$START_WAIT" "$RUN_DIR/subscriber.pid" "$RUN_DIR/monitor.pid"; then
-        touch "$READY"
         say "$name is up: fail2ban, fake sshd on port 22, subscriber, monitor"
     fi
 
@@ -109,8 +108,7 @@ node() {
 }
 
 attacker() {
-    # Only waits: the attacks come with `docker-compose exec attacker f2bzmq-attacker …`.
-    touch "$READY"
+    # Only waits: the attacks come with `docker compose exec attacker f2bzmq-attacker …`.
     exec sleep infinity
 }
 

@@ -7,7 +7,6 @@ import sys
 
 from . import __version__
 from .config import DEFAULT_PATHS, ConfigError, find_config, load_config
-from .daemon import RoleControl
 
 ROLES = {
     "monitor": (
@@ -103,6 +102,10 @@ def main(role: str, argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"fail2ban-{role}: {error}", file=sys.stderr)
         return 2
+    # Imported here, like the reactors: the parsers (--help, the manual pages made from
+    # them at build time) need nothing beyond the standard library.
+    from .daemon import RoleControl
+
     control = RoleControl(role, config, factory(role))
     if args.command == "run":
         return control.run(foreground=True)

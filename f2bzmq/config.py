@@ -1,4 +1,9 @@
-"""fail2ban-cluster.conf: one INI file for every role, overridden by a .local beside it.
+"""fail2ban-cluster.conf: one INI file for every role, read the way fail2ban reads jail.conf.
+
+fail2ban-cluster.conf, then fail2ban-cluster.d/*.conf, fail2ban-cluster.local, and
+fail2ban-cluster.d/*.local (each folder in name order): a later file's key wins. As in
+fail2ban, a comment is a line that starts with '#' or ';', or the rest of a line from a
+' ;'; times take fail2ban's units (10m, 1h, 1d, 1w, or seconds).
 
 Every key is declared once below with its default and its parser, so a typo or a
 wrong value stops start-up with one line naming the file, section and key.
@@ -7,6 +12,7 @@ wrong value stops start-up with one line naming the file, section and key.
 from __future__ import annotations
 
 import configparser
+import glob
 import ipaddress
 import logging
 import os
@@ -54,6 +60,132 @@ def _number(kind: type, low: float, high: float) -> Callable[[str], float]:
         if not low <= number <= high:
             raise ValueError(f"{value} is out of range {low}..{high}")
         return number
+
+    return parse
+
+
+# fail2ban's time units (MyTime.str2seconds): a unit follows its number, with or without
+# a space, in any case. A month is a twelfth of a year of 365.25 days.
+_DAY = 24 * 60 * 60
+_YEAR = (365 * 3 + 366) * _DAY / 4
+_TIME_UNITS = (
+    (re.compile(r"days?|da|dd?"), _DAY),
+    (re.compile(r"weeks?|wee?|ww?"), 7 * _DAY),
+    (re.compile(r"months?|mon?"), _YEAR / 12),
+    (re.compile(r"years?|yea?|yy?"), _YEAR),
+    (re.compile(r"seconds?|sec?|ss?"), 1),
+    (re.compile(r"minutes?|min?|mm?"), 60),
+    (re.compile(r"hours?|hou?|hh?"), 60 * 60),
+)
+_TIME_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?|\.\d+)|([A-Za-z]+)|([-+*/()]))")
+
+
+def seconds(value: str) -> float:
+    """A time as fail2ban writes it, in seconds: `600`, `10m`, `1h 30m` (or `1h30m`: terms
+    written one after another add up), `1d-6h`, `2*1w`, `-1`. fail2ban evaluates the text
+    as a Python expression once the units are replaced; this takes the same arithmetic
+    (+ - * / and parentheses on numbers with units) without eval."""
+    tokens = []
+    position = 0
+    text = value.strip()
+    while position < len(text):
+        match = _TIME_TOKEN.match(text, position)
+        if not match:
+            raise ValueError(f"{value!r} is not a time (e.g. 600, 10m, 1h, 1d, 1w)")
+        tokens.append(match.groups())
+        position = match.end()
+    parser = _TimeExpression(tokens, value)
+    result = parser.sum()
+    if parser.position != len(tokens):
+        parser.fail()
+    return result
+
+
+class _TimeExpression:
+    """Recursive descent over (number, unit, operator) tokens; see seconds()."""
+
+    def __init__(self, tokens: list[tuple[str | None, str | None, str | None]], text: str):
+        self.tokens = tokens
+        self.text = text
+        self.position = 0
+
+    def fail(self):
+        raise ValueError(f"{self.text!r} is not a time (e.g. 600, 10m, 1h, 1d, 1w)")
+
+    def peek(self, kind: int) -> str | None:
+        if self.position < len(self.tokens):
+            return self.tokens[self.position][kind]
+        return None
+
+    def sum(self) -> float:
+        total = self.product()
+        while True:
+            operator = self.peek(2)
+            if operator in ("+", "-"):
+                self.position += 1
+                term = self.product()
+                total = total + term if operator == "+" else total - term
+            elif self.peek(0) is not None:  # "1h 30m", "1h30m": one term after another adds
+                total += self.product()
+            else:
+                return total
+
+    def product(self) -> float:
+        result = self.unary()
+        while self.peek(2) in ("*", "/"):
+            operator = self.peek(2)
+            self.position += 1
+            factor = self.unary()
+            if operator == "*":
+                result *= factor
+            elif factor == 0:
+                raise ValueError(f"{self.text!r} divides by zero")
+            else:
+                result /= factor
+        return result
+
+    def unary(self) -> float:
+        operator = self.peek(2)
+        if operator in ("+", "-"):
+            self.position += 1
+            return self.unary() if operator == "+" else -self.unary()
+        if operator == "(":
+            self.position += 1
+            result = self.sum()
+            if self.peek(2) != ")":
+                self.fail()
+            self.position += 1
+            return result
+        number = self.peek(0)
+        if number is None:
+            self.fail()
+        self.position += 1
+        result = float(number) if "." in number else int(number)
+        unit = self.peek(1)
+        if unit is not None:
+            self.position += 1
+            for pattern, factor in _TIME_UNITS:
+                if pattern.fullmatch(unit.lower()):
+                    return result * factor
+            raise ValueError(f"{self.text!r}: {unit!r} is not a time unit (s, m, h, d, w, mo, y)")
+        return result
+
+
+def _duration(kind: type, low: float, high: float) -> Callable[[str], float]:
+    """A time in fail2ban's format (see seconds()), as kind (int or float) seconds."""
+
+    def parse(value: str):
+        total = seconds(value)
+        if kind is int:
+            if total != int(total):
+                raise ValueError(f"{value!r} is not a whole number of seconds")
+            total = int(total)
+        else:
+            total = float(total)
+        if not low <= total <= high:
+            given = value if value.strip().lstrip("-").isdigit() else f"{value} ({total:g} s)"
+            raise ValueError(f"{given} is out of range {low:g}..{high:g} seconds")
+        return total
 
     return parse
 
@@ -220,7 +352,7 @@ class MonitorSettings:
 
     logpath: str = _key("/var/log/fail2ban.log", _text)
     ignore_jails: list[str] = _key("", _jail_names)
-    ack_timeout: float = _key("5", _number(float, 0.1, 3600))
+    ack_timeout: float = _key("5", _duration(float, 0.1, 3600))
     in_flight: int = _key("100", _number(int, 1, 100000))
     outbox_max: int = _key("100000", _number(int, 100, 10**8))
     start_at: str = _key("end", _choice("end", "beginning"))
@@ -232,8 +364,8 @@ class PublisherSettings:
     """[publisher]: the hub's ports, rules and limits."""
 
     bind: list[str] = _key("127.0.0.1", _hosts)
-    default_bantime: int = _key("600", _number(int, -1, 2**31 - 1))
-    heartbeat_interval: float = _key("1", _number(float, 0.05, 3600))
+    default_bantime: int = _key("10m", _duration(int, -1, 2**31 - 1))
+    heartbeat_interval: float = _key("1", _duration(float, 0.05, 3600))
     send_hwm: int = _key("1000", _number(int, 10, 10**7))
     allow_networks: bool = _key("true", _bool)
     allowlist: list[Network] = _key("127.0.0.0/8 ::1/128", _networks)
@@ -252,8 +384,8 @@ class SubscriberSettings:
 
     allowlist: list[Network] = _key("127.0.0.0/8 ::1/128", _networks)
     batch_size: int = _key("2000", _number(int, 1, 10000))
-    heartbeat_timeout: float = _key("5", _number(float, 0.1, 3600))
-    resync_interval: float = _key("300", _number(float, 1, 86400))
+    heartbeat_timeout: float = _key("5", _duration(float, 0.1, 3600))
+    resync_interval: float = _key("5m", _duration(float, 1, 86400))
     metrics: tuple[str, int] | None = _key("", _listen)
 
 
@@ -349,14 +481,23 @@ PATH_KEYS = {
 }
 
 
+def config_files(path: str) -> list[str]:
+    """The files to read, in fail2ban's order (its ConfigReader.read): path, then NAME.d/*.conf,
+    NAME.local, NAME.d/*.local beside it, each folder in name order; only those that exist
+    but path itself, which must."""
+    base = str(Path(path).with_suffix(""))
+    # glob, like fail2ban: no hidden files (an editor's .#name.conf lock, say).
+    drop_ins = glob.escape(base + ".d")
+    files = sorted(glob.glob(f"{drop_ins}/*.conf")) + [base + ".local"]
+    files += sorted(glob.glob(f"{drop_ins}/*.local"))
+    return [path] + [file for file in files if os.path.isfile(file)]
+
+
 def load_config(path: str) -> Config:
-    """Read path and its optional .local override; raise ConfigError naming file, section, key."""
+    """Read path, its drop-ins and .local overrides; raise ConfigError naming file, section, key."""
     raw: dict[tuple[str, str], tuple[str, str]] = {}  # (section, key) -> (value, where it is set)
     warnings: list[str] = []
-    local = str(Path(path).with_suffix(".local"))
-    for file, required in ((path, True), (local, False)):
-        if not required and not os.path.exists(file):
-            continue
+    for file in config_files(path):
         found = {key: (value, _where(file, *key)) for key, value in _read_ini(file).items()}
         try:
             warnings += rename_old_keys(found)
@@ -379,6 +520,11 @@ def build_config(
             value, where = raw.pop((section, key.name), (key.metadata["default"], None))
             where = where or _where(path, section, key.name)
             try:
+                if _HASH_COMMENT.search(value):
+                    raise ValueError(
+                        "'#' starts a comment only at the start of a line; "
+                        "put the comment on a line of its own or after ' ;', as in fail2ban"
+                    )
                 parsed = key.metadata["parse"](value.strip())
                 if (section, key.name) in PATH_KEYS:
                     parsed = str(Path(path).resolve().parent / parsed)
@@ -418,8 +564,17 @@ def _where(file: str, section: str, key: str) -> str:
     return f"{file}: [{section}] {key}"
 
 
+# A '#' after a blank, which fail2ban takes as part of the value (its inline comments start
+# with ';'): meant as a comment, it would give a value like "10.0.0.5  # the hub".
+_HASH_COMMENT = re.compile(r"\s#")
+
+
 def _read_ini(file: str) -> dict[tuple[str, str], str]:
-    parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
+    # What fail2ban's parser takes (SafeConfigParserWithIncludes): lines starting with '#' or
+    # ';' are comments, and ';' after a blank starts one within a line.
+    parser = configparser.ConfigParser(
+        interpolation=None, default_section="__none__", inline_comment_prefixes=(";",)
+    )
     try:
         with open(file, encoding="utf-8") as handle:
             parser.read_file(handle)

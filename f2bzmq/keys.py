@@ -114,16 +114,27 @@ def authorized_nodes(directory: str | os.PathLike) -> dict[bytes, str]:
 class NodeAuthenticator(ThreadAuthenticator):
     """ZAP in a thread: only known node keys get in, and the node name becomes the User-Id."""
 
+    # Declared for pyzmq < 25 (Debian 12's 24), whose ThreadAuthenticator keeps only
+    # declared attributes and hands any other to the Authenticator its thread runs.
+    nodes_dir: str | os.PathLike
+    nodes: dict[bytes, str]  # z85 public key -> node name
+    names: set[str]
+
     def __init__(self, context: zmq.Context, nodes_dir: str | os.PathLike) -> None:
         super().__init__(context, log=logging.getLogger("f2bzmq.zap"))
         self.nodes_dir = nodes_dir
-        self.nodes: dict[bytes, str] = {}  # z85 public key -> node name
-        self.names: set[str] = set()
+        self.nodes = {}
+        self.names = set()
 
     def start(self) -> None:
         super().start()
         self.reload()
         self.configure_curve_callback("*", credentials_provider=self)
+        # pyzmq >= 25 runs this object in the thread; pyzmq < 25 a plain Authenticator,
+        # which must ask us for the User-Id, or every node would report without a name.
+        running = self.thread.authenticator
+        if running is not self:
+            running.curve_user_id = self.curve_user_id
 
     def reload(self) -> int:
         """Read the node keys again (SIGHUP): a removed key is shut out from the next handshake."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
+import inspect
 import json
 import logging
 import lzma
@@ -67,6 +68,9 @@ UNNUMBERED = 1 << 30  # rotation order of a sibling without a .N number
 # the directory's other files (syslog, fail2ban's database) write far more than fail2ban.log,
 # and watchdog would hand each write to our threads; FileWatch sees only the log's own.
 DIRECTORY_EVENTS = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent]
+# watchdog >= 4 drops the other events in its own thread; with an older one (Debian 12
+# ships 2.2) every write in the directory still reaches our handler, which drops it.
+WATCHDOG_FILTERS = "event_filter" in inspect.signature(Observer.schedule).parameters
 
 
 @dataclass(frozen=True)
@@ -228,9 +232,10 @@ class _WakeOnLogEvents(FileSystemEventHandler):
         self._wake = wake
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory:
+        if event.is_directory or not isinstance(event, tuple(DIRECTORY_EVENTS)):
             return
-        for path in (event.src_path, event.dest_path):
+        # Before watchdog 4 only a move has a dest_path.
+        for path in (event.src_path, getattr(event, "dest_path", "")):
             if path and os.path.basename(os.fsdecode(path)).startswith(self._basename):
                 self._wake()
                 return
@@ -288,9 +293,8 @@ class LogFollower:
         self._watch_generations()
         handler = _WakeOnLogEvents(os.path.basename(self._path), self._wake)
         self._observer = Observer()
-        self._observer.schedule(
-            handler, os.path.dirname(self._path), recursive=False, event_filter=DIRECTORY_EVENTS
-        )
+        only = {"event_filter": DIRECTORY_EVENTS} if WATCHDOG_FILTERS else {}
+        self._observer.schedule(handler, os.path.dirname(self._path), recursive=False, **only)
         self._observer.start()
 
     def fileno(self) -> int | None:

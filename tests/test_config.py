@@ -1,10 +1,17 @@
-"""Configuration: shipped file, .local overrides, one-line errors naming file, section, key."""
+"""Configuration: shipped file, drop-ins and .local overrides, fail2ban's comments and times,
+one-line errors naming file, section, key. Where fail2ban is installed, its own reader
+and time parser check that f2bzmq reads the same files the same way."""
 
+import json
+import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from f2bzmq.config import SCHEMA, ConfigError, load_config
+from f2bzmq.config import SCHEMA, ConfigError, _read_ini, config_files, load_config, seconds
 
 SHIPPED = Path(__file__).resolve().parent.parent / "fail2ban-cluster.conf"
 
@@ -93,3 +100,252 @@ def test_mistake_in_the_local_file_names_the_local_file(tmp_path):
 def test_unreadable_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read: No such file"):
         load_config(str(tmp_path / "missing.conf"))
+
+
+def fail2ban_python() -> str | None:
+    """The interpreter fail2ban runs on (its client's #! line), to ask fail2ban itself."""
+    client = shutil.which("fail2ban-client", path=os.environ.get("PATH", "") + ":/usr/bin")
+    if client is None:
+        return None
+    first = Path(client).read_bytes().split(b"\n", 1)[0]
+    return first[2:].decode().strip().split()[0] if first.startswith(b"#!") else None
+
+
+def ask_fail2ban(code: str, *args: str) -> object:
+    """Run code with fail2ban's modules importable; what it prints, as JSON."""
+    python = fail2ban_python()
+    if python is None:
+        pytest.skip("needs fail2ban (apt-get install fail2ban)")
+    done = subprocess.run(
+        [python, "-c", code, *args], capture_output=True, text=True, timeout=60, check=True
+    )
+    return json.loads(done.stdout)
+
+
+TIMES = [
+    ("600", 600),
+    ("-1", -1),
+    ("30s", 30),
+    ("10m", 600),
+    ("10 m", 600),
+    ("1h", 3600),
+    ("1d", 86400),
+    ("1w", 604800),
+    ("2ww", 1209600),
+    ("1mo", 2629800),
+    ("1y", 31557600),
+    ("1h 30m", 5400),
+    ("1h30m", 5400),
+    ("1d12h", 129600),
+    ("0d 1h 30m", 5400),
+    ("1hour+30min", 5400),
+    ("1year-6mo", 15778800),
+    ("6 months", 15778800),
+    ("2*1w", 1209600),
+    ("1h/2", 1800),
+    ("(1h + 1m) * 2", 7320),
+    ("1.5h", 5400),
+    ("3 Days", 259200),
+    ("10 20", 30),
+]
+
+
+def test_times_read_as_fail2ban_reads_them():
+    assert [seconds(text) for text, _ in TIMES] == [value for _, value in TIMES]
+    code = (
+        "import json, sys\n"
+        "from fail2ban.server.mytime import MyTime\n"
+        "print(json.dumps([MyTime.str2seconds(t) for t in json.loads(sys.argv[1])]))\n"
+    )
+    assert ask_fail2ban(code, json.dumps([text for text, _ in TIMES])) == [v for _, v in TIMES]
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("", "'' is not a time"),
+        ("10mins", "'mins' is not a time unit"),
+        ("1e3", "'e' is not a time unit"),
+        ("1h)", "is not a time"),
+        ("(1h", "is not a time"),
+        ("1h +", "is not a time"),
+        ("h", "is not a time"),
+        ("1h/0", "divides by zero"),
+        ("__import__('os')", "is not a time"),
+        ("10 m m", "is not a time"),
+    ],
+)
+def test_what_is_not_a_time(text, error):
+    with pytest.raises(ValueError, match=re.escape(error)):
+        seconds(text)
+
+
+TIME_KEYS = [key for key in SCHEMA if re.search(r"time|interval", key[1])]
+
+
+def test_the_time_keys_are_the_ones_expected():
+    assert TIME_KEYS == [
+        ("monitor", "ack_timeout"),
+        ("publisher", "default_bantime"),
+        ("publisher", "heartbeat_interval"),
+        ("subscriber", "heartbeat_timeout"),
+        ("subscriber", "resync_interval"),
+    ]
+
+
+@pytest.mark.parametrize("section, key", TIME_KEYS, ids=[key for _, key in TIME_KEYS])
+@pytest.mark.parametrize("text", ["1m", "60s", "1 min", "30s 30s", "0.5m + 30"])
+def test_every_time_key_takes_fail2bans_units(tmp_path, section, key, text):
+    config = load_config(write(tmp_path, f"[{section}]\n{key} = {text}\n"))
+    value = getattr(config.section(section), key)
+    assert value == 60
+    assert type(value) is type(getattr(load_config(str(SHIPPED)).section(section), key))
+
+
+def test_a_permanent_default_bantime(tmp_path):
+    config = load_config(write(tmp_path, "[publisher]\ndefault_bantime = -1\n"))
+    assert config.publisher.default_bantime == -1
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        (
+            "[monitor]\nack_timeout = 2h\n",
+            "[monitor] ack_timeout: 2h (7200 s) is out of range 0.1..3600 seconds",
+        ),
+        (
+            "[monitor]\nack_timeout = 7200\n",
+            "[monitor] ack_timeout: 7200 is out of range 0.1..3600",
+        ),
+        (
+            "[publisher]\ndefault_bantime = 1.5s\n",
+            "[publisher] default_bantime: '1.5s' is not a whole",
+        ),
+        (
+            "[publisher]\ndefault_bantime = -2\n",
+            "[publisher] default_bantime: -2 is out of range -1..",
+        ),
+        ("[subscriber]\nresync_interval = 5 minutes later\n", "[subscriber] resync_interval: "),
+    ],
+)
+def test_time_mistakes_name_file_section_and_key(tmp_path, text, error):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert str(raised.value).startswith(f"{path}: {error}")
+
+
+COMMENTED = """\
+# a comment line
+; another
+[general]
+hubs = 10.0.0.5   ; the hub
+node = web1;not-a-comment-without-a-blank-before-it
+jail_map = sshd = sshd-cluster   ; ssh
+           nginx = web-cluster
+[publisher]
+default_bantime = 1h  ; an hour
+"""
+
+
+def test_inline_comments_as_fail2ban_reads_them(tmp_path):
+    path = write(tmp_path, COMMENTED.replace(";not-a-comment-without-a-blank-before-it", ""))
+    config = load_config(path)
+    assert config.general.hubs == ["10.0.0.5"]
+    assert config.general.jail_map == {"sshd": "sshd-cluster", "nginx": "web-cluster"}
+    assert config.publisher.default_bantime == 3600
+    # fail2ban's own parser reads the very same values from the file.
+    both = write(tmp_path, COMMENTED, "both.conf")
+    code = (
+        "import json, sys\n"
+        "from fail2ban.client.configparserinc import SafeConfigParserWithIncludes\n"
+        "parser = SafeConfigParserWithIncludes()\n"
+        "parser.read(sys.argv[1])\n"
+        "print(json.dumps({s: dict(parser.items(s, raw=True)) for s in parser.sections()}))\n"
+    )
+    theirs = ask_fail2ban(code, both)
+    ours = {}
+    for (section, key), value in _read_ini(both).items():
+        ours.setdefault(section, {})[key] = value
+    assert ours == theirs
+    assert ours["general"]["node"] == "web1;not-a-comment-without-a-blank-before-it"
+
+
+@pytest.mark.parametrize(
+    "line, key",
+    [
+        ("[general]\nhubs = 10.0.0.5   # the hub\n", "[general] hubs"),
+        ("[general]\nstate_dir = /var/lib/x # mine\n", "[general] state_dir"),
+        ("[publisher]\nlegacy_token = abc #1\n", "[publisher] legacy_token"),
+    ],
+)
+def test_a_hash_within_a_line_is_refused_with_the_way_to_comment(tmp_path, line, key):
+    path = write(tmp_path, line)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert str(raised.value) == (
+        f"{path}: {key}: '#' starts a comment only at the start of a line; put the comment "
+        "on a line of its own or after ' ;', as in fail2ban"
+    )
+
+
+def drop_in_tree(folder: Path, base: str) -> None:
+    """BASE.conf, BASE.local and BASE.d/ with drop-ins: each sets batch_size, so the last
+    file read wins; the first drop-in also sets a key nobody overrides."""
+    folder.mkdir()
+    drop_ins = folder / f"{base}.d"
+    drop_ins.mkdir()
+    (folder / f"{base}.conf").write_text("[subscriber]\nbatch_size = 1\nresync_interval = 1\n")
+    (drop_ins / "20-b.conf").write_text("[subscriber]\nbatch_size = 3\n")
+    (drop_ins / "10-a.conf").write_text("[subscriber]\nbatch_size = 2\nheartbeat_timeout = 2\n")
+    (folder / f"{base}.local").write_text("[subscriber]\nbatch_size = 4\n")
+    (drop_ins / "10-a.local").write_text("[subscriber]\nbatch_size = 5\n")
+    (drop_ins / "20-b.local").write_text("[subscriber]\nbatch_size = 6\n[general]\nnode = n6\n")
+    (drop_ins / ".#30-c.local").write_text("[subscriber]\nbatch_size = 99\n")  # hidden
+    (drop_ins / "40-d.conf.dpkg-old").write_text("[subscriber]\nbatch_size = 98\n")
+
+
+def test_drop_ins_are_read_in_fail2bans_order(tmp_path):
+    drop_in_tree(tmp_path / "ours", "fail2ban-cluster")
+    path = str(tmp_path / "ours" / "fail2ban-cluster.conf")
+    read = [os.path.relpath(file, tmp_path / "ours") for file in config_files(path)]
+    assert read == [
+        "fail2ban-cluster.conf",
+        "fail2ban-cluster.d/10-a.conf",
+        "fail2ban-cluster.d/20-b.conf",
+        "fail2ban-cluster.local",
+        "fail2ban-cluster.d/10-a.local",
+        "fail2ban-cluster.d/20-b.local",
+    ]
+    config = load_config(path)
+    assert config.subscriber.batch_size == 6
+    assert config.subscriber.heartbeat_timeout == 2.0
+    assert config.subscriber.resync_interval == 1.0
+    assert config.node == "n6"
+    # fail2ban's own reader picks the same files in the same order for its jail.conf.
+    drop_in_tree(tmp_path / "theirs", "jail")
+    code = (
+        "import json, sys\n"
+        "from fail2ban.client.configparserinc import SafeConfigParserWithIncludes\n"
+        "from fail2ban.client.configreader import ConfigReaderUnshared\n"
+        "read = []\n"
+        "SafeConfigParserWithIncludes.read = lambda self, files, **_: read.extend(files) or files\n"
+        "ConfigReaderUnshared(basedir=sys.argv[1]).read('jail')\n"
+        "print(json.dumps(read))\n"
+    )
+    theirs = ask_fail2ban(code, str(tmp_path / "theirs"))
+    theirs = [os.path.relpath(file, tmp_path / "theirs") for file in theirs]
+    assert theirs == [file.replace("fail2ban-cluster", "jail") for file in read]
+
+
+def test_a_mistake_in_a_drop_in_names_the_drop_in(tmp_path):
+    path = write(tmp_path, "[general]\n")
+    (tmp_path / "fail2ban-cluster.d").mkdir()
+    drop_in = write(tmp_path / "fail2ban-cluster.d", "[monitor]\nack_timeout = soon\n", "x.local")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert (
+        str(raised.value)
+        == f"{drop_in}: [monitor] ack_timeout: 'soon' is not a time (e.g. 600, 10m, 1h, 1d, 1w)"
+    )

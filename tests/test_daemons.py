@@ -124,7 +124,8 @@ def test_config_mistake_is_one_line_naming_file_section_and_key(tmp_path):
     done = publisher(bad, "run")
     assert done.returncode == 2
     assert done.stderr == (
-        f"fail2ban-publisher: {bad}: [publisher] heartbeat_interval: 'soon' is not a float\n"
+        f"fail2ban-publisher: {bad}: [publisher] heartbeat_interval: 'soon' is not a time "
+        "(e.g. 600, 10m, 1h, 1d, 1w)\n"
     )
 
 

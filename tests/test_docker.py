@@ -1,33 +1,30 @@
-"""The docker-compose test cluster of docker/: built, brought up, attacked.
+"""The Docker Compose test cluster of docker/: built, brought up, attacked.
 
 The attacker fails ssh logins on node1; node1's fail2ban bans it with nftables,
 and node2 and node3 must then refuse its TCP connections too, while they still
 answer the hub. Everything runs on a private Docker daemon (its own data, sockets
 and PID file in a temporary folder, no iptables rules of its own, no default
-bridge); the base image is made with mmdebstrap (or debootstrap), and f2bzmq's Python
-dependencies, fetched by the host's pip, reach the image build through a package
-index on 127.0.0.1, so the build itself needs Debian's mirror only.
-Every exit path stops the daemon and removes what it made.
+bridge); the base image is made with mmdebstrap (or debootstrap), and the image takes
+f2bzmq's dependencies from Debian's packages, so the build needs Debian's mirror only.
+Compose is v2 (`docker compose`) where the docker client has it, else v1's
+docker-compose (Debian 12's package). Every exit path stops the daemon and removes
+what it made.
 
-Needs root, dockerd, docker-compose and mmdebstrap or debootstrap: skipped, with the reason,
-where one is missing. `python3 -m pytest -s tests/test_docker.py` shows timings.
+Needs root, dockerd, Docker Compose and mmdebstrap or debootstrap: skipped, with the
+reason, where one is missing. `python3 -m pytest -s tests/test_docker.py` shows timings.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
-import http.server
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,9 +52,21 @@ def docker_client(dockerd: str | None) -> str | None:
     return find("docker")
 
 
+def compose_command(docker: str | None) -> list[str] | None:
+    """Compose v2, the docker client's plugin, where it is there; else v1's docker-compose."""
+    if docker is not None:
+        plugin = subprocess.run(
+            [docker, "compose", "version"], capture_output=True, timeout=60, check=False
+        )
+        if plugin.returncode == 0:
+            return [docker, "compose"]
+    legacy = find("docker-compose")
+    return [legacy] if legacy else None
+
+
 DOCKERD = find("dockerd")
 DOCKER = docker_client(DOCKERD)
-COMPOSE = find("docker-compose")
+COMPOSE = compose_command(DOCKER)
 # The base image comes from Debian's mirror: mmdebstrap is twice as fast as debootstrap.
 BOOTSTRAP = find("mmdebstrap") or find("debootstrap")
 
@@ -68,7 +77,7 @@ def missing() -> str | None:
     for name, path in (
         ("dockerd", DOCKERD),
         ("docker (client)", DOCKER),
-        ("docker-compose", COMPOSE),
+        ("Docker Compose (docker compose or docker-compose)", COMPOSE),
         ("mmdebstrap or debootstrap", BOOTSTRAP),
     ):
         if path is None:
@@ -214,7 +223,7 @@ class PrivateDocker:
 
     Started without iptables rules, IP forwarding, masquerading or the default bridge,
     so it changes nothing of the host's network but the bridge of the lab network,
-    which `docker-compose down` removes (and stop() too, should down fail)."""
+    which `docker compose down` removes (and stop() too, should down fail)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -233,7 +242,7 @@ class PrivateDocker:
         self.env.update(
             DOCKER_HOST=f"unix://{self.socket}",
             DOCKER_CONFIG=str(root / "client"),
-            # docker-compose runs `docker` for exec unless told to use its own client.
+            # Compose v1 runs `docker` for exec unless told to use its own client.
             COMPOSE_INTERACTIVE_NO_CLI="1",
             COMPOSE_DOCKER_CLI_BUILD="0",
             DOCKER_BUILDKIT="0",
@@ -277,7 +286,7 @@ class PrivateDocker:
         return run([DOCKER, *args], self.env, timeout, check=check)
 
     def compose(self, *args: str, timeout: float = 120, check: bool = True):
-        return run([COMPOSE, *args], self.env, timeout, cwd=DOCKER_DIR, check=check)
+        return run([*COMPOSE, *args], self.env, timeout, cwd=DOCKER_DIR, check=check)
 
     def log_tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):
@@ -310,43 +319,6 @@ class PrivateDocker:
         for bridge in sorted(self.bridges):
             if Path("/sys/class/net", bridge).exists():
                 subprocess.run(["ip", "link", "delete", bridge], capture_output=True, check=False)
-
-
-def download_dependencies(folder: Path, timeout: float = 180) -> Path:
-    """f2bzmq's dependencies, fetched by the host's pip, laid out as a package index."""
-    downloads = folder / "downloads"
-    index = folder / "index"
-    run(
-        [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check"]
-        + ["-d", str(downloads), str(REPO)],
-        dict(os.environ),
-        timeout,
-    )
-    for wheel in downloads.iterdir():
-        project = re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
-        (index / project).mkdir(parents=True, exist_ok=True)
-        wheel.rename(index / project / wheel.name)
-    return index
-
-
-@contextlib.contextmanager
-def serve(index: Path) -> Iterator[str]:
-    """The index over HTTP on 127.0.0.1, for pip in the image build (host network)."""
-    handler = functools.partial(QuietFiles, directory=str(index))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
-class QuietFiles(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
 
 
 @pytest.fixture
@@ -386,6 +358,24 @@ def banned(docker: PrivateDocker, node: str, jail: str) -> list[str]:
     return answer.stdout.split()
 
 
+def health(docker: PrivateDocker, service: str) -> dict:
+    """Docker's health record of a service's container: Status and the checks' Log."""
+    container = docker.compose("ps", "-q", service).stdout.strip()
+    answer = docker.docker("inspect", "--format", "{{json .State.Health}}", container)
+    return json.loads(answer.stdout)
+
+
+def wait_health(docker: PrivateDocker, service: str, status: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        record = health(docker, service)
+        if record["Status"] == status:
+            return record
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{service} not {status} after {timeout:g} s: {record}")
+        time.sleep(1)
+
+
 def diagnostics(docker: PrivateDocker) -> str:
     parts = []
     for args in (("ps",), ("logs", "--no-color", "--tail=40")):
@@ -394,21 +384,15 @@ def diagnostics(docker: PrivateDocker) -> str:
     return "\n".join(parts)
 
 
-def test_a_ban_on_node1_makes_node2_and_node3_refuse_the_attacker(docker, tmp_path):
+def test_a_ban_on_node1_makes_node2_and_node3_refuse_the_attacker(docker):
     timings = Timings()
-    with timings.step("base image and pip download"):
+    with timings.step("base image"):
         base_image = Command(
             ["bash", str(DOCKER_DIR / "base-image.sh"), str(docker.root)],
             dict(docker.env, DOCKER=DOCKER),
         )
-        try:
-            index = download_dependencies(tmp_path)
-        except BaseException:
-            base_image.stop()
-            raise
         base_image.finish(timeout=600)
-    with serve(index) as index_url, timings.step("build"):
-        docker.env["PIP_INDEX_URL"] = index_url
+    with timings.step("build"):
         docker.compose("build", "hub", timeout=900)
     try:
         with timings.step("up"):
@@ -435,6 +419,21 @@ def test_a_ban_on_node1_makes_node2_and_node3_refuse_the_attacker(docker, tmp_pa
         # Every connection to the hub used CURVE keys, none the plain-TCP opt-out.
         hub_log = docker.compose("logs", "--no-color", "hub").stdout
         assert "insecure = true" not in hub_log, hub_log
+
+        # Health is the daemons' own `status`: a frozen subscriber makes its node
+        # unhealthy (no answer within 5 s), and healthy again once it runs.
+        for service, role in (("hub", "publisher"), ("node3", "subscriber")):
+            checks = health(docker, service)["Log"]
+            assert checks and f"Status of fail2ban-{role}" in checks[-1]["Output"], checks
+        freeze = 'kill -{} "$(cat /run/fail2ban-cluster/subscriber.pid)"'
+        with timings.step("frozen subscriber -> unhealthy -> healthy"):
+            docker.compose("exec", "-T", "node3", "sh", "-c", freeze.format("STOP"))
+            try:
+                frozen = wait_health(docker, "node3", "unhealthy", 90)
+            finally:
+                docker.compose("exec", "-T", "node3", "sh", "-c", freeze.format("CONT"))
+            assert "did not answer" in frozen["Log"][-1]["Output"], frozen["Log"][-1]
+            wait_health(docker, "node3", "healthy", 60)
     except AssertionError as error:
         raise AssertionError(f"{error}\n{diagnostics(docker)}") from None
     print(f"\ndocker cluster: {timings.report()}")
