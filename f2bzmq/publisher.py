@@ -67,13 +67,22 @@ class Publisher:
         self.context = zmq.Context()
         # The authenticator must run before the first bind, on the sockets' context.
         self.auth = self.security.authenticator(self.context)
-        if self.auth is not None:
-            self.admission.authorized = frozenset(self.auth.names)
-        self.bind_sockets()
-        # fail2ban-zmq-tools' format, when configured
-        self.legacy = LegacyEndpoints(
-            self.context, config.publisher, self.admission.handle_legacy, self.finish_batch
-        )
+        try:
+            if self.auth is not None:
+                self.admission.authorized = frozenset(self.auth.names)
+            self.bind_sockets()
+            # fail2ban-zmq-tools' format, when configured
+            self.legacy = LegacyEndpoints(
+                self.context, config.publisher, self.admission.handle_legacy, self.finish_batch
+            )
+        except BaseException:
+            # A port in use, say: without this, pyzmq 24's authenticator thread (Debian 12)
+            # would keep the process alive after the error, and systemd would see it running.
+            if self.auth is not None:
+                self.auth.stop()
+            self.context.destroy(linger=0)
+            self.store.close()
+            raise
         self.wakeup = Wakeup()
         self.signals = StopSignals(self.wakeup)
         self.poller = zmq.Poller()
