@@ -29,15 +29,11 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import hashlib
 import inspect
-import json
 import logging
 import lzma
 import os
-import stat
 import time
-from dataclasses import asdict, dataclass
 from typing import Callable
 
 from watchdog.events import (
@@ -49,16 +45,11 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+from .generation import NO_POSITION, READ_CHUNK, Generation, LogPosition, head_hash, head_hash_of
 from .inotify import FileWatch
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 256 * 1024
-# The identity of a file's content is its first line, capped so that a huge first line
-# (or one still being written) hashes the same however much more is appended.
-HEAD_BYTES = 4096
-# A line longer than this is returned in pieces, so the buffer stays bounded.
-MAX_LINE_BYTES = 1024 * 1024
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".lzma", ".Z", ".zip")
 # Rotated copies we can read back when logrotate compressed them before we finished them.
 DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".lzma": lzma.open}
@@ -73,57 +64,6 @@ DIRECTORY_EVENTS = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent]
 WATCHDOG_FILTERS = "event_filter" in inspect.signature(Observer.schedule).parameters
 
 
-@dataclass(frozen=True)
-class LogPosition:
-    """Where reading stopped: the file's identity and the byte offset after the last complete
-    line returned."""
-
-    device: int
-    inode: int
-    head_hash: str  # sha1 hex of the file's first line; "" while it has none
-    offset: int
-
-    def to_json(self) -> str:
-        """Encode for the caller's state store."""
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> LogPosition:
-        """Decode what ``to_json`` wrote; ValueError if it is not a position."""
-        try:
-            data = json.loads(text)
-            position = cls(
-                device=data["device"],
-                inode=data["inode"],
-                head_hash=data["head_hash"],
-                offset=data["offset"],
-            )
-        except (TypeError, KeyError, json.JSONDecodeError) as err:
-            raise ValueError(f"not a log position: {text!r}") from err
-        ints = (position.device, position.inode, position.offset)
-        if not all(type(v) is int and v >= 0 for v in ints) or type(position.head_hash) is not str:
-            raise ValueError(f"not a log position: {text!r}")
-        return position
-
-
-NO_POSITION = LogPosition(device=0, inode=0, head_hash="", offset=0)
-
-
-def head_hash(fd: int) -> str:
-    """sha1 hex of the file's first line (at most HEAD_BYTES), "" until that line is whole."""
-    return _head_hash_of(os.pread(fd, HEAD_BYTES, 0))
-
-
-def _head_hash_of(data: bytes) -> str:
-    data = data[:HEAD_BYTES]
-    end = data.find(b"\n")
-    if end >= 0:
-        data = data[: end + 1]
-    elif len(data) < HEAD_BYTES:
-        return ""
-    return hashlib.sha1(data).hexdigest()
-
-
 def _end_of_last_line(fd: int, size: int) -> int:
     """Offset just after the last newline before ``size``: where a reader skipping history
     starts, so a line being written right now is still returned whole."""
@@ -135,92 +75,6 @@ def _end_of_last_line(fd: int, size: int) -> int:
             return start + newline + 1
         end = start
     return 0
-
-
-class _Generation:
-    """One file the log path named: its descriptor, identity and read state."""
-
-    def __init__(self, fd: int | None, device: int, inode: int, head: str) -> None:
-        self.fd = fd  # None for a truncated remnant whose rest lives only in `pending`
-        self.device = device
-        self.inode = inode
-        self.head_hash = head
-        self.offset = 0  # just after the last line returned
-        self.pending = bytearray()  # read past `offset`: unreturned whole lines, then a partial
-        self.complete = False  # nobody writes to it any more (a copytruncate copy, a remnant)
-        self.quiet_since = time.monotonic()  # when it last gave us bytes, for rotate_grace
-        self.seen_mtime_ns = 0  # for check(): a rewrite to the same size still changes mtime
-        self.name = ""  # a rotated copy's file name, for what was rotated after it
-
-    @classmethod
-    def open(cls, path: str) -> _Generation | None:
-        """Open a regular file from offset 0, or None if it is not there."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise ValueError(f"{path} is not a regular file")
-        generation = cls(fd, st.st_dev, st.st_ino, head_hash(fd))
-        generation.seen_mtime_ns = st.st_mtime_ns
-        return generation
-
-    @property
-    def read_offset(self) -> int:
-        return self.offset + len(self.pending)
-
-    def size(self) -> int:
-        return os.fstat(self.fd).st_size if self.fd is not None else self.read_offset
-
-    def has_data(self) -> bool:
-        return self.offset > 0 or bool(self.pending) or self.size() > 0
-
-    def has_unread(self) -> bool:
-        return b"\n" in self.pending or self.size() > self.read_offset
-
-    def position(self) -> LogPosition:
-        return LogPosition(self.device, self.inode, self.head_hash, self.offset)
-
-    def take_lines(self, limit: int) -> list[bytes]:
-        """Up to ``limit`` whole lines, reading in big chunks; a partial last line stays pending."""
-        lines: list[bytes] = []
-        start = 0
-        while True:
-            while len(lines) < limit:
-                end = self.pending.find(b"\n", start)
-                if end < 0:
-                    break
-                lines.append(bytes(self.pending[start:end]))
-                start = end + 1
-            if len(lines) >= limit or self.fd is None:
-                break
-            self._consume(start)
-            start = 0
-            if len(self.pending) >= MAX_LINE_BYTES:
-                log.warning("line longer than %d bytes returned in pieces", MAX_LINE_BYTES)
-                lines.append(bytes(self.pending[:MAX_LINE_BYTES]))
-                start = MAX_LINE_BYTES
-                continue
-            chunk = os.pread(self.fd, READ_CHUNK, self.read_offset)
-            if not chunk:
-                break
-            self.pending += chunk
-            self.quiet_since = time.monotonic()
-        self._consume(start)
-        if lines and not self.head_hash and self.fd is not None:
-            self.head_hash = head_hash(self.fd)
-        return lines
-
-    def _consume(self, count: int) -> None:
-        del self.pending[:count]
-        self.offset += count
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 class _WakeOnLogEvents(FileSystemEventHandler):
@@ -260,8 +114,8 @@ class LogFollower:
         self._path = os.path.abspath(os.fspath(path))
         self._wake = wake if wake is not None else _ignore
         self._rotate_grace = rotate_grace
-        self._current: _Generation | None = None  # what the path names, or where we resume
-        self._retired: list[_Generation] = []  # older generations still draining, oldest first
+        self._current: Generation | None = None  # what the path names, or where we resume
+        self._retired: list[Generation] = []  # older generations still draining, oldest first
         self._position = position if position is not None else NO_POSITION
         self._more = False  # the last read_lines stopped at max_lines with lines left
         self._observer: Observer | None = None
@@ -275,7 +129,7 @@ class LogFollower:
         if position is not None:
             self._resume(position)
             return
-        self._current = _Generation.open(self._path)
+        self._current = Generation.open(self._path)
         if self._current is not None:
             if from_end:
                 self._current.offset = _end_of_last_line(self._current.fd, self._current.size())
@@ -342,7 +196,7 @@ class LogFollower:
         self._detect_truncation()
         self._watch_generations()  # before reading a new file, so no write falls between
         lines: list[bytes] = []
-        last: _Generation | None = None
+        last: Generation | None = None
         generations = self._generations()
         for index, generation in enumerate(generations):
             successor = generations[index + 1] if index + 1 < len(generations) else None
@@ -394,7 +248,7 @@ class LogFollower:
             )
         self._watch_failed = True
 
-    def _generations(self) -> list[_Generation]:
+    def _generations(self) -> list[Generation]:
         current = [self._current] if self._current is not None else []
         return [*self._retired, *current]
 
@@ -426,7 +280,7 @@ class LogFollower:
             return  # deleted and not recreated yet: keep reading what we hold
         if current is not None and (st.st_dev, st.st_ino) == (current.device, current.inode):
             return
-        new = _Generation.open(self._path)
+        new = Generation.open(self._path)
         if new is None:
             return
         if current is not None:
@@ -455,7 +309,7 @@ class LogFollower:
         rest = self._find_copy(old_head, current.offset, bytes(current.pending))
         if rest is None:
             # no copy: what we already read is all there is of the old content
-            rest = _Generation(None, current.device, current.inode, old_head)
+            rest = Generation(None, current.device, current.inode, old_head)
             rest.offset = current.offset
         if rest.fd is None:
             # A remnant stands for the truncated file: a restart resumes by that identity.
@@ -469,7 +323,7 @@ class LogFollower:
 
     def _resume(self, position: LogPosition) -> None:
         """Start from a persisted position, draining a file rotated while we were down."""
-        current = _Generation.open(self._path)
+        current = Generation.open(self._path)
         if current is not None and (current.device, current.inode) == (
             position.device,
             position.inode,
@@ -492,7 +346,7 @@ class LogFollower:
             current.close()
         found = self._find_rotated(position)
         if found is None:
-            self._current = _Generation.open(self._path)
+            self._current = Generation.open(self._path)
             return
         # The file we stopped in, then every file rotated after it (it may have been
         # rotated more than once while we were down), then the file the path names now.
@@ -517,7 +371,7 @@ class LogFollower:
             return []
         return sorted(found, key=lambda entry: _rotation_order(basename, entry.name))
 
-    def _find_rotated(self, position: LogPosition) -> tuple[_Generation, str] | None:
+    def _find_rotated(self, position: LogPosition) -> tuple[Generation, str] | None:
         """The file rotated away from the path that holds ``position`` and its name: found by
         inode, or by first line among compressed copies (with the rest read into memory)."""
         if position.inode == 0:
@@ -525,7 +379,7 @@ class LogFollower:
         for entry in self._siblings(prefix_only=False):
             if entry.inode() != position.inode or not entry.is_file(follow_symlinks=False):
                 continue
-            generation = _Generation.open(entry.path)
+            generation = Generation.open(entry.path)
             if generation is None:
                 continue
             if (
@@ -540,14 +394,14 @@ class LogFollower:
         if not position.head_hash:
             return None
         for path, data in self._compressed_siblings():
-            if _head_hash_of(data) == position.head_hash and len(data) >= position.offset:
+            if head_hash_of(data) == position.head_hash and len(data) >= position.offset:
                 log.info("resuming in %s, rotated and compressed while we were down", path)
                 remnant = _remnant(position.head_hash, position.offset, data[position.offset :])
                 remnant.device, remnant.inode = position.device, position.inode
                 return remnant, os.path.basename(path)
         return None
 
-    def _rotated_after(self, name: str) -> list[_Generation]:
+    def _rotated_after(self, name: str) -> list[Generation]:
         """Whole files rotated later than ``name`` (after .3.gz: .2.gz, then .1), oldest first."""
         basename = os.path.basename(self._path)
         rank = _rotation_order(basename, name)[0]
@@ -565,9 +419,9 @@ class LogFollower:
                 data = _decompress(entry.path)
                 if data is None:
                     continue
-                generation = _remnant(_head_hash_of(data), 0, data)
+                generation = _remnant(head_hash_of(data), 0, data)
             else:
-                generation = _Generation.open(entry.path)
+                generation = Generation.open(entry.path)
                 if generation is None:
                     continue
                 generation.complete = True
@@ -575,7 +429,7 @@ class LogFollower:
             generations.append(generation)
         return generations
 
-    def _find_copy(self, head: str, offset: int, pending: bytes) -> _Generation | None:
+    def _find_copy(self, head: str, offset: int, pending: bytes) -> Generation | None:
         """The copy copytruncate made: same first line, and our unreturned ``pending`` bytes
         at ``offset``. Positioned at ``offset``; the caller hands it ``pending``."""
         if not head:
@@ -583,7 +437,7 @@ class LogFollower:
         for entry in self._siblings(prefix_only=True):
             if not entry.is_file(follow_symlinks=False):
                 continue
-            generation = _Generation.open(entry.path)
+            generation = Generation.open(entry.path)
             if generation is None:
                 continue
             if (
@@ -599,7 +453,7 @@ class LogFollower:
         # logrotate may have compressed the copy already (compress without delaycompress).
         for path, data in self._compressed_siblings():
             if (
-                _head_hash_of(data) == head
+                head_hash_of(data) == head
                 and len(data) >= offset + len(pending)
                 and data[offset : offset + len(pending)] == pending
             ):
@@ -638,9 +492,9 @@ def _decompress(path: str) -> bytes | None:
         return None
 
 
-def _remnant(head: str, offset: int, rest: bytes) -> _Generation:
+def _remnant(head: str, offset: int, rest: bytes) -> Generation:
     """A finished generation held in memory: the unread rest of a decompressed copy."""
-    generation = _Generation(None, 0, 0, head)
+    generation = Generation(None, 0, 0, head)
     generation.offset = offset
     generation.pending = bytearray(rest)
     generation.complete = True
