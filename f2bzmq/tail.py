@@ -5,33 +5,34 @@ only calls ``wake()`` when a file is created, renamed or deleted there, an inoti
 watch on each file we read makes ``fileno()`` readable when it is written, and the
 loop calls ``LogFollower.read_lines()``. Nothing here sleeps or loops on a timer.
 
-Each file the log path has named while we followed it is a *generation*. Rotation rule:
+Each file the log path has named while we followed it is a *generation* (``generation.py``);
+finding the files a rotation left behind is ``rotation.py``'s. Rotation rules:
 
 * ``read_lines`` compares ``os.stat(path)`` with the identity of the file it reads. When the
   path names a new file, the old generation is *retired*, not closed: with ``create`` rotation
   fail2ban keeps writing to the renamed file until ``fail2ban-client flushlogs``.
 * Generations are read strictly in order: a newer one is read only once every older one
   is closed, so lines come out in the order fail2ban wrote them.
-* A retired generation is closed once it is at end of file and either the next generation
-  already had data before that last drain (fail2ban writes the new file only after its
-  last write to the old one, so the old one is complete) or it has been quiet for
-  ``rotate_grace`` seconds (fail2ban reopened but logged nothing, or was never told to).
+* A retired generation is closed once it is at end of file and either it is known to be
+  complete (the rest of a truncated file, a compressed copy, a copy rotated after the one
+  we stopped in), the next generation already had data before that last drain (fail2ban
+  writes the new file only after its last write to the old one, so the old one is
+  complete) or it has been quiet for ``rotate_grace`` seconds (fail2ban reopened but
+  logged nothing, or was never told to).
 * ``copytruncate`` keeps the inode: a size below what we read, or a changed first line
   (the file regrew past our offset before we looked), means truncation. The rest of the
-  old content is read from the rotated copy (found by its first line) before the file
-  is read again from 0.
-* A restart from a persisted ``LogPosition`` finds its file by inode among the rotated
-  siblings (or, after ``copytruncate``, its copy by first line), drains it, then reads the
-  current file from 0.
+  old content is read from the rotated copy before the file is read again from 0; with
+  no copy, the bytes we read but had not returned are all there is of it.
+* A restart from a persisted ``LogPosition`` resumes in the file at the path if it still
+  holds that position. Otherwise it drains the file it stopped in (rotated away, or the
+  copy ``copytruncate`` made of it) and every file rotated after that one, then reads
+  the current file from 0.
 """
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import inspect
 import logging
-import lzma
 import os
 import time
 from typing import Callable
@@ -45,16 +46,12 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from .generation import NO_POSITION, READ_CHUNK, Generation, LogPosition, head_hash, head_hash_of
+from .generation import NO_POSITION, READ_CHUNK, Generation, LogPosition, head_hash
 from .inotify import FileWatch
+from .rotation import RotatedFiles
 
 log = logging.getLogger(__name__)
 
-COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".lzma", ".Z", ".zip")
-# Rotated copies we can read back when logrotate compressed them before we finished them.
-DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".lzma": lzma.open}
-MAX_DECOMPRESSED = 256 * 1024 * 1024
-UNNUMBERED = 1 << 30  # rotation order of a sibling without a .N number
 # Directory events that can mean a new file at the log path. Writes are not among them:
 # the directory's other files (syslog, fail2ban's database) write far more than fail2ban.log,
 # and watchdog would hand each write to our threads; FileWatch sees only the log's own.
@@ -116,6 +113,8 @@ class LogFollower:
         self._rotate_grace = rotate_grace
         self._current: Generation | None = None  # what the path names, or where we resume
         self._retired: list[Generation] = []  # older generations still draining, oldest first
+        # where the lines we had not read went when the file was truncated or rotated away
+        self._rotated = RotatedFiles(os.path.dirname(self._path), os.path.basename(self._path))
         self._position = position if position is not None else NO_POSITION
         self._more = False  # the last read_lines stopped at max_lines with lines left
         self._observer: Observer | None = None
@@ -306,7 +305,7 @@ class LogFollower:
             return
         log.info("log truncation detected for %s", self._path)
         self.rotations += 1
-        rest = self._find_copy(old_head, current.offset, bytes(current.pending))
+        rest = self._rotated.find_copy(old_head, current.offset, bytes(current.pending))
         if rest is None:
             # no copy: what we already read is all there is of the old content
             rest = Generation(None, current.device, current.inode, old_head)
@@ -337,168 +336,14 @@ class LogFollower:
             # Truncated (copytruncate), or rotated with the inode reused by the new file.
             log.info("%s was truncated or replaced while we were down", self._path)
             self.rotations += 1
-            copy = self._find_copy(position.head_hash, position.offset, b"")
-            if copy is not None:
-                copy.complete = True
-                self._retired = [copy, *self._rotated_after(copy.name)]
+            self._retired = self._rotated.copied_from(position)
             return
         if current is not None:
             current.close()
-        found = self._find_rotated(position)
-        if found is None:
+        # The file we stopped in and those rotated after it; the first read opens the path.
+        self._retired = self._rotated.rotated_from(position)
+        if not self._retired:
             self._current = Generation.open(self._path)
-            return
-        # The file we stopped in, then every file rotated after it (it may have been
-        # rotated more than once while we were down), then the file the path names now.
-        generation, name = found
-        self._retired = [generation, *self._rotated_after(name)]
-        self._current = None
-
-    def _siblings(self, prefix_only: bool, compressed: bool = False) -> list[os.DirEntry[str]]:
-        """Uncompressed (or, with ``compressed``, compressed) files next to the log,
-        ``path.1`` first, then in order of rotation number."""
-        directory, basename = os.path.split(self._path)
-        try:
-            with os.scandir(directory) as entries:
-                found = [
-                    entry
-                    for entry in entries
-                    if entry.name != basename
-                    and entry.name.endswith(COMPRESSED_SUFFIXES) == compressed
-                    and (entry.name.startswith(basename) or not prefix_only)
-                ]
-        except FileNotFoundError:
-            return []
-        return sorted(found, key=lambda entry: _rotation_order(basename, entry.name))
-
-    def _find_rotated(self, position: LogPosition) -> tuple[Generation, str] | None:
-        """The file rotated away from the path that holds ``position`` and its name: found by
-        inode, or by first line among compressed copies (with the rest read into memory)."""
-        if position.inode == 0:
-            return None
-        for entry in self._siblings(prefix_only=False):
-            if entry.inode() != position.inode or not entry.is_file(follow_symlinks=False):
-                continue
-            generation = Generation.open(entry.path)
-            if generation is None:
-                continue
-            if (
-                (generation.device, generation.inode) == (position.device, position.inode)
-                and generation.size() >= position.offset
-                and (position.offset == 0 or generation.head_hash == position.head_hash)
-            ):
-                log.info("resuming in %s, rotated while we were down", entry.path)
-                generation.offset = position.offset
-                return generation, entry.name
-            generation.close()
-        if not position.head_hash:
-            return None
-        for path, data in self._compressed_siblings():
-            if head_hash_of(data) == position.head_hash and len(data) >= position.offset:
-                log.info("resuming in %s, rotated and compressed while we were down", path)
-                remnant = _remnant(position.head_hash, position.offset, data[position.offset :])
-                remnant.device, remnant.inode = position.device, position.inode
-                return remnant, os.path.basename(path)
-        return None
-
-    def _rotated_after(self, name: str) -> list[Generation]:
-        """Whole files rotated later than ``name`` (after .3.gz: .2.gz, then .1), oldest first."""
-        basename = os.path.basename(self._path)
-        rank = _rotation_order(basename, name)[0]
-        if rank == UNNUMBERED:
-            return []  # dated names (dateext) say nothing about what came after
-        later = []
-        for compressed in (False, True):
-            for entry in self._siblings(prefix_only=True, compressed=compressed):
-                number = _rotation_order(basename, entry.name)[0]
-                if 0 < number < rank:
-                    later.append((number, entry))
-        generations = []
-        for _, entry in sorted(later, key=lambda item: -item[0]):
-            if entry.name.endswith(COMPRESSED_SUFFIXES):
-                data = _decompress(entry.path)
-                if data is None:
-                    continue
-                generation = _remnant(head_hash_of(data), 0, data)
-            else:
-                generation = Generation.open(entry.path)
-                if generation is None:
-                    continue
-                generation.complete = True
-            log.info("also reading %s, rotated while we were down", entry.path)
-            generations.append(generation)
-        return generations
-
-    def _find_copy(self, head: str, offset: int, pending: bytes) -> Generation | None:
-        """The copy copytruncate made: same first line, and our unreturned ``pending`` bytes
-        at ``offset``. Positioned at ``offset``; the caller hands it ``pending``."""
-        if not head:
-            return None
-        for entry in self._siblings(prefix_only=True):
-            if not entry.is_file(follow_symlinks=False):
-                continue
-            generation = Generation.open(entry.path)
-            if generation is None:
-                continue
-            if (
-                generation.head_hash == head
-                and generation.size() >= offset + len(pending)
-                and os.pread(generation.fd, len(pending), offset) == pending
-            ):
-                log.info("reading the rest of the truncated log from %s", entry.path)
-                generation.offset = offset
-                generation.name = entry.name
-                return generation
-            generation.close()
-        # logrotate may have compressed the copy already (compress without delaycompress).
-        for path, data in self._compressed_siblings():
-            if (
-                head_hash_of(data) == head
-                and len(data) >= offset + len(pending)
-                and data[offset : offset + len(pending)] == pending
-            ):
-                log.info("reading the rest of the truncated log from %s", path)
-                remnant = _remnant(head, offset, data[offset + len(pending) :])
-                remnant.name = os.path.basename(path)
-                return remnant
-        return None
-
-    def _compressed_siblings(self) -> list[tuple[str, bytes]]:
-        """(path, content) of rotated copies we can decompress, newest rotation first."""
-        found = []
-        for entry in self._siblings(prefix_only=True, compressed=True):
-            data = _decompress(entry.path) if entry.is_file(follow_symlinks=False) else None
-            if data is not None:
-                found.append((entry.path, data))
-        return found
-
-
-def _rotation_order(basename: str, name: str) -> tuple[int, str]:
-    """fail2ban.log.1 before fail2ban.log.2.gz before anything not numbered."""
-    number = name[len(basename) + 1 :].split(".")[0] if name.startswith(basename + ".") else ""
-    return (int(number) if number.isdigit() else UNNUMBERED, name)
-
-
-def _decompress(path: str) -> bytes | None:
-    """A compressed rotated copy's content, or None if we can't read that kind or that file."""
-    opener = DECOMPRESSORS.get(os.path.splitext(path)[1])
-    if opener is None:
-        return None
-    try:
-        with opener(path, "rb") as handle:
-            return handle.read(MAX_DECOMPRESSED)
-    except (OSError, EOFError, lzma.LZMAError) as error:
-        log.warning("cannot read %s: %s", path, error)
-        return None
-
-
-def _remnant(head: str, offset: int, rest: bytes) -> Generation:
-    """A finished generation held in memory: the unread rest of a decompressed copy."""
-    generation = Generation(None, 0, 0, head)
-    generation.offset = offset
-    generation.pending = bytearray(rest)
-    generation.complete = True
-    return generation
 
 
 def _ignore() -> None:
