@@ -62,6 +62,10 @@ class PlayedHub(threading.Thread):
         except BaseException as error:  # reported by the test
             self.error = error
         finally:
+            # Stopped once it has read the last answers: a stop that overtook them on the
+            # way would leave them uncounted.
+            counted = lambda: sum(self.monitor.counters.values()) >= len(self.answers)  # noqa: E731
+            wait_until(counted, 5, 0.01)
             self.monitor.signals.stopping = True  # as SIGTERM does
             self.monitor.wakeup.wake()
             self.router.close()
@@ -69,6 +73,8 @@ class PlayedHub(threading.Thread):
 
     def answer(self, frames: list[bytes]) -> None:
         peer, *report = frames
+        if protocol.is_hello(report):
+            return  # a hub older than hellos would refuse it; this one stays silent
         acks, naks = [], []
         for body in protocol.decode_report(report):
             event = json.loads(body)
