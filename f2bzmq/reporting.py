@@ -65,6 +65,7 @@ class LogReporter:
     def read(self, stored: Callable[[], None]) -> None:
         """Turn new log lines into events, stored with the new log position in one commit;
         `stored` is called after each commit that added events, to send them at once."""
+        self.retry_at = None  # set again by a write that fails
         if self.unstored is not None and not self.store(*self.unstored, stored):
             return
         for _ in range(10000):
@@ -95,7 +96,7 @@ class LogReporter:
             self.unstored = (events, position)
             self.retry_at = time.monotonic() + STORE_RETRY
             return False
-        self.unstored = self.retry_at = None
+        self.unstored = None
         if events:
             stored()  # first: the rest is bookkeeping
             self.trim_outbox()
