@@ -28,6 +28,9 @@ from tests.test_faults import (
 )
 
 SAMPLE_EVERY = 0.1  # seconds between two looks at every node's sync jail
+# Seconds watched after a hub is rebuilt: each subscriber hears it in a heartbeat (every
+# 0.5 s in the lab) and replaces what it held with a fresh snapshot of the hub's table.
+SETTLE = 2.0
 
 
 class Watch(threading.Thread):
@@ -127,9 +130,9 @@ def test_a_hub_that_lost_its_state_is_rebuilt_and_no_node_lifts_a_ban(tmp_path: 
             wait_rebuilt(cluster, cluster.hub, rows)
             log = cluster.hub.log_text()
             assert "rebuilt: all 3 nodes reported their bans again" in log
-            time.sleep(1)  # the subscribers' fresh snapshot of the rebuilt state
+            time.sleep(SETTLE)
             wait_converged(cluster, expected)
-        assert watch.samples > 10 and watch.lacked == []
+        assert watch.samples >= 10 and watch.lacked == []
         assert sync_unbans(cluster) == {}
 
 
@@ -150,8 +153,9 @@ def test_two_hubs_each_replaced_in_turn_lose_nothing(tmp_path: Path):
                 replace_disk(hub)
                 wait_rebuilt(cluster, hub, rows)
                 assert f"{peer.address}:{cluster.ports[2]} handed over its table" in hub.log_text()
+            time.sleep(SETTLE)
             wait_converged(cluster, expected)
-        assert watch.samples > 10 and watch.lacked == []
+        assert watch.samples >= 10 and watch.lacked == []
         assert sync_unbans(cluster) == {}
 
 
