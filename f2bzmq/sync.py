@@ -173,8 +173,8 @@ class HubSync:
         if state_id != self.state_id:
             outcome.notices.append(NewState(state_id))
             self._ask(outcome, now)
-        elif self._grown_up(outcome, young, now):
-            pass
+        elif self.young and not young:
+            self._rebuilt(outcome, now)
         elif sequence != self.sequence:
             outcome.notices.append(OutOfStep(self.sequence, sequence))
             self._ask(outcome, now)
@@ -191,8 +191,8 @@ class HubSync:
         """Events numbered from `sequence` on: applied in order, or kept while resyncing."""
         outcome = Outcome()
         self._hear(now)
-        if self.snapshot_asked is None and state_id == self.state_id:
-            self._grown_up(outcome, young, now)
+        if self.snapshot_asked is None and state_id == self.state_id and self.young and not young:
+            self._rebuilt(outcome, now)
         for offset, event in enumerate(events):
             self._take(outcome, state_id, sequence + offset, event, now)
         return outcome
@@ -220,13 +220,10 @@ class HubSync:
         self.held.pop((event.jail, event.ip), None)  # the young state says it now
         outcome.applied.append((sequence, event))
 
-    def _grown_up(self, outcome: Outcome, young: bool, now: float) -> bool:
+    def _rebuilt(self, outcome: Outcome, now: float) -> None:
         """The young state followed is rebuilt: ask for the table it has now."""
-        if not self.young or young:
-            return False
         outcome.notices.append(Rebuilt(self.state_id or ""))
         self._ask(outcome, now)
-        return True
 
     def expire_held(self, clock: float) -> Outcome:
         """Held bans whose time is up at unix time `clock` leave the view."""
@@ -261,9 +258,10 @@ class HubSync:
     ) -> None:
         """Replace the view with the snapshot, then replay the updates that came after it.
         A young state's snapshot keeps what the view held besides."""
+        moved = state_id != self.state_id  # to a new state, from the one the view is of
         if not young:
             self.held = {}
-        elif state_id != self.state_id:
+        elif moved:
             self.held = {**self.held, **self.view.bans}
         self.view = ClusterView()
         for event in self.snapshot_parts:
@@ -272,7 +270,7 @@ class HubSync:
             del self.held[key]
         for event in self.held.values():
             self.view.apply(event)
-        if young and self.held:
+        if young and moved and self.held:
             outcome.notices.append(Young(state_id, len(self.held)))
         self.young = young
         self.state_id = state_id
