@@ -24,6 +24,11 @@ from .state import BanTable, Outcome, Update
 
 log = logging.getLogger("f2bzmq.admission")
 
+# The share of a node's burst that re-reported bans (after a rotation, to a hub rebuilding
+# its table) may not take: what is left for the node's new bans and unbans, so a rebuild
+# of thousands never makes a fresh ban wait.
+FRESH_RESERVE = 0.1
+
 
 class TryLater(ProtocolError):
     """A refusal for now, not for good: the monitor keeps the event and sends it again."""
@@ -37,6 +42,9 @@ class Admission:
         self.networks = config.network_limits()  # how wide a banned network may be
         self.allowlist = Allowlist(config.publisher.allowlist)  # never banned, whoever asks
         self.buckets = TokenBuckets(config.publisher.rate_limit, config.publisher.rate_burst)
+        self.reserve = FRESH_RESERVE * config.publisher.rate_burst  # tokens re-reports leave
+        # Why the hub can't take events now (its store fails): each gets a retry NAK.
+        self.unavailable: str | None = None
         self.legacy_token = config.publisher.legacy_token  # old monitors' secret; "": none
         # The names of the node keys the hub accepts now: the publisher reads them from
         # its authenticator at start and on SIGHUP; none without keys.
@@ -63,11 +71,12 @@ class Admission:
         acks: list[bytes] = []
         naks: list[bytes] = []
         updates: list[Update] = []
+        keep = self.reserve if protocol.is_rereport(frames) else 0.0
         for body in bodies:
             try:
                 event = BanEvent.decode(body, self.networks)
                 self._authorize(event, user)
-                outcome, update = self._admit(event, user or event.node, now)
+                outcome, update = self._admit(event, user or event.node, now, keep)
             except ProtocolError as error:
                 naks.append(self._refuse(protocol.peek_id(body), error, user))
                 continue
@@ -109,9 +118,14 @@ class Admission:
         if event.action == protocol.BAN and self.allowlist.covers(event.ip):
             raise ProtocolError(f"{event.ip} is in the hub's allowlist")
 
-    def _admit(self, event: BanEvent, sender: str, now: float) -> tuple[Outcome, Update | None]:
-        """An authorized event, paid for from `sender`'s bucket, into the table."""
-        if not self.buckets.allow(sender, now):
+    def _admit(
+        self, event: BanEvent, sender: str, now: float, keep: float = 0.0
+    ) -> tuple[Outcome, Update | None]:
+        """An authorized event into the table, paid for from `sender`'s bucket if it changes
+        anything there (leaving `keep` tokens in it)."""
+        if self.unavailable is not None:
+            raise TryLater(self.unavailable)
+        if self.table.changes(event, now) and not self.buckets.allow(sender, now, keep):
             rate = self.buckets.rate
             raise TryLater(f"rate limit: node {event.node} sends more than {rate:g} events/s")
         outcome, update = self.table.apply(event, now)

@@ -21,7 +21,7 @@ import daemon
 from .config import Config
 from .control import ControlError, ask
 from .metrics import MetricsExporter
-from .runtime import setup_logging
+from .runtime import clock, setup_logging
 
 log = logging.getLogger("f2bzmq")
 
@@ -40,6 +40,7 @@ class RoleControl:
         self.factory = factory
         run_dir = Path(config.general.run_dir)
         self.pidfile = run_dir / f"{role}.pid"
+        self.exitfile = run_dir / f"{role}.exit"  # why the daemon last stopped on an error
         self.control = config.control_path(role)
 
     def setup_logging(self, foreground: bool) -> None:
@@ -80,17 +81,42 @@ class RoleControl:
             reactor, exporter = self.build()
         except Exception as error:
             log.error("cannot start the %s: %s", self.role, error)
+            self.record_exit(f"cannot start: {error}")
             if foreground:
                 print(f"fail2ban-{self.role}: cannot start: {error}", file=sys.stderr)
             return EXIT_FAILED
         self.pidfile.write_text(f"{os.getpid()}\n")
         try:
-            reactor.run()
+            return self.run_reactor(reactor)
         finally:
             if exporter:
                 exporter.close()
             self.pidfile.unlink(missing_ok=True)
+
+    def run_reactor(self, reactor) -> int:
+        """The daemon's loop until it stops; an error that ends it is logged with its
+        traceback in the daemon's own log and kept for `status`."""
+        try:
+            reactor.run()
+        except Exception as error:
+            log.exception("the %s stopped on an error: %s", self.role, describe(error))
+            self.record_exit(describe(error))
+            return EXIT_FAILED
+        self.exitfile.unlink(missing_ok=True)
         return EXIT_OK
+
+    def record_exit(self, reason: str) -> None:
+        """Keep why the daemon stopped, so `status` can tell a crash loop from a stop."""
+        try:
+            self.exitfile.write_text(f"{clock(time.time())}: {reason}\n")
+        except OSError as error:
+            log.error("cannot write %s: %s", self.exitfile, error)
+
+    def last_exit(self) -> str | None:
+        try:
+            return self.exitfile.read_text().strip() or None
+        except OSError:
+            return None
 
     def build(self) -> tuple[object, MetricsExporter | None]:
         """The role's reactor, and its Prometheus endpoint when `[role] metrics` asks for one."""
@@ -135,15 +161,13 @@ class RoleControl:
                     self.pidfile.write_text(f"{os.getpid()}\n")
                 except Exception as error:
                     log.error("cannot start the %s: %s", self.role, error)
+                    self.record_exit(f"cannot start: {error}")
                     os.write(ready_fd, f"{error}\n".encode())
                     os._exit(EXIT_FAILED)
                 os.write(ready_fd, f"ok {os.getpid()}\n".encode())
                 os.close(ready_fd)
                 try:
-                    reactor.run()
-                    code = EXIT_OK
-                except Exception:
-                    log.exception("the %s stopped on an error", self.role)
+                    code = self.run_reactor(reactor)
                 finally:
                     if exporter:
                         exporter.close()
@@ -179,7 +203,8 @@ class RoleControl:
         """Ask the running daemon; exit 3 when it is not running, 1 when it is unhealthy."""
         pid = self.running_pid()
         if pid is None:
-            print(f"fail2ban-{self.role} is not running")
+            last = self.last_exit()
+            print(f"fail2ban-{self.role} is not running" + (f": last exit {last}" if last else ""))
             return EXIT_NOT_RUNNING
         try:
             status = ask(self.control)
@@ -188,6 +213,11 @@ class RoleControl:
             return EXIT_FAILED
         print(format_status(self.role, pid, status))
         return EXIT_FAILED if status.get("problems") else EXIT_OK
+
+
+def describe(error: BaseException) -> str:
+    """An error in one line, with its type: "OperationalError: database or disk is full"."""
+    return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
 def format_status(role: str, pid: int, status: dict) -> str:

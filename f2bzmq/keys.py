@@ -112,17 +112,23 @@ def authorized_nodes(directory: str | os.PathLike) -> dict[bytes, str]:
 
 
 class NodeAuthenticator(ThreadAuthenticator):
-    """ZAP in a thread: only known node keys get in, and the node name becomes the User-Id."""
+    """ZAP in a thread: only known node keys get in, and the node name becomes the User-Id.
+    The hub key gets in too, as User-Id "hub": a peer hub taking this hub's table. It is no
+    node's name, so it can't report."""
 
     # Declared for pyzmq < 25 (Debian 12's 24), whose ThreadAuthenticator keeps only
     # declared attributes and hands any other to the Authenticator its thread runs.
     nodes_dir: str | os.PathLike
+    hub_key: bytes | None
     nodes: dict[bytes, str]  # z85 public key -> node name
     names: set[str]
 
-    def __init__(self, context: zmq.Context, nodes_dir: str | os.PathLike) -> None:
+    def __init__(
+        self, context: zmq.Context, nodes_dir: str | os.PathLike, hub_key: bytes | None = None
+    ) -> None:
         super().__init__(context, log=logging.getLogger("f2bzmq.zap"))
         self.nodes_dir = nodes_dir
+        self.hub_key = hub_key  # z85 public key of the hubs
         self.nodes = {}
         self.names = set()
 
@@ -143,10 +149,11 @@ class NodeAuthenticator(ThreadAuthenticator):
         return len(nodes)
 
     def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.nodes
+        return key in self.nodes or key == self.hub_key
 
     def curve_user_id(self, client_public_key: bytes) -> str:
-        return self.nodes.get(zmq.utils.z85.encode(client_public_key), "")
+        key = zmq.utils.z85.encode(client_public_key)
+        return HUB if key == self.hub_key and key not in self.nodes else self.nodes.get(key, "")
 
 
 class Security:
@@ -165,6 +172,7 @@ class Security:
         keys = Path(keys_dir)
         if role == "publisher":
             self.own = load_secret(keys / f"{HUB}.key_secret")
+            self.hub_public = self.own.public  # a hub asks its peers for their tables
             authorized_nodes(self.nodes_dir)  # refuse to start without the directory
         else:
             self.own = load_secret(keys / f"{node}.key_secret")
@@ -195,6 +203,6 @@ class Security:
         """Started before any bind: a CURVE server with no authenticator accepts any key."""
         if self.insecure:
             return None
-        auth = NodeAuthenticator(context, self.nodes_dir)
+        auth = NodeAuthenticator(context, self.nodes_dir, self.own.public)
         auth.start()
         return auth

@@ -406,7 +406,7 @@ def write_config(
             "loglevel": "DEBUG",
         },
         "monitor": {"start_at": "beginning", "ack_timeout": "2"},
-        "publisher": {"heartbeat_interval": "0.5", "rate_burst": "10000"},
+        "publisher": {"heartbeat_interval": "0.5"},
         "subscriber": {"heartbeat_timeout": "3"},
     }
     for section, values in extra.items():
@@ -514,13 +514,13 @@ class Cluster:
         names = [f"node{i}" for i in range(1, size + 1)]
         self.keys_dir = make_keys(root / "keys", names)
         addresses = [f"127.0.0.{i}" for i in range(1, hubs + 1)]
+        sections = {section: dict(values) for section, values in extra.items()}
+        sections.setdefault("general", {})["hubs"] = " ".join(addresses)
         self.hubs = [
-            Hub(root, self.ports, f"hub{i + 1}" if i else "hub", address, self.keys_dir, **extra)
+            Hub(root, self.ports, f"hub{i + 1}" if i else "hub", address, self.keys_dir, **sections)
             for i, address in enumerate(addresses)
         ]
         self.hub = self.hubs[0]
-        sections = {section: dict(values) for section, values in extra.items()}
-        sections.setdefault("general", {})["hubs"] = " ".join(addresses)
         self.nodes = {
             name: Node(
                 root,

@@ -3,13 +3,17 @@
 One poll loop over a wake-up pipe (woken by the log follower's inotify thread and
 by signals) and one DEALER per hub (`hubs`). Every event is in the outbox on disk
 before it is sent (`reporting`); each hub's `DeliveryWindow` says which events go
-now, what the answers mean and when the link starts afresh (`delivery`). Nothing
-here decides; it moves events between the log, the outbox and the sockets.
+now, what the answers mean and when the link starts afresh, and its `Greeting` when
+to say hello and whether a hub's state is new, so that the node's bans go to it
+again (`delivery`). Nothing here decides; it moves events between the log, the
+outbox and the sockets. An outbox that can't be written (a full disk) stops the
+reading of the log, not the loop: it goes on by itself when it can.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from pathlib import Path
 
@@ -18,13 +22,30 @@ import zmq
 from . import protocol
 from .config import Config
 from .control import ControlSocket
-from .delivery import DeliveryWindow, Row
+from .delivery import (
+    ADOPT,
+    FRESH,
+    REREPORT,
+    REREPORT_BANS,
+    DeliveryWindow,
+    Greeting,
+    Row,
+)
 from .keys import Security
 from .metrics import DelayHistogram, counter, gauge, histogram
 from .outbox import Outbox
-from .protocol import Answer, ProtocolError
-from .reporting import LogReporter
-from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain, try_send_frames
+from .protocol import Answer, ProtocolError, Welcome
+from .reporting import STORE_RETRY, LogReporter
+from .runtime import (
+    NOTICE,
+    RateLimitedLog,
+    StopSignals,
+    Wakeup,
+    clock,
+    drain,
+    log_problems,
+    try_send_frames,
+)
 
 log = logging.getLogger("f2bzmq.monitor")
 
@@ -36,12 +57,19 @@ class HubLink:
     """One hub: its DEALER socket and its delivery window."""
 
     def __init__(
-        self, context: zmq.Context, endpoint: str, security: Security, window: DeliveryWindow
+        self,
+        context: zmq.Context,
+        endpoint: str,
+        security: Security,
+        window: DeliveryWindow,
+        greeting: Greeting,
     ) -> None:
         self.context = context
         self.security = security
         self.endpoint = endpoint
         self.window = window
+        self.greeting = greeting
+        self.rebuilding = False  # the node's bans wait in the re-report lane for a new state
         self.last_ack: float | None = None  # wall clock, for `status`
         self.socket = self._connect()
 
@@ -57,12 +85,20 @@ class HubLink:
         self.socket.close()
         self.socket = self._connect()
 
-    def send(self, reports: list[list[Row]], now: float) -> None:
-        """Each report, never blocking: what the socket can't take goes back to the window."""
+    def send(self, reports: list[list[Row]], now: float, lane: int = FRESH) -> None:
+        """Each report, never blocking: what the socket can't take goes back to the window.
+        Re-reports go as such only to a hub that answers hellos (an older one refuses them)."""
+        rereport = lane == REREPORT and self.greeting.welcomed
         for number, report in enumerate(reports):
-            if not try_send_frames(self.socket, protocol.encode_report(r[2] for r in report)):
-                self.window.unsent(reports[number:], now)
+            message = protocol.encode_report((r[2] for r in report), rereport)
+            if not try_send_frames(self.socket, message):
+                self.window.unsent(reports[number:], now, lane)
                 return
+
+    def hello(self, rebuilt: str | None, now: float) -> None:
+        """Ask the hub's state; a hello that can't leave now waits for HELLO_RETRY."""
+        try_send_frames(self.socket, protocol.encode_hello(rebuilt))
+        self.greeting.hello_sent(now)
 
 
 class Monitor:
@@ -87,12 +123,16 @@ class Monitor:
                 endpoint,
                 security,
                 DeliveryWindow(config.monitor.in_flight, config.monitor.ack_timeout),
+                Greeting(self.outbox.hub_state(endpoint)),
             )
             for endpoint in endpoints
         ]
         self.control = control_path and ControlSocket(self.context, control_path, self.status)
         self.started = time.monotonic()
         self.ack_delays = DelayHistogram()  # an event sent -> its ACK, per hub
+        # ACKed events the outbox could not forget yet (it can't be written): hub -> ids
+        self.unforgotten: dict[str, list[str]] = {}
+        self.outbox_failure: str | None = None  # the outbox's failure as last logged
 
     def run(self) -> None:
         log.log(
@@ -118,14 +158,16 @@ class Monitor:
         self.reporting.read(self.send_pending)
         while not self.signals.stopping:
             self.send_pending()
+            self.say_hello()
             ready = dict(poller.poll(self._timeout_ms()))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
-            if self.wakeup.read_fd in ready or written in ready:
+            now = time.monotonic()
+            retry = self.reporting.retry_at is not None and now >= self.reporting.retry_at
+            if self.wakeup.read_fd in ready or written in ready or retry:
                 self.reporting.read(self.send_pending)
             if self.control and self.control.socket in ready:
                 self.control.handle()
-            now = time.monotonic()
             for hub in self.hubs:
                 if hub.socket in ready:
                     self.handle_replies(hub, now)
@@ -133,28 +175,76 @@ class Monitor:
             if now >= next_check:
                 follower.check()
                 next_check = now + SAFETY_CHECK
+                self.forget_acked()
+                self.outbox.tidy()
+            self.watch_outbox()
         self.close()
 
     def _timeout_ms(self) -> int:
         now = time.monotonic()
         deadlines = [hub.window.next_deadline(now) for hub in self.hubs]
+        deadlines += [hub.greeting.next_deadline() for hub in self.hubs]
+        deadlines.append(self.reporting.retry_at)
         deadline = min([now + SAFETY_CHECK, *(d for d in deadlines if d is not None)])
         return max(1, int((deadline - now) * 1000) + 1)
 
     def send_pending(self) -> None:
+        """Fresh events first; re-reports in the room they leave."""
         now = time.monotonic()
         for hub in self.hubs:
-            room = hub.window.room(now)
-            while room:
-                rows = self.outbox.pending(hub.endpoint, room, hub.window.cursor)
-                hub.send(hub.window.take(rows, now), now)
-                # Rows still in flight after a retry NAK are skipped: read on while rows come.
-                room = hub.window.room(now) if len(rows) == room else 0
+            for lane in (FRESH, REREPORT):
+                room = hub.window.room(now, lane)
+                while room:
+                    cursor = hub.window.lane_cursor(lane)
+                    rows = self.outbox.pending(hub.endpoint, room, cursor, lane)
+                    hub.send(hub.window.take(rows, now, lane), now, lane)
+                    # Rows still in flight after a retry NAK are skipped: read on while rows come.
+                    room = hub.window.room(now, lane) if len(rows) == room else 0
+
+    def say_hello(self) -> None:
+        """A hello to each hub that is due one, saying whether this node's bans are all
+        reported to the hub's state."""
+        now = time.monotonic()
+        for hub in self.hubs:
+            if hub.greeting.hello_due(now):
+                known = hub.greeting.known
+                waiting = self.outbox.depth(hub.endpoint, REREPORT)
+                hub.hello(known if known is not None and not waiting else None, now)
+
+    def on_welcome(self, hub: HubLink, welcome: Welcome, now: float) -> None:
+        """The hub's state: a new one (it lost its table) gets every ban the node holds."""
+        action = hub.greeting.on_welcome(welcome, now)
+        if action is None:
+            return
+        state = {hub.endpoint: welcome.publisher}
+        try:
+            if action == ADOPT:
+                self.outbox.add_rereports([], [hub.endpoint], state)
+            else:
+                why = f"{hub.endpoint} has a new state {welcome.publisher[:8]}"
+                if not self.reporting.report_current_bans(why, [hub.endpoint], state):
+                    return  # fail2ban can't say: asked again at the next welcome
+        except sqlite3.Error:
+            return  # the outbox can't be written: the same, at the next welcome
+        hub.greeting.reported(welcome.publisher)
+        if action == REREPORT_BANS:
+            hub.rebuilding = True
+            self.check_rebuilt(hub)
+            self.send_pending()
+
+    def check_rebuilt(self, hub: HubLink) -> None:
+        """Every ban re-reported to a new state is ACKed: tell the hub at once."""
+        if hub.rebuilding and not self.outbox.depth(hub.endpoint, REREPORT):
+            hub.rebuilding = False
+            hub.greeting.hello_soon()
 
     def handle_replies(self, hub: HubLink, now: float) -> None:
         answers: list[Answer] = []
         for frames in drain(hub.socket, 10000, max_frames=protocol.MAX_REPORT_EVENTS + 3):
             try:
+                if protocol.is_welcome(frames):
+                    self.on_welcome(hub, protocol.decode_welcome(frames), now)
+                    continue
                 found, problems = protocol.decode_reply(frames)
             except ProtocolError as error:
                 found, problems = [], [str(error)]
@@ -175,7 +265,42 @@ class Monitor:
         self.counters["acked"] += answered.acked
         self.counters["refused"] += len(answered.refused)
         if answered.leave:  # ACKed or refused for good: out of the outbox together
-            self.outbox.ack(hub.endpoint, answered.leave)
+            self.forget(hub.endpoint, answered.leave)
+            self.check_rebuilt(hub)
+
+    def forget(self, endpoint: str, event_ids: list[str]) -> None:
+        """Out of the outbox; kept in memory while it can't be written, and sent again only
+        if the monitor restarts meanwhile (a duplicate costs the hub nothing)."""
+        try:
+            self.outbox.ack(endpoint, event_ids)
+        except sqlite3.Error:
+            self.unforgotten.setdefault(endpoint, []).extend(event_ids)
+
+    def forget_acked(self) -> None:
+        for endpoint, event_ids in list(self.unforgotten.items()):
+            try:
+                self.outbox.ack(endpoint, event_ids)
+            except sqlite3.Error:
+                return
+            del self.unforgotten[endpoint]
+
+    def watch_outbox(self) -> None:
+        """Log once when the outbox can't be written, and once when it can again."""
+        failure = self.outbox.failure
+        if failure == self.outbox_failure:
+            return
+        self.outbox_failure = failure
+        if failure is not None:
+            log.error(
+                "cannot write the outbox %s: %s; reading %s stops until it can (trying "
+                "every %g s), events read and ACKs wait in memory",
+                self.config.state_path("monitor.sqlite3"),
+                failure,
+                self.config.monitor.logpath,
+                STORE_RETRY,
+            )
+        else:
+            log.log(NOTICE, "the outbox can be written again: reading the log on")
 
     def check_link(self, hub: HubLink, poller: zmq.Poller, now: float) -> None:
         """A hub that left events waiting past ack_timeout gets a new socket."""
@@ -194,6 +319,7 @@ class Monitor:
         )
         poller.unregister(hub.socket)
         hub.reconnect()
+        hub.greeting.hello_soon()  # a hello queued on the old socket went with it
         poller.register(hub.socket, zmq.POLLIN)
 
     def status(self) -> dict:
@@ -213,6 +339,7 @@ class Monitor:
                     "waiting": waiting[hub.endpoint],
                     "in flight": len(hub.window.in_flight),
                     "last ACK": clock(hub.last_ack),
+                    "state": _state(hub.greeting),
                 }
                 for hub in self.hubs
             },
@@ -228,8 +355,17 @@ class Monitor:
         }
 
     def problems(self, waiting: dict[str, int]) -> list[str]:
-        """What makes the monitor unhealthy: a hub that ACKs nothing while events wait."""
+        """What makes the monitor unhealthy: an outbox it can't write, a log it can't
+        write, a hub that ACKs nothing while events wait."""
         found = []
+        if self.outbox.failure is not None:
+            unstored = self.reporting.unstored
+            found.append(
+                f"cannot write the outbox {self.config.state_path('monitor.sqlite3')}: "
+                f"{self.outbox.failure}; {len(unstored[0]) if unstored else 0} events read "
+                f"wait in memory and {self.config.monitor.logpath} is not read on until it can"
+            )
+        found += log_problems()
         now = time.time()
         for hub in self.hubs:
             silent_since = hub.last_ack or now - (time.monotonic() - self.started)
@@ -250,3 +386,10 @@ class Monitor:
         self.outbox.close()
         self.wakeup.close()
         log.log(NOTICE, "monitor %s stopped", self.node)
+
+
+def _state(greeting: Greeting) -> str | None:
+    """The hub's state as `status` shows it: its id's first characters, young or not."""
+    if greeting.state is None:
+        return None
+    return greeting.state[:8] + (" (young: rebuilding)" if greeting.young else "")

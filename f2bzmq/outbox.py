@@ -3,15 +3,24 @@
 The log position is stored in the same SQLite transaction as the events made from
 the lines before it, so a monitor killed at any point neither loses a line nor
 reports one twice.
+
+Events wait in two lanes. FRESH holds what the log said, in order. REREPORT holds
+bans the node holds, reported again (after a log rotation, or to a hub that lost its
+state): at most one row per ban and hub, sent only when the fresh lane leaves room, and
+dropped when a fresh event about the same address comes, so a stale re-report can't
+bring back a ban the node has lifted since.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+from .delivery import FRESH, REREPORT
 from .protocol import BanEvent
+from .runtime import bound_wal, empty_wal, rollback
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -21,6 +30,19 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_target ON outbox (target, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Added to an outbox made before the lanes: the lane, and for a re-report its "jail ip".
+_LANES = """
+ALTER TABLE outbox ADD COLUMN lane INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN subject TEXT;
+"""
+_LANE_INDEXES = """
+CREATE INDEX IF NOT EXISTS outbox_lane ON outbox (target, lane, seq);
+CREATE INDEX IF NOT EXISTS outbox_subject ON outbox (subject) WHERE subject IS NOT NULL;
+"""
+
+
+def subject(event: BanEvent) -> str:
+    return f"{event.jail} {event.ip}"
 
 
 class Outbox:
@@ -36,25 +58,90 @@ class Outbox:
         # be more durable than fail2ban's own log, which is not fsynced either. The fsync
         # was a third of the monitor's share of a ban's way to the other nodes.
         self.db.execute("PRAGMA synchronous=NORMAL")
+        bound_wal(self.db)
         self.db.executescript(_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(outbox)")}
+        if "lane" not in columns:
+            self.db.executescript(_LANES)
+        self.db.executescript(_LANE_INDEXES)
+        self.failure: str | None = None  # why the last write failed (a full disk), until one works
+        self.written = False  # since the last tidy()
         # A publisher removed from the configuration will never ACK: forget its rows.
         marks = ",".join("?" * len(self.targets))
-        with self.db:
-            self.db.execute(f"DELETE FROM outbox WHERE target NOT IN ({marks})", self.targets)
+        if self.db.execute(
+            f"SELECT 1 FROM outbox WHERE target NOT IN ({marks}) LIMIT 1", self.targets
+        ).fetchone():
+            with self._writing():
+                self.db.execute(f"DELETE FROM outbox WHERE target NOT IN ({marks})", self.targets)
 
-    def add(self, events: Iterable[BanEvent], position: str | None = None) -> None:
-        """Store new events (and the log position after them) in one transaction."""
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One transaction, all or nothing; sqlite3.Error (say, the disk is full) leaves the
+        outbox as it was, and `failure` says why until a write succeeds."""
+        try:
+            with self.db:
+                self.db.execute("BEGIN")
+                yield
+        except sqlite3.Error as error:
+            self.failure = str(error)
+            rollback(self.db)
+            raise
+        self.failure = None
+        self.written = True
+
+    def tidy(self) -> None:
+        """Once every event is out, give back the write-ahead log's space."""
+        if self.written and not self.depth():
+            empty_wal(self.db)
+            self.written = False
+
+    def add(self, events: Sequence[BanEvent], position: str | None = None) -> None:
+        """Store new events (and the log position after them) in one transaction, in the
+        fresh lane; a re-report about the same address waiting for a hub is stale now."""
         rows = [(e.id, t, e.encode()) for e in events for t in self.targets]
-        with self.db:
-            self.db.execute("BEGIN")
+        with self._writing():
+            if events:
+                self.db.executemany(
+                    "DELETE FROM outbox WHERE subject = ?", [(subject(e),) for e in events]
+                )
             self.db.executemany(
                 "INSERT OR IGNORE INTO outbox (id, target, body) VALUES (?, ?, ?)", rows
             )
             if position is not None:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('position', ?)", (position,))
 
+    def add_rereports(
+        self, bans: Sequence[BanEvent], targets: Sequence[str], states: Mapping[str, str] = {}
+    ) -> None:
+        """Bans the node holds, for `targets` again, in the re-report lane (each replacing
+        one of the same address still waiting there), and with them the hub states they
+        are for (see hub_state), in one transaction."""
+        rows = [(e.id, t, e.encode(), subject(e)) for e in bans for t in targets]
+        with self._writing():
+            self.db.executemany(
+                "DELETE FROM outbox WHERE subject = ? AND target = ?",
+                [(subject, target) for _, target, _, subject in rows],
+            )
+            self.db.executemany(
+                "INSERT OR IGNORE INTO outbox (id, target, body, lane, subject) "
+                f"VALUES (?, ?, ?, {REREPORT}, ?)",
+                rows,
+            )
+            for target, state in states.items():
+                self.db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"state {target}", state)
+                )
+
+    def hub_state(self, target: str) -> str | None:
+        """The state of the hub at `target` this node last reported its bans to (or first
+        met): a hub naming another one lost its table."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (f"state {target}",))
+        found = row.fetchone()
+        return None if found is None else found[0]
+
     def trim(self, limit: int) -> int:
-        """Keep at most `limit` events: drop the oldest unbans first, then the oldest bans.
+        """Keep at most `limit` events: drop re-reports first (fail2ban can tell them again),
+        then the oldest unbans, then the oldest bans.
 
         An unban lost costs little (the hub lifts the ban when its time is up); a ban
         lost leaves an attacker free elsewhere. Returns how many events were dropped.
@@ -63,28 +150,31 @@ class Outbox:
         if excess <= 0:
             return 0
         dropped = 0
-        with self.db:
-            self.db.execute("BEGIN")
-            for action in (b'"action":"unban"', b'"action":"ban"'):
+        with self._writing():
+            for lane, action in ((REREPORT, b""), (FRESH, b'"action":"unban"'), (FRESH, b"")):
                 if dropped >= excess:
                     break
                 ids = [
                     row[0]
                     for row in self.db.execute(
-                        "SELECT id FROM outbox WHERE instr(body, ?) > 0 "
+                        "SELECT id FROM outbox WHERE lane = ? AND instr(body, ?) > 0 "
                         "GROUP BY id ORDER BY MIN(seq) LIMIT ?",
-                        (action, excess - dropped),
+                        (lane, action, excess - dropped),
                     )
                 ]
                 self.db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
                 dropped += len(ids)
         return dropped
 
-    def pending(self, target: str, limit: int, after: int = 0) -> list[tuple[int, str, bytes]]:
-        """Up to `limit` (row, event id, body) waiting for `target`, oldest first, past `after`."""
+    def pending(
+        self, target: str, limit: int, after: int = 0, lane: int = FRESH
+    ) -> list[tuple[int, str, bytes]]:
+        """Up to `limit` (row, event id, body) of a lane waiting for `target`, oldest first,
+        past row `after`."""
         return self.db.execute(
-            "SELECT seq, id, body FROM outbox WHERE target = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (target, after, limit),
+            "SELECT seq, id, body FROM outbox WHERE target = ? AND lane = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (target, lane, after, limit),
         ).fetchall()
 
     def ack(self, target: str, event_ids: Iterable[str]) -> int:
@@ -92,8 +182,7 @@ class Outbox:
         (a commit each was most of the monitor's cost of a burst). Returns how many it had."""
         if isinstance(event_ids, str):
             raise TypeError("Outbox.ack takes a list of event ids, not one id")
-        with self.db:
-            self.db.execute("BEGIN")
+        with self._writing():
             before = self.db.total_changes
             self.db.executemany(
                 "DELETE FROM outbox WHERE id = ? AND target = ?",
@@ -101,11 +190,14 @@ class Outbox:
             )
             return self.db.total_changes - before
 
-    def depth(self, target: str | None = None) -> int:
+    def depth(self, target: str | None = None, lane: int | None = None) -> int:
         if target is None:
             return self.db.execute("SELECT COUNT(DISTINCT id) FROM outbox").fetchone()[0]
-        query = "SELECT COUNT(*) FROM outbox WHERE target = ?"
-        return self.db.execute(query, (target,)).fetchone()[0]
+        if lane is None:
+            query = "SELECT COUNT(*) FROM outbox WHERE target = ?"
+            return self.db.execute(query, (target,)).fetchone()[0]
+        query = "SELECT COUNT(*) FROM outbox WHERE target = ? AND lane = ?"
+        return self.db.execute(query, (target, lane)).fetchone()[0]
 
     def position(self) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'position'").fetchone()

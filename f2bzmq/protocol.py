@@ -37,6 +37,11 @@ UPDATE = b"update"  # PUB: [PROTOCOL, UPDATE, {"publisher": …, "seq": n}, [eve
 HUGZ = b"hugz"  # PUB heartbeat: [PROTOCOL, HUGZ, {"publisher": …, "seq": n}]; PACKED alike
 SNAPSHOT_REQUEST = b"icanhaz"  # node -> hub: [PROTOCOL, SNAPSHOT_REQUEST, {}]
 SNAPSHOT = b"snapshot"  # hub -> node, a part: [PROTOCOL, SNAPSHOT, header, [events]]
+# A monitor's bans sent again (after a log rotation, or to a hub with a new state): [PROTOCOL,
+# REREPORT, event, …], judged like a report, but a hub never lets them delay fresh events.
+REREPORT = b"rereport"
+HELLO = b"hello"  # monitor -> hub: [PROTOCOL, HELLO, {"rebuilt": state id}]; the body may be {}
+WELCOME = b"welcome"  # hub -> monitor: [PROTOCOL, WELCOME, {"publisher", "seq", "young"}]
 
 BAN = "ban"
 UNBAN = "unban"
@@ -333,16 +338,75 @@ def split_message(frames: Sequence[bytes], name: bytes = PROTOCOL) -> tuple[byte
 # Reports: a monitor's events to a hub, each judged on its own.
 
 
-def encode_report(bodies: Iterable[bytes]) -> list[bytes]:
-    return [PROTOCOL, EVENT, *bodies]
+def encode_report(bodies: Iterable[bytes], rereport: bool = False) -> list[bytes]:
+    return [PROTOCOL, REREPORT if rereport else EVENT, *bodies]
 
 
 def decode_report(frames: Sequence[bytes]) -> list[bytes]:
-    """The event bodies of a report; ProtocolError when the report can't be taken at all."""
+    """The event bodies of a report or a re-report; ProtocolError when it can't be taken
+    at all."""
     kind, bodies = split_message(frames)
-    if kind != EVENT or not 1 <= len(bodies) <= MAX_REPORT_EVENTS:
+    if kind not in (EVENT, REREPORT) or not 1 <= len(bodies) <= MAX_REPORT_EVENTS:
         raise ProtocolError(f"expected 1-{MAX_REPORT_EVENTS} {EVENT.decode()} bodies")
     return bodies
+
+
+def is_rereport(frames: Sequence[bytes]) -> bool:
+    """A report of bans the node sent before (see REREPORT), once decode_report took it."""
+    return len(frames) > 1 and frames[1] == REREPORT
+
+
+# Greetings: a monitor learns each hub's state id, even with nothing to report, so it can
+# report its node's bans again to a hub that lost its table.
+
+
+def encode_hello(rebuilt: str | None = None) -> list[bytes]:
+    """`rebuilt`: the hub state this node has re-reported every ban it holds to, if any."""
+    body = b"{}" if rebuilt is None else encode_object({"rebuilt": rebuilt})
+    return [PROTOCOL, HELLO, body]
+
+
+def is_hello(frames: Sequence[bytes]) -> bool:
+    return len(frames) > 1 and frames[0] == PROTOCOL and frames[1] == HELLO
+
+
+def decode_hello(frames: Sequence[bytes]) -> str | None:
+    """The state id the node says it has rebuilt, or None; ProtocolError if not a hello.
+    Keys this version does not know are ignored, so a later monitor can say more."""
+    kind, rest = split_message(frames)
+    if kind != HELLO or len(rest) != 1:
+        raise ProtocolError("expected a hello with one body")
+    rebuilt = decode_object(rest[0], MAX_HEADER).get("rebuilt")
+    if rebuilt is not None and (not isinstance(rebuilt, str) or not _ID.fullmatch(rebuilt)):
+        raise ProtocolError("a hello's rebuilt must be a state id")
+    return rebuilt
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """A hub's answer to a hello: its state id, last sequence, and whether that state is
+    young (new and not yet rebuilt by the nodes and its peers)."""
+
+    publisher: str
+    seq: int
+    young: bool
+
+
+def encode_welcome(instance: str, sequence: int, young: bool) -> list[bytes]:
+    return [PROTOCOL, WELCOME, stream_header(instance, sequence, young)]
+
+
+def is_welcome(frames: Sequence[bytes]) -> bool:
+    return len(frames) > 1 and frames[0] == PROTOCOL and frames[1] == WELCOME
+
+
+def decode_welcome(frames: Sequence[bytes]) -> Welcome:
+    kind, rest = split_message(frames)
+    if kind != WELCOME or len(rest) != 1:
+        raise ProtocolError("expected a welcome with one header")
+    header = decode_object(rest[0], MAX_HEADER)
+    publisher, sequence = _header(header, "welcome")
+    return Welcome(publisher, sequence, _young(header))
 
 
 # Replies: a hub's answer to a report, one ACK message for the events it stored and one
@@ -410,27 +474,35 @@ class StreamMessage:
     publisher: str  # the hub state's id: a new one means the hub lost its state
     seq: int
     events: list[BanEvent]
+    young: bool = False  # that state is new and still being rebuilt: it may lack bans
 
     @property
     def heartbeat(self) -> bool:
         return not self.events
 
 
-def stream_header(instance: str, sequence: int) -> bytes:
-    # Without json.dumps: the values are a uuid hex and an int.
-    return f'{{"publisher":"{instance}","seq":{int(sequence)}}}'.encode()
+def stream_header(instance: str, sequence: int, young: bool = False) -> bytes:
+    # Without json.dumps: the values are a uuid hex and an int. "young" only when it is:
+    # decoders before it ignore a key they do not know, and the common header stays short.
+    extra = ',"young":true' if young else ""
+    return f'{{"publisher":"{instance}","seq":{int(sequence)}{extra}}}'.encode()
 
 
-def encode_update(instance: str, first: int, events: Iterable[BanEvent], packed: bool) -> list:
+def encode_update(
+    instance: str, first: int, events: Iterable[BanEvent], packed: bool, young: bool = False
+) -> list:
     """One update message of up to MAX_UPDATE_EVENTS (plain) or MAX_PACKED_EVENTS events."""
     body = event_list(events)
+    header = stream_header(instance, first, young)
     if packed:
-        return [PACKED, UPDATE, stream_header(instance, first), pack(body)]
-    return [PROTOCOL, UPDATE, stream_header(instance, first), body]
+        return [PACKED, UPDATE, header, pack(body)]
+    return [PROTOCOL, UPDATE, header, body]
 
 
-def encode_heartbeat(instance: str, sequence: int, packed: bool) -> list[bytes]:
-    return [PACKED if packed else PROTOCOL, HUGZ, stream_header(instance, sequence)]
+def encode_heartbeat(
+    instance: str, sequence: int, packed: bool, young: bool = False
+) -> list[bytes]:
+    return [PACKED if packed else PROTOCOL, HUGZ, stream_header(instance, sequence, young)]
 
 
 def decode_stream(
@@ -443,9 +515,11 @@ def decode_stream(
         raise ProtocolError(f"unexpected {kind[:20]!r} on the update stream")
     if not rest:
         raise ProtocolError("header lacks publisher or seq")
-    publisher, sequence = _header(decode_object(rest[0], MAX_HEADER), "header")
+    header = decode_object(rest[0], MAX_HEADER)
+    publisher, sequence = _header(header, "header")
+    young = _young(header)
     if kind == HUGZ:
-        return StreamMessage(publisher, sequence, [])
+        return StreamMessage(publisher, sequence, [], young)
     if len(rest) != 2:
         raise ProtocolError("an update has a header and one list of events")
     if stream == PACKED:
@@ -455,7 +529,8 @@ def decode_stream(
     items = decode_list(body, limit)
     if not 1 <= len(items) <= most:
         raise ProtocolError(f"an update has 1-{most} events")
-    return StreamMessage(publisher, sequence, [BanEvent.from_object(i, networks) for i in items])
+    events = [BanEvent.from_object(item, networks) for item in items]
+    return StreamMessage(publisher, sequence, events, young)
 
 
 def _header(header: dict, what: str) -> tuple[str, int]:
@@ -466,6 +541,10 @@ def _header(header: dict, what: str) -> tuple[str, int]:
     if not _ID.fullmatch(publisher) or sequence < 0:
         raise ProtocolError(f"{what} has a malformed publisher or seq")
     return publisher, sequence
+
+
+def _young(header: dict) -> bool:
+    return header.get("young") is True
 
 
 # Snapshots: a node asks a hub for its whole table, the hub answers in parts.
@@ -491,14 +570,19 @@ class SnapshotPart:
     number: int
     last: bool
     events: list[BanEvent]
+    young: bool = False  # see StreamMessage
 
 
-def encode_snapshot(instance: str, sequence: int, events: Sequence[BanEvent]) -> Iterator[list]:
+def encode_snapshot(
+    instance: str, sequence: int, events: Sequence[BanEvent], young: bool = False
+) -> Iterator[list]:
     """The parts of a snapshot of `events` at `sequence`; an empty table is one empty part."""
     starts = range(0, len(events), SNAPSHOT_EVENTS) or [0]
     for number, start in enumerate(starts):
         last = number == len(starts) - 1
         header = {"publisher": instance, "seq": sequence, "part": number, "last": last}
+        if young:
+            header["young"] = True
         body = event_list(events[start : start + SNAPSHOT_EVENTS])
         yield [PROTOCOL, SNAPSHOT, encode_object(header), body]
 
@@ -518,4 +602,4 @@ def decode_snapshot_part(
         raise ProtocolError("snapshot header lacks part or last")
     items = decode_list(rest[1], MAX_NODE_FRAME)
     events = [BanEvent.from_object(item, networks) for item in items]
-    return SnapshotPart(publisher, sequence, number, last, events)
+    return SnapshotPart(publisher, sequence, number, last, events, _young(header))

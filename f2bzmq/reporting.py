@@ -2,13 +2,21 @@
 
 New lines of fail2ban.log become events, stored in one commit with the log position
 after them; after a rotation every ban fail2ban holds is stored again, in case lines
-were lost. Sending the outbox to the hubs is the monitor's part.
+were lost, and so it is for a hub that lost its state. Sending the outbox to the hubs
+is the monitor's part.
+
+When the outbox can't be written (a full disk), the events of the lines read wait in
+memory and no more lines are read: once a write works again, the monitor goes on where
+it stopped; killed meanwhile, it reads those lines again from the position stored.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Callable
 
 from . import protocol
@@ -23,6 +31,7 @@ from .tail import LogFollower, LogPosition
 log = logging.getLogger("f2bzmq.monitor")
 
 BANTIME_CACHE = 60.0  # seconds a jail's bantime read from fail2ban stays trusted
+STORE_RETRY = 1.0  # seconds between attempts to store events when the outbox can't be written
 
 
 class LogReporter:
@@ -49,40 +58,74 @@ class LogReporter:
         self.rotations_seen = 0  # a rotation found at start-up counts too
         self.refusals = RateLimitedLog(log)
         self.reported = 0  # events stored since start
+        # Events read, and the log position after them, that the outbox could not store yet.
+        self.unstored: tuple[list[BanEvent], str] | None = None
+        self.retry_at: float | None = None  # when to try storing again (time.monotonic())
 
     def read(self, stored: Callable[[], None]) -> None:
         """Turn new log lines into events, stored with the new log position in one commit;
         `stored` is called after each commit that added events, to send them at once."""
+        self.retry_at = None  # set again by a write that fails
+        if self.unstored is not None and not self.store(*self.unstored, stored):
+            return
         for _ in range(10000):
             lines = self.follower.read_lines()
             records = self.judge.feed_lines(lines)
             events = [self.make_event(record) for record in records]
             events = [event for event in events if event is not None]
-            if lines or events:
-                self.outbox.add(events, self.follower.position().to_json())
-            if events:
-                stored()  # first: the rest of the loop is bookkeeping
-                self.trim_outbox()
-            with batched_logging():  # a line per event, written at once
-                for event in events:
-                    log.log(NOTICE, "%s: queued for the cluster", event.describe())
-            self.reported += len(events)
+            if (lines or events) and not self.store(
+                events, self.follower.position().to_json(), stored
+            ):
+                return
             if not self.follower.has_more():
                 break
         if self.follower.rotations != self.rotations_seen:
+            try:
+                self.report_current_bans("log rotated")
+            except sqlite3.Error:
+                self.retry_at = time.monotonic() + STORE_RETRY
+                return  # the rotation is seen again at the next read
             self.rotations_seen = self.follower.rotations
-            self.report_current_bans()
 
-    def report_current_bans(self) -> None:
-        """After a rotation, report every ban fail2ban holds: a line written between
-        copytruncate's copy and its truncation is in no file, and fail2ban drops a line
-        logged while flushlogs swaps its handler. The hub records a known ban as nothing new."""
+    def store(self, events: list[BanEvent], position: str, stored: Callable[[], None]) -> bool:
+        """Events with the log position after them into the outbox; False (and they wait
+        here) when it can't be written."""
+        try:
+            self.outbox.add(events, position)
+        except sqlite3.Error:
+            self.unstored = (events, position)
+            self.retry_at = time.monotonic() + STORE_RETRY
+            return False
+        self.unstored = None
+        if events:
+            stored()  # first: the rest is bookkeeping
+            self.trim_outbox()
+        with batched_logging():  # a line per event, written at once
+            for event in events:
+                log.log(NOTICE, "%s: queued for the cluster", event.describe())
+        self.reported += len(events)
+        return True
+
+    def report_current_bans(
+        self,
+        why: str,
+        targets: Sequence[str] | None = None,
+        states: Mapping[str, str] = MappingProxyType({}),
+    ) -> bool:
+        """Report every ban fail2ban holds again, to `targets` (every hub: None), in the
+        outbox's re-report lane, with the hub `states` they are for. After a rotation: a
+        line written between copytruncate's copy and its truncation is in no file, and
+        fail2ban drops a line logged while flushlogs swaps its handler. To a hub with a new
+        state: it lost its table. A hub records a ban it knows as nothing new. False when
+        fail2ban can't list its bans; sqlite3.Error when the outbox can't take them."""
         try:
             jails = [jail for jail in self.fail2ban.jails() if jail not in self.judge.ignore_jails]
             bans = [(jail, *ban) for jail in jails for ban in self.fail2ban.banned_with_time(jail)]
         except (Fail2banError, OSError) as error:
-            log.warning("log rotated, and fail2ban can't list its bans to check: %s", error)
-            return
+            self.refusals.warning(
+                "list bans", "%s, and fail2ban can't list its bans to report: %s", why, error
+            )
+            return False
         events = []
         for jail, ip, start, bantime in bans:
             try:
@@ -91,15 +134,16 @@ class LogReporter:
                 )
             except ProtocolError as error:
                 self.refusals.warning(str(error), "[%s] %s not reported: %s", jail, ip, error)
-        self.outbox.add(events)
+        self.outbox.add_rereports(events, targets or self.outbox.targets, states)
         self.trim_outbox()
-        log.info(
-            "log rotated: reported the %d bans fail2ban holds, in case lines were lost",
-            len(events),
-        )
+        log.info("%s: reporting the %d bans fail2ban holds again", why, len(events))
+        return True
 
     def trim_outbox(self) -> None:
-        dropped = self.outbox.trim(self.outbox_max)
+        try:
+            dropped = self.outbox.trim(self.outbox_max)
+        except sqlite3.Error:
+            return  # the outbox can't be written: nothing was added to it either
         if dropped:
             log.warning(
                 "outbox full (%d events): dropped the %d oldest, unbans first; "

@@ -7,6 +7,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
@@ -150,25 +151,109 @@ class BatchedFileHandler(logging.handlers.WatchedFileHandler):
     one rotation check, when the batch ends: milliseconds later, before the loop
     waits again. Outside a batch (other threads, start-up, errors) every line is
     written at once, as before.
+
+    A file that can't be written (a full disk) never stops the daemon: the lines are
+    lost, the daemon's `status` says so (`log_problems`), and the first line written
+    again says how many were lost and why.
     """
 
     batching = False
+    failure: str | None = None  # why lines are lost, until one is written again
+    lost = 0  # lines lost since
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.batching:
-            logging.FileHandler.emit(self, record)  # no stat per line; flush() waits
-        else:
-            super().emit(record)
+        try:
+            if not self.batching:  # no stat per line in a batch; flush() waits
+                self.reopenIfNeeded()
+            if self.stream is None:
+                self.stream = self._open()
+            logging.StreamHandler.emit(self, record)
+        except RecursionError:
+            raise
+        except Exception as error:
+            self._lose(error)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._lose(sys.exc_info()[1])
 
     def flush(self) -> None:
-        if not self.batching:
+        if self.batching:
+            return
+        try:
             super().flush()
+        except Exception as error:
+            self._lose(error)
+            return
+        if self.failure is not None and self.stream is not None:
+            self._say_lost()
 
     def end_batch(self) -> None:
         with self.lock:
             self.batching = False
             self.flush()
-            self.reopenIfNeeded()  # the next line goes to the new file after a rotation
+            try:
+                self.reopenIfNeeded()  # the next line goes to the new file after a rotation
+            except Exception as error:
+                self._lose(error)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as error:  # the last lines, buffered, could not be written
+            self._lose(error)
+
+    def retry(self) -> None:
+        """Try the file again (for `status`, which must not say a problem is still there
+        when the space is back and the daemon has had nothing to log since)."""
+        with self.lock:
+            if self.failure is None:
+                return
+            try:
+                if self.stream is None:
+                    self.stream = self._open()
+                logging.StreamHandler.flush(self)
+            except Exception as error:
+                self._lose(error, lines=0)
+                return
+            self._say_lost()
+
+    def _lose(self, error: BaseException | None, lines: int = 1) -> None:
+        self.lost += lines
+        if self.failure is None:
+            self.failure = getattr(error, "strerror", None) or str(error)
+            # Said once, where a person may see it: a daemon's stderr is the journal.
+            print(f"cannot write the log {self.baseFilename}: {self.failure}", file=sys.stderr)
+        if self.stream is not None and self.stream.closed:
+            self.stream = None  # a close that failed half-way: open the file again next time
+
+    def _say_lost(self) -> None:
+        record = logging.makeLogRecord(
+            {
+                "name": "f2bzmq",
+                "levelno": logging.WARNING,
+                "levelname": "WARNING",
+                "msg": f"{self.lost} log lines were lost: {self.failure}",
+            }
+        )
+        self.failure, self.lost = None, 0
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+            super().flush()
+        except Exception as error:
+            self._lose(error)
+
+
+def log_problems() -> list[str]:
+    """What a daemon's `status` says of its log: a file that can't be written."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, BatchedFileHandler)]
+    for handler in handlers:
+        handler.retry()
+    return [
+        f"cannot write the log {handler.baseFilename}: {handler.failure} "
+        f"({handler.lost} lines lost so far)"
+        for handler in handlers
+        if handler.failure is not None
+    ]
 
 
 @contextlib.contextmanager
@@ -222,3 +307,32 @@ def clock(epoch: float | None) -> str | None:
     if epoch is None:
         return None
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+# A WAL file grows until a checkpoint copies it into the database; SQLite's default
+# (1,000 pages, 4 MiB) then leaves the file at that size, which a nearly full disk may
+# not have. Checkpoints every 256 pages and a WAL cut back to 1 MiB after each keep a
+# daemon's state folder within a few MiB of its database.
+WAL_PAGES = 256
+WAL_LIMIT = 1024 * 1024
+
+
+def bound_wal(db: sqlite3.Connection) -> None:
+    """Keep db's write-ahead log small: see WAL_PAGES and WAL_LIMIT."""
+    db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+    db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+
+
+def empty_wal(db: sqlite3.Connection) -> None:
+    """Copy the write-ahead log into the database and cut it to nothing: an idle daemon
+    holds no more space than its data needs, and takes none it could not get back."""
+    with contextlib.suppress(sqlite3.Error):  # busy, or no room to copy: next time
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+def rollback(db: sqlite3.Connection) -> None:
+    """End a transaction that failed, if SQLite has not: a COMMIT that fails for want of
+    space leaves it open, and the next BEGIN would fail for that."""
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            db.rollback()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .protocol import ANY_NETWORK, BAN, UNBAN, BanEvent
+from .runtime import bound_wal, empty_wal, rollback
 
 
 class Outcome(str, Enum):
@@ -60,6 +61,24 @@ class BanTable:
         self.expiries: list[tuple[float, str, str, str]] = []  # heap; stale entries skipped
         self.next_forget = 0.0  # when to prune `seen` next
         self.allow_foreign_unban = False  # may a node lift a ban it did not report?
+
+    def changes(self, event: BanEvent, now: float) -> bool:
+        """Whether apply() would change anything but the ids seen: what a sender's rate limit
+        pays for. A ban reported again (after a rotation, to a hub that rebuilds its table)
+        that the table holds with the same expiry costs nothing."""
+        if event.id in self.seen:
+            return False
+        active = self.bans.get((event.jail, event.ip))
+        if event.action == BAN:
+            expiry = event.expiry(self.default_bantime)
+            if expiry is not None and expiry <= now:
+                return False
+            if active is None or event.node not in active.origins:
+                return True
+            return _later(expiry, active.origins[event.node])
+        if active is None:
+            return False
+        return event.node in active.origins or self.allow_foreign_unban
 
     def apply(self, event: BanEvent, now: float) -> tuple[Outcome, Update | None]:
         """Record a validated event from a node; return what it did and what to broadcast."""
@@ -180,7 +199,10 @@ class StateStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         # FULL: an ACK is sent only after the commit reached the disk.
         self.db.execute("PRAGMA synchronous=FULL")
+        bound_wal(self.db)
         self.db.executescript(_SCHEMA)
+        self.created = False  # load() made a new state: the hub is young
+        self.written = False  # since the last tidy()
 
     def load(self, publisher: str, default_bantime: int, dedupe_window: float) -> BanTable:
         table = BanTable(publisher, default_bantime, dedupe_window)
@@ -190,6 +212,7 @@ class StateStore:
             table.sequence = int(meta.get("sequence", "0"))
         else:
             self.db.execute("INSERT INTO meta VALUES ('instance', ?)", (table.instance,))
+            self.created = True
         rows = self.db.execute("SELECT jail, ip, node, event, expiry FROM bans ORDER BY rowid")
         for jail, ip, node, text, expiry in rows:
             active = table.bans.get((jail, ip))
@@ -200,14 +223,37 @@ class StateStore:
         table.seen = dict(self.db.execute("SELECT id, at FROM seen"))
         return table
 
+    def young_until(self) -> float | None:
+        """When the rebuild of a young state ends (unix time), or None: not young."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'young_until'").fetchone()
+        return None if row is None else float(row[0])
+
+    def set_young_until(self, until: float | None) -> None:
+        """Keep a young state young across a restart of the hub, or say it is rebuilt."""
+        if until is None:
+            self.db.execute("DELETE FROM meta WHERE key = 'young_until'")
+        else:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('young_until', ?)", (repr(until),))
+
     def commit(self, table: BanTable) -> None:
         """Persist every change since the last commit, atomically."""
         if not table.journal:
             return
-        with self.db:
-            self.db.execute("BEGIN")
-            self._write(table.journal)
+        try:
+            with self.db:
+                self.db.execute("BEGIN")
+                self._write(table.journal)
+        except sqlite3.Error:
+            rollback(self.db)  # a COMMIT that failed (a full disk) may leave it open
+            raise
         table.journal.clear()
+        self.written = True
+
+    def tidy(self) -> None:
+        """Give back the write-ahead log's space while the hub is idle."""
+        if self.written:
+            empty_wal(self.db)
+            self.written = False
 
     def _write(self, journal: Iterable[tuple]) -> None:
         """The journal as few statements: changes to each table keep their order, runs of

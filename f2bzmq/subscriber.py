@@ -23,7 +23,7 @@ from .jails import LocalJails, LocalPolicy
 from .keys import Security
 from .metrics import counter, gauge, histogram
 from .protocol import ProtocolError
-from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain
+from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain, log_problems
 from .sync import (
     SNAPSHOT_TIMEOUT,
     Gap,
@@ -32,9 +32,11 @@ from .sync import (
     Notice,
     Outcome,
     OutOfStep,
+    Rebuilt,
     Silent,
     SnapshotLate,
     SnapshotTaken,
+    Young,
 )
 
 log = logging.getLogger("f2bzmq.subscriber")
@@ -121,6 +123,7 @@ class Subscriber:
         ]
         self.resync_interval = config.subscriber.resync_interval
         self.next_resync = now + self.resync_interval
+        self.next_expiry = now  # when held bans of young hubs are next checked
         self.started = now
         self.control = control_path and ControlSocket(self.context, control_path, self.status)
         self.wakeup = Wakeup()
@@ -160,6 +163,11 @@ class Subscriber:
                     if new is not old:
                         poller.unregister(old)
                         poller.register(new, zmq.POLLIN)
+            if now >= self.next_expiry:
+                self.next_expiry = now + 1.0
+                for link in self.links:
+                    if link.sync.held:
+                        self.follow(link, link.sync.expire_held(time.time()))
             if now >= self.next_resync:
                 self.next_resync = now + self.resync_interval
                 self.jails.reread()
@@ -182,9 +190,11 @@ class Subscriber:
                 self.refusals.warning("update", "ignored a message from the hub: %s", error)
                 continue
             if message.heartbeat:
-                outcome = link.sync.on_heartbeat(message.publisher, message.seq, now)
+                outcome = link.sync.on_heartbeat(message.publisher, message.seq, now, message.young)
             else:
-                outcome = link.sync.on_update(message.publisher, message.seq, message.events, now)
+                outcome = link.sync.on_update(
+                    message.publisher, message.seq, message.events, now, message.young
+                )
             self.follow(link, outcome)
 
     def handle_snapshot(self, link: HubLink, now: float) -> None:
@@ -203,6 +213,9 @@ class Subscriber:
         """Do what the hub's core decided: tell the jails, log, move the sockets."""
         for sequence, event in outcome.applied:
             log.debug("update %d: %s", sequence, event.describe())
+            self.jails.take_update(event)
+        for event in outcome.dropped:
+            log.debug("held ban's time is up: %s", event.describe())
             self.jails.take_update(event)
         if outcome.replaced:
             self.jails.compare_all()
@@ -229,6 +242,8 @@ class Subscriber:
             "Hubs": {
                 link.publish_endpoint: {
                     "synced": link.sync.synced,
+                    "young": link.sync.young,
+                    "held": len(link.sync.held),
                     "sequence": link.sync.sequence,
                     "cluster bans": len(link.sync.view.bans),
                     "last heard": f"{now - link.sync.heard:.1f} s ago",
@@ -268,7 +283,7 @@ class Subscriber:
         starting = now - self.started < self.heartbeat_timeout + SNAPSHOT_TIMEOUT
         if not starting and not any(link.sync.synced for link in self.links):
             found.append("no hub is synced: cluster bans are not being applied")
-        return found
+        return found + log_problems()
 
     def close(self) -> None:
         for link in self.links:
@@ -293,6 +308,17 @@ def log_notice(notice: Notice, link: HubLink, refusals: RateLimitedLog) -> None:
     hub = link.publish_endpoint
     if isinstance(notice, NewState):
         log.info("hub %s has new state %s: resync", hub, notice.state_id[:8])
+    elif isinstance(notice, Young):
+        log.log(
+            NOTICE,
+            "hub %s lost its state; its new state %s is young: keeping the %d bans it had "
+            "until it is rebuilt",
+            hub,
+            notice.state_id[:8],
+            notice.held,
+        )
+    elif isinstance(notice, Rebuilt):
+        log.info("hub %s has rebuilt state %s: resync", hub, notice.state_id[:8])
     elif isinstance(notice, Gap):
         refusals.warning(
             f"gap {hub}",

@@ -8,6 +8,7 @@ updates now in the hub's view, and notices for the shell to log.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -50,6 +51,22 @@ class NewState:
 
 
 @dataclass(frozen=True)
+class Young:
+    """The hub's state is new and still being rebuilt: the `held` bans of its state before
+    stay in the view until it is rebuilt or their time is up."""
+
+    state_id: str
+    held: int
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """The young state is rebuilt: a fresh snapshot replaces the view and what it held."""
+
+    state_id: str
+
+
+@dataclass(frozen=True)
 class Gap:
     """Updates `first` to `last` never came."""
 
@@ -87,7 +104,7 @@ class Silent:
     stream_never_came: bool
 
 
-Notice = Union[NewState, Gap, OutOfStep, SnapshotTaken, SnapshotLate, Silent]
+Notice = Union[NewState, Young, Rebuilt, Gap, OutOfStep, SnapshotTaken, SnapshotLate, Silent]
 
 
 @dataclass
@@ -97,6 +114,8 @@ class Outcome:
 
     # Updates now in the view, in order, with their sequence numbers.
     applied: list[tuple[int, BanEvent]] = field(default_factory=list)
+    # Held bans whose time is up, out of the view: reconcile their addresses.
+    dropped: list[BanEvent] = field(default_factory=list)
     # A snapshot replaced the view: compare every ban now.
     replaced: bool = False
     # The view no longer counts until the next snapshot: compare every ban.
@@ -112,7 +131,12 @@ class Outcome:
 class HubSync:
     """One hub's update stream as this node follows it: the hub's view, its state id and
     sequence, and the snapshot under way. A gap, a new state id or the hub's silence
-    asks for a snapshot; updates that come meanwhile wait and are replayed after it."""
+    asks for a snapshot; updates that come meanwhile wait and are replayed after it.
+
+    A hub never speaks for a state it lost: when it names a new state that is young (not
+    yet rebuilt by the nodes and its peers), the view keeps the bans it had (`held`) and
+    adds the young state's, until that state is rebuilt (then a fresh snapshot replaces
+    the view) or a held ban's time is up."""
 
     def __init__(self, heartbeat_timeout: float, now: float) -> None:
         self.heartbeat_timeout = heartbeat_timeout
@@ -128,6 +152,9 @@ class HubSync:
         self.buffered: list[tuple[str, int, BanEvent]] = []
         self.snapshots_received = 0
         self.last_snapshot: float | None = None  # `now` of the last whole snapshot
+        self.young = False  # the state followed is young
+        # Bans of the state before a young one that the young one has not confirmed yet.
+        self.held: dict[tuple[str, str], BanEvent] = {}
 
     def start(self, now: float) -> Outcome:
         """Nothing is known of the hub yet: ask for its table."""
@@ -135,7 +162,9 @@ class HubSync:
         self._ask(outcome, now)
         return outcome
 
-    def on_heartbeat(self, state_id: str, sequence: int, now: float) -> Outcome:
+    def on_heartbeat(
+        self, state_id: str, sequence: int, now: float, young: bool = False
+    ) -> Outcome:
         """A heartbeat names the hub's state and its last sequence: both must match ours."""
         outcome = Outcome()
         self._hear(now)
@@ -144,17 +173,26 @@ class HubSync:
         if state_id != self.state_id:
             outcome.notices.append(NewState(state_id))
             self._ask(outcome, now)
+        elif self.young and not young:
+            self._rebuilt(outcome, now)
         elif sequence != self.sequence:
             outcome.notices.append(OutOfStep(self.sequence, sequence))
             self._ask(outcome, now)
         return outcome
 
     def on_update(
-        self, state_id: str, sequence: int, events: Sequence[BanEvent], now: float
+        self,
+        state_id: str,
+        sequence: int,
+        events: Sequence[BanEvent],
+        now: float,
+        young: bool = False,
     ) -> Outcome:
         """Events numbered from `sequence` on: applied in order, or kept while resyncing."""
         outcome = Outcome()
         self._hear(now)
+        if self.snapshot_asked is None and state_id == self.state_id and self.young and not young:
+            self._rebuilt(outcome, now)
         for offset, event in enumerate(events):
             self._take(outcome, state_id, sequence + offset, event, now)
         return outcome
@@ -179,7 +217,26 @@ class HubSync:
             return
         self.sequence = sequence
         self.view.apply(event)
+        self.held.pop((event.jail, event.ip), None)  # the young state says it now
         outcome.applied.append((sequence, event))
+
+    def _rebuilt(self, outcome: Outcome, now: float) -> None:
+        """The young state followed is rebuilt: ask for the table it has now."""
+        outcome.notices.append(Rebuilt(self.state_id or ""))
+        self._ask(outcome, now)
+
+    def expire_held(self, clock: float) -> Outcome:
+        """Held bans whose time is up at unix time `clock` leave the view."""
+        outcome = Outcome()
+        for key, event in list(self.held.items()):
+            if event.bantime is None or event.bantime == protocol.PERMANENT:
+                continue  # kept until the state is rebuilt: when it ends is the hub's to say
+            if event.time + event.bantime <= clock:
+                del self.held[key]
+                lifted = dataclasses.replace(event, action=protocol.UNBAN, bantime=None, wire=None)
+                self.view.apply(lifted)
+                outcome.dropped.append(lifted)
+        return outcome
 
     def on_snapshot_part(self, part: SnapshotPart, now: float) -> Outcome:
         """Gather the parts; the last one replaces the view with the hub's table.
@@ -193,19 +250,35 @@ class HubSync:
             return outcome  # an answer nobody waits for
         self.snapshot_parts.extend(part.events)
         if part.last:
-            self._finish_snapshot(outcome, part.publisher, part.seq, now)
+            self._finish_snapshot(outcome, part.publisher, part.seq, now, part.young)
         return outcome
 
-    def _finish_snapshot(self, outcome: Outcome, state_id: str, sequence: int, now: float) -> None:
-        """Replace the view with the snapshot, then replay the updates that came after it."""
+    def _finish_snapshot(
+        self, outcome: Outcome, state_id: str, sequence: int, now: float, young: bool = False
+    ) -> None:
+        """Replace the view with the snapshot, then replay the updates that came after it.
+        A young state's snapshot keeps what the view held besides."""
+        moved = state_id != self.state_id  # to a new state, from the one the view is of
+        if not young:
+            self.held = {}
+        elif moved:
+            self.held = {**self.held, **self.view.bans}
         self.view = ClusterView()
         for event in self.snapshot_parts:
             self.view.apply(event)
+        for key in [key for key in self.held if key in self.view.bans]:
+            del self.held[key]
+        for event in self.held.values():
+            self.view.apply(event)
+        if young and moved and self.held:
+            outcome.notices.append(Young(state_id, len(self.held)))
+        self.young = young
         self.state_id = state_id
         self.sequence = sequence
         for buffered_state, number, event in sorted(self.buffered, key=lambda item: item[1]):
             if buffered_state == self.state_id and number == self.sequence + 1:
                 self.view.apply(event)
+                self.held.pop((event.jail, event.ip), None)
                 self.sequence = number
         self.buffered = []
         self.snapshot_parts = []

@@ -282,3 +282,42 @@ def test_refusals_are_logged_once_a_minute_per_sender_whatever_the_reason(caplog
         "refused a legacy report from 192.0.2.201: wrong token",
     ]
     assert admission.counters["refused"] == 7
+
+
+# Re-reports: bans a node sends again (after a log rotation, to a hub rebuilding its
+# table) pay only for what the hub did not know, and never take a fresh event's token.
+
+THROTTLED = ("NAK", "rate limit: node node1 sends more than 0.1 events/s", True)
+
+
+def test_a_ban_the_hub_knows_costs_no_token_however_often_it_comes():
+    admission = hub(rate_limit="0.1", rate_burst="2")
+    known = [ban("198.51.100.1"), ban("198.51.100.2")]
+    assert [judge(admission, report(b))[0][0][1] for b in known] == ["ACK", "ACK"]
+    again = [ban("198.51.100.1") for _ in range(5)] + [ban("198.51.100.2") for _ in range(5)]
+    said = [judge(admission, rereport(b))[0][0][1:] for b in again]
+    assert said == [("ACK", "extended")] * 10
+    duplicate = judge(admission, report(known[0]))[0][0][1:]
+    assert duplicate == ("ACK", "duplicate")
+    assert judge(admission, report(ban("198.51.100.3")))[0][0][1:] == THROTTLED  # burst spent
+
+
+def test_rereports_leave_a_tenth_of_the_burst_to_fresh_events():
+    admission = hub(rate_limit="0.1", rate_burst="20")
+    lost = [rereport(ban(f"198.51.100.{n}")) for n in range(1, 21)]  # all news to this hub
+    said = [judge(admission, frames)[0][0][1] for frames in lost]
+    assert said == ["ACK"] * 18 + ["NAK"] * 2  # two tokens left for what the log says
+    fresh = [judge(admission, report(ban(f"203.0.113.{n}")))[0][0][1] for n in (1, 2, 3)]
+    assert fresh == ["ACK", "ACK", "NAK"]
+
+
+def test_a_hub_that_cannot_store_asks_for_every_event_again_later():
+    admission = hub()
+    admission.unavailable = "the hub cannot store events now: database or disk is full"
+    said, updates = judge(admission, report(ban("198.51.100.1"), ban("198.51.100.2")))
+    assert [answer[1:] for answer in said] == [("NAK", admission.unavailable, True)] * 2
+    assert updates == [] and admission.table.seen == {}
+
+
+def rereport(*bodies: bytes) -> list[bytes]:
+    return [PROTOCOL, protocol.REREPORT, *bodies]

@@ -1,16 +1,19 @@
 """The entry scripts as an operator uses them: start, status, stop, run, and their errors."""
 
+import logging
 import os
 import platform
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from f2bzmq.config import load_config
+from f2bzmq.config import config_from, load_config
+from f2bzmq.daemon import EXIT_FAILED, EXIT_NOT_RUNNING, RoleControl
 from f2bzmq.lab import free_ports, make_keys, wait_until, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,3 +201,47 @@ def test_sigterm_taken_by_another_thread_still_stops_the_daemon_at_once(config):
         if process.poll() is None:
             process.kill()
         process.wait(5)
+
+
+class FailingReactor:
+    """A role's loop that ends on an error nobody caught, as a full disk once did."""
+
+    def __init__(self, config, control_path) -> None:
+        pass
+
+    def run(self) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+def test_a_daemon_stopped_by_an_error_says_why_in_its_log_and_in_status(tmp_path, capsys):
+    config = config_from(
+        {
+            "general": {
+                "run_dir": str(tmp_path / "run"),
+                "logtarget": str(tmp_path / "{role}.log"),
+                "insecure": "true",
+            }
+        }
+    )
+    control = RoleControl("monitor", config, FailingReactor)
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    try:
+        assert control.run(foreground=True) == EXIT_FAILED
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved:
+            root.addHandler(handler)
+    log = (tmp_path / "monitor.log").read_text()
+    assert (
+        "ERROR   the monitor stopped on an error: OperationalError: database or disk is full" in log
+    )
+    assert 'raise sqlite3.OperationalError("database or disk is full")' in log  # the traceback
+    capsys.readouterr()
+    assert control.status() == EXIT_NOT_RUNNING
+    said = capsys.readouterr().out.strip()
+    assert said.startswith("fail2ban-monitor is not running: last exit 20")
+    assert said.endswith(": OperationalError: database or disk is full")
+    assert not control.pidfile.exists()

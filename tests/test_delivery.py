@@ -3,13 +3,20 @@
 import pytest
 
 from f2bzmq.delivery import (
+    ADOPT,
     BLOCKED_PAUSE,
+    FRESH,
+    HELLO_INTERVAL,
+    HELLO_RETRY,
     MAX_BACKOFF,
+    REREPORT,
+    REREPORT_BANS,
     RETRY_PAUSE,
     DeliveryWindow,
+    Greeting,
     Reset,
 )
-from f2bzmq.protocol import MAX_REPORT_EVENTS, Answer
+from f2bzmq.protocol import MAX_REPORT_EVENTS, Answer, Welcome
 
 T0 = 1000.0  # a monotonic clock
 ACK_TIMEOUT = 5.0
@@ -215,3 +222,80 @@ def test_an_idle_window_has_no_deadline():
     window.take(rows(1), T0)
     window.on_answers([ack(1)], T0 + 0.01)
     assert window.next_deadline(T0 + 0.01) is None and window.on_tick(T0 + 3600) is None
+
+
+# Two lanes: fresh events (what the log said) and re-reports (bans the node holds, again).
+
+
+def test_rereports_take_only_the_room_fresh_events_leave_and_fresh_ones_never_wait():
+    window = DeliveryWindow(4, ACK_TIMEOUT)
+    assert sent(window.take(rows(1, 2, 3), T0, REREPORT)) == [1, 2, 3]
+    assert (window.rereport_cursor, window.cursor) == (3, 0)
+    assert window.room(T0, REREPORT) == 1 and window.room(T0, FRESH) == 4
+    assert sent(window.take(rows(10, 11, 12), T0, FRESH)) == [10, 11, 12]
+    assert window.room(T0, REREPORT) == 0  # the window is full: re-reports wait
+    assert window.room(T0, FRESH) == 1  # a new ban still goes at once
+    window.on_answers([ack(1), ack(2), ack(10)], T0 + 0.01)
+    assert (window.room(T0 + 0.01, REREPORT), window.room(T0 + 0.01, FRESH)) == (1, 2)
+
+
+def test_a_throttled_rereport_pauses_its_lane_only():
+    window = DeliveryWindow(10, ACK_TIMEOUT)
+    window.take(rows(1, 2), T0, REREPORT)
+    window.take(rows(5), T0, FRESH)
+    answered = window.on_answers([nak(2, retry=True)], T0 + 0.1)
+    assert [a.id for a in answered.throttled] == [eid(2)]
+    assert (window.rereport_cursor, window.cursor) == (1, 5)
+    assert window.room(T0 + 0.1, REREPORT) == 0 and window.room(T0 + 0.1, FRESH) == 9
+    assert window.next_deadline(T0 + 0.1) == T0 + 0.1 + RETRY_PAUSE
+    assert sent(window.take(rows(2, 3), T0 + 0.1 + RETRY_PAUSE, REREPORT)) == [2, 3]
+    # A throttled fresh event pauses both: the hub wants this node to slow down.
+    window.on_answers([nak(5, retry=True)], T0 + 2)
+    assert window.room(T0 + 2.5, REREPORT) == 0 and window.room(T0 + 2.5, FRESH) == 0
+
+
+def test_a_reset_sends_both_lanes_again_from_their_oldest():
+    window = DeliveryWindow(10, ACK_TIMEOUT)
+    window.take(rows(1), T0, REREPORT)
+    window.take(rows(2), T0, FRESH)
+    window.unsent([rows(2)], T0, FRESH)
+    assert window.cursor == 1 and window.rereport_cursor == 1
+    reset = window.on_tick(T0 + ACK_TIMEOUT + 1)
+    assert reset is not None and (window.cursor, window.rereport_cursor) == (0, 0)
+    assert window.in_flight == {} and window.rereports == set()
+
+
+# What the monitor knows of a hub's state: (known before, welcome, what to do).
+STATE, OTHER = "a" * 32, "b" * 32
+WELCOMES = [
+    ("the state the node reported to", STATE, Welcome(STATE, 5, False), None),
+    ("a hub met for the first time", None, Welcome(STATE, 5, False), ADOPT),
+    ("a new hub, young: it wants every ban", None, Welcome(STATE, 0, True), REREPORT_BANS),
+    ("a hub that lost its state", OTHER, Welcome(STATE, 0, True), REREPORT_BANS),
+    ("a hub that lost it, rebuilt by now", OTHER, Welcome(STATE, 9, False), REREPORT_BANS),
+]
+
+
+@pytest.mark.parametrize(
+    "known, welcome, does", [case[1:] for case in WELCOMES], ids=[case[0] for case in WELCOMES]
+)
+def test_what_a_welcome_means(known, welcome, does):
+    greeting = Greeting(known)
+    assert greeting.on_welcome(welcome, T0) == does
+    assert (greeting.state, greeting.young, greeting.welcomed) == (STATE, welcome.young, True)
+
+
+def test_hellos_go_every_interval_and_once_at_most_while_the_hub_is_away():
+    greeting = Greeting(STATE)
+    assert greeting.hello_due(T0)
+    greeting.hello_sent(T0)
+    assert not greeting.hello_due(T0 + HELLO_RETRY - 0.01)  # unanswered: one waits
+    assert greeting.next_deadline() == T0 + HELLO_RETRY and greeting.hello_due(T0 + HELLO_RETRY)
+    greeting.on_welcome(Welcome(STATE, 1, False), T0 + 1)
+    assert not greeting.hello_due(T0 + 1 + HELLO_INTERVAL - 0.01)
+    assert greeting.hello_due(T0 + 1 + HELLO_INTERVAL)
+    greeting.hello_sent(T0 + 4)
+    greeting.hello_soon()  # a new link: the hello queued on the old one is gone
+    assert greeting.hello_due(T0 + 4)
+    greeting.reported(OTHER)
+    assert greeting.on_welcome(Welcome(OTHER, 1, False), T0 + 5) is None

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from f2bzmq.runtime import batched_logging, setup_logging
+from f2bzmq.runtime import batched_logging, log_problems, setup_logging
 from tests.support.logrotate import logrotate
 
 
@@ -68,3 +68,31 @@ def test_after_logrotate_the_lines_go_to_the_new_file_and_none_is_lost(file_log,
         "next",
         "last",
     ]
+
+
+def test_a_log_that_cannot_be_written_loses_lines_not_the_daemon(tmp_path, capsys):
+    """/dev/full fails every write with ENOSPC, as a full disk does: inside and outside a
+    batch, the daemon logs on, says it once on stderr, and `status` names the problem."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    setup_logging("monitor", "/dev/full", logging.INFO, foreground=False)
+    try:
+        log = logging.getLogger("f2bzmq.monitor")
+        for number in range(3):
+            log.info("line %d", number)
+            with batched_logging():
+                for ban in range(2000):  # more than the stream's buffer
+                    log.info("[sshd] Ban 192.0.2.%d", ban % 250)
+        (problem,) = log_problems()
+        assert problem.startswith("cannot write the log /dev/full: No space left on device (")
+        assert capsys.readouterr().err == (
+            "cannot write the log /dev/full: No space left on device\n"
+        )
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+    assert log_problems() == []

@@ -17,6 +17,7 @@ from f2bzmq.control import ControlError, ask
 from f2bzmq.lab import Hub, RoleProcess, free_ports, make_keys, wait_until, write_config
 from f2bzmq.monitor import Monitor
 from f2bzmq.outbox import Outbox
+from f2bzmq.reporting import LogReporter
 
 PREFIX = "2026-11-23 10:13:40,972 fail2ban.actions        [17048]: "
 
@@ -49,6 +50,10 @@ class PlayedHub(threading.Thread):
         except BaseException as error:  # reported by the test
             self.error = error
         finally:
+            # Stopped once it has read the last answers: a stop that overtook them on the
+            # way would leave them uncounted.
+            counted = lambda: sum(self.monitor.counters.values()) >= len(self.answers)  # noqa: E731
+            wait_until(counted, 5, 0.01)
             self.monitor.signals.stopping = True  # as SIGTERM does
             self.monitor.wakeup.wake()
             self.router.close()
@@ -56,6 +61,8 @@ class PlayedHub(threading.Thread):
 
     def answer(self, frames: list[bytes]) -> None:
         peer, *report = frames
+        if protocol.is_hello(report):
+            return  # a hub older than hellos would refuse it; this one stays silent
         acks, naks = [], []
         for body in protocol.decode_report(report):
             event = json.loads(body)
@@ -175,3 +182,33 @@ def ask_hub(hub: Hub) -> dict | None:
         return ask(load_config(str(hub.config)).control_path("publisher"), timeout=2)
     except ControlError:
         return None
+
+
+def test_lines_the_outbox_cannot_store_wait_in_memory_and_go_in_once_it_can(tmp_path: Path):
+    """A full disk, as SQLite reports it when the file may not grow (max_page_count): the
+    events read wait, no line is read twice or lost, and nothing is retried once stored."""
+    fail2ban_log = tmp_path / "fail2ban.log"
+    fail2ban_log.write_text("".join(ban_line(f"192.0.2.{n % 250}") for n in range(1500)))
+    config = config_from(
+        {
+            "general": {"node": "node1", "insecure": "true"},
+            "monitor": {"logpath": str(fail2ban_log), "start_at": "beginning"},
+        }
+    )
+    outbox = Outbox(tmp_path / "monitor.sqlite3", ["tcp://127.0.0.1:5690"])
+    reporter = LogReporter(config, outbox, lambda: None)
+    try:
+        pages = outbox.db.execute("PRAGMA page_count").fetchone()[0]
+        outbox.db.execute(f"PRAGMA max_page_count={pages}")
+        stored: list[int] = []
+        reporter.read(lambda: stored.append(outbox.depth()))
+        assert (stored, outbox.depth(), outbox.position()) == ([], 0, None)
+        assert reporter.unstored is not None and reporter.retry_at is not None
+        assert outbox.failure == "database or disk is full"
+        outbox.db.execute(f"PRAGMA max_page_count={10**6}")
+        reporter.read(lambda: stored.append(outbox.depth()))
+        assert outbox.depth() == reporter.reported == 1500 and stored[-1] == 1500
+        assert (reporter.unstored, reporter.retry_at, outbox.failure) == (None, None, None)
+    finally:
+        reporter.close()
+        outbox.close()

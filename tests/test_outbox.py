@@ -1,6 +1,10 @@
 """The monitor's outbox: durable, per hub, in order, bounded; and how it goes out."""
 
-from f2bzmq.delivery import reports
+import sqlite3
+
+import pytest
+
+from f2bzmq.delivery import FRESH, REREPORT, reports
 from f2bzmq.outbox import Outbox
 from f2bzmq.protocol import MAX_REPORT, BanEvent
 
@@ -65,3 +69,76 @@ def test_waiting_events_go_out_in_reports_bounded_by_count_and_bytes():
     assert [row for report in grouped for row in report] == big
     assert len(grouped) == 3  # 12 of 4 KB fit in 48 KB
     assert list(reports([])) == []
+
+
+def test_rereports_wait_in_their_own_lane_once_per_ban_and_hub(tmp_path):
+    outbox = Outbox(tmp_path / "o.sqlite3", HUBS)
+    fresh = [event("192.0.2.1")]
+    outbox.add(fresh, position='{"offset": 1}')
+    first = [event("198.51.100.1"), event("198.51.100.2")]
+    outbox.add_rereports(first, HUBS[1:], {HUBS[1]: "a" * 32})
+    assert outbox.hub_state(HUBS[1]) == "a" * 32 and outbox.hub_state(HUBS[0]) is None
+    again = [event("198.51.100.1")]  # a later rotation: replaces the one still waiting
+    outbox.add_rereports(again, HUBS)
+    lanes = {
+        (hub, lane): [body for _, _, body in outbox.pending(hub, 10, lane=lane)]
+        for hub in HUBS
+        for lane in (FRESH, REREPORT)
+    }
+    assert lanes == {
+        (HUBS[0], FRESH): [fresh[0].encode()],
+        (HUBS[0], REREPORT): [again[0].encode()],
+        (HUBS[1], FRESH): [fresh[0].encode()],
+        (HUBS[1], REREPORT): [first[1].encode(), again[0].encode()],
+    }
+    assert outbox.depth(HUBS[1], REREPORT) == 2 and outbox.depth(HUBS[1]) == 3
+    # The node lifts a ban: a re-report of it, still waiting, would bring it back.
+    outbox.add([event("198.51.100.1", "unban")], position='{"offset": 2}')
+    assert [body for _, _, body in outbox.pending(HUBS[1], 10, lane=REREPORT)] == [
+        first[1].encode()
+    ]
+    assert outbox.depth(HUBS[0], REREPORT) == 0
+
+
+def test_trim_drops_rereports_before_anything_the_log_said(tmp_path):
+    outbox = Outbox(tmp_path / "o.sqlite3", HUBS)
+    outbox.add([event("192.0.2.1"), event("192.0.2.2", "unban")])
+    outbox.add_rereports([event(f"198.51.100.{n}") for n in range(1, 4)], HUBS)
+    assert outbox.trim(3) == 2
+    assert outbox.depth(HUBS[0], REREPORT) == 1 and outbox.depth(HUBS[0], FRESH) == 2
+
+
+def test_a_write_the_disk_refuses_changes_nothing_and_says_why(tmp_path):
+    """A full disk, as SQLite reports it when the file may not grow (max_page_count)."""
+    outbox = Outbox(tmp_path / "o.sqlite3", HUBS)
+    outbox.add([event("192.0.2.1")], position='{"offset": 1}')
+    pages = outbox.db.execute("PRAGMA page_count").fetchone()[0]
+    outbox.db.execute(f"PRAGMA max_page_count={pages}")
+    many = [event(f"198.51.{n // 250}.{n % 250}") for n in range(2000)]
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        outbox.add(many, position='{"offset": 2}')
+    assert outbox.failure == "database or disk is full" and not outbox.db.in_transaction
+    assert (outbox.depth(), outbox.position()) == (1, '{"offset": 1}')
+    outbox.db.execute(f"PRAGMA max_page_count={10**6}")
+    outbox.add(many, position='{"offset": 2}')
+    assert outbox.failure is None and outbox.depth() == 2001
+
+
+def test_an_outbox_from_before_the_lanes_keeps_its_events(tmp_path):
+    path = tmp_path / "o.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, "
+        "target TEXT NOT NULL, body BLOB NOT NULL, UNIQUE (id, target));"
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+    )
+    waiting = event("192.0.2.1")
+    old.execute(
+        "INSERT INTO outbox (id, target, body) VALUES (?, ?, ?)",
+        (waiting.id, HUBS[0], waiting.encode()),
+    )
+    old.commit()
+    old.close()
+    outbox = Outbox(path, HUBS)
+    assert [body for _, _, body in outbox.pending(HUBS[0], 10)] == [waiting.encode()]
+    assert outbox.pending(HUBS[0], 10, lane=REREPORT) == []

@@ -348,3 +348,54 @@ def test_a_snapshot_request_is_the_one_word():
     protocol.decode_snapshot_request(protocol.encode_snapshot_request())
     with pytest.raises(ProtocolError, match="expected icanhaz"):
         protocol.decode_snapshot_request([protocol.PROTOCOL, protocol.EVENT, b"{}"])
+
+
+def test_a_rereport_is_a_report_the_hub_can_tell_apart():
+    bodies = [event.encode() for event in events(2)]
+    message = protocol.encode_report(bodies, rereport=True)
+    assert message[1] == protocol.REREPORT and protocol.decode_report(message) == bodies
+    assert protocol.is_rereport(message)
+    assert not protocol.is_rereport(protocol.encode_report(bodies))
+
+
+def test_hello_and_welcome_round_trip_and_a_hello_may_say_more_later():
+    assert protocol.decode_hello(protocol.encode_hello()) is None
+    assert protocol.decode_hello(protocol.encode_hello(STATE)) == STATE
+    later = [protocol.PROTOCOL, protocol.HELLO, b'{"rebuilt": "%s", "more": 1}' % STATE.encode()]
+    assert protocol.decode_hello(later) == STATE
+    for frames, reason in [
+        ([protocol.PROTOCOL, protocol.HELLO, b'{"rebuilt": "x"}'], "must be a state id"),
+        ([protocol.PROTOCOL, protocol.HELLO], "expected a hello"),
+        ([protocol.PROTOCOL, protocol.HELLO, b"[]"], "JSON object"),
+    ]:
+        with pytest.raises(ProtocolError, match=reason):
+            protocol.decode_hello(frames)
+    assert protocol.is_hello(protocol.encode_hello()) and not protocol.is_hello([b"x", b"hello"])
+    for young in (False, True):
+        welcome = protocol.encode_welcome(STATE, 12, young)
+        assert protocol.is_welcome(welcome)
+        assert protocol.decode_welcome(welcome) == protocol.Welcome(STATE, 12, young)
+    with pytest.raises(ProtocolError, match="welcome lacks publisher"):
+        protocol.decode_welcome([protocol.PROTOCOL, protocol.WELCOME, b"{}"])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_young_state_says_so_in_every_header_and_older_decoders_read_on(packed):
+    """A hub rebuilding a lost state marks its updates, heartbeats and snapshot parts
+    young; the key is left out otherwise, and a header's unknown keys are ignored."""
+    stream = protocol.PACKED if packed else protocol.PROTOCOL
+    update = protocol.encode_update(STATE, 3, events(1), packed, young=True)
+    hugz = protocol.encode_heartbeat(STATE, 3, packed, young=True)
+    assert json.loads(update[2]) == {"publisher": STATE, "seq": 3, "young": True}
+    assert protocol.decode_stream(update, stream=stream).young
+    assert protocol.decode_stream(hugz, stream=stream).young
+    assert not protocol.decode_stream(
+        protocol.encode_heartbeat(STATE, 3, packed), stream=stream
+    ).young
+    assert b"young" not in protocol.stream_header(STATE, 3)
+    (part,) = protocol.encode_snapshot(STATE, 0, [], young=True)
+    assert protocol.decode_snapshot_part(part).young
+    (part,) = protocol.encode_snapshot(STATE, 0, [])
+    assert not protocol.decode_snapshot_part(part).young
+    odd = [stream, protocol.HUGZ, b'{"publisher": "%s", "seq": 1, "young": 1}' % STATE.encode()]
+    assert not protocol.decode_stream(odd, stream=stream).young  # only true means young

@@ -1,6 +1,7 @@
 """The ban table's rules and its SQLite home."""
 
 import random
+import sqlite3
 
 from f2bzmq.protocol import BAN, UNBAN, BanEvent
 from f2bzmq.state import BanTable, Outcome, StateStore
@@ -157,3 +158,67 @@ def test_a_reloaded_store_equals_the_table_after_random_batches(tmp_path):
             key: ban.event for key, ban in table.bans.items()
         }
         assert again.seen == table.seen
+
+
+def test_changes_says_whether_an_event_is_news_to_the_table():
+    """What a node's rate limit pays for: every event apply() would record as more than
+    an id seen. A ban reported again with the same expiry is no news."""
+    table = BanTable("hub", 600)
+    first = ev("node1", BAN)
+    table.apply(first, NOW)
+    cases = [
+        ("a new ban", ev("node1", BAN, ip="192.0.2.11"), True),
+        ("the same event again", first, False),
+        ("the same ban re-reported", ev("node1", BAN), False),
+        ("the same ban, ending later", ev("node1", BAN, when=NOW + 60), True),
+        ("the same ban, ending sooner", ev("node1", BAN, when=NOW - 60), False),
+        ("the ban from another node", ev("node2", BAN), True),
+        ("a ban already over", ev("node1", BAN, ip="192.0.2.12", when=NOW - 700), False),
+        ("its origin's unban", ev("node1", UNBAN), True),
+        ("another node's unban", ev("node2", UNBAN), False),
+        ("an unban of nothing", ev("node1", UNBAN, ip="192.0.2.13"), False),
+    ]
+    for name, event, news in cases:
+        assert table.changes(event, NOW) is news, name
+    table.allow_foreign_unban = True
+    assert table.changes(ev("node2", UNBAN), NOW) is True
+    assert table.journal and table.sequence == 1  # asking changed nothing
+
+
+def test_a_new_store_is_young_until_it_says_otherwise(tmp_path):
+    store = StateStore(tmp_path / "s.sqlite3")
+    store.load("hub", 600, 86400)
+    assert store.created and store.young_until() is None
+    store.set_young_until(NOW + 300)
+    store.close()
+    again = StateStore(tmp_path / "s.sqlite3")
+    table = again.load("hub", 600, 86400)
+    assert not again.created and again.young_until() == NOW + 300  # kept across a restart
+    again.set_young_until(None)
+    assert again.young_until() is None and table.instance
+
+
+def test_a_commit_the_disk_refuses_leaves_the_store_as_it_was(tmp_path):
+    """SQLite says "database or disk is full" the way it does on a full disk when the file
+    may not grow (max_page_count); the table is then reloaded from what the store holds."""
+    store = StateStore(tmp_path / "s.sqlite3")
+    table = store.load("hub", 600, 86400)
+    table.apply(ev("node1", BAN), NOW)
+    store.commit(table)
+    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+    store.db.execute(f"PRAGMA max_page_count={pages}")
+    for n in range(300):
+        table.apply(ev("node1", BAN, ip=f"198.51.100.{n % 250}", jail=f"j{n // 250}"), NOW)
+    try:
+        store.commit(table)
+    except sqlite3.OperationalError as error:
+        assert "full" in str(error)
+    else:
+        raise AssertionError("the commit should not fit")
+    assert not store.db.in_transaction
+    reloaded = store.load("hub", 600, 86400)
+    assert (len(reloaded.bans), reloaded.sequence) == (1, 1)
+    store.db.execute(f"PRAGMA max_page_count={10**6}")  # space again
+    reloaded.apply(ev("node1", BAN, ip="198.51.100.1"), NOW)
+    store.commit(reloaded)
+    assert len(store.load("hub", 600, 86400).bans) == 2

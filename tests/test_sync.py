@@ -19,9 +19,11 @@ from f2bzmq.sync import (
     NewState,
     Outcome,
     OutOfStep,
+    Rebuilt,
     Silent,
     SnapshotLate,
     SnapshotTaken,
+    Young,
 )
 
 TIMEOUT = 5.0  # the heartbeat timeout of every core here
@@ -35,24 +37,29 @@ def event(n: int) -> BanEvent:
     return BanEvent.new("node1", "sshd", "unban", f"192.0.2.{-n}")
 
 
+YOUNG = "young"  # the last item of an input: the hub's state is young
+
+
 def feed(core: HubSync, given: tuple, now: float) -> Outcome:
     """One input, written as a tuple: ("update", state, first seq, n…), ("hugz", state,
     seq), ("part", state, seq, n…) with an optional ("part", …, {"number", "last"}),
-    ("tick",) or ("start",)."""
+    ("tick",) or ("start",); any but the last two may end with YOUNG."""
     kind, *rest = given
+    young = bool(rest) and rest[-1] == YOUNG
+    rest = rest[:-1] if young else rest
     if kind == "start":
         return core.start(now)
     if kind == "tick":
         return core.on_tick(now)
     if kind == "hugz":
-        return core.on_heartbeat(rest[0], rest[1], now)
+        return core.on_heartbeat(rest[0], rest[1], now, young)
     if kind == "update":
         state, first, *changes = rest
-        return core.on_update(state, first, [event(n) for n in changes], now)
+        return core.on_update(state, first, [event(n) for n in changes], now, young)
     state, seq, *bans = rest
     where = bans.pop() if bans and isinstance(bans[-1], dict) else {}
     part = SnapshotPart(
-        state, seq, where.get("number", 0), where.get("last", True), [event(n) for n in bans]
+        state, seq, where.get("number", 0), where.get("last", True), [event(n) for n in bans], young
     )
     return core.on_snapshot_part(part, now)
 
@@ -211,6 +218,66 @@ SCENARIOS = {
         ],
         (set(), 0, False),
     ),
+    "a young new state: the view keeps its bans, adds the new state's, drops its unbans": (
+        [
+            *SYNCED,
+            (1, ("hugz", NEW, 0, YOUNG), ASK, [NewState(NEW)]),
+            (2, ("part", NEW, 0, 3, YOUNG), REPLACED, [Young(NEW, 2), SnapshotTaken(3, 0)]),
+            (3, ("update", NEW, 1, 4, YOUNG), "apply 1", []),
+            (3, ("update", NEW, 2, -1, YOUNG), "apply 2", []),
+            (4, ("hugz", NEW, 2, YOUNG), "", []),
+        ],
+        ({2, 3, 4}, 2, True),
+    ),
+    "a young state rebuilt: a fresh snapshot replaces what the view held": (
+        [
+            *SYNCED,
+            (1, ("hugz", NEW, 0, YOUNG), ASK, [NewState(NEW)]),
+            (2, ("part", NEW, 0, 3, YOUNG), REPLACED, [Young(NEW, 2), SnapshotTaken(3, 0)]),
+            (3, ("update", NEW, 1, 2, YOUNG), "apply 1", []),  # reported again: confirmed
+            (4, ("hugz", NEW, 1), ASK, [Rebuilt(NEW)]),
+            (4, ("update", NEW, 2, 5), "", []),
+            (5, ("part", NEW, 1, 2, 3), REPLACED, [SnapshotTaken(3, 2)]),
+        ],
+        ({2, 3, 5}, 2, True),
+    ),
+    "a young state seen on an update grows up the same way": (
+        [
+            *SYNCED,
+            (1, ("update", NEW, 1, 3, YOUNG), ASK, [NewState(NEW)]),
+            (2, ("part", NEW, 0, YOUNG), REPLACED, [Young(NEW, 2), SnapshotTaken(3, 1)]),
+            (3, ("update", NEW, 2, 4), ASK, [Rebuilt(NEW)]),
+            (4, ("part", NEW, 2, 3, 4), REPLACED, [SnapshotTaken(2, 2)]),
+        ],
+        ({3, 4}, 2, True),
+    ),
+    "a gap in a young state: its snapshot keeps what the view held": (
+        [
+            *SYNCED,
+            (1, ("hugz", NEW, 0, YOUNG), ASK, [NewState(NEW)]),
+            (2, ("part", NEW, 0, YOUNG), REPLACED, [Young(NEW, 2), SnapshotTaken(2, 0)]),
+            (3, ("update", NEW, 2, 3, YOUNG), ASK, [Gap(1, 1)]),
+            (4, ("part", NEW, 2, 1, 3, YOUNG), REPLACED, [SnapshotTaken(3, 2)]),
+        ],
+        ({1, 2, 3}, 2, True),
+    ),
+    "the hub silent, then back young: the view before its silence is held": (
+        [
+            *SYNCED,
+            (1, ("hugz", OLD, 2), "", []),
+            (6.5, ("tick",), SILENT, [Silent(5.5, False)]),
+            (7, ("hugz", NEW, 0, YOUNG), "", []),
+            (8, ("part", NEW, 0, YOUNG), REPLACED, [Young(NEW, 2), SnapshotTaken(2, 0)]),
+        ],
+        ({1, 2}, 0, True),
+    ),
+    "a young state met at start holds nothing": (
+        [
+            (0, ("start",), ASK, []),
+            (0.5, ("part", NEW, 0, 3, YOUNG), REPLACED, [SnapshotTaken(1, 0)]),
+        ],
+        ({3}, 0, True),
+    ),
     "a snapshot that does not come is asked for again on a fresh socket": (
         [
             (0, ("start",), ASK, []),
@@ -278,3 +345,25 @@ def test_two_hubs_disagreeing_the_node_bans_what_any_synced_one_bans() -> None:
     assert banned() == {1, 2}  # only the hub still heard decides
     feed(two, ("part", NEW, 6, 3, 4), 9)
     assert banned() == {1, 2, 3, 4}
+
+
+def test_held_bans_whose_time_is_up_leave_the_view() -> None:
+    """At unix time `clock`: a held ban of 600 s from NOW - 500 ends at NOW + 100."""
+    core = HubSync(TIMEOUT, now=0.0)
+    now = 1_795_000_000.0
+    old = [
+        BanEvent.new("node1", "sshd", "ban", "192.0.2.1", now - 500, 600),
+        BanEvent.new("node1", "sshd", "ban", "192.0.2.2", now - 500, -1),  # permanent
+        BanEvent.new("node1", "sshd", "ban", "192.0.2.3", now - 500),  # the hub's default
+    ]
+    core.start(0)
+    core.on_snapshot_part(SnapshotPart(OLD, 3, 0, True, old), 0)
+    core.on_heartbeat(NEW, 0, 1, young=True)
+    core.on_snapshot_part(SnapshotPart(NEW, 0, 0, True, [], True), 1)
+    assert len(core.held) == 3 and core.expire_held(now + 99).dropped == []
+    outcome = core.expire_held(now + 100)
+    assert [(e.action, e.ip) for e in outcome.dropped] == [("unban", "192.0.2.1")]
+    assert addresses(core.view) == {2, 3} and set(core.held) == {
+        ("sshd", "192.0.2.2"),
+        ("sshd", "192.0.2.3"),
+    }
