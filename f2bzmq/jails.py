@@ -8,6 +8,7 @@ through fail2ban's socket, many addresses per banip/unbanip command.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Iterable
 
@@ -15,7 +16,7 @@ from . import protocol
 from .addresses import Allowlist
 from .fail2ban_client import Fail2banClient, Fail2banError
 from .metrics import DelayHistogram
-from .protocol import BanEvent
+from .protocol import ANY_NETWORK, BanEvent, ProtocolError
 from .runtime import NOTICE, batched_logging
 from .sync import ClusterView
 
@@ -62,6 +63,32 @@ class BatchSizer:
         old = self.per_address.get(jail)
         self.per_address[jail] = cost if old is None else (old + cost) / 2
         self.last[jail] = count
+
+
+def listed_address(text: str) -> str:
+    """An address as fail2ban lists it, in the canonical form of the cluster's events.
+
+    fail2ban writes addresses with inet_ntop, which spells an IPv4-compatible IPv6 address
+    `::10.0.0.5` where ipaddress (and so every event) writes `::a00:5`: compared as they
+    are, the two would be lifted and set again at every full reconcile. What is not an
+    address at all stays as listed (and, the cluster never banning it, is lifted)."""
+    try:
+        return protocol.canonical_address(text, ANY_NETWORK)
+    except ProtocolError:
+        return text
+
+
+def fail2ban_address(ip: str) -> str:
+    """The text fail2ban keys a ban on (its IPAddr.ntoa: inet_ntop, then /prefix), for an
+    address in canonical form: `unbanip ::a00:5` finds no `::10.0.0.5` to lift."""
+    if ":" not in ip:
+        return ip  # IPv4: both write dotted quads alike
+    address, slash, prefix = ip.partition("/")
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, address)
+    except OSError:
+        return ip
+    return socket.inet_ntop(socket.AF_INET6, packed) + slash + prefix
 
 
 class LocalPolicy:
@@ -157,7 +184,8 @@ class LocalJails:
         try:
             if self.applied is None:
                 self.applied = {
-                    jail: set(self.fail2ban.banned(jail)) for jail in self.policy.local_jails()
+                    jail: {listed_address(ip) for ip in self.fail2ban.banned(jail)}
+                    for jail in self.policy.local_jails()
                 }
                 self.touched = None
             for jail, (add, remove) in self.plan(synced).items():
@@ -205,7 +233,10 @@ class LocalJails:
             batch = addresses[start : start + self.batches.size(jail)]
             start += len(batch)
             began = time.monotonic()
-            (self.fail2ban.ban if ban else self.fail2ban.unban)(jail, batch)
+            if ban:
+                self.fail2ban.ban(jail, batch)
+            else:
+                self.fail2ban.unban(jail, [fail2ban_address(ip) for ip in batch])
             self.batches.observe(jail, len(batch), time.monotonic() - began)
             if ban:
                 self.applied[jail].update(batch)

@@ -5,12 +5,16 @@ import random
 import shutil
 from pathlib import Path
 
+import pytest
+
 from f2bzmq.jails import (
     COMMAND_SECONDS,
     FIRST_BATCH,
     BatchSizer,
     LocalPolicy,
     desired_bans,
+    fail2ban_address,
+    listed_address,
     wants_address,
 )
 from f2bzmq.lab import Fail2banServer
@@ -96,6 +100,24 @@ def test_the_same_address_from_two_jails_is_one_local_ban():
     assert desired_bans([both], policy(jail_map={}))["cluster"] == {"192.0.2.1"}
     both.apply(BanEvent.new("node1", "nginx", "unban", "192.0.2.1"))
     assert desired_bans([both], policy(jail_map={}))["cluster"] == {"192.0.2.1"}
+
+
+@pytest.mark.parametrize(
+    "listed, canonical",
+    [
+        ("192.0.2.1", "192.0.2.1"),
+        ("10.0.0.0/24", "10.0.0.0/24"),
+        ("::10.0.0.5", "::a00:5"),  # inet_ntop's spelling of an IPv4-compatible address
+        ("::10.0.0.0/120", "::a00:0/120"),
+        ("2001:db8::1", "2001:db8::1"),
+        ("2001:db8::/48", "2001:db8::/48"),
+        ("::1", "::1"),
+        ("host.example", "host.example"),  # not an address: compared as listed
+    ],
+)
+def test_fail2bans_spelling_and_the_canonical_one_are_one_address(listed, canonical):
+    assert listed_address(listed) == canonical
+    assert fail2ban_address(canonical) == listed
 
 
 def test_commands_grow_while_fail2ban_is_fast_and_stay_short_with_slow_actions():

@@ -4,6 +4,7 @@ silence) against a hub the test plays with the wire codec, and a real fail2ban-s
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -156,3 +157,74 @@ def test_the_reactor_follows_its_core_through_a_gap_and_silence(
         assert set(server.banned("cluster")) == {f"192.0.2.{n}" for n in (2, 4, 5, 6, 7)}
         followed = subscriber.status()["Hubs"].values()
         assert [(link["synced"], link["sequence"]) for link in followed] == [(True, 8)]
+
+
+@contextlib.contextmanager
+def following(
+    tmp_path: Path, hub: PlayedHub, ports: list[int], **sections: dict[str, str]
+) -> Iterator[tuple[Subscriber, Fail2banServer, Callable]]:
+    """node2's fail2ban and its subscriber's reactor following `hub` at the shipped
+    defaults (but the heartbeat timeout), `sections` over them; and settle(condition,
+    what), which plays the hub until condition() holds."""
+    with Fail2banServer(tmp_path, "node2") as server:
+        values = {
+            "general": {
+                "node": "node2",
+                "publish_port": str(ports[0]),
+                "snapshot_port": str(ports[1]),
+                "insecure": "true",
+                "fail2ban_socket": str(server.socket),
+            },
+            "subscriber": {"heartbeat_timeout": str(HEARTBEAT_TIMEOUT)},
+        }
+        for section, keys in sections.items():
+            values.setdefault(section, {}).update(keys)
+        subscriber = Subscriber(config_from(values))
+        reactor = threading.Thread(target=subscriber.run)
+        reactor.start()
+
+        def settle(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+            def served() -> bool:
+                hub.serve()
+                return condition()
+
+            assert wait_until(served, timeout, interval=0.02), what
+
+        try:
+            yield subscriber, server, settle
+        finally:
+            subscriber.signals.stopping = True
+            subscriber.wakeup.wake()
+            reactor.join(10)
+        assert not reactor.is_alive()
+
+
+@pytest.fixture
+def played_hub() -> Iterator[tuple[PlayedHub, list[int]]]:
+    """A hub the test plays, and its publish and snapshot ports."""
+    _, publish_port, snapshot_port = free_ports(3)
+    context = zmq.Context()
+    try:
+        yield PlayedHub(context, publish_port, snapshot_port), [publish_port, snapshot_port]
+    finally:
+        context.destroy(linger=0)
+
+
+def test_an_ipv4_compatible_address_stays_banned_through_full_reconciles(
+    tmp_path: Path, own_signals: None, played_hub: tuple[PlayedHub, list[int]]
+) -> None:
+    """The event says ::a00:5, fail2ban lists ::10.0.0.5: one address, never lifted and
+    set again by a reread, and lifted by its unban."""
+    hub, ports = played_hub
+    hub.change(ban("::a00:5"))
+    settings = {"subscriber": {"resync_interval": "1"}}
+    with following(tmp_path, hub, ports, **settings) as (subscriber, server, settle):
+        settle(lambda: server.banned("cluster") == ["::10.0.0.5"], "the ban")
+        rereads = subscriber.next_resync
+        settle(lambda: subscriber.next_resync > rereads + 1.5, "two full reconciles")
+        hub.change(BanEvent.new("node1", "sshd", "unban", "::a00:5"))
+        settle(lambda: server.banned("cluster") == [], "the unban")
+        rereads = subscriber.next_resync
+        settle(lambda: subscriber.next_resync > rereads + 1.5, "two more full reconciles")
+        assert (subscriber.jails.banned, subscriber.jails.unbanned) == (1, 1)
+        assert server.banned("cluster") == []
