@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from .oldkeys import rename_old_keys
-from .protocol import NetworkLimits, ProtocolError, check_name
+from .protocol import WIRE_LIMITS, NetworkLimits, ProtocolError, check_name
 
 DEFAULT_PATHS = ("/etc/fail2ban-cluster/fail2ban-cluster.conf", "fail2ban-cluster.conf")
 MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path less its terminating NUL
@@ -210,8 +210,8 @@ class GeneralSettings:
     jail_map: dict[str, str] = _key("", _jail_map)
     keys_dir: str = _key("/etc/fail2ban-cluster/keys", _text)
     insecure: bool = _key("false", _bool)
-    min_prefix_v4: int = _key("24", _number(int, 8, 32))
-    min_prefix_v6: int = _key("48", _number(int, 16, 128))
+    min_prefix_v4: int = _key("24", _number(int, WIRE_LIMITS.min_prefix_v4, 32))
+    min_prefix_v6: int = _key("48", _number(int, WIRE_LIMITS.min_prefix_v6, 128))
 
 
 @dataclass(frozen=True)

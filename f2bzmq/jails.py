@@ -16,7 +16,7 @@ from . import protocol
 from .addresses import Allowlist
 from .fail2ban_client import Fail2banClient, Fail2banError
 from .metrics import DelayHistogram
-from .protocol import ANY_NETWORK, BanEvent, ProtocolError
+from .protocol import ANY_NETWORK, BanEvent, NetworkLimits, ProtocolError
 from .runtime import NOTICE, batched_logging
 from .sync import ClusterView
 
@@ -27,6 +27,7 @@ MAX_TRACKED = 100000  # origin times kept for the delay histogram while fail2ban
 COMMAND_SECONDS = 0.25  # about how long one banip/unbanip command may keep fail2ban busy
 FIRST_BATCH = 50  # addresses of a jail's first command, before anything was measured
 BATCH_GROWTH = 4  # a command carries at most this many times the addresses of the last
+SHIPPED_LIMITS = NetworkLimits()  # [general] min_prefix_v4/v6 as shipped
 
 
 class BatchSizer:
@@ -92,13 +93,27 @@ def fail2ban_address(ip: str) -> str:
 
 
 class LocalPolicy:
-    """This node's rules: which jail a cluster ban goes to, and what it never bans."""
+    """This node's rules: which jail a cluster ban goes to, and what it never bans.
 
-    def __init__(self, node: str, sync_jail: str, jail_map: dict[str, str], allowlist) -> None:
+    A hub relays what its own limits let through; this node may be stricter (a narrower
+    network limit, an allowlist of its own). Each ban is judged on its own here, after
+    decoding: one ban this node refuses never costs it the others of an update or a
+    snapshot part, nor the hub's sequence numbers.
+    """
+
+    def __init__(
+        self,
+        node: str,
+        sync_jail: str,
+        jail_map: dict[str, str],
+        allowlist,
+        networks: NetworkLimits = SHIPPED_LIMITS,
+    ) -> None:
         self.node = node
         self.sync_jail = sync_jail
         self.jail_map = jail_map
         self.allowlist = Allowlist(allowlist)
+        self.networks = networks
 
     def local_jail(self, cluster_jail: str) -> str:
         return self.jail_map.get(cluster_jail, self.sync_jail)
@@ -108,8 +123,21 @@ class LocalPolicy:
         return self.allowlist.covers(ip)
 
     def wants(self, event: BanEvent) -> bool:
-        """A cluster ban this node applies: not its own report and not allowlisted."""
-        return event.node != self.node and not self.allowed(event.ip)
+        """A cluster ban this node applies: not its own report and not refused."""
+        return event.node != self.node and self.refusal(event) is None
+
+    def refusal(self, event: BanEvent) -> str | None:
+        """Why this node never bans the event's address, or None when it may."""
+        ip = event.ip
+        if self.allowed(ip):
+            return "in this node's allowlist"
+        if "/" in ip:
+            if not self.networks.allow:
+                return "networks are not allowed on this node"
+            widest = self.networks.min_prefix_v6 if ":" in ip else self.networks.min_prefix_v4
+            if int(ip.rpartition("/")[2]) < widest:
+                return f"wider than this node's limit of /{widest}"
+        return None
 
     def local_jails(self) -> set[str]:
         return {self.sync_jail, *self.jail_map.values()}

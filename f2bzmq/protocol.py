@@ -92,6 +92,10 @@ class NetworkLimits:
 
 
 ANY_NETWORK = NetworkLimits(True, 0, 0)  # for events already accepted under the operator's limits
+# The widest networks a hub may be set to accept ([general] min_prefix_v4/v6 go no lower):
+# what a node decodes the hub's messages with. A node with stricter limits refuses the
+# single ban in its own rules, so one ban never costs it a whole update or snapshot part.
+WIRE_LIMITS = NetworkLimits(True, 8, 16)
 
 
 class ProtocolError(ValueError):

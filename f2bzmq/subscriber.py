@@ -22,7 +22,7 @@ from .fail2ban_client import Fail2banClient
 from .jails import LocalJails, LocalPolicy
 from .keys import Security
 from .metrics import counter, gauge, histogram
-from .protocol import ProtocolError
+from .protocol import BanEvent, ProtocolError
 from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain
 from .sync import (
     SNAPSHOT_TIMEOUT,
@@ -32,6 +32,7 @@ from .sync import (
     Notice,
     Outcome,
     OutOfStep,
+    PartMissing,
     Silent,
     SnapshotLate,
     SnapshotTaken,
@@ -101,12 +102,12 @@ class Subscriber:
             config.general.sync_jail,
             config.general.jail_map,
             config.subscriber.allowlist,
+            config.network_limits(),
         )
         fail2ban = Fail2banClient(
             config.general.fail2ban_socket, client_program=config.general.fail2ban_client
         )
         self.jails = LocalJails(policy, fail2ban, config.subscriber.batch_size)
-        self.networks = config.network_limits()
         self.heartbeat_timeout = config.subscriber.heartbeat_timeout
         self.refusals = RateLimitedLog(log)
         self.refused = 0  # hub messages that failed to decode
@@ -176,10 +177,15 @@ class Subscriber:
         """Take every waiting message, each whole or not at all."""
         for frames in drain(link.updates, 10000, max_frames=5):  # an update has 4
             try:
-                message = protocol.decode_stream(frames, self.networks)
+                message = protocol.decode_stream(frames, protocol.WIRE_LIMITS)
             except ProtocolError as error:
                 self.refused += 1
-                self.refusals.warning("update", "ignored a message from the hub: %s", error)
+                self.refusals.warning(
+                    f"update {link.publish_endpoint}",
+                    "ignored a message from %s: %s",
+                    link.publish_endpoint,
+                    error,
+                )
                 continue
             if message.heartbeat:
                 outcome = link.sync.on_heartbeat(message.publisher, message.seq, now)
@@ -190,12 +196,15 @@ class Subscriber:
     def handle_snapshot(self, link: HubLink, now: float) -> None:
         for frames in drain(link.snapshots, 1000, max_frames=5):  # a part has 4
             try:
-                # (One shared configuration keeps the hub's and the nodes' network limits
-                # the same.)
-                part = protocol.decode_snapshot_part(frames, self.networks)
+                part = protocol.decode_snapshot_part(frames, protocol.WIRE_LIMITS)
             except ProtocolError as error:
                 self.refused += 1
-                self.refusals.warning("snapshot", "ignored a snapshot part: %s", error)
+                self.refusals.warning(
+                    f"snapshot {link.snapshot_endpoint}",
+                    "ignored a snapshot part from %s: %s",
+                    link.snapshot_endpoint,
+                    error,
+                )
                 continue
             self.follow(link, link.sync.on_snapshot_part(part, now))
 
@@ -204,7 +213,10 @@ class Subscriber:
         for sequence, event in outcome.applied:
             log.debug("update %d: %s", sequence, event.describe())
             self.jails.take_update(event)
+            self.log_refusal(event)
         if outcome.replaced:
+            for event in link.sync.view.bans.values():
+                self.log_refusal(event)
             self.jails.compare_all()
             self.jails.pending = True
         elif outcome.left_out:
@@ -212,6 +224,17 @@ class Subscriber:
         for notice in outcome.notices:
             log_notice(notice, link, self.refusals)
         link.execute(outcome)
+
+    def log_refusal(self, event: BanEvent) -> None:
+        """A cluster ban this node's rules refuse, logged at most once a minute per origin."""
+        policy = self.jails.policy
+        if event.action != protocol.BAN or event.node == policy.node:
+            return
+        reason = policy.refusal(event)
+        if reason is not None:
+            self.refusals.warning(
+                f"refused {event.node}", "refused %s: %s", event.describe(), reason
+            )
 
     def status(self) -> dict:
         now = time.monotonic()
@@ -318,6 +341,14 @@ def log_notice(notice: Notice, link: HubLink, refusals: RateLimitedLog) -> None:
         )
     elif isinstance(notice, SnapshotLate):
         log.warning("no snapshot from %s yet: asking again", link.snapshot_endpoint)
+    elif isinstance(notice, PartMissing):
+        refusals.warning(
+            f"snapshot {link.snapshot_endpoint}",
+            "part %d of a snapshot from %s never came (part %d did): asking again",
+            notice.expected,
+            link.snapshot_endpoint,
+            notice.came,
+        )
     elif isinstance(notice, Silent):
         refusals.warning(
             f"silent {hub}",

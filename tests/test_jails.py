@@ -18,7 +18,7 @@ from f2bzmq.jails import (
     wants_address,
 )
 from f2bzmq.lab import Fail2banServer
-from f2bzmq.protocol import BanEvent
+from f2bzmq.protocol import BanEvent, NetworkLimits
 from f2bzmq.sync import ClusterView
 
 
@@ -83,6 +83,29 @@ def test_own_reports_and_allowlisted_addresses_are_left_out():
         "sshd-cluster": set(),
         "cluster": {"2001:db8::5"},
     }
+
+
+@pytest.mark.parametrize(
+    "ip, limits, reason",
+    [
+        ("192.0.2.1", NetworkLimits(), None),
+        ("10.1.2.3", NetworkLimits(), "in this node's allowlist"),
+        ("198.51.100.0/24", NetworkLimits(), None),
+        ("198.51.0.0/16", NetworkLimits(), "wider than this node's limit of /24"),
+        ("198.51.0.0/16", NetworkLimits(True, 16, 48), None),
+        ("2001:db8::/48", NetworkLimits(), None),
+        ("2001:db8::/32", NetworkLimits(), "wider than this node's limit of /48"),
+        ("198.51.100.0/24", NetworkLimits(allow=False), "networks are not allowed on this node"),
+        ("198.51.100.7", NetworkLimits(allow=False), None),
+    ],
+)
+def test_each_ban_is_judged_alone_by_the_nodes_own_limits(ip, limits, reason):
+    """The hub may be more lenient than this node: the node refuses that ban, no other."""
+    rules = policy(networks=limits)
+    event = BanEvent.new("node1", "nginx", "ban", ip, networks=NetworkLimits(True, 8, 16))
+    assert rules.refusal(event) == reason
+    wanted = desired_bans([view(event, ban("192.0.2.200"))], rules)["cluster"]
+    assert wanted == ({"192.0.2.200"} if reason else {ip, "192.0.2.200"})
 
 
 def test_unban_removes_and_views_of_several_hubs_unite():
