@@ -251,6 +251,11 @@ class SubscriberSettings:
     """[subscriber]: applying the cluster's bans to this node's fail2ban."""
 
     allowlist: list[Network] = _key("127.0.0.0/8 ::1/128", _networks)
+    special_ranges: list[Network] = _key(
+        "0.0.0.0/8 127.0.0.0/8 169.254.0.0/16 224.0.0.0/4 240.0.0.0/4 "
+        "::/128 ::1/128 fe80::/10 ff00::/8",
+        _networks,
+    )
     batch_size: int = _key("2000", _number(int, 1, 10000))
     heartbeat_timeout: float = _key("5", _number(float, 0.1, 3600))
     resync_interval: float = _key("300", _number(float, 1, 86400))

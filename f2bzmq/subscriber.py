@@ -9,7 +9,9 @@ this module moves bytes between them and logs what they report.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -103,6 +105,8 @@ class Subscriber:
             config.general.jail_map,
             config.subscriber.allowlist,
             config.network_limits(),
+            config.subscriber.special_ranges,
+            hub_addresses(config.general.hubs),
         )
         fail2ban = Fail2banClient(
             config.general.fail2ban_socket, client_program=config.general.fail2ban_client
@@ -357,6 +361,23 @@ def log_notice(notice: Notice, link: HubLink, refusals: RateLimitedLog) -> None:
             notice.seconds,
             OLD_HUB_HINT if notice.stream_never_came else "",
         )
+
+
+def hub_addresses(hosts: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Every address the hubs' names resolve to, now, at start: a ban of one of them would
+    cut this node off the cluster. A name that does not resolve is said in the log."""
+    found = []
+    for host in hosts:
+        try:
+            answers = socket.getaddrinfo(host.strip("[]"), None, proto=socket.IPPROTO_TCP)
+        except OSError as error:
+            log.warning(
+                "cannot resolve hub %s (%s): cluster bans of it are not refused", host, error
+            )
+            continue
+        for *_, address in answers:
+            found.append(ipaddress.ip_network(address[0].partition("%")[0]))
+    return found
 
 
 def _epoch(moment: float | None, now: float) -> float | None:

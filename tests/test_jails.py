@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from f2bzmq.config import config_from
 from f2bzmq.jails import (
     COMMAND_SECONDS,
     FIRST_BATCH,
+    SPECIAL_PURPOSE,
     BatchSizer,
     LocalPolicy,
     desired_bans,
@@ -106,6 +108,40 @@ def test_each_ban_is_judged_alone_by_the_nodes_own_limits(ip, limits, reason):
     assert rules.refusal(event) == reason
     wanted = desired_bans([view(event, ban("192.0.2.200"))], rules)["cluster"]
     assert wanted == ({"192.0.2.200"} if reason else {ip, "192.0.2.200"})
+
+
+def test_the_shipped_special_ranges_are_the_special_purpose_ones():
+    shipped = config_from({}).subscriber.special_ranges
+    named = [ipaddress.ip_network(text) for ranges in SPECIAL_PURPOSE.values() for text in ranges]
+    assert sorted(map(str, shipped)) == sorted(map(str, named))
+
+
+@pytest.mark.parametrize(
+    "ip, jail, reason",
+    [
+        ("192.0.2.1", "nginx", None),
+        ("10.1.2.3", "nginx", "in this node's allowlist"),
+        ("169.254.7.7", "nginx", "a special-purpose address (link-local)"),
+        ("ff02::1", "nginx", "a special-purpose address (multicast)"),
+        ("100.64.0.1", "nginx", "a special-purpose address (special_ranges)"),
+        ("203.0.113.5", "nginx", "the address of a hub"),
+        ("203.0.113.0/24", "nginx", "the address of a hub"),
+        ("198.51.100.9", "nginx", "in the ignoreip of [cluster]"),
+        ("198.51.100.9", "sshd", None),  # sshd-cluster ignores something else
+        ("2001:db8:5::1", "sshd", "in the ignoreip of [sshd-cluster]"),
+        ("::ffff:198.51.100.9", "nginx", "in the ignoreip of [cluster]"),
+    ],
+)
+def test_never_banned_special_ranges_hubs_and_each_jails_ignoreip(ip, jail, reason):
+    special = [ipaddress.ip_network(n) for n in ("169.254.0.0/16", "ff00::/8", "100.64.0.0/10")]
+    rules = policy(special_ranges=special, hubs=[ipaddress.ip_network("203.0.113.5/32")])
+    assert rules.ignore("cluster", ["198.51.100.0/24", "::10.0.0.1", "host.example"]) == [
+        "host.example"
+    ]
+    assert rules.ignore("sshd-cluster", ["2001:db8:5::/48"]) == []
+    event = ban(ip, jail)
+    assert rules.refusal(event) == reason
+    assert rules.wants(event) is (reason is None)
 
 
 def test_unban_removes_and_views_of_several_hubs_unite():

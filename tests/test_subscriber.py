@@ -161,12 +161,16 @@ def test_the_reactor_follows_its_core_through_a_gap_and_silence(
 
 @contextlib.contextmanager
 def following(
-    tmp_path: Path, hub: PlayedHub, ports: list[int], **sections: dict[str, str]
+    tmp_path: Path,
+    hub: PlayedHub,
+    ports: list[int],
+    jails: Callable[[Fail2banServer], str] | None = None,
+    **sections: dict[str, str],
 ) -> Iterator[tuple[Subscriber, Fail2banServer, Callable]]:
-    """node2's fail2ban and its subscriber's reactor following `hub` at the shipped
-    defaults (but the heartbeat timeout), `sections` over them; and settle(condition,
-    what), which plays the hub until condition() holds."""
-    with Fail2banServer(tmp_path, "node2") as server:
+    """node2's fail2ban (the lab's jails, or `jails`) and its subscriber's reactor following
+    `hub` at the shipped defaults (but the heartbeat timeout), `sections` over them; and
+    settle(condition, what), which plays the hub until condition() holds."""
+    with Fail2banServer(tmp_path, "node2", jails=jails) as server:
         values = {
             "general": {
                 "node": "node2",
@@ -228,3 +232,49 @@ def test_an_ipv4_compatible_address_stays_banned_through_full_reconciles(
         settle(lambda: subscriber.next_resync > rereads + 1.5, "two more full reconciles")
         assert (subscriber.jails.banned, subscriber.jails.unbanned) == (1, 1)
         assert server.banned("cluster") == []
+
+
+def test_special_ranges_the_hubs_and_the_jails_ignoreip_are_never_banned(
+    tmp_path: Path,
+    own_signals: None,
+    played_hub: tuple[PlayedHub, list[int]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`set banip` bypasses fail2ban's ignoreip, and a hub relays what its own rules let
+    through: the node itself refuses them, each for its reason, at the shipped defaults
+    (but an empty allowlist, so the rest must hold on their own)."""
+    hub, ports = played_hub
+    refused = {
+        "169.254.1.1": "a special-purpose address (link-local)",
+        "224.0.0.0/24": "a special-purpose address (multicast)",
+        "fe80::1": "a special-purpose address (link-local)",
+        "255.255.255.255": "a special-purpose address (reserved and broadcast)",
+        "0.0.0.0": "a special-purpose address (unspecified)",
+        "127.0.0.1": "the address of a hub",  # before loopback: the hub listens there
+    }
+    for number, ip in enumerate(refused, start=3):  # one origin each: each is logged
+        hub.change(ban(ip, node=f"node{number}"))
+    hub.change(ban("192.0.2.1"))
+    hub.change(ban("192.0.2.99"))
+    hub.change(ban("198.51.100.7"))  # in the snapshot, before the node read its ignoreip
+
+    def ignoring(server: Fail2banServer) -> str:
+        jails = server.default_jails(600, 86400)
+        return jails.replace("[cluster]\n", "[cluster]\nignoreip = 198.51.100.0/24 host.invalid\n")
+
+    settings = {"subscriber": {"allowlist": "", "resync_interval": "1"}}
+    with following(tmp_path, hub, ports, ignoring, **settings) as (subscriber, server, settle):
+        settle(lambda: set(server.banned("cluster")) == {"192.0.2.1", "192.0.2.99"}, "two bans")
+        with server.client() as fail2ban:
+            fail2ban.command("set", "cluster", "addignoreip", "192.0.2.99")
+        settle(lambda: server.banned("cluster") == ["192.0.2.1"], "a new ignoreip, honoured")
+        hub.change(ban("198.51.100.8", node="node9"))
+        hub.change(ban("192.0.2.2"))
+        settle(lambda: set(server.banned("cluster")) == {"192.0.2.1", "192.0.2.2"}, "updates")
+        assert subscriber.jails.unbanned == 1
+    lines = [record.getMessage() for record in caplog.records]
+    refused["198.51.100.8"] = "in the ignoreip of [cluster]"
+    for number, (ip, reason) in enumerate(refused.items(), start=3):
+        assert f"refused [sshd] Ban {ip} from node{number}: {reason}" in lines, lines
+    said = "[cluster] ignoreip host.invalid is no address or network: cluster bans do not honour it"
+    assert lines.count(said) == 1
