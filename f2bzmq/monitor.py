@@ -19,6 +19,7 @@ from . import protocol
 from .config import Config
 from .control import ControlSocket
 from .delivery import DeliveryWindow, Row
+from .handshake import HandshakeWatch, KeyCheck, key_problem, log_key_change
 from .keys import Security
 from .metrics import DelayHistogram, counter, gauge, histogram
 from .outbox import Outbox
@@ -33,7 +34,8 @@ UNHEALTHY_AFTER = 60.0  # seconds a hub may leave waiting events unACKed before 
 
 
 class HubLink:
-    """One hub: its DEALER socket and its delivery window."""
+    """One hub: its DEALER socket, its delivery window, and what the hub answers this
+    node's key (the socket's handshakes, read from its monitor)."""
 
     def __init__(
         self, context: zmq.Context, endpoint: str, security: Security, window: DeliveryWindow
@@ -43,7 +45,9 @@ class HubLink:
         self.endpoint = endpoint
         self.window = window
         self.last_ack: float | None = None  # wall clock, for `status`
+        self.key = KeyCheck()
         self.socket = self._connect()
+        self.watch = HandshakeWatch(self.socket)
 
     def _connect(self) -> zmq.Socket:
         sock = self.context.socket(zmq.DEALER)
@@ -54,8 +58,13 @@ class HubLink:
         return sock
 
     def reconnect(self) -> None:
-        self.socket.close()
+        self.close()
         self.socket = self._connect()
+        self.watch = HandshakeWatch(self.socket)
+
+    def close(self) -> None:
+        self.watch.close()
+        self.socket.close()
 
     def send(self, reports: list[list[Row]], now: float) -> None:
         """Each report, never blocking: what the socket can't take goes back to the window."""
@@ -79,7 +88,7 @@ class Monitor:
         self.reporting = LogReporter(config, self.outbox, self.wakeup.wake)
         self.refusals = RateLimitedLog(log)
         self.counters = {"acked": 0, "refused": 0}
-        security = Security.for_role(config, "monitor")
+        self.security = security = Security.for_role(config, "monitor")
         self.context = zmq.Context()
         self.hubs = [
             HubLink(
@@ -112,6 +121,7 @@ class Monitor:
             poller.register(written, zmq.POLLIN)
         for hub in self.hubs:
             poller.register(hub.socket, zmq.POLLIN)
+            poller.register(hub.watch.socket, zmq.POLLIN)
         if self.control:
             poller.register(self.control.socket, zmq.POLLIN)
         next_check = 0.0
@@ -127,6 +137,11 @@ class Monitor:
                 self.control.handle()
             now = time.monotonic()
             for hub in self.hubs:
+                if hub.watch.socket in ready:
+                    for event in hub.watch.events():
+                        state = hub.key.on_event(event)
+                        if state is not None:
+                            log_key_change(log, hub.endpoint, state, self.security)
                 if hub.socket in ready:
                     self.handle_replies(hub, now)
                 self.check_link(hub, poller, now)
@@ -193,8 +208,10 @@ class Monitor:
             self.outbox.depth(hub.endpoint),
         )
         poller.unregister(hub.socket)
+        poller.unregister(hub.watch.socket)
         hub.reconnect()
         poller.register(hub.socket, zmq.POLLIN)
+        poller.register(hub.watch.socket, zmq.POLLIN)
 
     def status(self) -> dict:
         waiting = {hub.endpoint: self.outbox.depth(hub.endpoint) for hub in self.hubs}
@@ -213,6 +230,7 @@ class Monitor:
                     "waiting": waiting[hub.endpoint],
                     "in flight": len(hub.window.in_flight),
                     "last ACK": clock(hub.last_ack),
+                    "key": hub.key.state,
                 }
                 for hub in self.hubs
             },
@@ -232,6 +250,9 @@ class Monitor:
         found = []
         now = time.time()
         for hub in self.hubs:
+            problem = key_problem(hub.key.state, self.security.public_key, self.node)
+            if problem is not None:
+                found.append(f"{hub.endpoint}: {problem}")
             silent_since = hub.last_ack or now - (time.monotonic() - self.started)
             if waiting[hub.endpoint] and now - silent_since > UNHEALTHY_AFTER:
                 found.append(
@@ -243,7 +264,7 @@ class Monitor:
     def close(self) -> None:
         self.reporting.close()
         for hub in self.hubs:
-            hub.socket.close()
+            hub.close()
         if self.control:
             self.control.close()
         self.context.term()

@@ -21,11 +21,12 @@ from . import protocol
 from .config import Config
 from .control import ControlSocket
 from .fail2ban_client import Fail2banClient
+from .handshake import HandshakeWatch, KeyCheck, key_problem, log_key_change
 from .jails import LocalJails, LocalPolicy
 from .keys import Security
 from .metrics import counter, gauge, histogram
 from .protocol import BanEvent, ProtocolError
-from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain
+from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain, try_send_frames
 from .sync import (
     SNAPSHOT_TIMEOUT,
     Gap,
@@ -44,7 +45,8 @@ log = logging.getLogger("f2bzmq.subscriber")
 
 
 class HubLink:
-    """The sockets to one hub, and the core that follows its update stream."""
+    """The sockets to one hub, the core that follows its update stream, and what the hub
+    answers this node's key (each socket's handshakes, read from its monitor)."""
 
     def __init__(
         self, context: zmq.Context, publish: str, snapshot: str, security: Security, sync: HubSync
@@ -54,8 +56,11 @@ class HubLink:
         self.snapshot_endpoint = snapshot
         self.context = context
         self.sync = sync
+        self.key = KeyCheck()
         self.updates = self._updates_socket()
+        self.updates_watch = HandshakeWatch(self.updates)
         self.snapshots = self._snapshot_socket()
+        self.snapshots_watch = HandshakeWatch(self.snapshots)
 
     def _updates_socket(self) -> zmq.Socket:
         sock = self.context.socket(zmq.SUB)
@@ -75,21 +80,55 @@ class HubLink:
         sock.connect(self.snapshot_endpoint)
         return sock
 
-    def sockets(self) -> tuple[zmq.Socket, zmq.Socket]:
-        return self.updates, self.snapshots
+    def _renew_updates(self) -> None:
+        self.updates_watch.close()
+        self.updates.close()
+        self.updates = self._updates_socket()
+        self.updates_watch = HandshakeWatch(self.updates)
+
+    def _renew_snapshots(self) -> None:
+        self.snapshots_watch.close()
+        self.snapshots.close()
+        self.snapshots = self._snapshot_socket()
+        self.snapshots_watch = HandshakeWatch(self.snapshots)
+
+    def sockets(self) -> tuple[zmq.Socket, ...]:
+        return self.updates, self.snapshots, self.updates_watch.socket, self.snapshots_watch.socket
 
     def execute(self, outcome: Outcome) -> None:
-        """The core's socket actions: a fresh SUB, a fresh DEALER, a snapshot request."""
+        """The core's socket actions: a fresh SUB, a fresh DEALER, a snapshot request.
+
+        A socket whose handshake the hub refused is dead for good (libzmq does not
+        reconnect it): it is replaced along with each snapshot request, which the core
+        paces, so the node recovers by itself once the hub knows its key. No send blocks:
+        a DEALER without a connection would wait for ever, and `status` and `stop` with it.
+        """
         if outcome.reconnect_updates:
-            self.updates.close()
-            self.updates = self._updates_socket()
+            self._renew_updates()
         if outcome.ask_snapshot:
-            if outcome.renew_snapshot_socket:
-                self.snapshots.close()
-                self.snapshots = self._snapshot_socket()
-            self.snapshots.send_multipart(protocol.encode_snapshot_request())
+            if outcome.renew_snapshot_socket or self.snapshots_watch.refused:
+                self._renew_snapshots()
+            if self.updates_watch.refused:
+                self._renew_updates()
+            request = protocol.encode_snapshot_request()
+            if not try_send_frames(self.snapshots, request):
+                # Refused before its monitor said so: a fresh DEALER queues the request
+                # until it connects. If even that fails, the core asks again later.
+                self._renew_snapshots()
+                try_send_frames(self.snapshots, request)
+
+    def handshakes(self) -> list[str]:
+        """The hub's answers to this node's key that changed, from both sockets' monitors."""
+        return [
+            state
+            for watch in (self.updates_watch, self.snapshots_watch)
+            for event in watch.events()
+            if (state := self.key.on_event(event)) is not None
+        ]
 
     def close(self) -> None:
+        for watch in (self.updates_watch, self.snapshots_watch):
+            watch.close()
         self.updates.close()
         self.snapshots.close()
 
@@ -115,7 +154,7 @@ class Subscriber:
         self.heartbeat_timeout = config.subscriber.heartbeat_timeout
         self.refusals = RateLimitedLog(log)
         self.refused = 0  # hub messages that failed to decode
-        security = Security.for_role(config, "subscriber")
+        self.security = security = Security.for_role(config, "subscriber")
         self.context = zmq.Context()
         now = time.monotonic()
         self.links = [
@@ -144,8 +183,8 @@ class Subscriber:
         if self.control:
             poller.register(self.control.socket, zmq.POLLIN)
         for link in self.links:
-            poller.register(link.updates, zmq.POLLIN)
-            poller.register(link.snapshots, zmq.POLLIN)
+            for sock in link.sockets():
+                poller.register(sock, zmq.POLLIN)
             self.follow(link, link.sync.start(time.monotonic()))
         while not self.signals.stopping:
             ready = dict(poller.poll(self._timeout_ms()))
@@ -156,6 +195,9 @@ class Subscriber:
             now = time.monotonic()
             for link in self.links:
                 before = link.sockets()
+                if link.updates_watch.socket in ready or link.snapshots_watch.socket in ready:
+                    for state in link.handshakes():
+                        log_key_change(log, link.publish_endpoint, state, self.security)
                 if link.updates in ready:
                     self.handle_updates(link, now)
                 if link.snapshots in ready:
@@ -260,6 +302,7 @@ class Subscriber:
                     "cluster bans": len(link.sync.view.bans),
                     "last heard": f"{now - link.sync.heard:.1f} s ago",
                     "last snapshot": clock(_epoch(link.sync.last_snapshot, now)),
+                    "key": link.key.state,
                 }
                 for link in self.links
             },
@@ -292,6 +335,10 @@ class Subscriber:
         found = []
         if self.jails.error is not None:
             found.append(f"fail2ban is not reachable: {self.jails.error}")
+        for link in self.links:
+            problem = key_problem(link.key.state, self.security.public_key, self.config.node)
+            if problem is not None:
+                found.append(f"{link.publish_endpoint}: {problem}")
         starting = now - self.started < self.heartbeat_timeout + SNAPSHOT_TIMEOUT
         if not starting and not any(link.sync.synced for link in self.links):
             found.append("no hub is synced: cluster bans are not being applied")
