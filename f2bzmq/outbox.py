@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 
 from .protocol import BanEvent
+from .runtime import private_database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -28,6 +29,7 @@ class Outbox:
 
     def __init__(self, path: str | os.PathLike, targets: Sequence[str]):
         self.targets = list(targets)  # publisher endpoints every event must reach
+        private_database(path)
         self.db = sqlite3.connect(os.fspath(path), isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL, not FULL: no fsync per commit. The log position is stored in the same

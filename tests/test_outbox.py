@@ -65,3 +65,15 @@ def test_waiting_events_go_out_in_reports_bounded_by_count_and_bytes():
     assert [row for report in grouped for row in report] == big
     assert len(grouped) == 3  # 12 of 4 KB fit in 48 KB
     assert list(reports([])) == []
+
+
+def test_the_outbox_is_readable_by_its_owner_only(tmp_path):
+    """Made under the usual umask 022 (or left 0644 by an older version), it is 0600."""
+    path = tmp_path / "o.sqlite3"
+    path.touch(mode=0o644)
+    outbox = Outbox(path, HUBS)
+    outbox.add([event("192.0.2.1")])
+    files = sorted(tmp_path.iterdir())
+    assert [file.name for file in files] == ["o.sqlite3", "o.sqlite3-shm", "o.sqlite3-wal"]
+    assert {file.stat().st_mode & 0o777 for file in files} == {0o600}
+    outbox.close()
