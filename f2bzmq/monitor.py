@@ -174,13 +174,19 @@ class Monitor:
             except ProtocolError as error:
                 found, problems = [], [str(error)]
             for problem in problems:
-                self.refusals.warning("reply", "odd reply from %s: %s", hub.endpoint, problem)
+                self.refusals.warning(
+                    f"reply {hub.endpoint}", "odd reply from %s: %s", hub.endpoint, problem
+                )
             answers += found
         answered = hub.window.on_answers(answers, now)
         for answer in answered.stray:
-            self.refusals.warning("nak", "%s refused a report: %s", hub.endpoint, answer.reason)
+            self.refusals.warning(
+                f"nak {hub.endpoint}", "%s refused a report: %s", hub.endpoint, answer.reason
+            )
         for answer in answered.throttled:
-            self.refusals.warning("retry", "%s asks to wait: %s", hub.endpoint, answer.reason)
+            self.refusals.warning(
+                f"retry {hub.endpoint}", "%s asks to wait: %s", hub.endpoint, answer.reason
+            )
         for answer in answered.refused:
             log.error("%s refused event %s: %s; dropped", hub.endpoint, answer.id, answer.reason)
         for delay in answered.delays:

@@ -27,13 +27,19 @@ STATE = "ab" * 16  # the played hub's state id
 class PlayedHub:
     """A hub's update stream (XPUB: it sees each SUB subscribe) and snapshot ROUTER."""
 
-    def __init__(self, context: zmq.Context, publish_port: int, snapshot_port: int) -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        publish_port: int,
+        snapshot_port: int,
+        address: str = "127.0.0.1",
+    ) -> None:
         self.updates = context.socket(zmq.XPUB)
         self.updates.xpub_verbose = True  # every subscription, also a resubscribing SUB's
         self.snapshots = context.socket(zmq.ROUTER)
         for sock, port in ((self.updates, publish_port), (self.snapshots, snapshot_port)):
             sock.linger = 0
-            sock.bind(f"tcp://127.0.0.1:{port}")
+            sock.bind(f"tcp://{address}:{port}")
         self.sequence = 0
         self.table: dict[str, BanEvent] = {}  # ip -> the ban in force
         self.subscriptions = 0
@@ -162,14 +168,14 @@ def test_the_reactor_follows_its_core_through_a_gap_and_silence(
 @contextlib.contextmanager
 def following(
     tmp_path: Path,
-    hub: PlayedHub,
+    hubs: list[PlayedHub],
     ports: list[int],
     jails: Callable[[Fail2banServer], str] | None = None,
     **sections: dict[str, str],
 ) -> Iterator[tuple[Subscriber, Fail2banServer, Callable]]:
     """node2's fail2ban (the lab's jails, or `jails`) and its subscriber's reactor following
-    `hub` at the shipped defaults (but the heartbeat timeout), `sections` over them; and
-    settle(condition, what), which plays the hub until condition() holds."""
+    `hubs` at the shipped defaults (but the heartbeat timeout), `sections` over them; and
+    settle(condition, what), which plays the hubs until condition() holds."""
     with Fail2banServer(tmp_path, "node2", jails=jails) as server:
         values = {
             "general": {
@@ -189,7 +195,8 @@ def following(
 
         def settle(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
             def served() -> bool:
-                hub.serve()
+                for hub in hubs:
+                    hub.serve()
                 return condition()
 
             assert wait_until(served, timeout, interval=0.02), what
@@ -222,7 +229,7 @@ def test_an_ipv4_compatible_address_stays_banned_through_full_reconciles(
     hub, ports = played_hub
     hub.change(ban("::a00:5"))
     settings = {"subscriber": {"resync_interval": "1"}}
-    with following(tmp_path, hub, ports, **settings) as (subscriber, server, settle):
+    with following(tmp_path, [hub], ports, **settings) as (subscriber, server, settle):
         settle(lambda: server.banned("cluster") == ["::10.0.0.5"], "the ban")
         rereads = subscriber.next_resync
         settle(lambda: subscriber.next_resync > rereads + 1.5, "two full reconciles")
@@ -263,7 +270,7 @@ def test_special_ranges_the_hubs_and_the_jails_ignoreip_are_never_banned(
         return jails.replace("[cluster]\n", "[cluster]\nignoreip = 198.51.100.0/24 host.invalid\n")
 
     settings = {"subscriber": {"allowlist": "", "resync_interval": "1"}}
-    with following(tmp_path, hub, ports, ignoring, **settings) as (subscriber, server, settle):
+    with following(tmp_path, [hub], ports, ignoring, **settings) as (subscriber, server, settle):
         settle(lambda: set(server.banned("cluster")) == {"192.0.2.1", "192.0.2.99"}, "two bans")
         with server.client() as fail2ban:
             fail2ban.command("set", "cluster", "addignoreip", "192.0.2.99")
@@ -278,3 +285,42 @@ def test_special_ranges_the_hubs_and_the_jails_ignoreip_are_never_banned(
         assert f"refused [sshd] Ban {ip} from node{number}: {reason}" in lines, lines
     said = "[cluster] ignoreip host.invalid is no address or network: cluster bans do not honour it"
     assert lines.count(said) == 1
+
+
+def test_refusals_are_logged_once_a_minute_per_sender(
+    tmp_path: Path, own_signals: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each hub's malformed messages, and each origin's refused bans, get a line of their
+    own: one sender's flood hides no other's refusals, and fills no disk."""
+    _, publish_port, snapshot_port = free_ports(3)
+    context = zmq.Context()
+    addresses = ("127.0.0.1", "127.0.0.2")
+    hubs = [PlayedHub(context, publish_port, snapshot_port, address) for address in addresses]
+    general = {"hubs": " ".join(addresses)}
+    try:
+        with following(tmp_path, hubs, [publish_port, snapshot_port], general=general) as (
+            subscriber,
+            _,
+            settle,
+        ):
+            settle(lambda: all(hub.subscriptions for hub in hubs), "both hubs followed")
+            for hub in hubs:
+                for number in range(3):
+                    header = protocol.stream_header(STATE, hub.sequence + 1)
+                    hub.updates.send_multipart([protocol.PACKED, protocol.UPDATE, header, b"x"])
+                    hub.change(ban(f"127.0.0.{10 + number}", node=f"node{3 + number % 2}"))
+            settle(lambda: subscriber.refused == 6, "every malformed message refused")
+            settle(lambda: [link.sync.sequence for link in subscriber.links] == [3, 3], "bans")
+    finally:
+        context.destroy(linger=0)
+    lines = [record.getMessage() for record in caplog.records]
+    for address in addresses:
+        said = [
+            line for line in lines if line.startswith(f"ignored a message from tcp://{address}:")
+        ]
+        assert len(said) == 1, lines
+    for origin in ("node3", "node4"):
+        said = [
+            line for line in lines if line.startswith("refused ") and f" from {origin}: " in line
+        ]
+        assert len(said) == 1, lines
