@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from .oldkeys import rename_old_keys
-from .protocol import NetworkLimits, ProtocolError, check_name
+from .protocol import WIRE_LIMITS, NetworkLimits, ProtocolError, check_name
 
 DEFAULT_PATHS = ("/etc/fail2ban-cluster/fail2ban-cluster.conf", "fail2ban-cluster.conf")
 MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path less its terminating NUL
@@ -342,8 +342,8 @@ class GeneralSettings:
     jail_map: dict[str, str] = _key("", _jail_map)
     keys_dir: str = _key("/etc/fail2ban-cluster/keys", _text)
     insecure: bool = _key("false", _bool)
-    min_prefix_v4: int = _key("24", _number(int, 8, 32))
-    min_prefix_v6: int = _key("48", _number(int, 16, 128))
+    min_prefix_v4: int = _key("24", _number(int, WIRE_LIMITS.min_prefix_v4, 32))
+    min_prefix_v6: int = _key("48", _number(int, WIRE_LIMITS.min_prefix_v6, 128))
 
 
 @dataclass(frozen=True)
@@ -384,6 +384,11 @@ class SubscriberSettings:
     """[subscriber]: applying the cluster's bans to this node's fail2ban."""
 
     allowlist: list[Network] = _key("127.0.0.0/8 ::1/128", _networks)
+    special_ranges: list[Network] = _key(
+        "0.0.0.0/8 127.0.0.0/8 169.254.0.0/16 224.0.0.0/4 240.0.0.0/4 "
+        "::/128 ::1/128 fe80::/10 ff00::/8",
+        _networks,
+    )
     batch_size: int = _key("2000", _number(int, 1, 10000))
     heartbeat_timeout: float = _key("5", _duration(float, 0.1, 3600))
     resync_interval: float = _key("5m", _duration(float, 1, 86400))

@@ -7,6 +7,7 @@ Every ZeroMQ context is made after the fork: one made before it hangs the daemon
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -55,19 +56,38 @@ class RoleControl:
             log.warning("%s", warning)
 
     def running_pid(self) -> int | None:
-        """The PID in the PID file if that process is alive; a stale file is removed."""
+        """The PID in the PID file if that process is alive and is this role's daemon; a
+        stale file, or one naming another process, is removed.
+
+        The file is read without following a symlink, and `stop` signals only a process
+        whose command line is this role's: a PID reused by another program, or written
+        there by someone else, is never signalled (nor 0 and -1, which kill(2) reads as
+        "my process group" and "every process")."""
         try:
-            pid = int(self.pidfile.read_text().strip())
-        except (OSError, ValueError):
+            fd = os.open(self.pidfile, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as error:
+            if error.errno == errno.ELOOP:  # a symlink in its place: no PID file of ours
+                self._remove_pidfile()
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            self.pidfile.unlink(missing_ok=True)
+        with os.fdopen(fd) as handle:
+            text = handle.read(32).strip()
+        pid = int(text) if text.isdigit() else 0
+        if pid <= 0 or not is_role_daemon(pid, self.role):
+            self._remove_pidfile()
             return None
-        except PermissionError:
-            pass
         return pid
+
+    def _remove_pidfile(self) -> None:
+        with contextlib.suppress(OSError):  # `status` run by a user who may not remove it
+            self.pidfile.unlink(missing_ok=True)
+
+    def write_pidfile(self) -> None:
+        """This process's PID in a new file: never written through a symlink or into a file
+        someone else made there (O_EXCL after the unlink: a race fails, it is not followed)."""
+        self.pidfile.unlink(missing_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(self.pidfile, flags, 0o644), "w") as handle:
+            handle.write(f"{os.getpid()}\n")
 
     def run(self, foreground: bool = True) -> int:
         """Run the role's loop in this process until SIGTERM or SIGINT."""
@@ -85,7 +105,7 @@ class RoleControl:
             if foreground:
                 print(f"fail2ban-{self.role}: cannot start: {error}", file=sys.stderr)
             return EXIT_FAILED
-        self.pidfile.write_text(f"{os.getpid()}\n")
+        self.write_pidfile()
         try:
             return self.run_reactor(reactor)
         finally:
@@ -158,7 +178,7 @@ class RoleControl:
                 self.setup_logging(foreground=False)
                 try:
                     reactor, exporter = self.build()
-                    self.pidfile.write_text(f"{os.getpid()}\n")
+                    self.write_pidfile()
                 except Exception as error:
                     log.error("cannot start the %s: %s", self.role, error)
                     self.record_exit(f"cannot start: {error}")
@@ -218,6 +238,21 @@ class RoleControl:
 def describe(error: BaseException) -> str:
     """An error in one line, with its type: "OperationalError: database or disk is full"."""
     return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def is_role_daemon(pid: int, role: str) -> bool:
+    """True when process `pid` runs this role of f2bzmq, by its command line: one of the
+    entry scripts (fail2ban-ROLE.py, f2bzmq-ROLE, fail2ban-ROLE) or `-m f2bzmq ROLE`."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except FileNotFoundError:
+        return False  # gone
+    except OSError:
+        return True  # alive but hidden from us (hidepid): as before, trust the file
+    scripts = {f"fail2ban-{role}.py", f"fail2ban-{role}", f"f2bzmq-{role}"}
+    if any(Path(arg).name in scripts for arg in argv[:2]):
+        return True
+    return any(argv[i : i + 3] == ["-m", "f2bzmq", role] for i in range(len(argv)))
 
 
 def format_status(role: str, pid: int, status: dict) -> str:

@@ -219,6 +219,15 @@ class Fail2banClient:
                 bans.append((match.group(1), start, int(match.group(3))))
         return bans
 
+    def ignored(self, jail: str) -> list[str]:
+        """The jail's ignoreip entries: addresses, networks and host names, as listed."""
+        reply = self.command("get", jail, "ignoreip")
+        if isinstance(reply, str):  # the program draws a tree under a title line
+            return [line[3:].strip() for line in reply.splitlines() if line[:3] in ("|- ", "`- ")]
+        if not isinstance(reply, list):
+            raise Fail2banError(f"fail2ban answered {reply!r} where an ignore list was expected")
+        return [str(entry) for entry in reply]
+
     def bantime(self, jail: str) -> int:
         """The jail's ban time in seconds; -1 means permanent."""
         return parse_int(self.command("get", jail, "bantime"))

@@ -7,15 +7,18 @@ through fail2ban's socket, many addresses per banip/unbanip command.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Iterable
+from typing import Union
 
 from . import protocol
 from .addresses import Allowlist
 from .fail2ban_client import Fail2banClient, Fail2banError
 from .metrics import DelayHistogram
-from .protocol import BanEvent
+from .protocol import ANY_NETWORK, BanEvent, NetworkLimits, ProtocolError
 from .runtime import NOTICE, batched_logging
 from .sync import ClusterView
 
@@ -26,6 +29,9 @@ MAX_TRACKED = 100000  # origin times kept for the delay histogram while fail2ban
 COMMAND_SECONDS = 0.25  # about how long one banip/unbanip command may keep fail2ban busy
 FIRST_BATCH = 50  # addresses of a jail's first command, before anything was measured
 BATCH_GROWTH = 4  # a command carries at most this many times the addresses of the last
+SHIPPED_LIMITS = NetworkLimits()  # [general] min_prefix_v4/v6 as shipped
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 class BatchSizer:
@@ -64,25 +70,126 @@ class BatchSizer:
         self.last[jail] = count
 
 
-class LocalPolicy:
-    """This node's rules: which jail a cluster ban goes to, and what it never bans."""
+def listed_address(text: str) -> str:
+    """An address as fail2ban lists it, in the canonical form of the cluster's events.
 
-    def __init__(self, node: str, sync_jail: str, jail_map: dict[str, str], allowlist) -> None:
+    fail2ban writes addresses with inet_ntop, which spells an IPv4-compatible IPv6 address
+    `::10.0.0.5` where ipaddress (and so every event) writes `::a00:5`: compared as they
+    are, the two would be lifted and set again at every full reconcile. What is not an
+    address at all stays as listed (and, the cluster never banning it, is lifted)."""
+    try:
+        return protocol.canonical_address(text, ANY_NETWORK)
+    except ProtocolError:
+        return text
+
+
+def fail2ban_address(ip: str) -> str:
+    """The text fail2ban keys a ban on (its IPAddr.ntoa: inet_ntop, then /prefix), for an
+    address in canonical form: `unbanip ::a00:5` finds no `::10.0.0.5` to lift."""
+    if ":" not in ip:
+        return ip  # IPv4: both write dotted quads alike
+    address, slash, prefix = ip.partition("/")
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, address)
+    except OSError:
+        return ip
+    return socket.inet_ntop(socket.AF_INET6, packed) + slash + prefix
+
+
+# Special-purpose ranges (RFC 6890, RFC 4291): no attacker's packets come from them, and
+# a ban of one would cut this node off from itself, its own link or multicast. The default
+# of [subscriber] special_ranges is exactly these; the names are for the log.
+SPECIAL_PURPOSE: dict[str, tuple[str, ...]] = {
+    "unspecified": ("0.0.0.0/8", "::/128"),
+    "loopback": ("127.0.0.0/8", "::1/128"),
+    "link-local": ("169.254.0.0/16", "fe80::/10"),
+    "multicast": ("224.0.0.0/4", "ff00::/8"),
+    "reserved and broadcast": ("240.0.0.0/4",),
+}
+
+
+def special_purpose(ip: str) -> str | None:
+    """The name of the special-purpose range that holds (or overlaps) `ip`, if any."""
+    for name, ranges in SPECIAL_PURPOSE.items():
+        if Allowlist(ipaddress.ip_network(text) for text in ranges).covers(ip):
+            return name
+    return None
+
+
+class LocalPolicy:
+    """This node's rules: which jail a cluster ban goes to, and what it never bans.
+
+    A hub relays what its own limits let through; this node may be stricter (a narrower
+    network limit, an allowlist of its own). Each ban is judged on its own here, after
+    decoding: one ban this node refuses never costs it the others of an update or a
+    snapshot part, nor the hub's sequence numbers. Never banned: the allowlist, the
+    special-purpose ranges, the hubs' own addresses (the node would cut itself off the
+    cluster) and what each local jail's ignoreip names (`set banip` does not look at it).
+    """
+
+    def __init__(
+        self,
+        node: str,
+        sync_jail: str,
+        jail_map: dict[str, str],
+        allowlist: Iterable[Network],
+        networks: NetworkLimits = SHIPPED_LIMITS,
+        special_ranges: Iterable[Network] = (),
+        hubs: Iterable[Network] = (),
+    ) -> None:
         self.node = node
         self.sync_jail = sync_jail
         self.jail_map = jail_map
+        self.networks = networks
         self.allowlist = Allowlist(allowlist)
+        self.special_ranges = Allowlist(special_ranges)
+        self.hubs = Allowlist(hubs)
+        # All three at once: the one check of every ban at every full reconcile.
+        self.never = Allowlist(
+            [*self.allowlist.networks, *self.special_ranges.networks, *self.hubs.networks]
+        )
+        self.ignored: dict[str, Allowlist] = {}  # local jail -> its fail2ban ignoreip
 
     def local_jail(self, cluster_jail: str) -> str:
         return self.jail_map.get(cluster_jail, self.sync_jail)
 
-    def allowed(self, ip: str) -> bool:
-        """True when the allowlist covers the address or overlaps the network."""
-        return self.allowlist.covers(ip)
+    def ignore(self, jail: str, entries: Iterable[str]) -> list[str]:
+        """A local jail's ignoreip, as fail2ban lists it; returns the entries that are no
+        address or network (host names: looking them up would block the node's loop)."""
+        networks, others = [], []
+        for entry in entries:
+            try:
+                networks.append(ipaddress.ip_network(listed_address(entry), strict=False))
+            except ValueError:
+                others.append(entry)
+        self.ignored[jail] = Allowlist(networks)
+        return others
 
     def wants(self, event: BanEvent) -> bool:
-        """A cluster ban this node applies: not its own report and not allowlisted."""
-        return event.node != self.node and not self.allowed(event.ip)
+        """A cluster ban this node applies: not its own report and not refused."""
+        return event.node != self.node and self.refusal(event) is None
+
+    def refusal(self, event: BanEvent) -> str | None:
+        """Why this node never bans the event's address, or None when it may."""
+        ip = event.ip
+        if self.never.covers(ip):
+            if self.allowlist.covers(ip):
+                return "in this node's allowlist"
+            if self.hubs.covers(ip):
+                return "the address of a hub"
+            name = special_purpose(ip)
+            return f"a special-purpose address ({name or 'special_ranges'})"
+        if "/" in ip:
+            if not self.networks.allow:
+                return "networks are not allowed on this node"
+            widest = self.networks.min_prefix_v6 if ":" in ip else self.networks.min_prefix_v4
+            if int(ip.rpartition("/")[2]) < widest:
+                return f"wider than this node's limit of /{widest}"
+        jail = self.local_jail(event.jail)
+        ignored = self.ignored.get(jail)
+        if ignored is not None and ignored.covers(ip):
+            return f"in the ignoreip of [{jail}]"
+        return None
 
     def local_jails(self) -> set[str]:
         return {self.sync_jail, *self.jail_map.values()}
@@ -128,6 +235,7 @@ class LocalJails:
         self.unbanned = 0
         self.origin_times: dict[str, float] = {}  # ip -> its update's origin time, until applied
         self.apply_delays = DelayHistogram()  # the origin's Ban line -> fail2ban's banip returned
+        self.unhonoured: set[str] = set()  # ignoreip entries said to be no address, once each
 
     def take_update(self, event: BanEvent) -> None:
         """An update changed this ban in a hub's view: reconcile its address."""
@@ -157,8 +265,11 @@ class LocalJails:
         try:
             if self.applied is None:
                 self.applied = {
-                    jail: set(self.fail2ban.banned(jail)) for jail in self.policy.local_jails()
+                    jail: {listed_address(ip) for ip in self.fail2ban.banned(jail)}
+                    for jail in self.policy.local_jails()
                 }
+                for jail in self.policy.local_jails():
+                    self._read_ignoreip(jail)
                 self.touched = None
             for jail, (add, remove) in self.plan(synced).items():
                 self._apply(jail, add, ban=True)
@@ -179,6 +290,17 @@ class LocalJails:
         self.pending = False
         self.touched = set()
         self.origin_times.clear()
+
+    def _read_ignoreip(self, jail: str) -> None:
+        """The jail's ignoreip, read again with its bans: fail2ban's reload may change it."""
+        for entry in self.policy.ignore(jail, self.fail2ban.ignored(jail)):
+            if entry not in self.unhonoured:
+                self.unhonoured.add(entry)
+                log.warning(
+                    "[%s] ignoreip %s is no address or network: cluster bans do not honour it",
+                    jail,
+                    entry[:100],
+                )
 
     def plan(self, synced: list[ClusterView]) -> dict[str, tuple[list[str], list[str]]]:
         """Local jail -> (addresses to ban, to unban): every ban after a snapshot or an
@@ -205,7 +327,10 @@ class LocalJails:
             batch = addresses[start : start + self.batches.size(jail)]
             start += len(batch)
             began = time.monotonic()
-            (self.fail2ban.ban if ban else self.fail2ban.unban)(jail, batch)
+            if ban:
+                self.fail2ban.ban(jail, batch)
+            else:
+                self.fail2ban.unban(jail, [fail2ban_address(ip) for ip in batch])
             self.batches.observe(jail, len(batch), time.monotonic() - began)
             if ban:
                 self.applied[jail].update(batch)

@@ -161,7 +161,11 @@ class Security:
 
     def __init__(self, keys_dir: str | os.PathLike, node: str, role: str, insecure: bool) -> None:
         self.insecure = insecure
+        self.node = node
         self.nodes_dir = Path(keys_dir) / "nodes"
+        # This server's public key as a hub's log and NODE.key write it (z85): what an
+        # operator looks for when a hub refuses it.
+        self.public_key: str | None = None
         if insecure:
             log.warning(
                 "insecure = true: plain TCP without encryption or authentication; "
@@ -177,6 +181,7 @@ class Security:
         else:
             self.own = load_secret(keys / f"{node}.key_secret")
             self.hub_public = load_public(keys / f"{HUB}.key")
+        self.public_key = self.own.public.decode()
 
     @classmethod
     def for_role(cls, config, role: str) -> Security:

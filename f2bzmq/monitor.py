@@ -31,6 +31,7 @@ from .delivery import (
     Greeting,
     Row,
 )
+from .handshake import HandshakeWatch, KeyCheck, key_problem, log_key_change
 from .keys import Security
 from .metrics import DelayHistogram, counter, gauge, histogram
 from .outbox import Outbox
@@ -54,7 +55,8 @@ UNHEALTHY_AFTER = 60.0  # seconds a hub may leave waiting events unACKed before 
 
 
 class HubLink:
-    """One hub: its DEALER socket and its delivery window."""
+    """One hub: its DEALER socket, its delivery window, and what the hub answers this
+    node's key (the socket's handshakes, read from its monitor)."""
 
     def __init__(
         self,
@@ -71,7 +73,9 @@ class HubLink:
         self.greeting = greeting
         self.rebuilding = False  # the node's bans wait in the re-report lane for a new state
         self.last_ack: float | None = None  # wall clock, for `status`
+        self.key = KeyCheck()
         self.socket = self._connect()
+        self.watch = HandshakeWatch(self.socket)
 
     def _connect(self) -> zmq.Socket:
         sock = self.context.socket(zmq.DEALER)
@@ -82,8 +86,13 @@ class HubLink:
         return sock
 
     def reconnect(self) -> None:
-        self.socket.close()
+        self.close()
         self.socket = self._connect()
+        self.watch = HandshakeWatch(self.socket)
+
+    def close(self) -> None:
+        self.watch.close()
+        self.socket.close()
 
     def send(self, reports: list[list[Row]], now: float, lane: int = FRESH) -> None:
         """Each report, never blocking: what the socket can't take goes back to the window.
@@ -115,7 +124,7 @@ class Monitor:
         self.reporting = LogReporter(config, self.outbox, self.wakeup.wake)
         self.refusals = RateLimitedLog(log)
         self.counters = {"acked": 0, "refused": 0}
-        security = Security.for_role(config, "monitor")
+        self.security = security = Security.for_role(config, "monitor")
         self.context = zmq.Context()
         self.hubs = [
             HubLink(
@@ -152,6 +161,7 @@ class Monitor:
             poller.register(written, zmq.POLLIN)
         for hub in self.hubs:
             poller.register(hub.socket, zmq.POLLIN)
+            poller.register(hub.watch.socket, zmq.POLLIN)
         if self.control:
             poller.register(self.control.socket, zmq.POLLIN)
         next_check = 0.0
@@ -169,6 +179,11 @@ class Monitor:
             if self.control and self.control.socket in ready:
                 self.control.handle()
             for hub in self.hubs:
+                if hub.watch.socket in ready:
+                    for event in hub.watch.events():
+                        state = hub.key.on_event(event)
+                        if state is not None:
+                            log_key_change(log, hub.endpoint, state, self.security)
                 if hub.socket in ready:
                     self.handle_replies(hub, now)
                 self.check_link(hub, poller, now)
@@ -249,13 +264,19 @@ class Monitor:
             except ProtocolError as error:
                 found, problems = [], [str(error)]
             for problem in problems:
-                self.refusals.warning("reply", "odd reply from %s: %s", hub.endpoint, problem)
+                self.refusals.warning(
+                    f"reply {hub.endpoint}", "odd reply from %s: %s", hub.endpoint, problem
+                )
             answers += found
         answered = hub.window.on_answers(answers, now)
         for answer in answered.stray:
-            self.refusals.warning("nak", "%s refused a report: %s", hub.endpoint, answer.reason)
+            self.refusals.warning(
+                f"nak {hub.endpoint}", "%s refused a report: %s", hub.endpoint, answer.reason
+            )
         for answer in answered.throttled:
-            self.refusals.warning("retry", "%s asks to wait: %s", hub.endpoint, answer.reason)
+            self.refusals.warning(
+                f"retry {hub.endpoint}", "%s asks to wait: %s", hub.endpoint, answer.reason
+            )
         for answer in answered.refused:
             log.error("%s refused event %s: %s; dropped", hub.endpoint, answer.id, answer.reason)
         for delay in answered.delays:
@@ -318,9 +339,11 @@ class Monitor:
             self.outbox.depth(hub.endpoint),
         )
         poller.unregister(hub.socket)
+        poller.unregister(hub.watch.socket)
         hub.reconnect()
         hub.greeting.hello_soon()  # a hello queued on the old socket went with it
         poller.register(hub.socket, zmq.POLLIN)
+        poller.register(hub.watch.socket, zmq.POLLIN)
 
     def status(self) -> dict:
         waiting = {hub.endpoint: self.outbox.depth(hub.endpoint) for hub in self.hubs}
@@ -340,6 +363,7 @@ class Monitor:
                     "in flight": len(hub.window.in_flight),
                     "last ACK": clock(hub.last_ack),
                     "state": _state(hub.greeting),
+                    "key": hub.key.state,
                 }
                 for hub in self.hubs
             },
@@ -368,6 +392,9 @@ class Monitor:
         found += log_problems()
         now = time.time()
         for hub in self.hubs:
+            problem = key_problem(hub.key.state, self.security.public_key, self.node)
+            if problem is not None:
+                found.append(f"{hub.endpoint}: {problem}")
             silent_since = hub.last_ack or now - (time.monotonic() - self.started)
             if waiting[hub.endpoint] and now - silent_since > UNHEALTHY_AFTER:
                 found.append(
@@ -379,7 +406,7 @@ class Monitor:
     def close(self) -> None:
         self.reporting.close()
         for hub in self.hubs:
-            hub.socket.close()
+            hub.close()
         if self.control:
             self.control.close()
         self.context.term()

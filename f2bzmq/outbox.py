@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from .delivery import FRESH, REREPORT
 from .protocol import BanEvent
-from .runtime import bound_wal, empty_wal, rollback
+from .runtime import bound_wal, empty_wal, private_database, rollback
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -50,6 +50,7 @@ class Outbox:
 
     def __init__(self, path: str | os.PathLike, targets: Sequence[str]):
         self.targets = list(targets)  # publisher endpoints every event must reach
+        private_database(path)
         self.db = sqlite3.connect(os.fspath(path), isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL, not FULL: no fsync per commit. The log position is stored in the same

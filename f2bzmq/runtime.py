@@ -8,6 +8,7 @@ import logging.handlers
 import os
 import signal
 import sqlite3
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -142,6 +143,40 @@ class RateLimitedLog:
             self.last.clear()
 
 
+DATABASE_MODE = 0o600  # bans, node names, addresses, the log position: the daemon's own
+LOG_MODE = 0o640  # as Debian keeps logs: the owner writes, its group (adm) may read
+
+
+def private_file(path: str | os.PathLike, mode: int, create: bool = True) -> None:
+    """Make the file at `path` (if `create`, when missing) readable by no more than `mode`
+    allows: SQLite and logging create files with the umask's mode, 0644 under the usual
+    022, so any local user could read them. A mode set narrower by hand is kept."""
+    flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(path, flags, mode)
+    except FileNotFoundError:
+        return
+    try:
+        _narrow(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def private_database(path: str | os.PathLike) -> None:
+    """An SQLite file, and the WAL and shared-memory files SQLite keeps beside it (it makes
+    new ones with the database's mode), DATABASE_MODE; before SQLite opens it."""
+    private_file(path, DATABASE_MODE)
+    for suffix in ("-wal", "-shm"):
+        private_file(f"{os.fspath(path)}{suffix}", DATABASE_MODE, create=False)
+
+
+def _narrow(fd: int, mode: int) -> None:
+    current = stat.S_IMODE(os.fstat(fd).st_mode)
+    if current & ~mode:
+        with contextlib.suppress(PermissionError):  # not ours to change: leave it
+            os.fchmod(fd, current & mode)
+
+
 class BatchedFileHandler(logging.handlers.WatchedFileHandler):
     """A log file that logrotate may move (like WatchedFileHandler), written in batches.
 
@@ -160,6 +195,18 @@ class BatchedFileHandler(logging.handlers.WatchedFileHandler):
     batching = False
     failure: str | None = None  # why lines are lost, until one is written again
     lost = 0  # lines lost since
+
+    def _open(self):
+        """The log file, created (or kept) LOG_MODE: at start and after each rotation."""
+        fd = os.open(
+            self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_MODE
+        )
+        try:
+            _narrow(fd, LOG_MODE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .protocol import ANY_NETWORK, BAN, UNBAN, BanEvent
-from .runtime import bound_wal, empty_wal, rollback
+from .runtime import bound_wal, empty_wal, private_database, rollback
 
 
 class Outcome(str, Enum):
@@ -195,6 +195,7 @@ class StateStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        private_database(self.path)
         self.db = sqlite3.connect(self.path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         # FULL: an ACK is sent only after the commit reached the disk.

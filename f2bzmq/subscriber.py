@@ -9,7 +9,9 @@ this module moves bytes between them and logs what they report.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -19,11 +21,21 @@ from . import protocol
 from .config import Config
 from .control import ControlSocket
 from .fail2ban_client import Fail2banClient
+from .handshake import HandshakeWatch, KeyCheck, key_problem, log_key_change
 from .jails import LocalJails, LocalPolicy
 from .keys import Security
 from .metrics import counter, gauge, histogram
-from .protocol import ProtocolError
-from .runtime import NOTICE, RateLimitedLog, StopSignals, Wakeup, clock, drain, log_problems
+from .protocol import BanEvent, ProtocolError
+from .runtime import (
+    NOTICE,
+    RateLimitedLog,
+    StopSignals,
+    Wakeup,
+    clock,
+    drain,
+    log_problems,
+    try_send_frames,
+)
 from .sync import (
     SNAPSHOT_TIMEOUT,
     Gap,
@@ -32,6 +44,7 @@ from .sync import (
     Notice,
     Outcome,
     OutOfStep,
+    PartMissing,
     Rebuilt,
     Silent,
     SnapshotLate,
@@ -43,7 +56,8 @@ log = logging.getLogger("f2bzmq.subscriber")
 
 
 class HubLink:
-    """The sockets to one hub, and the core that follows its update stream."""
+    """The sockets to one hub, the core that follows its update stream, and what the hub
+    answers this node's key (each socket's handshakes, read from its monitor)."""
 
     def __init__(
         self, context: zmq.Context, publish: str, snapshot: str, security: Security, sync: HubSync
@@ -53,8 +67,11 @@ class HubLink:
         self.snapshot_endpoint = snapshot
         self.context = context
         self.sync = sync
+        self.key = KeyCheck()
         self.updates = self._updates_socket()
+        self.updates_watch = HandshakeWatch(self.updates)
         self.snapshots = self._snapshot_socket()
+        self.snapshots_watch = HandshakeWatch(self.snapshots)
 
     def _updates_socket(self) -> zmq.Socket:
         sock = self.context.socket(zmq.SUB)
@@ -74,21 +91,55 @@ class HubLink:
         sock.connect(self.snapshot_endpoint)
         return sock
 
-    def sockets(self) -> tuple[zmq.Socket, zmq.Socket]:
-        return self.updates, self.snapshots
+    def _renew_updates(self) -> None:
+        self.updates_watch.close()
+        self.updates.close()
+        self.updates = self._updates_socket()
+        self.updates_watch = HandshakeWatch(self.updates)
+
+    def _renew_snapshots(self) -> None:
+        self.snapshots_watch.close()
+        self.snapshots.close()
+        self.snapshots = self._snapshot_socket()
+        self.snapshots_watch = HandshakeWatch(self.snapshots)
+
+    def sockets(self) -> tuple[zmq.Socket, ...]:
+        return self.updates, self.snapshots, self.updates_watch.socket, self.snapshots_watch.socket
 
     def execute(self, outcome: Outcome) -> None:
-        """The core's socket actions: a fresh SUB, a fresh DEALER, a snapshot request."""
+        """The core's socket actions: a fresh SUB, a fresh DEALER, a snapshot request.
+
+        A socket whose handshake the hub refused is dead for good (libzmq does not
+        reconnect it): it is replaced along with each snapshot request, which the core
+        paces, so the node recovers by itself once the hub knows its key. No send blocks:
+        a DEALER without a connection would wait for ever, and `status` and `stop` with it.
+        """
         if outcome.reconnect_updates:
-            self.updates.close()
-            self.updates = self._updates_socket()
+            self._renew_updates()
         if outcome.ask_snapshot:
-            if outcome.renew_snapshot_socket:
-                self.snapshots.close()
-                self.snapshots = self._snapshot_socket()
-            self.snapshots.send_multipart(protocol.encode_snapshot_request())
+            if outcome.renew_snapshot_socket or self.snapshots_watch.refused:
+                self._renew_snapshots()
+            if self.updates_watch.refused:
+                self._renew_updates()
+            request = protocol.encode_snapshot_request()
+            if not try_send_frames(self.snapshots, request):
+                # Refused before its monitor said so: a fresh DEALER queues the request
+                # until it connects. If even that fails, the core asks again later.
+                self._renew_snapshots()
+                try_send_frames(self.snapshots, request)
+
+    def handshakes(self) -> list[str]:
+        """The hub's answers to this node's key that changed, from both sockets' monitors."""
+        return [
+            state
+            for watch in (self.updates_watch, self.snapshots_watch)
+            for event in watch.events()
+            if (state := self.key.on_event(event)) is not None
+        ]
 
     def close(self) -> None:
+        for watch in (self.updates_watch, self.snapshots_watch):
+            watch.close()
         self.updates.close()
         self.snapshots.close()
 
@@ -103,16 +154,18 @@ class Subscriber:
             config.general.sync_jail,
             config.general.jail_map,
             config.subscriber.allowlist,
+            config.network_limits(),
+            config.subscriber.special_ranges,
+            hub_addresses(config.general.hubs),
         )
         fail2ban = Fail2banClient(
             config.general.fail2ban_socket, client_program=config.general.fail2ban_client
         )
         self.jails = LocalJails(policy, fail2ban, config.subscriber.batch_size)
-        self.networks = config.network_limits()
         self.heartbeat_timeout = config.subscriber.heartbeat_timeout
         self.refusals = RateLimitedLog(log)
         self.refused = 0  # hub messages that failed to decode
-        security = Security.for_role(config, "subscriber")
+        self.security = security = Security.for_role(config, "subscriber")
         self.context = zmq.Context()
         now = time.monotonic()
         self.links = [
@@ -142,8 +195,8 @@ class Subscriber:
         if self.control:
             poller.register(self.control.socket, zmq.POLLIN)
         for link in self.links:
-            poller.register(link.updates, zmq.POLLIN)
-            poller.register(link.snapshots, zmq.POLLIN)
+            for sock in link.sockets():
+                poller.register(sock, zmq.POLLIN)
             self.follow(link, link.sync.start(time.monotonic()))
         while not self.signals.stopping:
             ready = dict(poller.poll(self._timeout_ms()))
@@ -154,6 +207,9 @@ class Subscriber:
             now = time.monotonic()
             for link in self.links:
                 before = link.sockets()
+                if link.updates_watch.socket in ready or link.snapshots_watch.socket in ready:
+                    for state in link.handshakes():
+                        log_key_change(log, link.publish_endpoint, state, self.security)
                 if link.updates in ready:
                     self.handle_updates(link, now)
                 if link.snapshots in ready:
@@ -184,10 +240,15 @@ class Subscriber:
         """Take every waiting message, each whole or not at all."""
         for frames in drain(link.updates, 10000, max_frames=5):  # an update has 4
             try:
-                message = protocol.decode_stream(frames, self.networks)
+                message = protocol.decode_stream(frames, protocol.WIRE_LIMITS)
             except ProtocolError as error:
                 self.refused += 1
-                self.refusals.warning("update", "ignored a message from the hub: %s", error)
+                self.refusals.warning(
+                    f"update {link.publish_endpoint}",
+                    "ignored a message from %s: %s",
+                    link.publish_endpoint,
+                    error,
+                )
                 continue
             if message.heartbeat:
                 outcome = link.sync.on_heartbeat(message.publisher, message.seq, now, message.young)
@@ -200,12 +261,15 @@ class Subscriber:
     def handle_snapshot(self, link: HubLink, now: float) -> None:
         for frames in drain(link.snapshots, 1000, max_frames=5):  # a part has 4
             try:
-                # (One shared configuration keeps the hub's and the nodes' network limits
-                # the same.)
-                part = protocol.decode_snapshot_part(frames, self.networks)
+                part = protocol.decode_snapshot_part(frames, protocol.WIRE_LIMITS)
             except ProtocolError as error:
                 self.refused += 1
-                self.refusals.warning("snapshot", "ignored a snapshot part: %s", error)
+                self.refusals.warning(
+                    f"snapshot {link.snapshot_endpoint}",
+                    "ignored a snapshot part from %s: %s",
+                    link.snapshot_endpoint,
+                    error,
+                )
                 continue
             self.follow(link, link.sync.on_snapshot_part(part, now))
 
@@ -214,10 +278,13 @@ class Subscriber:
         for sequence, event in outcome.applied:
             log.debug("update %d: %s", sequence, event.describe())
             self.jails.take_update(event)
+            self.log_refusal(event)
         for event in outcome.dropped:
             log.debug("held ban's time is up: %s", event.describe())
             self.jails.take_update(event)
         if outcome.replaced:
+            for event in link.sync.view.bans.values():
+                self.log_refusal(event)
             self.jails.compare_all()
             self.jails.pending = True
         elif outcome.left_out:
@@ -225,6 +292,17 @@ class Subscriber:
         for notice in outcome.notices:
             log_notice(notice, link, self.refusals)
         link.execute(outcome)
+
+    def log_refusal(self, event: BanEvent) -> None:
+        """A cluster ban this node's rules refuse, logged at most once a minute per origin."""
+        policy = self.jails.policy
+        if event.action != protocol.BAN or event.node == policy.node:
+            return
+        reason = policy.refusal(event)
+        if reason is not None:
+            self.refusals.warning(
+                f"refused {event.node}", "refused %s: %s", event.describe(), reason
+            )
 
     def status(self) -> dict:
         now = time.monotonic()
@@ -248,6 +326,7 @@ class Subscriber:
                     "cluster bans": len(link.sync.view.bans),
                     "last heard": f"{now - link.sync.heard:.1f} s ago",
                     "last snapshot": clock(_epoch(link.sync.last_snapshot, now)),
+                    "key": link.key.state,
                 }
                 for link in self.links
             },
@@ -280,6 +359,10 @@ class Subscriber:
         found = []
         if self.jails.error is not None:
             found.append(f"fail2ban is not reachable: {self.jails.error}")
+        for link in self.links:
+            problem = key_problem(link.key.state, self.security.public_key, self.config.node)
+            if problem is not None:
+                found.append(f"{link.publish_endpoint}: {problem}")
         starting = now - self.started < self.heartbeat_timeout + SNAPSHOT_TIMEOUT
         if not starting and not any(link.sync.synced for link in self.links):
             found.append("no hub is synced: cluster bans are not being applied")
@@ -344,6 +427,14 @@ def log_notice(notice: Notice, link: HubLink, refusals: RateLimitedLog) -> None:
         )
     elif isinstance(notice, SnapshotLate):
         log.warning("no snapshot from %s yet: asking again", link.snapshot_endpoint)
+    elif isinstance(notice, PartMissing):
+        refusals.warning(
+            f"snapshot {link.snapshot_endpoint}",
+            "part %d of a snapshot from %s never came (part %d did): asking again",
+            notice.expected,
+            link.snapshot_endpoint,
+            notice.came,
+        )
     elif isinstance(notice, Silent):
         refusals.warning(
             f"silent {hub}",
@@ -352,6 +443,23 @@ def log_notice(notice: Notice, link: HubLink, refusals: RateLimitedLog) -> None:
             notice.seconds,
             OLD_HUB_HINT if notice.stream_never_came else "",
         )
+
+
+def hub_addresses(hosts: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Every address the hubs' names resolve to, now, at start: a ban of one of them would
+    cut this node off the cluster. A name that does not resolve is said in the log."""
+    found = []
+    for host in hosts:
+        try:
+            answers = socket.getaddrinfo(host.strip("[]"), None, proto=socket.IPPROTO_TCP)
+        except OSError as error:
+            log.warning(
+                "cannot resolve hub %s (%s): cluster bans of it are not refused", host, error
+            )
+            continue
+        for *_, address in answers:
+            found.append(ipaddress.ip_network(address[0].partition("%")[0]))
+    return found
 
 
 def _epoch(moment: float | None, now: float) -> float | None:

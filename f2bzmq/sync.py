@@ -96,6 +96,15 @@ class SnapshotLate:
 
 
 @dataclass(frozen=True)
+class PartMissing:
+    """Part `came` of the snapshot came where part `expected` should have: that one never
+    came (the shell refused it), so the answer is given up and asked for again."""
+
+    expected: int
+    came: int
+
+
+@dataclass(frozen=True)
 class Silent:
     """Nothing from the hub for `seconds`. `stream_never_came`: its snapshots did, its
     update stream never did (a hub older than the packed stream, or its port blocked)."""
@@ -104,7 +113,9 @@ class Silent:
     stream_never_came: bool
 
 
-Notice = Union[NewState, Young, Rebuilt, Gap, OutOfStep, SnapshotTaken, SnapshotLate, Silent]
+Notice = Union[
+    NewState, Young, Rebuilt, Gap, OutOfStep, SnapshotTaken, SnapshotLate, PartMissing, Silent
+]
 
 
 @dataclass
@@ -147,7 +158,8 @@ class HubSync:
         self.heard = now  # the hub's last message on the stream, or its last snapshot
         self.streamed = False  # heard anything on the update stream, ever
         self.snapshot_asked: float | None = None  # when the snapshot under way was asked
-        self.snapshot_parts: list[BanEvent] = []
+        self.snapshot_parts: list[BanEvent] = []  # of the parts taken, in order
+        self.parts_taken = 0  # the next part must bear this number
         # Updates that came during a snapshot: (hub state id, sequence, event).
         self.buffered: list[tuple[str, int, BanEvent]] = []
         self.snapshots_received = 0
@@ -239,15 +251,21 @@ class HubSync:
         return outcome
 
     def on_snapshot_part(self, part: SnapshotPart, now: float) -> Outcome:
-        """Gather the parts; the last one replaces the view with the hub's table.
+        """Gather the parts, in order; the last one replaces the view with the hub's table.
 
-        Parts are taken as they come, and one that never came (the shell refused it: an
-        event in it is not valid here) leaves out only its own bans. Demanding every part
-        would leave a node whose network limits are stricter than the hub's never synced.
+        Every part must come: a table without one of them would read as "the cluster
+        lifted those bans". A part the shell refused is malformed (the shell decodes with
+        the widest network limits any hub may have, and the node's own rules refuse single
+        bans later, in jails.LocalPolicy), so the answer is given up and asked for again.
         """
         outcome = Outcome()
         if self.snapshot_asked is None:
             return outcome  # an answer nobody waits for
+        if part.number != self.parts_taken:
+            outcome.notices.append(PartMissing(self.parts_taken, part.number))
+            self._ask(outcome, now)
+            return outcome
+        self.parts_taken += 1
         self.snapshot_parts.extend(part.events)
         if part.last:
             self._finish_snapshot(outcome, part.publisher, part.seq, now, part.young)
@@ -282,6 +300,7 @@ class HubSync:
                 self.sequence = number
         self.buffered = []
         self.snapshot_parts = []
+        self.parts_taken = 0
         self.snapshot_asked = None
         self.synced = True
         self.heard = now
@@ -317,4 +336,5 @@ class HubSync:
         outcome.ask_snapshot = True
         outcome.renew_snapshot_socket = self.snapshot_asked is not None
         self.snapshot_parts = []
+        self.parts_taken = 0
         self.snapshot_asked = now

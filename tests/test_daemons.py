@@ -6,6 +6,7 @@ import platform
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,57 @@ def test_stale_pid_file_is_replaced(config):
     started = publisher(config, "start")
     assert started.returncode == 0, started.stderr
     assert (run_dir / "publisher.pid").read_text().strip() != str(dead.pid)
+
+
+def test_state_and_log_files_are_not_for_other_users(config, tmp_path):
+    log = tmp_path / "publisher.log"
+    log.write_text("an older line\n")
+    log.chmod(0o644)  # as a daemon under umask 022 left it
+    started = publisher(config, "start")
+    assert started.returncode == 0, started.stderr
+    state = tmp_path / "state"
+    files = [f"publisher.sqlite3{suffix}" for suffix in ("", "-wal", "-shm")]
+    assert wait_until(lambda: all((state / name).exists() for name in files), 15, 0.05)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in state.iterdir()}
+    assert modes == dict.fromkeys(files, 0o600)
+    assert stat.S_IMODE(log.stat().st_mode) == 0o640
+    assert publisher(config, "stop").returncode == 0
+    log.unlink()
+    assert publisher(config, "start").returncode == 0
+    assert stat.S_IMODE(log.stat().st_mode) == 0o640
+
+
+def test_the_pid_file_is_never_written_through_a_symlink(config, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    run_dir = run_dir_of(config)
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "publisher.pid").symlink_to(victim)
+    started = publisher(config, "start")
+    assert started.returncode == 0, started.stderr
+    assert victim.read_text() == "precious\n"
+    pidfile = run_dir / "publisher.pid"
+    assert not pidfile.is_symlink()
+    assert pidfile.read_text() == started.stdout.split("pid ")[1].rstrip(")\n") + "\n"
+
+
+def test_stop_signals_only_its_own_daemon(config):
+    """A PID file naming another process (a PID reused, or written there by someone else)."""
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        run_dir = run_dir_of(config)
+        run_dir.mkdir(exist_ok=True)
+        (run_dir / "publisher.pid").write_text(f"{other.pid}\n")
+        assert publisher(config, "stop").stdout == "fail2ban-publisher is not running\n"
+        assert other.poll() is None
+        assert not (run_dir / "publisher.pid").exists()
+        started = publisher(config, "start")
+        assert started.returncode == 0, started.stderr
+        assert publisher(config, "stop").returncode == 0
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait(5)
 
 
 def test_start_says_why_it_failed(config, tmp_path):

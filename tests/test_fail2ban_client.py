@@ -210,6 +210,22 @@ def test_falls_back_to_client_program(
     assert len(fallback_logs) == 1
 
 
+def test_ignoreip_through_the_socket_and_the_program(tmp_path: Path) -> None:
+    """fail2ban's `set banip` bypasses a jail's ignoreip: the subscriber reads it."""
+    server = Fail2banServer(
+        tmp_path,
+        jails=lambda server: server.default_jails(600, 86400).replace(
+            "[cluster]\n", "[cluster]\nignoreip = 10.9.0.0/16 192.0.2.7 host.invalid\n"
+        ),
+    )
+    wrapper = write_wrapper(tmp_path / "fail2ban-client", server.socket, tmp_path / "calls")
+    with server, server.client() as direct:
+        program = Fail2banClient(str(tmp_path / "missing.sock"), client_program=str(wrapper))
+        for client in (direct, program):
+            assert sorted(client.ignored("cluster")) == ["10.9.0.0/16", "192.0.2.7", "host.invalid"]
+            assert client.ignored("sshd") == []
+
+
 def test_program_failure_names_socket_and_reason(tmp_path: Path) -> None:
     missing = str(tmp_path / "missing.sock")
     client = Fail2banClient(missing)

@@ -61,6 +61,7 @@ DECOYS_V6 = ipaddress.ip_network("2001:db8:dead::/48")
 
 P = protocol.PROTOCOL
 PACKED = protocol.PACKED
+SHIPPED_LIMITS = protocol.NetworkLimits()  # a hub's network limits at the shipped defaults
 METACHARACTERS = [";", "|", "&&", "`", "$(", ")", ">", "<", "'", '"', "\\", "\n", "\r", "\t"]
 METACHARACTERS += [" ", "\x00", "*", "?", "~", "#", "{", "}", "!", "%", "/"]
 PAYLOADS = ["reboot", "rm -rf /", "$(reboot)", "`id`", "id>x", "-j ACCEPT", "--help"]
@@ -75,9 +76,14 @@ def encode(body: object) -> bytes:
 class Hostile:
     """Seeded hostile values, bodies and frames, as a broken or compromised peer sends them."""
 
-    def __init__(self, seed: int, sender: str) -> None:
+    def __init__(
+        self, seed: int, sender: str, limits: protocol.NetworkLimits = SHIPPED_LIMITS
+    ) -> None:
         self.rng = random.Random(seed)
         self.sender = sender  # the node a well-formed event claims to come from
+        # Networks past these are hostile: the hub's limits for a report; for a node, the
+        # widest any hub may relay (narrower ones are bans the node judges one by one).
+        self.limits = limits
         # Drawn once: address arithmetic would cost more than the rest of a message.
         self.decoys = {
             4: [str(ip) for network in DECOYS_V4 for ip in network.hosts()],
@@ -117,13 +123,14 @@ class Hostile:
         a, b, c = r.randrange(256), r.randrange(256), r.randrange(1, 255)
         choice = r.randrange(8)
         if choice == 0:  # wider than any ban may be
+            v4, v6 = self.limits.min_prefix_v4, self.limits.min_prefix_v6
             return r.choice(
                 [
                     "0.0.0.0/0",
                     "::/0",
                     "0/0",
-                    f"{r.choice(['0.0.0.0', '10.0.0.0', self.decoy(4)])}/{r.randrange(0, 24)}",
-                    f"{r.choice(['::', '2001:db8::', self.decoy(6)])}/{r.randrange(0, 48)}",
+                    f"{r.choice(['0.0.0.0', '10.0.0.0', self.decoy(4)])}/{r.randrange(0, v4)}",
+                    f"{r.choice(['::', '2001:db8::', self.decoy(6)])}/{r.randrange(0, v6)}",
                 ]
             )
         if choice == 1:  # shell metacharacters and paths around an address
@@ -1079,7 +1086,7 @@ def test_subscriber_takes_100000_hostile_updates(
 ) -> None:
     server, subscriber, ports, keys = node
     context = zmq.Context()
-    hostile = Hostile(SEED + 1, "node1")
+    hostile = Hostile(SEED + 1, "node1", protocol.WIRE_LIMITS)
     hub = FakeHub(context, ports, keys, hostile)
     watch = SubscriberWatch(subscriber, server.directory / "subscriber.log")
     addresses = valid_addresses()
@@ -1199,8 +1206,13 @@ def send_valid_update(
 ) -> None:
     """Mostly node1's bans of fresh addresses; now and then one the node must not apply."""
     r = hostile.rng
-    kind = {3: "allowlisted", 6: "own node", 8: "unban", 9: "mapped loopback"}.get(slot % 10)
-    if kind == "allowlisted":
+    kinds = {1: "too wide", 3: "allowlisted", 6: "own node", 8: "unban", 9: "mapped loopback"}
+    kind = kinds.get(slot % 10)
+    if kind == "too wide":
+        # A hub whose limit is /16 relays it; the node's own limit is the shipped /24.
+        network = f"10.{slot % 256}.{r.randrange(0, 256, 16)}.0/20"
+        hub.update(BanEvent.new("node1", "sshd", "ban", network, networks=protocol.WIRE_LIMITS))
+    elif kind == "allowlisted":
         fresh = f"127.0.{slot % 256}.{slot // 256 + 1}"
         ip = next(ip for ip in r.sample([fresh, "::1", "127.0.0.0/24"], 3) if ip not in hub.table)
         hub.update(BanEvent.new("node1", "sshd", "ban", ip))

@@ -5,16 +5,22 @@ import random
 import shutil
 from pathlib import Path
 
+import pytest
+
+from f2bzmq.config import config_from
 from f2bzmq.jails import (
     COMMAND_SECONDS,
     FIRST_BATCH,
+    SPECIAL_PURPOSE,
     BatchSizer,
     LocalPolicy,
     desired_bans,
+    fail2ban_address,
+    listed_address,
     wants_address,
 )
 from f2bzmq.lab import Fail2banServer
-from f2bzmq.protocol import BanEvent
+from f2bzmq.protocol import BanEvent, NetworkLimits
 from f2bzmq.sync import ClusterView
 
 
@@ -81,6 +87,63 @@ def test_own_reports_and_allowlisted_addresses_are_left_out():
     }
 
 
+@pytest.mark.parametrize(
+    "ip, limits, reason",
+    [
+        ("192.0.2.1", NetworkLimits(), None),
+        ("10.1.2.3", NetworkLimits(), "in this node's allowlist"),
+        ("198.51.100.0/24", NetworkLimits(), None),
+        ("198.51.0.0/16", NetworkLimits(), "wider than this node's limit of /24"),
+        ("198.51.0.0/16", NetworkLimits(True, 16, 48), None),
+        ("2001:db8::/48", NetworkLimits(), None),
+        ("2001:db8::/32", NetworkLimits(), "wider than this node's limit of /48"),
+        ("198.51.100.0/24", NetworkLimits(allow=False), "networks are not allowed on this node"),
+        ("198.51.100.7", NetworkLimits(allow=False), None),
+    ],
+)
+def test_each_ban_is_judged_alone_by_the_nodes_own_limits(ip, limits, reason):
+    """The hub may be more lenient than this node: the node refuses that ban, no other."""
+    rules = policy(networks=limits)
+    event = BanEvent.new("node1", "nginx", "ban", ip, networks=NetworkLimits(True, 8, 16))
+    assert rules.refusal(event) == reason
+    wanted = desired_bans([view(event, ban("192.0.2.200"))], rules)["cluster"]
+    assert wanted == ({"192.0.2.200"} if reason else {ip, "192.0.2.200"})
+
+
+def test_the_shipped_special_ranges_are_the_special_purpose_ones():
+    shipped = config_from({}).subscriber.special_ranges
+    named = [ipaddress.ip_network(text) for ranges in SPECIAL_PURPOSE.values() for text in ranges]
+    assert sorted(map(str, shipped)) == sorted(map(str, named))
+
+
+@pytest.mark.parametrize(
+    "ip, jail, reason",
+    [
+        ("192.0.2.1", "nginx", None),
+        ("10.1.2.3", "nginx", "in this node's allowlist"),
+        ("169.254.7.7", "nginx", "a special-purpose address (link-local)"),
+        ("ff02::1", "nginx", "a special-purpose address (multicast)"),
+        ("100.64.0.1", "nginx", "a special-purpose address (special_ranges)"),
+        ("203.0.113.5", "nginx", "the address of a hub"),
+        ("203.0.113.0/24", "nginx", "the address of a hub"),
+        ("198.51.100.9", "nginx", "in the ignoreip of [cluster]"),
+        ("198.51.100.9", "sshd", None),  # sshd-cluster ignores something else
+        ("2001:db8:5::1", "sshd", "in the ignoreip of [sshd-cluster]"),
+        ("::ffff:198.51.100.9", "nginx", "in the ignoreip of [cluster]"),
+    ],
+)
+def test_never_banned_special_ranges_hubs_and_each_jails_ignoreip(ip, jail, reason):
+    special = [ipaddress.ip_network(n) for n in ("169.254.0.0/16", "ff00::/8", "100.64.0.0/10")]
+    rules = policy(special_ranges=special, hubs=[ipaddress.ip_network("203.0.113.5/32")])
+    assert rules.ignore("cluster", ["198.51.100.0/24", "::10.0.0.1", "host.example"]) == [
+        "host.example"
+    ]
+    assert rules.ignore("sshd-cluster", ["2001:db8:5::/48"]) == []
+    event = ban(ip, jail)
+    assert rules.refusal(event) == reason
+    assert rules.wants(event) is (reason is None)
+
+
 def test_unban_removes_and_views_of_several_hubs_unite():
     one = view(ban("192.0.2.1"), ban("192.0.2.2"))
     one.apply(BanEvent.new("node1", "nginx", "unban", "192.0.2.1"))
@@ -96,6 +159,24 @@ def test_the_same_address_from_two_jails_is_one_local_ban():
     assert desired_bans([both], policy(jail_map={}))["cluster"] == {"192.0.2.1"}
     both.apply(BanEvent.new("node1", "nginx", "unban", "192.0.2.1"))
     assert desired_bans([both], policy(jail_map={}))["cluster"] == {"192.0.2.1"}
+
+
+@pytest.mark.parametrize(
+    "listed, canonical",
+    [
+        ("192.0.2.1", "192.0.2.1"),
+        ("10.0.0.0/24", "10.0.0.0/24"),
+        ("::10.0.0.5", "::a00:5"),  # inet_ntop's spelling of an IPv4-compatible address
+        ("::10.0.0.0/120", "::a00:0/120"),
+        ("2001:db8::1", "2001:db8::1"),
+        ("2001:db8::/48", "2001:db8::/48"),
+        ("::1", "::1"),
+        ("host.example", "host.example"),  # not an address: compared as listed
+    ],
+)
+def test_fail2bans_spelling_and_the_canonical_one_are_one_address(listed, canonical):
+    assert listed_address(listed) == canonical
+    assert fail2ban_address(canonical) == listed
 
 
 def test_commands_grow_while_fail2ban_is_fast_and_stay_short_with_slow_actions():

@@ -281,10 +281,35 @@ def test_hostile_addresses_never_reach_nft(
     assert "nftset: refused" in server.log.read_text()
 
 
+def test_networks_wider_than_the_floor_never_reach_nft(
+    server: NamespacedServer, client: Fail2banClient
+) -> None:
+    """At the shipped floors, /24 and /48: a /0 would block every address there is."""
+    earlier = len(server.record.read_text())
+    for wide in ("0.0.0.0/0", "::/0", "10.0.0.0/8", "198.51.100.0/23", "2001:db8::/32"):
+        with contextlib.suppress(Fail2banError):  # fail2ban itself may refuse some
+            client.command("set", "cluster", "banip", wide)
+    client.ban("cluster", ["198.51.100.0/24", "2001:db8:5::/48"])
+    wait_for(lambda: server.elements("net6") == {"2001:db8:5::/48"}, 20, "the /48 in its set")
+    assert server.elements("net4") == {"198.51.100.0/24"}
+    scripts = server.record.read_text()[earlier:]
+    # fail2ban passes 0.0.0.0/0 and ::/0 on as 0.0.0.0 and ::, the unspecified addresses.
+    for wide in (" 0.0.0.0", " ::", "10.0.0.0/8", "198.51.100.0/23", "2001:db8::/32"):
+        assert wide not in scripts, wide
+    log = server.log.read_text()
+    assert "nftset: refused 10.0.0.0/8, a network wider than min_prefix_v4 = /24" in log
+    assert "nftset: refused 2001:db8::/32, a network wider than min_prefix_v6 = /48" in log
+    assert "nftset: refused 0.0.0.0, the unspecified address (or a /0)" in log
+
+
 @pytest.mark.parametrize(
     "options, reason",
     [
         (', blocktype="drop; flush ruleset"', "is not an nft verdict"),
+        (", blocktype=accept", "is not an nft verdict that blocks"),
+        (', blocktype="counter jump elsewhere"', "is not an nft verdict that blocks"),
+        (", min_prefix_v4=0", "min_prefix_v4 '0' must be a prefix length 8..32"),
+        (", min_prefix_v6=8", "min_prefix_v6 '8' must be a prefix length 16..128"),
         (', port="22 }; flush ruleset"', "is not a number, a range or a service name"),
         (', table="f2bzmq }"', "must be letters, digits, _ or -"),
         (", colour=red", "unknown option(s) colour"),

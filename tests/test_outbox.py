@@ -142,3 +142,15 @@ def test_an_outbox_from_before_the_lanes_keeps_its_events(tmp_path):
     outbox = Outbox(path, HUBS)
     assert [body for _, _, body in outbox.pending(HUBS[0], 10)] == [waiting.encode()]
     assert outbox.pending(HUBS[0], 10, lane=REREPORT) == []
+
+
+def test_the_outbox_is_readable_by_its_owner_only(tmp_path):
+    """Made under the usual umask 022 (or left 0644 by an older version), it is 0600."""
+    path = tmp_path / "o.sqlite3"
+    path.touch(mode=0o644)
+    outbox = Outbox(path, HUBS)
+    outbox.add([event("192.0.2.1")])
+    files = sorted(tmp_path.iterdir())
+    assert [file.name for file in files] == ["o.sqlite3", "o.sqlite3-shm", "o.sqlite3-wal"]
+    assert {file.stat().st_mode & 0o777 for file in files} == {0o600}
+    outbox.close()

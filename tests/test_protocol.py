@@ -97,6 +97,48 @@ def test_bodies_that_are_not_json_objects(data, reason):
         BanEvent.decode(data)
 
 
+def test_one_encoding_whatever_the_sender_wrote():
+    """Blanks, escapes and field order are the sender's choice; what is stored and relayed
+    is json.dumps of the fields in one order, so padding can't amplify every snapshot."""
+    canonical = BanEvent.decode(event_body()).encode()
+    assert canonical == event_body().replace(b" ", b"")
+    body = json.loads(event_body())
+    for sent in (
+        event_body().replace(b", ", b"," + b" " * 150),
+        json.dumps(dict(reversed(body.items()))).encode(),
+        event_body().replace(b'"sshd"', b'"\\u0073shd"'),
+        event_body(time=1795000000.50, bantime=600),
+    ):
+        assert BanEvent.decode(sent).encode() == canonical
+
+
+def test_the_encoding_is_json_dumps_of_the_validated_fields():
+    rng = random.Random(12)
+    for _ in range(2000):
+        ip = rng.choice(["192.0.2.", "2001:db8::", "10.1.0.0/", "::ffff:10.0.0."])
+        ip += str(rng.choice([8, 24, 32]))
+        action, bantime = rng.choice([("ban", 600), ("ban", -1), ("ban", None), ("unban", None)])
+        when = rng.choice([1795000000.0, 1795000000.123456, rng.uniform(1, 2**33 - 1), 7])
+        limits = NetworkLimits(True, 8, 16)
+        event = BanEvent.new("node-1.a_b", "sshd", action, ip, when, bantime, limits)
+        body = {"id": event.id, "node": event.node, "jail": event.jail, "action": action}
+        body.update(ip=event.ip, time=event.time)
+        if bantime is not None:
+            body["bantime"] = bantime
+        assert event.encode() == json.dumps(body, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("field", ["ip", "id", "node", "action"])
+def test_a_field_given_twice_is_refused(field):
+    """Of two "ip" fields one reader takes the first, another the last."""
+    twice = event_body()[:-1] + json.dumps({field: "x"}).replace("{", ",").encode()
+    with pytest.raises(ProtocolError, match=f"field '{field}' is given twice"):
+        BanEvent.decode(twice)
+    header = b'{"publisher":"' + b"ab" * 16 + b'","seq":1,"seq":2}'
+    with pytest.raises(ProtocolError, match="field 'seq' is given twice"):
+        protocol.decode_stream([protocol.PACKED, protocol.HUGZ, header])
+
+
 def test_ipv4_mapped_addresses_are_written_as_ipv4():
     """fail2ban bans ::ffff:127.0.0.1 as 127.0.0.1: allowlists must see the IPv4 form."""
     assert BanEvent.decode(event_body(ip="::ffff:127.0.0.1")).ip == "127.0.0.1"

@@ -77,6 +77,24 @@ def test_invalid_reports_get_a_nak_with_the_reason_and_change_nothing(peer, fram
     assert peer.next_update()[0]["seq"] == 1
 
 
+def test_the_hub_stores_and_relays_one_encoding_and_refuses_a_field_given_twice(peer):
+    event = ban("192.0.2.77")
+    canonical = event.encode()
+    padded = canonical.replace(b",", b"," + b" " * 500)  # 3 kB of blanks, within MAX_BODY
+    twice = ban("192.0.2.78").encode()[:-1] + b',"ip":"192.0.2.79"}'
+    kind, body = peer.report(twice)
+    assert kind == protocol.NAK and "field 'ip' is given twice" in body["reason"]
+    assert peer.report(padded)[1]["outcome"] == "banned"
+    while (frames := peer.updates.recv_multipart())[1] != protocol.UPDATE:
+        pass
+    assert frames[3] == b"[" + canonical + b"]"
+    snapshots = peer.secure(peer.context.socket(zmq.DEALER))
+    snapshots.rcvtimeo = 10000
+    snapshots.connect(peer.snapshots_endpoint)
+    snapshots.send_multipart(protocol.encode_snapshot_request())
+    assert snapshots.recv_multipart()[3] == b"[" + canonical + b"]"
+
+
 def report_many(peer, bodies):
     """Send one report of several events; the reply messages, by kind, until every event
     was answered."""

@@ -4,11 +4,13 @@ silence) against a hub the test plays with the wire codec, and a real fail2ban-s
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import zmq
 
 from f2bzmq import protocol
@@ -24,13 +26,19 @@ STATE = "ab" * 16  # the played hub's state id
 class PlayedHub:
     """A hub's update stream (XPUB: it sees each SUB subscribe) and snapshot ROUTER."""
 
-    def __init__(self, context: zmq.Context, publish_port: int, snapshot_port: int) -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        publish_port: int,
+        snapshot_port: int,
+        address: str = "127.0.0.1",
+    ) -> None:
         self.updates = context.socket(zmq.XPUB)
         self.updates.xpub_verbose = True  # every subscription, also a resubscribing SUB's
         self.snapshots = context.socket(zmq.ROUTER)
         for sock, port in ((self.updates, publish_port), (self.snapshots, snapshot_port)):
             sock.linger = 0
-            sock.bind(f"tcp://127.0.0.1:{port}")
+            sock.bind(f"tcp://{address}:{port}")
         self.sequence = 0
         self.table: dict[str, BanEvent] = {}  # ip -> the ban in force
         self.subscriptions = 0
@@ -141,3 +149,164 @@ def test_the_reactor_follows_its_core_through_a_gap_and_silence(
         assert set(server.banned("cluster")) == {f"192.0.2.{n}" for n in (2, 4, 5, 6, 7)}
         followed = subscriber.status()["Hubs"].values()
         assert [(link["synced"], link["sequence"]) for link in followed] == [(True, 8)]
+
+
+@contextlib.contextmanager
+def following(
+    tmp_path: Path,
+    hubs: list[PlayedHub],
+    ports: list[int],
+    jails: Callable[[Fail2banServer], str] | None = None,
+    **sections: dict[str, str],
+) -> Iterator[tuple[Subscriber, Fail2banServer, Callable]]:
+    """node2's fail2ban (the lab's jails, or `jails`) and its subscriber's reactor following
+    `hubs` at the shipped defaults (but the heartbeat timeout), `sections` over them; and
+    settle(condition, what), which plays the hubs until condition() holds."""
+    with Fail2banServer(tmp_path, "node2", jails=jails) as server:
+        values = {
+            "general": {
+                "node": "node2",
+                "publish_port": str(ports[0]),
+                "snapshot_port": str(ports[1]),
+                "insecure": "true",
+                "fail2ban_socket": str(server.socket),
+            },
+            "subscriber": {"heartbeat_timeout": str(HEARTBEAT_TIMEOUT)},
+        }
+        for section, keys in sections.items():
+            values.setdefault(section, {}).update(keys)
+        subscriber = Subscriber(config_from(values))
+        reactor = threading.Thread(target=subscriber.run)
+        reactor.start()
+
+        def settle(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+            def served() -> bool:
+                for hub in hubs:
+                    hub.serve()
+                return condition()
+
+            assert wait_until(served, timeout, interval=0.02), what
+
+        try:
+            yield subscriber, server, settle
+        finally:
+            subscriber.signals.stopping = True
+            subscriber.wakeup.wake()
+            reactor.join(10)
+        assert not reactor.is_alive()
+
+
+@pytest.fixture
+def played_hub() -> Iterator[tuple[PlayedHub, list[int]]]:
+    """A hub the test plays, and its publish and snapshot ports."""
+    _, publish_port, snapshot_port = free_ports(3)
+    context = zmq.Context()
+    try:
+        yield PlayedHub(context, publish_port, snapshot_port), [publish_port, snapshot_port]
+    finally:
+        context.destroy(linger=0)
+
+
+def test_an_ipv4_compatible_address_stays_banned_through_full_reconciles(
+    tmp_path: Path, own_signals: None, played_hub: tuple[PlayedHub, list[int]]
+) -> None:
+    """The event says ::a00:5, fail2ban lists ::10.0.0.5: one address, never lifted and
+    set again by a reread, and lifted by its unban."""
+    hub, ports = played_hub
+    hub.change(ban("::a00:5"))
+    settings = {"subscriber": {"resync_interval": "1"}}
+    with following(tmp_path, [hub], ports, **settings) as (subscriber, server, settle):
+        settle(lambda: server.banned("cluster") == ["::10.0.0.5"], "the ban")
+        rereads = subscriber.next_resync
+        settle(lambda: subscriber.next_resync > rereads + 1.5, "two full reconciles")
+        hub.change(BanEvent.new("node1", "sshd", "unban", "::a00:5"))
+        settle(lambda: server.banned("cluster") == [], "the unban")
+        rereads = subscriber.next_resync
+        settle(lambda: subscriber.next_resync > rereads + 1.5, "two more full reconciles")
+        assert (subscriber.jails.banned, subscriber.jails.unbanned) == (1, 1)
+        assert server.banned("cluster") == []
+
+
+def test_special_ranges_the_hubs_and_the_jails_ignoreip_are_never_banned(
+    tmp_path: Path,
+    own_signals: None,
+    played_hub: tuple[PlayedHub, list[int]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`set banip` bypasses fail2ban's ignoreip, and a hub relays what its own rules let
+    through: the node itself refuses them, each for its reason, at the shipped defaults
+    (but an empty allowlist, so the rest must hold on their own)."""
+    hub, ports = played_hub
+    refused = {
+        "169.254.1.1": "a special-purpose address (link-local)",
+        "224.0.0.0/24": "a special-purpose address (multicast)",
+        "fe80::1": "a special-purpose address (link-local)",
+        "255.255.255.255": "a special-purpose address (reserved and broadcast)",
+        "0.0.0.0": "a special-purpose address (unspecified)",
+        "127.0.0.1": "the address of a hub",  # before loopback: the hub listens there
+    }
+    for number, ip in enumerate(refused, start=3):  # one origin each: each is logged
+        hub.change(ban(ip, node=f"node{number}"))
+    hub.change(ban("192.0.2.1"))
+    hub.change(ban("192.0.2.99"))
+    hub.change(ban("198.51.100.7"))  # in the snapshot, before the node read its ignoreip
+
+    def ignoring(server: Fail2banServer) -> str:
+        jails = server.default_jails(600, 86400)
+        return jails.replace("[cluster]\n", "[cluster]\nignoreip = 198.51.100.0/24 host.invalid\n")
+
+    settings = {"subscriber": {"allowlist": "", "resync_interval": "1"}}
+    with following(tmp_path, [hub], ports, ignoring, **settings) as (subscriber, server, settle):
+        settle(lambda: set(server.banned("cluster")) == {"192.0.2.1", "192.0.2.99"}, "two bans")
+        with server.client() as fail2ban:
+            fail2ban.command("set", "cluster", "addignoreip", "192.0.2.99")
+        settle(lambda: server.banned("cluster") == ["192.0.2.1"], "a new ignoreip, honoured")
+        hub.change(ban("198.51.100.8", node="node9"))
+        hub.change(ban("192.0.2.2"))
+        settle(lambda: set(server.banned("cluster")) == {"192.0.2.1", "192.0.2.2"}, "updates")
+        assert subscriber.jails.unbanned == 1
+    lines = [record.getMessage() for record in caplog.records]
+    refused["198.51.100.8"] = "in the ignoreip of [cluster]"
+    for number, (ip, reason) in enumerate(refused.items(), start=3):
+        assert f"refused [sshd] Ban {ip} from node{number}: {reason}" in lines, lines
+    said = "[cluster] ignoreip host.invalid is no address or network: cluster bans do not honour it"
+    assert lines.count(said) == 1
+
+
+def test_refusals_are_logged_once_a_minute_per_sender(
+    tmp_path: Path, own_signals: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each hub's malformed messages, and each origin's refused bans, get a line of their
+    own: one sender's flood hides no other's refusals, and fills no disk."""
+    _, publish_port, snapshot_port = free_ports(3)
+    context = zmq.Context()
+    addresses = ("127.0.0.1", "127.0.0.2")
+    hubs = [PlayedHub(context, publish_port, snapshot_port, address) for address in addresses]
+    general = {"hubs": " ".join(addresses)}
+    try:
+        with following(tmp_path, hubs, [publish_port, snapshot_port], general=general) as (
+            subscriber,
+            _,
+            settle,
+        ):
+            settle(lambda: all(hub.subscriptions for hub in hubs), "both hubs followed")
+            for hub in hubs:
+                for number in range(3):
+                    header = protocol.stream_header(STATE, hub.sequence + 1)
+                    hub.updates.send_multipart([protocol.PACKED, protocol.UPDATE, header, b"x"])
+                    hub.change(ban(f"127.0.0.{10 + number}", node=f"node{3 + number % 2}"))
+            settle(lambda: subscriber.refused == 6, "every malformed message refused")
+            settle(lambda: [link.sync.sequence for link in subscriber.links] == [3, 3], "bans")
+    finally:
+        context.destroy(linger=0)
+    lines = [record.getMessage() for record in caplog.records]
+    for address in addresses:
+        said = [
+            line for line in lines if line.startswith(f"ignored a message from tcp://{address}:")
+        ]
+        assert len(said) == 1, lines
+    for origin in ("node3", "node4"):
+        said = [
+            line for line in lines if line.startswith("refused ") and f" from {origin}: " in line
+        ]
+        assert len(said) == 1, lines

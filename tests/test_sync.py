@@ -19,6 +19,7 @@ from f2bzmq.sync import (
     NewState,
     Outcome,
     OutOfStep,
+    PartMissing,
     Rebuilt,
     Silent,
     SnapshotLate,
@@ -80,6 +81,7 @@ def addresses(view: ClusterView) -> set[int]:
 
 
 ASK, REPLACED = "ask_snapshot", "replaced"
+RENEW_ASK = "renew_snapshot_socket, ask_snapshot"
 SILENT = "left_out, reconnect_updates, ask_snapshot"
 SYNCED = [  # the start: a snapshot of OLD at sequence 2 that bans .1 and .2
     (0, ("start",), ASK, []),
@@ -176,13 +178,17 @@ SCENARIOS = {
         ],
         ({7}, 1, True),
     ),
-    "a snapshot counts once whole; a part that never came leaves out only its bans": (
+    "a snapshot counts once whole; a part that never came: the whole table again": (
         [
             (0, ("start",), ASK, []),
             (1, ("part", OLD, 5, 1, 2, {"number": 0, "last": False}), "", []),
-            (1, ("part", OLD, 5, 5, 6, {"number": 2}), REPLACED, [SnapshotTaken(4, 5)]),
+            (1, ("part", OLD, 5, 5, 6, {"number": 2}), RENEW_ASK, [PartMissing(1, 2)]),
+            (2, ("part", OLD, 5, 3, {"number": 1, "last": False}), RENEW_ASK, [PartMissing(0, 1)]),
+            (3, ("part", OLD, 5, 1, 2, {"number": 0, "last": False}), "", []),
+            (3, ("part", OLD, 5, 3, {"number": 1, "last": False}), "", []),
+            (3, ("part", OLD, 5, 5, 6, {"number": 2}), REPLACED, [SnapshotTaken(5, 5)]),
         ],
-        ({1, 2, 5, 6}, 5, True),
+        ({1, 2, 3, 5, 6}, 5, True),
     ),
     "snapshot parts nobody waits for are ignored": (
         [*SYNCED, (1, ("part", OLD, 9, 9), "", [])],

@@ -25,7 +25,10 @@ changed options and keeps every ban.
 
 Addresses and options are checked before they reach nft: an address is written back
 in the canonical form `ipaddress` gives it, and anything that is neither an address
-nor a network (a host name, text with spaces, a zone index) is refused and logged.
+nor a network (a host name, text with spaces, a zone index), a network wider than
+`min_prefix_v4`/`min_prefix_v6`, or the unspecified address (what fail2ban makes of a
+/0), is refused and logged. `blocktype` is a verdict that
+blocks (drop or reject), never one that lets a banned address in.
 """
 
 from __future__ import annotations
@@ -42,8 +45,12 @@ from fail2ban.server.action import ActionBase
 
 # nft names: no spaces, quotes, braces or semicolons, so a name cannot end a command.
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
-# A verdict and its arguments: "drop", "counter reject with icmpx type admin-prohibited".
-BLOCKTYPE = re.compile(r"[a-z][a-z0-9 -]{0,79}")
+# The verdicts that block, as nft writes them: "drop", "reject", "reject with tcp reset",
+# "reject with icmpx type admin-prohibited", each optionally counted. Nothing else: accept,
+# continue, jump, goto or queue would let a banned address in, or hand it to other rules.
+BLOCKTYPE = re.compile(
+    r"(counter )?(drop|reject( with (tcp reset|(icmp|icmpv6|icmpx) type [a-z-]{1,40}))?)"
+)
 PORT = re.compile(r"(\d{1,5})(?:[:-](\d{1,5}))?|([a-z][a-z0-9-]{0,31})")
 DEFAULTS = {
     "table": "f2bzmq",  # a second jail with this action needs a table of its own
@@ -52,6 +59,8 @@ DEFAULTS = {
     "chain_priority": "-1",  # before the stock chains (priority filter = 0)
     "blocktype": "reject",  # or drop, "reject with icmpx type admin-prohibited", …
     "port": "",  # empty: every port and protocol; else e.g. "22,80:90,https"
+    "min_prefix_v4": "24",  # no network wider than this is banned (a /0 would block the world)
+    "min_prefix_v6": "48",
     "protocol": "tcp",  # with a port: tcp, udp, sctp or dccp, comma-separated
     "batchsize": "1000",  # run nft at once when this many changes wait…
     "delay": "0.005",  # …else this many seconds after the first of them,
@@ -159,8 +168,18 @@ class NftSetAction(ActionBase):
                 raise ValueError(f"{key} {options[key]!r} must be letters, digits, _ or -")
         if options["chain_hook"] not in HOOKS:
             raise ValueError(f"chain_hook {options['chain_hook']!r} must be one of {sorted(HOOKS)}")
-        if not BLOCKTYPE.fullmatch(options["blocktype"]):
-            raise ValueError(f"blocktype {options['blocktype']!r} is not an nft verdict")
+        blocktype = " ".join(options["blocktype"].split())
+        if not BLOCKTYPE.fullmatch(blocktype):
+            raise ValueError(
+                f"blocktype {options['blocktype']!r} is not an nft verdict that blocks: "
+                "drop, reject, or reject with tcp reset or an icmp, icmpv6 or icmpx type"
+            )
+        floors = {}
+        for key, narrowest, widest in (("min_prefix_v4", 32, 8), ("min_prefix_v6", 128, 16)):
+            value = options[key]
+            if not value.isdigit() or not widest <= int(value) <= narrowest:
+                raise ValueError(f"{key} {value!r} must be a prefix length {widest}..{narrowest}")
+            floors[4 if key.endswith("v4") else 6] = int(value)
         protocols = [p for p in options["protocol"].replace(" ", "").split(",") if p]
         if not protocols or not set(protocols) <= PROTOCOLS:
             raise ValueError(f"protocol {options['protocol']!r} must be among {sorted(PROTOCOLS)}")
@@ -177,7 +196,8 @@ class NftSetAction(ActionBase):
             "chain": options["chain"],
             "chain_hook": options["chain_hook"],
             "chain_priority": int(options["chain_priority"]),
-            "blocktype": " ".join(options["blocktype"].split()),
+            "blocktype": blocktype,
+            "floors": floors,
             "match": match if ports else "",
             "batchsize": batchsize,
             "delay": delay,
@@ -303,6 +323,23 @@ class NftSetAction(ActionBase):
                 str(ip)[:100],
             )
             return
+        if banned and not self._narrow_enough(target):
+            self._logSys.error(
+                "[%s] nftset: refused %s, a network wider than min_prefix_v%d = /%d",
+                self._jail.name,
+                target,
+                target.version,
+                self.floors[target.version],
+            )
+            return
+        if banned and target.is_unspecified:
+            # fail2ban hands a ban of 0.0.0.0/0 (or ::/0) to its actions as 0.0.0.0 (::).
+            self._logSys.error(
+                "[%s] nftset: refused %s, the unspecified address (or a /0)",
+                self._jail.name,
+                target,
+            )
+            return
         with self._changed:
             if banned:
                 self._wanted.add(target)
@@ -401,12 +438,19 @@ class NftSetAction(ActionBase):
             lines += element_lines("add", self.table, name, self._networks(version))
         return "".join(line + "\n" for line in lines)
 
+    def _narrow_enough(self, target):
+        """An address, or a network no wider than the floor of its family."""
+        return not isinstance(target, NETWORKS) or target.prefixlen >= self.floors[target.version]
+
     def _networks(self, version):
-        """The banned networks of one IP version, merged so no two overlap (interval sets)."""
+        """The banned networks of one IP version, merged so no two overlap (interval sets);
+        none wider than the floor, should a reload have raised it."""
         networks = [
             target
             for target in self._wanted
-            if isinstance(target, NETWORKS) and target.version == version
+            if isinstance(target, NETWORKS)
+            and target.version == version
+            and self._narrow_enough(target)
         ]
         return [str(network) for network in ipaddress.collapse_addresses(networks)]
 
