@@ -1,7 +1,8 @@
 """Addresses as sets of integers: the allowlists every ban is checked against, cheaply.
 
 Nothing here parses the wire (`protocol.canonical_address` does that); this module
-answers "does this range hold that address?" for addresses already in canonical form.
+answers "does this range hold that address?" for addresses already in canonical form,
+and names the special-purpose ranges no ban may touch.
 """
 
 from __future__ import annotations
@@ -9,6 +10,38 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable
+from typing import Union
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+# Ranges that are never an attacker's address, and whose ban cuts a node off from
+# itself or its own network segment: a ban of 0.0.0.0 or 224.0.0.0/4 reaches every
+# node's firewall, one of 169.254.169.254 its cloud's metadata service. Private ranges
+# (10.0.0.0/8, …) and the documentation ranges are not here: attackers live there too.
+SPECIAL_PURPOSE: tuple[tuple[Network, str], ...] = tuple(
+    (ipaddress.ip_network(network), name)
+    for network, name in (
+        ("0.0.0.0/8", "unspecified"),  # "this network", 0.0.0.0 among it (RFC 791)
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),  # and the clouds' metadata service
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved"),  # (RFC 1112) with the broadcast 255.255.255.255
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("fe80::/10", "link-local"),
+        ("ff00::/8", "multicast"),
+    )
+)
+
+
+def special_purpose(ip: str) -> str | None:
+    """The kind of special-purpose range ("loopback", …) that holds the address, or that
+    the banned network overlaps; None for an address a ban may name."""
+    network = ipaddress.ip_network(ip, strict=False)
+    for special, name in SPECIAL_PURPOSE:
+        if special.version == network.version and special.overlaps(network):
+            return name
+    return None
 
 
 def plain_ipv4(value: str) -> int | None:
