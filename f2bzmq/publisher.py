@@ -167,14 +167,16 @@ class Publisher:
             log.log(NOTICE, "%s%s", update.event.describe(), note)
 
     def reload_keys(self) -> None:
-        """SIGHUP: read nodes/ again; if a key went away, cut every connection so it can't stay."""
+        """SIGHUP: read nodes/ again; if a key went away, cut every connection so it can't stay.
+        A node whose key was replaced counts: its name is accepted still, but a connection
+        made with the old key must not outlive it (the User-Id names the node, not the key)."""
         if self.auth is None:
             log.info("SIGHUP: insecure mode, no keys to reload")
             return
-        before = set(self.auth.names)
+        before = dict(self.auth.nodes)
         count = self.auth.reload()
         self.admission.authorized = frozenset(self.auth.names)
-        removed = before - self.auth.names
+        removed = {name for key, name in before.items() if self.auth.nodes.get(key) != name}
         log.log(NOTICE, "reloaded node keys: %d accepted", count)
         if removed:
             log.log(
