@@ -11,6 +11,7 @@ means stored, and every rule is tested without a process.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
 from . import legacy, protocol
@@ -25,6 +26,20 @@ from .state import BanTable, Outcome, Update
 log = logging.getLogger("f2bzmq.admission")
 
 
+MAX_NODES = 1000  # names without a key the hub remembers (and `status` lists)
+
+
+def legacy_sender(peer: str | None) -> str:
+    """Whose bucket an old monitor's report is paid from: its address, an IPv6 one by its
+    /64, which one host can fill with addresses."""
+    if peer and ":" in peer:
+        try:
+            return f"{ipaddress.IPv6Network((peer, 64), strict=False)}"
+        except ValueError:
+            pass
+    return peer or "an unknown address"
+
+
 class TryLater(ProtocolError):
     """A refusal for now, not for good: the monitor keeps the event and sends it again."""
 
@@ -36,7 +51,11 @@ class Admission:
         self.table = table  # the cluster's bans: where an admitted event goes
         self.networks = config.network_limits()  # how wide a banned network may be
         self.allowlist = Allowlist(config.publisher.allowlist)  # never banned, whoever asks
-        self.buckets = TokenBuckets(config.publisher.rate_limit, config.publisher.rate_burst)
+        rate, burst = config.publisher.rate_limit, config.publisher.rate_burst
+        self.buckets = TokenBuckets(rate, burst)  # per node name: one per key
+        # Per address of old monitors, apart: a name they send is not proof of anything,
+        # and made-up names must not cost a keyed node its bucket.
+        self.legacy_buckets = TokenBuckets(rate, burst, max_keys=10_000)
         self.legacy_token = config.publisher.legacy_token  # old monitors' secret; "": none
         # The names of the node keys the hub accepts now: the publisher reads them from
         # its authenticator at start and on SIGHUP; none without keys.
@@ -44,7 +63,9 @@ class Admission:
         self.refusals = RateLimitedLog(log)
         # reports: messages from monitors, each of one or more events
         self.counters = {"reports": 0, "accepted": 0, "refused": 0, "duplicates": 0}
-        self.last_report: dict[str, float] = {}  # node name -> when it last reported
+        # node name -> when it last reported, the latest last; names without a key (old
+        # monitors, a hub without keys) beyond MAX_NODES make room, keyed nodes stay.
+        self.last_report: dict[str, float] = {}
         self.accept_delays = DelayHistogram()  # the origin's Ban line -> admitted here
 
     def handle_report(
@@ -89,7 +110,7 @@ class Admission:
                 # be borrowed on the plain one.
                 raise ProtocolError(f"node {event.node} has a key: it must use it")
             self._authorize(event, None)
-            _, update = self._admit(event, event.node, now)
+            _, update = self._admit(event, legacy_sender(peer), now, self.legacy_buckets)
         except ProtocolError as error:
             self.counters["refused"] += 1
             # Keyed by the peer's address, not by the reason: that holds the sender's text.
@@ -109,13 +130,18 @@ class Admission:
         if event.action == protocol.BAN and self.allowlist.covers(event.ip):
             raise ProtocolError(f"{event.ip} is in the hub's allowlist")
 
-    def _admit(self, event: BanEvent, sender: str, now: float) -> tuple[Outcome, Update | None]:
-        """An authorized event, paid for from `sender`'s bucket, into the table."""
-        if not self.buckets.allow(sender, now):
-            rate = self.buckets.rate
-            raise TryLater(f"rate limit: node {event.node} sends more than {rate:g} events/s")
-        outcome, update = self.table.apply(event, now)
-        self.last_report[event.node] = now
+    def _admit(
+        self, event: BanEvent, sender: str, now: float, buckets: TokenBuckets | None = None
+    ) -> tuple[Outcome, Update | None]:
+        """An authorized event, paid for from `sender`'s bucket, into the table. An old
+        monitor (`buckets` the legacy ones) never lifts a keyed node's ban."""
+        legacy = buckets is not None
+        if not (buckets or self.buckets).allow(sender, now):
+            who = sender if legacy else f"node {event.node}"
+            raise TryLater(f"rate limit: {who} sends more than {self.buckets.rate:g} events/s")
+        protected = self.authorized if legacy else frozenset()
+        outcome, update = self.table.apply(event, now, protected)
+        self._reported(event.node, now)
         if outcome is Outcome.DUPLICATE:
             self.counters["duplicates"] += 1
         else:
@@ -124,6 +150,17 @@ class Admission:
         if update is None:
             log.debug("%s: %s", event.describe(), outcome.value)
         return outcome, update
+
+    def _reported(self, node: str, now: float) -> None:
+        last = self.last_report
+        last.pop(node, None)
+        last[node] = now
+        if len(last) > MAX_NODES:
+            # The oldest name without a key goes: made-up names can't grow the status.
+            for name in last:
+                if name not in self.authorized:
+                    del last[name]
+                    break
 
     def _refuse(self, event_id: str, error: ProtocolError, user: str | None) -> bytes:
         """A NAK body with the reason, logged at a bounded rate."""

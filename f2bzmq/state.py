@@ -61,8 +61,11 @@ class BanTable:
         self.next_forget = 0.0  # when to prune `seen` next
         self.allow_foreign_unban = False  # may a node lift a ban it did not report?
 
-    def apply(self, event: BanEvent, now: float) -> tuple[Outcome, Update | None]:
-        """Record a validated event from a node; return what it did and what to broadcast."""
+    def apply(
+        self, event: BanEvent, now: float, protected: frozenset[str] = frozenset()
+    ) -> tuple[Outcome, Update | None]:
+        """Record a validated event from a node; return what it did and what to broadcast.
+        A foreign unban (allow_foreign_unban) never lifts the ban of a `protected` origin."""
         if event.id in self.seen:
             return Outcome.DUPLICATE, None
         self.seen[event.id] = now
@@ -87,11 +90,12 @@ class BanTable:
             return Outcome.REDUNDANT, None
         if event.node in active.origins:
             return self._lift(key, event.node, event)
-        if not self.allow_foreign_unban:
+        lifted = [node for node in active.origins if node not in protected]
+        if not self.allow_foreign_unban or not lifted:
             return Outcome.REDUNDANT, None
-        for node in list(active.origins)[:-1]:
+        for node in lifted[:-1]:
             self._lift(key, node, event)
-        return self._lift(key, next(iter(active.origins)), event)
+        return self._lift(key, lifted[-1], event)
 
     def expire(self, now: float) -> list[Update]:
         """Drop origins whose ban time is up; broadcast an unban where none is left."""

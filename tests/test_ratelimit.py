@@ -22,3 +22,20 @@ def test_the_number_of_buckets_is_bounded():
     for key in ("a", "b", "c", "d", "e"):
         buckets.allow(key, 0.0)
     assert len(buckets.buckets) <= 3
+
+
+def test_making_room_forgets_full_buckets_only():
+    """A flood of new keys must not refill the bucket of a sender that is throttled."""
+    buckets = TokenBuckets(rate=1, burst=100, max_keys=3)
+    assert sum(buckets.allow("flooder", 0.0) for _ in range(101)) == 100
+    for n in range(50):
+        buckets.allow(f"made-up-{n}", float(n))  # each full again a second later
+        assert len(buckets.buckets) <= 3
+    assert sum(buckets.allow("flooder", 50.0) for _ in range(100)) == 50  # not 100
+
+
+def test_when_a_throttled_key_may_go_again():
+    buckets = TokenBuckets(rate=4, burst=1)
+    assert buckets.ready_at("node1", 50.0) == 50.0
+    assert buckets.allow("node1", 50.0) and not buckets.allow("node1", 50.0)
+    assert buckets.ready_at("node1", 50.1) == 50.25

@@ -132,6 +132,20 @@ def test_foreign_unban_lifts_every_origin_only_when_allowed():
     assert table.bans == {} and table.next_expiry() is None
 
 
+def test_a_foreign_unban_leaves_protected_origins_banned():
+    """An old monitor's unban (allow_foreign_unban) lifts old monitors' bans, not a keyed node's."""
+    table = BanTable("hub", 600)
+    table.allow_foreign_unban = True
+    table.apply(ev("node1", BAN), NOW)
+    table.apply(ev("oldweb", BAN), NOW)
+    keyed = frozenset({"node1", "node2"})
+    assert table.apply(ev("oldweb2", UNBAN), NOW, keyed) == (Outcome.EXTENDED, None)
+    assert list(table.bans[("sshd", "192.0.2.10")].origins) == ["node1"]
+    assert table.apply(ev("oldweb2", UNBAN), NOW, keyed) == (Outcome.REDUNDANT, None)
+    outcome, _ = table.apply(ev("node2", UNBAN), NOW)
+    assert outcome is Outcome.UNBANNED
+
+
 def test_a_reloaded_store_equals_the_table_after_random_batches(tmp_path):
     """Bans and unbans of a few addresses by a few nodes, committed in batches of every size:
     the same address banned, lifted and banned again in one batch must come back as the
