@@ -8,6 +8,7 @@ moment loses nothing it has ACKed.
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 import sqlite3
 import uuid
@@ -16,6 +17,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .protocol import ANY_NETWORK, BAN, UNBAN, BanEvent
+
+# Event ids the table remembers, to know a resent event: a monitor resends only what a hub
+# has not ACKed, at most its in_flight events and within seconds (or once the hub is back),
+# so the latest 50,000 (about 7 MB) are plenty, and a flooding node can't make the hub keep
+# a day of its ids. Past it, the oldest tenth is forgotten at once: one DELETE per batch.
+MAX_SEEN = 50_000
 
 
 class Outcome(str, Enum):
@@ -46,16 +53,23 @@ class ActiveBan:
 
 
 class BanTable:
-    """Active bans, the broadcast sequence number and the ids already seen."""
+    """Active bans, the broadcast sequence number and the ids of the events that changed them."""
 
-    def __init__(self, publisher: str, default_bantime: int, dedupe_window: float = 86400.0):
+    def __init__(
+        self,
+        publisher: str,
+        default_bantime: int,
+        dedupe_window: float = 86400.0,
+        max_seen: int = MAX_SEEN,
+    ):
         self.publisher = publisher  # node name used for the unbans the table itself decides
         self.default_bantime = default_bantime
         self.dedupe_window = dedupe_window
         self.instance = uuid.uuid4().hex  # changes when the state is lost: subscribers resync
         self.sequence = 0
         self.bans: dict[tuple[str, str], ActiveBan] = {}
-        self.seen: dict[str, float] = {}
+        self.seen: dict[str, float] = {}  # event id -> when, oldest first
+        self.max_seen = max_seen
         self.journal: list[tuple] = []  # changes not yet persisted, in order
         self.expiries: list[tuple[float, str, str, str]] = []  # heap; stale entries skipped
         self.next_forget = 0.0  # when to prune `seen` next
@@ -65,11 +79,29 @@ class BanTable:
         self, event: BanEvent, now: float, protected: frozenset[str] = frozenset()
     ) -> tuple[Outcome, Update | None]:
         """Record a validated event from a node; return what it did and what to broadcast.
-        A foreign unban (allow_foreign_unban) never lifts the ban of a `protected` origin."""
+        A foreign unban (allow_foreign_unban) never lifts the ban of a `protected` origin.
+        Only an event that changed the table is remembered: sent again, a no-op is a no-op
+        again, and a node sending no-ops at full speed must not fill the memory and disk."""
         if event.id in self.seen:
             return Outcome.DUPLICATE, None
-        self.seen[event.id] = now
-        self.journal.append(("seen", event.id, now))
+        changes = len(self.journal)
+        outcome, update = self._apply(event, now, protected)
+        if len(self.journal) > changes:
+            self._remember(event.id, now)
+        return outcome, update
+
+    def _remember(self, event_id: str, now: float) -> None:
+        self.seen[event_id] = now
+        self.journal.append(("seen", event_id, now))
+        if len(self.seen) > self.max_seen:
+            excess = len(self.seen) - self.max_seen + max(1, self.max_seen // 10)
+            for oldest in list(itertools.islice(self.seen, excess)):
+                del self.seen[oldest]
+                self.journal.append(("forget", oldest))
+
+    def _apply(
+        self, event: BanEvent, now: float, protected: frozenset[str]
+    ) -> tuple[Outcome, Update | None]:
         key = (event.jail, event.ip)
         active = self.bans.get(key)
         if event.action == BAN:
@@ -201,7 +233,7 @@ class StateStore:
                 event = BanEvent.decode(text.encode(), ANY_NETWORK)
                 active = table.bans[(jail, ip)] = ActiveBan(event)
             table._set_origin((jail, ip), node, expiry)
-        table.seen = dict(self.db.execute("SELECT id, at FROM seen"))
+        table.seen = dict(self.db.execute("SELECT id, at FROM seen ORDER BY at"))
         return table
 
     def commit(self, table: BanTable) -> None:

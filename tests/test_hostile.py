@@ -4,6 +4,7 @@ at the shipped defaults, and checks the outcome with generous timeouts, never a 
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 
@@ -15,12 +16,22 @@ from f2bzmq.keys import keygen
 from f2bzmq.lab import wait_until
 from f2bzmq.protocol import BanEvent
 from tests.support.nodeclient import NodeClient
+from tests.support.state import read_only
 
 SILENCE = 3000  # ms a cut-off client waits to show it hears nothing
 
 
 def ban(ip: str, node: str = "node1") -> BanEvent:
     return BanEvent.new(node, "sshd", "ban", ip, bantime=600)
+
+
+def unban(ip: str, node: str = "node1") -> BanEvent:
+    return BanEvent.new(node, "sshd", "unban", ip)
+
+
+def remembered_ids(hub) -> int:
+    with read_only(hub.directory / "state" / "publisher.sqlite3") as db:
+        return db.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
 
 
 def test_a_replaced_key_is_cut_off_on_sighup(hub, keys, tmp_path):
@@ -54,3 +65,25 @@ def test_a_replaced_key_is_cut_off_on_sighup(hub, keys, tmp_path):
             new.close()
     finally:
         old.close()
+
+
+def test_a_node_sending_no_ops_leaves_no_ids_behind(hub, peer):
+    """Every id was kept a day: a node flooding no-ops grew the hub by 0.68 GB a day."""
+    first = ban("198.51.100.1")
+    assert peer.report(first.encode())[1]["outcome"] == "banned"
+    for round_ in range(30):
+        no_ops = [unban(f"203.0.113.{n}") for n in range(100)]  # never banned
+        # Banned already, until the same time.
+        no_ops[0] = BanEvent.new("node1", "sshd", "ban", first.ip, first.time, first.bantime)
+        replies = report_all(peer, no_ops)
+        assert {body["outcome"] for body in replies} == {"redundant", "extended"}, round_
+    assert remembered_ids(hub) == 1
+
+
+def report_all(peer: NodeClient, events: list[BanEvent]) -> list[dict]:
+    """One report of these events; every answer body, once each was answered."""
+    peer.reports.send_multipart(protocol.encode_report(e.encode() for e in events))
+    answers: list[dict] = []
+    while len(answers) < len(events):
+        answers += [json.loads(body) for body in peer.reports.recv_multipart()[2:]]
+    return answers
