@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Iterable
 
 from . import legacy, protocol
-from .addresses import Allowlist
+from .addresses import SPECIAL_PURPOSE, Allowlist, special_purpose
 from .config import Config
 from .metrics import DelayHistogram
 from .protocol import BanEvent, ProtocolError
@@ -40,6 +41,13 @@ def legacy_sender(peer: str | None) -> str:
     return peer or "an unknown address"
 
 
+def _network(address: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An address as the one-address network bans are compared with: ::ffff:a.b.c.d is
+    a.b.c.d, as fail2ban and the wire have it."""
+    parsed = ipaddress.ip_address(address.partition("%")[0])
+    return ipaddress.ip_network(getattr(parsed, "ipv4_mapped", None) or parsed)
+
+
 class TryLater(ProtocolError):
     """A refusal for now, not for good: the monitor keeps the event and sends it again."""
 
@@ -50,7 +58,16 @@ class Admission:
     def __init__(self, config: Config, table: BanTable) -> None:
         self.table = table  # the cluster's bans: where an admitted event goes
         self.networks = config.network_limits()  # how wide a banned network may be
-        self.allowlist = Allowlist(config.publisher.allowlist)  # never banned, whoever asks
+        # Never banned, whoever asks: the configured networks, and if the setting says so
+        # the special-purpose ranges and the hubs' and nodes' addresses, which the shell
+        # tells (`set_addresses`), in `allowlist`, one look-up for them all.
+        self.setting = config.publisher.allowlist
+        self.configured = Allowlist(self.setting.networks)
+        self.special = Allowlist(net for net, _ in SPECIAL_PURPOSE if self.setting.special_purpose)
+        self.hub_addresses: tuple[str, ...] = ()
+        self.node_addresses: dict[str, tuple[str, ...]] = {}  # node name -> its addresses
+        self.allowlist = self.configured
+        self.set_addresses((), {})
         rate, burst = config.publisher.rate_limit, config.publisher.rate_burst
         self.buckets = TokenBuckets(rate, burst)  # per node name: one per key
         # Per address of old monitors, apart: a name they send is not proof of anything,
@@ -63,8 +80,8 @@ class Admission:
         self.refusals = RateLimitedLog(log)
         # reports: messages from monitors, each of one or more events
         self.counters = {"reports": 0, "accepted": 0, "refused": 0, "duplicates": 0}
-        # node name -> when it last reported, the latest last; names without a key (old
-        # monitors, a hub without keys) beyond MAX_NODES make room, keyed nodes stay.
+        # node name -> when it last reported; past MAX_NODES names the first-seen name
+        # without a key (old monitors, a hub without keys) makes room, keyed nodes stay.
         self.last_report: dict[str, float] = {}
         self.accept_delays = DelayHistogram()  # the origin's Ban line -> admitted here
 
@@ -120,6 +137,38 @@ class Admission:
             return legacy.LEGACY_NAK, None
         return report.echo, update
 
+    def set_addresses(self, hubs: Iterable[str], nodes: dict[str, Iterable[str]]) -> None:
+        """The hubs' own addresses and where each node connects from, as the shell learns
+        them: each kept out of bans as far as the allowlist setting names it."""
+        self.hub_addresses = tuple(hubs) if self.setting.hubs else ()
+        self.node_addresses = (
+            {node: tuple(addresses) for node, addresses in nodes.items()}
+            if self.setting.nodes
+            else {}
+        )
+        learned = [*self.hub_addresses, *(a for ips in self.node_addresses.values() for a in ips)]
+        self.allowlist = Allowlist(
+            [*self.configured.networks, *self.special.networks, *map(_network, learned)]
+        )
+
+    def _never_banned(self, ip: str) -> str:
+        """Why the allowlist holds `ip`, for the NAK and the log."""
+        if self.configured.covers(ip):
+            return f"{ip} is in the hub's allowlist"
+        verb = "holds" if "/" in ip else "is"
+        kind = special_purpose(ip) if self.setting.special_purpose else None
+        if kind:
+            return f"{ip} {verb} a special-purpose address ({kind})"
+        learned = [(address, "a hub's address") for address in self.hub_addresses]
+        for node, addresses in self.node_addresses.items():
+            learned += [(address, f"the address of node {node}") for address in addresses]
+        for address, whose in learned:
+            network = _network(address)
+            if Allowlist([network]).covers(ip):
+                which = "" if ip == str(network.network_address) else f" ({address})"
+                return f"{ip} {verb} {whose}{which}"
+        return f"{ip} is in the hub's allowlist"
+
     def _authorize(self, event: BanEvent, user: str | None) -> None:
         """Who may report what: raise ProtocolError saying why not."""
         if user is not None:
@@ -128,20 +177,26 @@ class Admission:
             if event.node != user:
                 raise ProtocolError(f"node {event.node!r} reported with the key of {user!r}")
         if event.action == protocol.BAN and self.allowlist.covers(event.ip):
-            raise ProtocolError(f"{event.ip} is in the hub's allowlist")
+            raise ProtocolError(self._never_banned(event.ip))
 
     def _admit(
         self, event: BanEvent, sender: str, now: float, buckets: TokenBuckets | None = None
     ) -> tuple[Outcome, Update | None]:
         """An authorized event, paid for from `sender`'s bucket, into the table. An old
         monitor (`buckets` the legacy ones) never lifts a keyed node's ban."""
-        legacy = buckets is not None
-        if not (buckets or self.buckets).allow(sender, now):
-            who = sender if legacy else f"node {event.node}"
-            raise TryLater(f"rate limit: {who} sends more than {self.buckets.rate:g} events/s")
-        protected = self.authorized if legacy else frozenset()
-        outcome, update = self.table.apply(event, now, protected)
-        self._reported(event.node, now)
+        if buckets is None:
+            if not self.buckets.allow(sender, now):
+                rate = self.buckets.rate
+                raise TryLater(f"rate limit: node {event.node} sends more than {rate:g} events/s")
+            outcome, update = self.table.apply(event, now)
+        else:
+            if not buckets.allow(sender, now):
+                raise TryLater(f"rate limit: {sender} sends more than {buckets.rate:g} events/s")
+            outcome, update = self.table.apply(event, now, self.authorized)
+        last = self.last_report
+        last[event.node] = now
+        if len(last) > MAX_NODES:
+            self._forget_a_name()
         if outcome is Outcome.DUPLICATE:
             self.counters["duplicates"] += 1
         else:
@@ -151,16 +206,12 @@ class Admission:
             log.debug("%s: %s", event.describe(), outcome.value)
         return outcome, update
 
-    def _reported(self, node: str, now: float) -> None:
-        last = self.last_report
-        last.pop(node, None)
-        last[node] = now
-        if len(last) > MAX_NODES:
-            # The oldest name without a key goes: made-up names can't grow the status.
-            for name in last:
-                if name not in self.authorized:
-                    del last[name]
-                    break
+    def _forget_a_name(self) -> None:
+        """The first-seen name without a key goes: made-up names can't grow the status."""
+        for name in self.last_report:
+            if name not in self.authorized:
+                del self.last_report[name]
+                return
 
     def _refuse(self, event_id: str, error: ProtocolError, user: str | None) -> bytes:
         """A NAK body with the reason, logged at a bounded rate."""

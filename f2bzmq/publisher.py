@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -64,11 +65,19 @@ class Publisher:
         self.refusals = RateLimitedLog(log)  # of snapshot requests; the core logs reports'
         self.broadcasts = 0  # updates published
         self.security = Security.for_role(config, "publisher")
-        self.context = zmq.Context()
+        # Two I/O threads: a stranger's CURVE handshakes (a few scalar multiplications
+        # each, before the authenticator can say no) then hold up only part of the nodes'
+        # traffic, and the fan-out to many subscribers uses both cores.
+        self.context = zmq.Context(io_threads=2)
         # The authenticator must run before the first bind, on the sockets' context.
         self.auth = self.security.authenticator(self.context)
         if self.auth is not None:
             self.admission.authorized = frozenset(self.auth.names)
+        # Addresses no ban may name, as far as [publisher] allowlist says: the hubs', from
+        # the configuration, and the nodes', from the authenticator as they connect.
+        self.hub_addresses = resolve(hub_hosts(config))
+        self.addresses_seen = -1  # the authenticator's generation the core has
+        self.learn_addresses()
         self.bind_sockets()
         # fail2ban-zmq-tools' format, when configured
         self.legacy = LegacyEndpoints(
@@ -118,9 +127,19 @@ class Publisher:
                 self.signals.reload = False
                 self.reload_keys()
                 continue
+            if self.auth is not None and self.auth.generation != self.addresses_seen:
+                self.learn_addresses()
             with batched_logging():  # a line per ban, written once per pass
                 self.handle_ready(ready)
         self.close()
+
+    def learn_addresses(self) -> None:
+        """Give the core the hubs' addresses and where each node has connected from."""
+        nodes = {}
+        if self.auth is not None:
+            self.addresses_seen = self.auth.generation
+            nodes = self.auth.node_addresses()
+        self.admission.set_addresses(self.hub_addresses, nodes)
 
     def handle_ready(self, ready: dict) -> None:
         if self.collector in ready:
@@ -170,6 +189,8 @@ class Publisher:
         """SIGHUP: read nodes/ again; if a key went away, cut every connection so it can't stay.
         A node whose key was replaced counts: its name is accepted still, but a connection
         made with the old key must not outlive it (the User-Id names the node, not the key)."""
+        self.hub_addresses = resolve(hub_hosts(self.config))
+        self.learn_addresses()
         if self.auth is None:
             log.info("SIGHUP: insecure mode, no keys to reload")
             return
@@ -294,6 +315,25 @@ class Publisher:
         log.log(
             NOTICE, "publisher %s stopped at sequence %d", self.config.node, self.table.sequence
         )
+
+
+def hub_hosts(config: Config) -> list[str]:
+    """The hubs' names and addresses: [general] hubs and where this hub listens."""
+    binds = [host for host in config.publisher.bind if host != "*"]
+    return list(dict.fromkeys([*config.general.hubs, *binds]))
+
+
+def resolve(hosts: list[str]) -> list[str]:
+    """Every address of these host names (an address stands for itself)."""
+    found: dict[str, None] = {}
+    for host in hosts:
+        try:
+            infos = socket.getaddrinfo(host.strip("[]"), None, proto=socket.IPPROTO_TCP)
+        except OSError as error:
+            log.warning("cannot resolve hub %s to keep it out of bans: %s", host, error)
+            continue
+        found.update((info[4][0], None) for info in infos)
+    return list(found)
 
 
 def hub_socket(

@@ -80,15 +80,40 @@ class BanTable:
     ) -> tuple[Outcome, Update | None]:
         """Record a validated event from a node; return what it did and what to broadcast.
         A foreign unban (allow_foreign_unban) never lifts the ban of a `protected` origin.
-        Only an event that changed the table is remembered: sent again, a no-op is a no-op
+        Only an event that changes the table is remembered: sent again, a no-op is a no-op
         again, and a node sending no-ops at full speed must not fill the memory and disk."""
         if event.id in self.seen:
             return Outcome.DUPLICATE, None
-        changes = len(self.journal)
-        outcome, update = self._apply(event, now, protected)
-        if len(self.journal) > changes:
+        key = (event.jail, event.ip)
+        active = self.bans.get(key)
+        if event.action == BAN:
+            expiry = event.expiry(self.default_bantime)
+            if expiry is not None and expiry <= now:
+                return Outcome.EXPIRED, None
+            if active is None:
+                self._remember(event.id, now)
+                active = self.bans[key] = ActiveBan(event)
+                self._set_origin(key, event.node, expiry)
+                self.journal.append(("origin", event, event.node, expiry))
+                return Outcome.BANNED, self._broadcast(event)
+            previous = active.origins.get(event.node, 0.0)
+            if event.node not in active.origins or _later(expiry, previous):
+                self._remember(event.id, now)
+                self._set_origin(key, event.node, expiry)
+                self.journal.append(("origin", active.event, event.node, expiry))
+            return Outcome.EXTENDED, None
+        if active is None:
+            return Outcome.REDUNDANT, None
+        if event.node in active.origins:
             self._remember(event.id, now)
-        return outcome, update
+            return self._lift(key, event.node, event)
+        lifted = [node for node in active.origins if node not in protected]
+        if not self.allow_foreign_unban or not lifted:
+            return Outcome.REDUNDANT, None
+        self._remember(event.id, now)
+        for node in lifted[:-1]:
+            self._lift(key, node, event)
+        return self._lift(key, lifted[-1], event)
 
     def _remember(self, event_id: str, now: float) -> None:
         self.seen[event_id] = now
@@ -98,36 +123,6 @@ class BanTable:
             for oldest in list(itertools.islice(self.seen, excess)):
                 del self.seen[oldest]
                 self.journal.append(("forget", oldest))
-
-    def _apply(
-        self, event: BanEvent, now: float, protected: frozenset[str]
-    ) -> tuple[Outcome, Update | None]:
-        key = (event.jail, event.ip)
-        active = self.bans.get(key)
-        if event.action == BAN:
-            expiry = event.expiry(self.default_bantime)
-            if expiry is not None and expiry <= now:
-                return Outcome.EXPIRED, None
-            if active is None:
-                active = self.bans[key] = ActiveBan(event)
-                self._set_origin(key, event.node, expiry)
-                self.journal.append(("origin", event, event.node, expiry))
-                return Outcome.BANNED, self._broadcast(event)
-            previous = active.origins.get(event.node, 0.0)
-            if event.node not in active.origins or _later(expiry, previous):
-                self._set_origin(key, event.node, expiry)
-                self.journal.append(("origin", active.event, event.node, expiry))
-            return Outcome.EXTENDED, None
-        if active is None:
-            return Outcome.REDUNDANT, None
-        if event.node in active.origins:
-            return self._lift(key, event.node, event)
-        lifted = [node for node in active.origins if node not in protected]
-        if not self.allow_foreign_unban or not lifted:
-            return Outcome.REDUNDANT, None
-        for node in lifted[:-1]:
-            self._lift(key, node, event)
-        return self._lift(key, lifted[-1], event)
 
     def expire(self, now: float) -> list[Update]:
         """Drop origins whose ban time is up; broadcast an unban where none is left."""

@@ -61,3 +61,29 @@ def test_an_allowlist_of_the_special_purpose_ranges_covers_what_they_hold():
     assert allowlist.covers("169.254.169.254") and allowlist.covers("ff02::1")
     assert not allowlist.covers("203.0.113.7")
     assert allowlist.covers(str(ipaddress.ip_network("224.0.0.0/24")))
+
+
+def test_an_allowlist_of_many_networks_answers_like_a_scan_of_them():
+    import random
+
+    rng = random.Random(3)
+    networks = [
+        ipaddress.ip_network(
+            f"{rng.randrange(1, 224)}.{rng.randrange(256)}.0.0/{rng.choice((16, 20, 24))}",
+            strict=False,
+        )
+        for _ in range(300)
+    ] + [ipaddress.ip_network(f"2001:db8:{n:x}::/48") for n in range(0, 300, 7)]
+    allowlist = Allowlist(networks)
+    for _ in range(3000):
+        if rng.random() < 0.8:
+            ip = ".".join(
+                str(rng.randrange(1, 224) if n == 0 else rng.randrange(256)) for n in range(4)
+            )
+            if rng.random() < 0.3:
+                ip = str(ipaddress.ip_network(f"{ip}/{rng.choice((12, 18, 24, 28))}", strict=False))
+        else:
+            ip = f"2001:db8:{rng.randrange(300):x}::{rng.randrange(1, 9)}"
+        target = ipaddress.ip_network(ip, strict=False)
+        expected = any(net.version == target.version and net.overlaps(target) for net in networks)
+        assert allowlist.covers(ip) == expected, ip

@@ -104,6 +104,45 @@ def test_each_event_is_answered_by_the_hubs_rules(body, user, answer):
 
 
 @pytest.mark.parametrize(
+    "ip, reason",
+    [
+        ("0.0.0.0", "0.0.0.0 is a special-purpose address (unspecified)"),
+        ("169.254.169.254", "169.254.169.254 is a special-purpose address (link-local)"),
+        ("fe80::/64", "fe80::/64 holds a special-purpose address (link-local)"),
+        ("ff02::1", "ff02::1 is a special-purpose address (multicast)"),
+        ("224.0.0.0/24", "224.0.0.0/24 holds a special-purpose address (multicast)"),
+        ("255.255.255.255", "255.255.255.255 is a special-purpose address (reserved)"),
+        ("127.0.0.1", "127.0.0.1 is a special-purpose address (loopback)"),
+        ("192.0.2.53", "192.0.2.53 is a hub's address"),
+        ("192.0.2.0/24", "192.0.2.0/24 holds a hub's address (192.0.2.53)"),
+        ("2001:db8::53", "2001:db8::53 is a hub's address"),
+        ("::ffff:192.0.2.53", "192.0.2.53 is a hub's address"),
+        ("198.51.100.7", "198.51.100.7 is the address of node node2"),
+        (
+            "198.51.100.0/28",
+            "198.51.100.0/28 holds the address of node node2 (::ffff:198.51.100.7)",
+        ),
+        ("10.9.0.1", "10.9.0.1 is in the hub's allowlist"),
+        ("198.51.100.8", None),
+        ("192.0.3.1", None),
+    ],
+)
+def test_the_shipped_allowlist_keeps_special_hub_and_node_addresses_out(ip, reason):
+    admission = hub(allowlist="special-purpose hubs nodes 10.9.0.0/16")
+    admission.set_addresses(["192.0.2.53", "2001:db8::53"], {"node2": ["::ffff:198.51.100.7"]})
+    said, _ = judge(admission, report(ban(ip)))
+    assert said[0][2] == ("banned" if reason is None else reason)
+    assert judge(admission, report(ban(ip, action=UNBAN)))[0][0][1] == "ACK"
+
+
+def test_an_allowlist_without_the_words_keeps_only_its_networks():
+    admission = hub(allowlist="10.9.0.0/16")
+    admission.set_addresses(["192.0.2.53"], {"node2": ["198.51.100.7"]})
+    for ip in ("0.0.0.0", "192.0.2.53", "198.51.100.7"):
+        assert judge(admission, report(ban(ip)))[0][0][2] == "banned"
+
+
+@pytest.mark.parametrize(
     "frames, named, reason",
     [
         ([PROTOCOL, EVENT], "", "expected 1-100 event bodies"),

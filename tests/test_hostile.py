@@ -15,6 +15,7 @@ from f2bzmq import protocol
 from f2bzmq.keys import keygen
 from f2bzmq.lab import wait_until
 from f2bzmq.protocol import BanEvent
+from tests.support.hub import start_hub
 from tests.support.nodeclient import NodeClient
 from tests.support.state import read_only
 
@@ -87,3 +88,58 @@ def report_all(peer: NodeClient, events: list[BanEvent]) -> list[dict]:
     while len(answers) < len(events):
         answers += [json.loads(body) for body in peer.reports.recv_multipart()[2:]]
     return answers
+
+
+def test_no_node_can_ban_what_cuts_nodes_off(tmp_path, keys):
+    """With the shipped allowlist a node banned the hub's own address, 0.0.0.0, the cloud's
+    metadata service, link-local and multicast ranges, everywhere."""
+    hub = start_hub(tmp_path, keys, general={"hubs": "127.0.0.1 198.51.100.53"})
+    node1 = NodeClient(hub.ports, keys, "node1")
+    try:
+        for ip, reason in [
+            ("198.51.100.53", "is a hub's address"),
+            ("198.51.100.0/24", "holds a hub's address (198.51.100.53)"),
+            ("0.0.0.0", "is a special-purpose address (unspecified)"),
+            ("169.254.169.254", "is a special-purpose address (link-local)"),
+            ("fe80::/64", "holds a special-purpose address (link-local)"),
+            ("224.0.0.1", "is a special-purpose address (multicast)"),
+            ("ff02::1", "is a special-purpose address (multicast)"),
+            ("255.255.255.255", "is a special-purpose address (reserved)"),
+            ("127.0.0.1", "is in the hub's allowlist"),
+        ]:
+            kind, body = node1.report(ban(ip).encode())
+            assert (kind, body["reason"]) == (protocol.NAK, f"{ip} {reason}")
+        assert node1.report(ban("198.51.100.54").encode())[1]["outcome"] == "banned"
+        assert [e.ip for e in node1.snapshot()[1]] == ["198.51.100.54"]
+    finally:
+        node1.close()
+        hub.publisher.stop()
+
+
+def test_where_nodes_connect_from_is_never_banned(tmp_path, keys):
+    """The lab's nodes all connect from 127.0.0.1: an allowlist of only `nodes` shows it."""
+    hub = start_hub(tmp_path, keys, publisher={"allowlist": "nodes"})
+    node1, node2 = NodeClient(hub.ports, keys, "node1"), NodeClient(hub.ports, keys, "node2")
+    try:
+        assert node1.report(ban("198.51.100.5").encode())[0] == protocol.ACK
+        kind, body = node2.report(ban("127.0.0.1", "node2").encode())
+        assert kind == protocol.NAK and "127.0.0.1 is the address of node node" in body["reason"]
+        assert node2.report(ban("127.0.0.2", "node2").encode())[1]["outcome"] == "banned"
+    finally:
+        node1.close()
+        node2.close()
+        hub.publisher.stop()
+
+
+def test_a_refused_key_is_logged_with_its_address_once_a_minute(hub, keys, tmp_path):
+    stranger_keys = tmp_path / "stranger"
+    keygen("node1", stranger_keys)  # a node's name, but not its key
+    public = (stranger_keys / "node1.key").read_text().split('public-key = "')[1].split('"')[0]
+    for _ in range(20):
+        stranger = NodeClient(hub.ports, stranger_keys, "node1", hub_key=keys / "hub.key")
+        stranger.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT, b"{}"])
+        assert stranger.reports.poll(200) == 0
+        stranger.close()
+    line = f"refused a connection from 127.0.0.1: unknown key {public}"
+    assert wait_until(lambda: line in hub.log_text(), 15)
+    assert hub.log_text().count("refused a connection from 127.0.0.1") == 1
