@@ -35,7 +35,9 @@ from .runtime import (
     clock,
     drain,
     send_frames,
+    try_send_frames,
 )
+from .snapshots import SnapshotQueue
 from .state import StateStore, Update
 
 log = logging.getLogger("f2bzmq.publisher")
@@ -44,7 +46,14 @@ log = logging.getLogger("f2bzmq.publisher")
 # more event is kept of a longer message, so that what is kept is refused whole.
 MAX_REPORT_FRAMES = protocol.MAX_REPORT_EVENTS + 4
 DRAIN_LIMIT = 1000  # events taken per commit (in as many reports): one fsync ACKs them all
-REPLY_HWM = 10 * DRAIN_LIMIT  # replies queued per peer (an ACK is about 80 bytes an event)
+# Replies queued per peer, past which a ROUTER drops them: an honest monitor has at most its
+# in_flight events unanswered, in as many reports; a node that never reads its replies
+# holds this many (each up to 100 answers, 12 kB) and no more.
+REPLY_HWM = 1000
+MAX_SUBSCRIPTION = 1024  # bytes of a subscription a PUB takes; a node subscribes to 9
+# Snapshot parts queued per peer (each up to SNAPSHOT_EVENTS events, about 130 kB): the
+# rest of a snapshot is sent as the peer reads, so one that does not read holds this many.
+SNAPSHOT_HWM = 4
 # The two update streams: (packed, events per message).
 _STREAMS = ((False, protocol.MAX_UPDATE_EVENTS), (True, protocol.MAX_PACKED_EVENTS))
 
@@ -62,6 +71,7 @@ class Publisher:
         self.table = self.store.load(config.node, config.publisher.default_bantime, 86400.0)
         self.table.allow_foreign_unban = config.publisher.allow_foreign_unban
         self.admission = Admission(config, self.table)  # what every report is judged by
+        self.snapshot_queue = SnapshotQueue()  # who gets the table next, part by part
         self.refusals = RateLimitedLog(log)  # of snapshot requests; the core logs reports'
         self.broadcasts = 0  # updates published
         self.security = Security.for_role(config, "publisher")
@@ -95,11 +105,13 @@ class Publisher:
         self.next_hugz = 0.0
 
     def bind_sockets(self, patience: float = 0.0) -> None:
-        hwm, binds = self.config.publisher.send_hwm, self.config.binds
-        bind = functools.partial(hub_socket, self.context, self.security, hwm, patience)
-        self.collector = bind(zmq.ROUTER, binds("report_port"))
-        self.broadcaster = bind(zmq.PUB, binds("publish_port"))
-        self.snapshots = bind(zmq.ROUTER, binds("snapshot_port"))
+        bind = functools.partial(hub_socket, self.context, self.security, patience=patience)
+        binds = self.config.binds
+        self.collector = bind(zmq.ROUTER, binds("report_port"), REPLY_HWM)
+        self.broadcaster = bind(zmq.PUB, binds("publish_port"), self.config.publisher.send_hwm)
+        self.snapshots = bind(zmq.ROUTER, binds("snapshot_port"), SNAPSHOT_HWM)
+        # A full queue raises Again instead of dropping a part; a peer gone, EHOSTUNREACH.
+        self.snapshots.router_mandatory = True
 
     def register_sockets(self) -> None:
         self.poller.register(self.collector, zmq.POLLIN)
@@ -120,6 +132,9 @@ class Publisher:
         while not self.signals.stopping:
             now = time.time()
             deadline = min(self.next_hugz, self.table.next_expiry() or now + 3600)
+            snapshot_wait = self.snapshot_queue.wait_seconds(now)
+            if snapshot_wait is not None:
+                deadline = min(deadline, now + snapshot_wait)
             ready = dict(self.poller.poll(max(0, int((deadline - now) * 1000)) + 1))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
@@ -146,6 +161,8 @@ class Publisher:
             self.handle_reports()
         if self.snapshots in ready:
             self.handle_snapshots()
+        if self.snapshot_queue.waiting or self.snapshot_queue.sending:
+            self.send_snapshot_parts(time.time())
         if self.legacy.reports in ready:
             self.legacy.handle_reports()
         if self.control and self.control.socket in ready:
@@ -250,20 +267,34 @@ class Publisher:
         self.next_hugz = now + self.heartbeat_interval
 
     def handle_snapshots(self) -> None:
-        for frames in drain(self.snapshots, 100, max_frames=8):
-            peer, body = frames[0], frames[1:]
+        """Take the snapshot requests waiting: each waits its turn in the snapshot queue."""
+        now = time.time()
+        for frames in drain(self.snapshots, 100, copy=False, max_frames=8):
+            peer = frames[0].bytes
+            # Without keys every connection counts as a node of its own.
+            node = frames[-1].get("User-Id") if self.auth is not None else f"peer {peer.hex()}"
             try:
-                protocol.decode_snapshot_request(body)
+                protocol.decode_snapshot_request([frame.bytes for frame in frames[1:]])
             except ProtocolError as error:
                 self.refusals.warning("snapshot", "refused a snapshot request: %s", error)
                 continue
-            self.send_snapshot(peer)
+            refused = self.snapshot_queue.ask(peer, node, now)
+            if refused:
+                self.refusals.warning(f"snapshot {node}", "refused a snapshot request: %s", refused)
 
-    def send_snapshot(self, peer: bytes) -> None:
-        sequence, events = self.table.snapshot()
-        for part in protocol.encode_snapshot(self.table.instance, sequence, events):
-            send_frames(self.snapshots, [peer, *part])
-        log.debug("sent a snapshot of %d bans at sequence %d", len(events), sequence)
+    def send_snapshot_parts(self, now: float) -> None:
+        """Start the snapshots whose turn it is; give each peer the parts it has room for."""
+        queue = self.snapshot_queue
+        queue.start(self.table, now)
+        for peer in list(queue.sending):
+            while peer in queue.sending:
+                try:
+                    if not try_send_frames(self.snapshots, [peer, *queue.next_part(peer)]):
+                        break  # its queue is full: the rest when it has read some
+                except zmq.ZMQError:  # EHOSTUNREACH: the peer is gone
+                    queue.gone(peer)
+                    break
+                queue.sent(peer)
 
     def status(self) -> dict:
         counters, nodes = self.admission.counters, self.admission.last_report
@@ -339,25 +370,26 @@ def resolve(hosts: list[str]) -> list[str]:
 def hub_socket(
     context: zmq.Context,
     security: Security,
-    send_hwm: int,
-    patience: float,
     kind: int,
     endpoints: list[str],
+    send_hwm: int,
+    patience: float = 0.0,
 ) -> zmq.Socket:
     """A bound hub socket; `patience` seconds of retries while a closed one frees its port."""
     sock = context.socket(kind)
     sock.linger = 1000
     security.server(sock)
+    # Past its high-water mark a PUB drops silently (sequence numbers make a drop
+    # visible to subscribers, a high mark makes it rare), a ROUTER drops what exceeds
+    # a peer's queue.
+    sock.sndhwm = send_hwm
     if kind == zmq.PUB:
-        # PUB drops silently past the high-water mark; sequence numbers make a
-        # drop visible to subscribers, a high mark makes it rare.
-        sock.sndhwm = send_hwm
+        # What a PUB reads are subscriptions, a topic each: libzmq would keep a
+        # frame of any size a node's SUB sends before looking at it.
+        sock.maxmsgsize = MAX_SUBSCRIPTION
     else:
         sock.maxmsgsize = protocol.MAX_HUB_FRAME
         sock.router_mandatory = False
-        # A ROUTER drops what exceeds a peer's queue: room for many drained batches
-        # of ACKs, so a burst never loses one while libzmq's I/O thread catches up.
-        sock.sndhwm = REPLY_HWM
     for endpoint in endpoints:
         deadline = time.monotonic() + patience
         while True:
