@@ -17,22 +17,23 @@ class TokenBuckets:
         self.max_keys = max_keys
         self.buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
 
-    def allow(self, key: str, now: float) -> bool:
-        """Take one token from key's bucket; False when it is empty."""
+    def allow(self, key: str, now: float, cost: float = 1.0) -> bool:
+        """Take `cost` tokens (at most a burst) from key's bucket; False when it has fewer."""
         tokens, at = self.buckets.get(key, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - at) * self.rate)
-        allowed = tokens >= 1.0
+        cost = min(cost, float(self.burst))
+        allowed = tokens >= cost
         if allowed:
-            tokens -= 1.0
+            tokens -= cost
         if key not in self.buckets and len(self.buckets) >= self.max_keys:
             self._make_room(now)
         self.buckets[key] = (tokens, now)
         return allowed
 
-    def ready_at(self, key: str, now: float) -> float:
-        """When key's bucket holds a token again: `now` if it does."""
+    def ready_at(self, key: str, now: float, cost: float = 1.0) -> float:
+        """When key's bucket holds `cost` tokens (at most a burst) again: `now` if it does."""
         tokens, at = self.buckets.get(key, (float(self.burst), now))
-        return max(now, at + (1.0 - tokens) / self.rate)
+        return max(now, at + (min(cost, float(self.burst)) - tokens) / self.rate)
 
     def _make_room(self, now: float) -> None:
         # A bucket that has filled up again is the same as none at all: forget those.
