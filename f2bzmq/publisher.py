@@ -10,6 +10,7 @@ moves the bytes, stores each batch before it answers, and keeps the timers.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import socket
@@ -46,10 +47,13 @@ log = logging.getLogger("f2bzmq.publisher")
 # more event is kept of a longer message, so that what is kept is refused whole.
 MAX_REPORT_FRAMES = protocol.MAX_REPORT_EVENTS + 4
 DRAIN_LIMIT = 1000  # events taken per commit (in as many reports): one fsync ACKs them all
-# Replies queued per peer, past which a ROUTER drops them: an honest monitor has at most its
-# in_flight events unanswered, in as many reports; a node that never reads its replies
-# holds this many (each up to 100 answers, 12 kB) and no more.
-REPLY_HWM = 1000
+# Replies libzmq queues per report peer (each up to 100 answers, at most about 21 kB);
+# the hub keeps what does not fit, up to REPLY_BACKLOG bytes a peer, and sends it as the
+# peer reads: an honest burst loses no ACK, a node that never reads holds 6 MB at most.
+REPLY_HWM = 100
+REPLY_BACKLOG = 4 * 1024 * 1024
+REPLY_BACKLOG_TOTAL = 64 * 1024 * 1024  # all peers together
+REQUEST_HWM = 100
 MAX_SUBSCRIPTION = 1024  # bytes of a subscription a PUB takes; a node subscribes to 9
 # Snapshot parts queued per peer (each up to SNAPSHOT_EVENTS events, about 130 kB): the
 # rest of a snapshot is sent as the peer reads, so one that does not read holds this many.
@@ -72,6 +76,7 @@ class Publisher:
         self.table.allow_foreign_unban = config.publisher.allow_foreign_unban
         self.admission = Admission(config, self.table)  # what every report is judged by
         self.snapshot_queue = SnapshotQueue()  # who gets the table next, part by part
+        self.replies = ReplyBacklog()  # replies to report peers whose queue was full
         self.refusals = RateLimitedLog(log)  # of snapshot requests; the core logs reports'
         self.broadcasts = 0  # updates published
         self.security = Security.for_role(config, "publisher")
@@ -110,7 +115,8 @@ class Publisher:
         self.collector = bind(zmq.ROUTER, binds("report_port"), REPLY_HWM)
         self.broadcaster = bind(zmq.PUB, binds("publish_port"), self.config.publisher.send_hwm)
         self.snapshots = bind(zmq.ROUTER, binds("snapshot_port"), SNAPSHOT_HWM)
-        # A full queue raises Again instead of dropping a part; a peer gone, EHOSTUNREACH.
+        # A full queue raises Again instead of dropping; a peer gone, EHOSTUNREACH.
+        self.collector.router_mandatory = True
         self.snapshots.router_mandatory = True
 
     def register_sockets(self) -> None:
@@ -130,12 +136,7 @@ class Publisher:
             self.table.sequence,
         )
         while not self.signals.stopping:
-            now = time.time()
-            deadline = min(self.next_hugz, self.table.next_expiry() or now + 3600)
-            snapshot_wait = self.snapshot_queue.wait_seconds(now)
-            if snapshot_wait is not None:
-                deadline = min(deadline, now + snapshot_wait)
-            ready = dict(self.poller.poll(max(0, int((deadline - now) * 1000)) + 1))
+            ready = dict(self.poller.poll(self.poll_timeout(time.time())))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
             if self.signals.reload:
@@ -147,6 +148,15 @@ class Publisher:
             with batched_logging():  # a line per ban, written once per pass
                 self.handle_ready(ready)
         self.close()
+
+    def poll_timeout(self, now: float) -> int:
+        """Milliseconds until the next timer: a heartbeat, an expiry, or soon while a
+        snapshot or replies wait for a peer to read (its queue empties as it does)."""
+        deadline = min(self.next_hugz, self.table.next_expiry() or now + 3600)
+        wait = 0.01 if self.replies.peers else self.snapshot_queue.wait_seconds(now)
+        if wait is not None:
+            deadline = min(deadline, now + wait)
+        return max(0, int((deadline - now) * 1000)) + 1
 
     def learn_addresses(self) -> None:
         """Give the core the hubs' addresses and where each node has connected from."""
@@ -163,6 +173,8 @@ class Publisher:
             self.handle_snapshots()
         if self.snapshot_queue.waiting or self.snapshot_queue.sending:
             self.send_snapshot_parts(time.time())
+        if self.replies.peers:
+            self.replies.flush(self.collector)
         if self.legacy.reports in ready:
             self.legacy.handle_reports()
         if self.control and self.control.socket in ready:
@@ -195,8 +207,10 @@ class Publisher:
     ) -> None:
         """Commit a drained batch, then ACK it and broadcast what changed: ACK means stored."""
         self.store.commit(self.table)
+        backlog = self.replies
         for reply in replies:
-            send_frames(sock, reply)
+            if reply[0] in backlog.peers or not send_or_drop(sock, reply):
+                backlog.keep(reply)
         self.broadcast(updates)  # before the log lines: the nodes wait, the log doesn't
         for update in updates:
             # Logged only now that it is stored: a crash can't leave a ban in the log twice.
@@ -348,6 +362,43 @@ class Publisher:
         )
 
 
+def send_or_drop(sock: zmq.Socket, frames: list) -> bool:
+    """Send on a ROUTER with ROUTER_MANDATORY without blocking: False when the peer's
+    queue is full; a message for a peer gone is dropped (True)."""
+    try:
+        return try_send_frames(sock, frames)
+    except zmq.ZMQError:  # EHOSTUNREACH
+        return True
+
+
+class ReplyBacklog:
+    """Replies a report peer had no room for, in order, bounded in bytes per peer and in
+    all: a node that never reads its ACKs costs the hub at most REPLY_BACKLOG."""
+
+    def __init__(self) -> None:
+        self.peers: dict[bytes, collections.deque[list[bytes]]] = {}
+        self.sizes: collections.Counter[bytes] = collections.Counter()
+        self.dropped = RateLimitedLog(log)
+
+    def keep(self, reply: list[bytes]) -> None:
+        peer, size = reply[0], sum(map(len, reply))
+        if self.sizes[peer] + size > REPLY_BACKLOG or (
+            sum(self.sizes.values()) + size > REPLY_BACKLOG_TOTAL
+        ):
+            self.dropped.warning("backlog", "a monitor does not read its replies: some dropped")
+            return
+        self.peers.setdefault(peer, collections.deque()).append(reply)
+        self.sizes[peer] += size
+
+    def flush(self, sock: zmq.Socket) -> None:
+        """Send what each peer has room for now."""
+        for peer, waiting in list(self.peers.items()):
+            while waiting and send_or_drop(sock, waiting[0]):
+                self.sizes[peer] -= sum(map(len, waiting.popleft()))
+            if not waiting:
+                del self.peers[peer], self.sizes[peer]
+
+
 def hub_hosts(config: Config) -> list[str]:
     """The hubs' names and addresses: [general] hubs and where this hub listens."""
     binds = [host for host in config.publisher.bind if host != "*"]
@@ -389,7 +440,11 @@ def hub_socket(
         sock.maxmsgsize = MAX_SUBSCRIPTION
     else:
         sock.maxmsgsize = protocol.MAX_HUB_FRAME
-        sock.router_mandatory = False
+        # Requests queued per peer before libzmq stops reading its connection: a monitor
+        # has at most its in_flight events out, and the hub takes 1,000 a pass; a node
+        # that sends faster waits for TCP instead of filling the hub (each report may
+        # be 48 kB: 1,000 of them were 48 MB).
+        sock.rcvhwm = REQUEST_HWM
     for endpoint in endpoints:
         deadline = time.monotonic() + patience
         while True:

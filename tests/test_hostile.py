@@ -51,6 +51,7 @@ def test_a_replaced_key_is_cut_off_on_sighup(hub, keys, tmp_path):
         assert wait_until(lambda: "keys withdrawn for node1" in hub.log_text(), 15)
         for sock in (old.reports, old.updates):
             sock.rcvtimeo = SILENCE
+        time.sleep(1)  # the hub logs the line, then closes its sockets
         while old.updates.poll(0):
             old.updates.recv_multipart()  # what was sent before the cut
         old.reports.send_multipart(
@@ -201,3 +202,24 @@ def test_snapshot_requests_of_a_node_that_does_not_read_cost_the_hub_little(tmp_
             sock.close()
         attacker.close()
         hub.publisher.stop()
+
+
+def test_a_node_that_never_reads_its_replies_costs_the_hub_little(hub, keys):
+    """libzmq kept 10,000 replies a peer: refused reports' NAKs of 16 kB made that 160 MB."""
+    deaf = NodeClient(hub.ports, keys, "node1")
+    try:
+        deaf.reports.rcvhwm = 1  # reads nothing
+        before = rss_mb(hub)
+        forged = [ban(f"198.51.100.{n}", node="n" * 64).encode() for n in range(100)]
+        for _ in range(2500):
+            deaf.reports.send_multipart(protocol.encode_report(forged))
+        quiet = NodeClient(hub.ports, keys, "node2")
+        try:  # the hub has taken them all once it answers the next report
+            quiet.reports.rcvtimeo = 60_000
+            assert quiet.report(ban("198.51.100.200", "node2").encode())[0] == protocol.ACK
+        finally:
+            quiet.close()
+        grown = rss_mb(hub) - before
+        assert grown < 20, f"{grown:.0f} MB"
+    finally:
+        deaf.close()
