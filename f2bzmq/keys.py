@@ -206,10 +206,6 @@ class NodeAuthenticator(threading.Thread):
             request_id = request[1] if len(request) > 1 else b""
             return [b"1.0", request_id, b"400", b"bad request", b"", b""]
         request_id, address, mechanism = request[1], request[3], request[5]
-        if mechanism == b"NULL":
-            # Only the plain legacy endpoints ask for NULL peers: the CURVE servers refuse
-            # them before ZAP. The old format's token is checked per report.
-            return [b"1.0", request_id, b"200", b"OK", b"", b""]
         curve = mechanism == b"CURVE" and len(request) == 7
         key = zmq.utils.z85.encode(request[6]) if curve else b""
         name = self.nodes.get(key)

@@ -175,8 +175,7 @@ class Publisher:
             self.send_snapshot_parts(time.time())
         if self.replies.peers:
             self.replies.flush(self.collector)
-        if self.legacy.reports in ready:
-            self.legacy.handle_reports()
+        self.legacy.handle(ready)
         if self.control and self.control.socket in ready:
             self.control.handle()
         now = time.time()
@@ -203,7 +202,11 @@ class Publisher:
         self.finish_batch(self.collector, replies, updates)
 
     def finish_batch(
-        self, sock: zmq.Socket, replies: list[list[bytes]], updates: list[Update], note: str = ""
+        self,
+        sock: zmq.Socket | None,
+        replies: list[list[bytes]],
+        updates: list[Update],
+        note: str = "",
     ) -> None:
         """Commit a drained batch, then ACK it and broadcast what changed: ACK means stored."""
         self.store.commit(self.table)
@@ -253,8 +256,7 @@ class Publisher:
                 for first in range(0, len(run), size):
                     self._publish(run[first : first + size], packed)
             start = end
-        for update in updates:
-            self.legacy.broadcast(update.event)
+        self.legacy.broadcast([update.event for update in updates])
         self.broadcasts += len(updates)
 
     def _publish(self, updates: list[Update], packed: bool) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import zmq
 
 from f2bzmq import protocol
 from f2bzmq.keys import keygen
-from f2bzmq.lab import wait_until
+from f2bzmq.lab import free_ports, wait_until
 from f2bzmq.protocol import BanEvent
 from f2bzmq.state import StateStore
 from tests.support.hub import start_hub
@@ -223,3 +225,70 @@ def test_a_node_that_never_reads_its_replies_costs_the_hub_little(hub, keys):
         assert grown < 20, f"{grown:.0f} MB"
     finally:
         deaf.close()
+
+
+def legacy_endpoints(tmp_path: Path, keys: Path):
+    """A started hub with both old-format endpoints, a token, and their two endpoints."""
+    ports = free_ports(5)
+    report, publish = (f"tcp://127.0.0.1:{port}" for port in ports[3:])
+    options = {"legacy_report_bind": report, "legacy_publish_bind": publish}
+    hub = start_hub(tmp_path, keys, ports[:3], publisher={**options, "legacy_token": "t0ken"})
+    return hub, report, publish
+
+
+def test_one_message_of_many_frames_costs_the_plain_endpoints_little(tmp_path, keys):
+    """libzmq keeps a message's frames until its last: one message of 60,000 frames to the
+    old report port (no key, no token) held 0.49 GB, and as much to the old update port."""
+    hub, report, publish = legacy_endpoints(tmp_path, keys)
+    context = zmq.Context()
+    try:
+        before = rss_mb(hub)
+        stranger = context.socket(zmq.DEALER)
+        stranger.connect(report)
+        stranger.send_multipart([b"x" * 4000] * 60_000)
+        stranger.rcvtimeo = 60_000
+        assert stranger.recv_multipart() == [b"NAK"]  # read and refused, never held
+        listener = context.socket(zmq.XSUB)
+        listener.connect(publish)
+        # \x02: a message, not a subscription, which the XSUB would keep in its own trie.
+        listener.send_multipart([b"\x02" + b"x" * 4000] * 60_000)
+        listener.send(b"\x02" + b"y" * 100_000_000)
+        old = context.socket(zmq.REQ)
+        old.connect(report)
+        old.rcvtimeo = 15_000
+        old.send(b"t0ken|oldweb|sshd|Ban|198.51.100.9")
+        assert old.recv() == b"oldweb|sshd|Ban|198.51.100.9"  # the endpoint goes on
+        time.sleep(2)  # the update port's stranger: sent, read, cut off
+        grown = rss_mb(hub) - before
+        assert grown < 20, f"{grown:.0f} MB"
+    finally:
+        context.destroy(linger=0)
+        hub.publisher.stop()
+
+
+ATTACK_SUBSCRIPTION = """
+import os, sys, time, zmq, zmq.auth
+keys, port = sys.argv[1], sys.argv[2]
+sock = zmq.Context().socket(zmq.XSUB)
+sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(keys + "/node1.key_secret")
+sock.curve_serverkey = zmq.auth.load_certificate(keys + "/hub.key")[0]
+sock.connect("tcp://127.0.0.1:" + port)
+sock.send(b"\\x01" + b"y" * 10_000_000)
+time.sleep(3)
+os._exit(0)  # libzmq keeps a subscription in a trie, a node per byte: closing it recurses
+"""
+
+
+def test_a_subscription_of_any_size_costs_the_update_port_little(hub, keys):
+    """A PUB keeps each subscription in a trie, a node per byte: a node's SUB subscribing
+    to 10 MB grew the hub by hundreds of MB, and 100 MB by 1.5 GB before it stopped."""
+    before = rss_mb(hub)
+    attack = [sys.executable, "-c", ATTACK_SUBSCRIPTION, str(keys), str(hub.ports[1])]
+    subprocess.run(attack, timeout=60, check=True)
+    grown = rss_mb(hub) - before
+    assert grown < 20, f"{grown:.0f} MB"
+    node = NodeClient(hub.ports, keys, "node1")
+    try:
+        assert node.report(ban("198.51.100.8").encode())[0] == protocol.ACK
+    finally:
+        node.close()
