@@ -35,6 +35,7 @@ from .runtime import (
     batched_logging,
     clock,
     drain,
+    release_memory,
     send_frames,
     try_send_frames,
 )
@@ -46,6 +47,7 @@ log = logging.getLogger("f2bzmq.publisher")
 # A report's frames: the peer's identity, the protocol, the kind and its events. One
 # more event is kept of a longer message, so that what is kept is refused whole.
 MAX_REPORT_FRAMES = protocol.MAX_REPORT_EVENTS + 4
+MAX_REQUEST_FRAMES = 8  # of a snapshot request (the identity and three), likewise
 DRAIN_LIMIT = 1000  # events taken per commit (in as many reports): one fsync ACKs them all
 # Replies libzmq queues per report peer (each up to 100 answers, at most about 21 kB);
 # the hub keeps what does not fit, up to REPLY_BACKLOG bytes a peer, and sends it as the
@@ -189,7 +191,9 @@ class Publisher:
         updates: list[Update] = []
         now = time.time()
         taken = 0
+        oversized = False
         for frames in drain(self.collector, DRAIN_LIMIT, copy=False, max_frames=MAX_REPORT_FRAMES):
+            oversized = oversized or len(frames) == MAX_REPORT_FRAMES
             peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
             # The node name the authenticator gave this peer's key (None without keys).
             user = frames[-1].get("User-Id") if self.auth is not None else None
@@ -200,6 +204,8 @@ class Publisher:
             if taken >= DRAIN_LIMIT:
                 break  # the rest waits for the next pass: a pass stays short
         self.finish_batch(self.collector, replies, updates)
+        if oversized:
+            release_memory()  # what libzmq held of a message too long to be a report
 
     def finish_batch(
         self,
@@ -285,7 +291,9 @@ class Publisher:
     def handle_snapshots(self) -> None:
         """Take the snapshot requests waiting: each waits its turn in the snapshot queue."""
         now = time.time()
-        for frames in drain(self.snapshots, 100, copy=False, max_frames=8):
+        oversized = False
+        for frames in drain(self.snapshots, 100, copy=False, max_frames=MAX_REQUEST_FRAMES):
+            oversized = oversized or len(frames) == MAX_REQUEST_FRAMES
             peer = frames[0].bytes
             # Without keys every connection counts as a node of its own.
             node = frames[-1].get("User-Id") if self.auth is not None else f"peer {peer.hex()}"
@@ -297,6 +305,8 @@ class Publisher:
             refused = self.snapshot_queue.ask(peer, node, now)
             if refused:
                 self.refusals.warning(f"snapshot {node}", "refused a snapshot request: %s", refused)
+        if oversized:
+            release_memory()
 
     def send_snapshot_parts(self, now: float) -> None:
         """Start the snapshots whose turn it is; give each peer the parts it has room for."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import logging.handlers
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import zmq
@@ -92,6 +93,24 @@ def try_send_frames(sock: zmq.Socket, frames: list) -> bool:
     except zmq.Again:
         return False
     return True
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_memory() -> None:
+    """Give the C heap's free memory back to the system. libzmq holds a message's frames
+    in many small allocations until its last frame; freed, they stay in the process
+    (a node's message of 4,000 frames of 60 kB left the hub 250 MB larger for good)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class StopSignals:

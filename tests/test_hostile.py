@@ -292,3 +292,17 @@ def test_a_subscription_of_any_size_costs_the_update_port_little(hub, keys):
         assert node.report(ban("198.51.100.8").encode())[0] == protocol.ACK
     finally:
         node.close()
+
+
+def test_a_nodes_message_of_many_frames_leaves_no_memory_behind(hub, keys):
+    """libzmq holds a message until its last frame, so a node with a key can make the hub
+    hold one large message; once it is refused, the hub must not stay that large."""
+    node = NodeClient(hub.ports, keys, "node1")
+    try:
+        before = rss_mb(hub)
+        node.reports.send_multipart([protocol.PROTOCOL, protocol.EVENT] + [b"x" * 60_000] * 1000)
+        node.reports.rcvtimeo = 60_000
+        assert node.reports.recv_multipart()[1] == protocol.NAK
+        assert wait_until(lambda: rss_mb(hub) - before < 20, 5), f"{rss_mb(hub) - before} MB"
+    finally:
+        node.close()
