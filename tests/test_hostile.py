@@ -5,11 +5,14 @@ at the shipped defaults, and checks the outcome with generous timeouts, never a 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -306,3 +309,26 @@ def test_a_nodes_message_of_many_frames_leaves_no_memory_behind(hub, keys):
         assert wait_until(lambda: rss_mb(hub) - before < 20, 5), f"{rss_mb(hub) - before} MB"
     finally:
         node.close()
+
+
+def test_idle_connections_to_the_metrics_port_cost_no_thread_each(tmp_path, keys):
+    """prometheus-client's server starts a thread per connection: 1,001 idle connections
+    gave the hub 1,000 threads and took its file descriptors."""
+    pytest.importorskip("prometheus_client")
+    port = free_ports(1)[0]
+    hub = start_hub(tmp_path, keys, publisher={"metrics": str(port)})
+    idle = []
+    try:
+        pid = hub.publisher.process.pid
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+        for _ in range(1001):
+            idle.append(socket.create_connection(("127.0.0.1", port)))
+        time.sleep(1)
+        assert len(os.listdir(f"/proc/{pid}/task")) <= threads + 2
+        assert len(os.listdir(f"/proc/{pid}/fd")) < 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            assert 'f2bzmq_up{role="publisher"} 1.0' in answer.read().decode()
+    finally:
+        for sock in idle:
+            sock.close()
+        hub.publisher.stop()
