@@ -35,6 +35,7 @@ from .runtime import (
     batched_logging,
     clock,
     drain,
+    raise_file_limit,
     release_memory,
     send_frames,
     try_send_frames,
@@ -56,6 +57,9 @@ REPLY_HWM = 100
 REPLY_BACKLOG = 4 * 1024 * 1024
 REPLY_BACKLOG_TOTAL = 64 * 1024 * 1024  # all peers together
 REQUEST_HWM = 100
+HANDSHAKE_IVL = 10_000  # ms a connection has to finish its handshake
+MIN_FILE_LIMIT = 8192  # open files below which the hub warns at start
+LISTEN_BACKLOG = 1024  # connections the kernel queues until libzmq accepts them (100)
 MAX_SUBSCRIPTION = 1024  # bytes of a subscription a PUB takes; a node subscribes to 9
 # Snapshot parts queued per peer (each up to SNAPSHOT_EVENTS events, about 130 kB): the
 # rest of a snapshot is sent as the peer reads, so one that does not read holds this many.
@@ -70,6 +74,7 @@ class Publisher:
     def __init__(self, config: Config, control_path: Path | None = None) -> None:
         self.config = config
         self.heartbeat_interval = config.publisher.heartbeat_interval
+        self.file_limit = raise_file_limit()  # connections are descriptors, strangers' too
         state_dir = config.state_path("")
         state_dir.mkdir(parents=True, exist_ok=True)
         self.store = StateStore(config.state_path("publisher.sqlite3"))
@@ -137,6 +142,12 @@ class Publisher:
             len(self.table.bans),
             self.table.sequence,
         )
+        if self.file_limit < MIN_FILE_LIMIT:
+            log.warning(
+                "open files are limited to %d (hard limit): that many idle connections of "
+                "a stranger stop the hub from taking new ones; raise it (LimitNOFILE=)",
+                self.file_limit,
+            )
         while not self.signals.stopping:
             ready = dict(self.poller.poll(self.poll_timeout(time.time())))
             if self.wakeup.read_fd in ready:
@@ -441,6 +452,10 @@ def hub_socket(
     """A bound hub socket; `patience` seconds of retries while a closed one frees its port."""
     sock = context.socket(kind)
     sock.linger = 1000
+    # A connection that has not finished its handshake by then is dropped: a stranger's
+    # idle connections hold descriptors for 10 s, not libzmq's default 30.
+    sock.handshake_ivl = HANDSHAKE_IVL
+    sock.backlog = LISTEN_BACKLOG
     security.server(sock)
     # Past its high-water mark a PUB drops silently (sequence numbers make a drop
     # visible to subscribers, a high mark makes it rare), a ROUTER drops what exceeds

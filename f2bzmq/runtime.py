@@ -7,6 +7,7 @@ import ctypes
 import logging
 import logging.handlers
 import os
+import resource
 import signal
 import sys
 import time
@@ -93,6 +94,19 @@ def try_send_frames(sock: zmq.Socket, frames: list) -> bool:
     except zmq.Again:
         return False
     return True
+
+
+def raise_file_limit() -> int:
+    """Raise the soft limit of open files to the hard one and return it. Every connection
+    holds a descriptor, a stranger's idle ones too: at systemd's default soft limit of
+    1,024 about 1,100 of them left libzmq unable to accept (its I/O thread spinning)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    return soft
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

@@ -4,8 +4,10 @@ at the shipped defaults, and checks the outcome with generous timeouts, never a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -332,3 +334,38 @@ def test_idle_connections_to_the_metrics_port_cost_no_thread_each(tmp_path, keys
         for sock in idle:
             sock.close()
         hub.publisher.stop()
+
+
+def test_idle_connections_of_a_stranger_do_not_shut_nodes_out(tmp_path, keys):
+    """systemd starts a daemon with a soft limit of 1,024 open files: about 1,100 idle
+    connections to the report port left libzmq unable to accept, spinning, and no node
+    could connect until they went away."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 4096:
+        pytest.skip(f"the hard limit of open files here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # what the hub inherits
+    try:
+        hub = start_hub(tmp_path, keys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    idle = []
+    try:
+        for _ in range(1100):
+            with contextlib.suppress(OSError):  # a hub that can't accept leaves them waiting
+                idle.append(socket.create_connection(("127.0.0.1", hub.ports[0]), timeout=0.2))
+        node = NodeClient(hub.ports, keys, "node1")
+        try:
+            node.reports.rcvtimeo = 5000  # well within the 10 s the idle ones may stay
+            assert node.report(ban("198.51.100.3").encode())[1]["outcome"] == "banned"
+        finally:
+            node.close()
+    finally:
+        for sock in idle:
+            sock.close()
+        hub.publisher.stop()
+
+
+def test_the_shipped_units_raise_the_limit_of_open_files():
+    for unit in sorted((Path(__file__).resolve().parent.parent / "systemd").glob("*.service")):
+        limits = [line for line in unit.read_text().splitlines() if line.startswith("LimitNOFILE=")]
+        assert limits and int(limits[0].split("=")[1]) >= 8192, unit.name
