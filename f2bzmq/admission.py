@@ -68,11 +68,15 @@ class Admission:
         self.node_addresses: dict[str, tuple[str, ...]] = {}  # node name -> its addresses
         self.allowlist = self.configured
         self.set_addresses((), {})
-        rate, burst = config.publisher.rate_limit, config.publisher.rate_burst
-        self.buckets = TokenBuckets(rate, burst)  # per node name: one per key
+        rate, burst, peak = (
+            config.publisher.rate_limit,
+            config.publisher.rate_burst,
+            config.publisher.rate_peak,
+        )
+        self.buckets = TokenBuckets(rate, burst, peak=peak)  # per node name: one per key
         # Per address of old monitors, apart: a name they send is not proof of anything,
         # and made-up names must not cost a keyed node its bucket.
-        self.legacy_buckets = TokenBuckets(rate, burst, max_keys=10_000)
+        self.legacy_buckets = TokenBuckets(rate, burst, max_keys=10_000, peak=peak)
         self.legacy_token = config.publisher.legacy_token  # old monitors' secret; "": none
         # The names of the node keys the hub accepts now: the publisher reads them from
         # its authenticator at start and on SIGHUP; none without keys.
@@ -116,9 +120,12 @@ class Admission:
 
     def handle_legacy(
         self, request: list[bytes], peer: str, now: float
-    ) -> tuple[bytes, Update | None]:
+    ) -> tuple[bytes | None, Update | None]:
         """One old monitor's request (the frames after its envelope) from address `peer`:
-        the reply (the report echoed, or the old NAK) and what to broadcast once stored."""
+        the reply (the report echoed, or the old NAK) and what to broadcast once stored.
+        No reply (None) when the sender is past its rate limit: an old monitor never sends
+        a refused report again, so it waits for its answer instead (REQ sends one request
+        at a time), and the shell asks again at `legacy_ready_at`."""
         try:
             report = legacy.parse_report(request, self.legacy_token, self.networks, now)
             event = report.event
@@ -128,6 +135,11 @@ class Admission:
                 raise ProtocolError(f"node {event.node} has a key: it must use it")
             self._authorize(event, None)
             _, update = self._admit(event, legacy_sender(peer), now, self.legacy_buckets)
+        except TryLater as error:
+            self.refusals.warning(
+                f"legacy:{peer}", "holding a legacy report from %s: %s", peer, error
+            )
+            return None, None
         except ProtocolError as error:
             self.counters["refused"] += 1
             # Keyed by the peer's address, not by the reason: that holds the sender's text.
@@ -136,6 +148,10 @@ class Admission:
             )
             return legacy.LEGACY_NAK, None
         return report.echo, update
+
+    def legacy_ready_at(self, peer: str, now: float) -> float:
+        """When an old monitor at `peer`, held back by its rate limit, may be heard again."""
+        return self.legacy_buckets.ready_at(legacy_sender(peer), now)
 
     def set_addresses(self, hubs: Iterable[str], nodes: dict[str, Iterable[str]]) -> None:
         """The hubs' own addresses and where each node connects from, as the shell learns

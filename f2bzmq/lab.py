@@ -406,7 +406,7 @@ def write_config(
             "loglevel": "DEBUG",
         },
         "monitor": {"start_at": "beginning", "ack_timeout": "2"},
-        "publisher": {"heartbeat_interval": "0.5", "rate_burst": "10000"},
+        "publisher": {"heartbeat_interval": "0.5"},
         "subscriber": {"heartbeat_timeout": "3"},
     }
     for section, values in extra.items():

@@ -92,6 +92,10 @@ RECEIVE_HWM = 16  # chunks of up to 8 kB queued per connection before libzmq sto
 # Messages queued per old subscriber, each one pass of the hub's updates in the old format
 # (at most 1,000 of about 60 bytes): old subscribers can't see a drop, let alone recover.
 LEGACY_SEND_HWM = 256
+# Reports held while their senders are past the rate limit: an old monitor waits for its
+# answer (REQ sends one request at a time) and never sends a refused report again, so a
+# burst of it is held, not refused. Past this many, the old NAK.
+MAX_HELD = 1000
 
 
 @dataclass
@@ -103,6 +107,17 @@ class Connection:
     opened: float
     last: float  # when it last sent a whole message
     subscriptions: set[bytes] = field(default_factory=set)
+
+
+@dataclass
+class Held:
+    """An old monitor's report: judged now, or held until its sender's rate limit allows."""
+
+    ident: bytes  # its connection
+    delimited: bool  # sent by REQ: the reply goes behind an empty frame too
+    message: Message
+    address: str
+    until: float = 0.0
 
 
 class PlainPeers:
@@ -205,11 +220,14 @@ class LegacyEndpoints:
         self,
         context: zmq.Context,
         settings: PublisherSettings,
-        judge: Callable[[list[bytes], str, float], tuple[bytes, Update | None]],
+        judge: Callable[[list[bytes], str, float], tuple[bytes | None, Update | None]],
         commit: Callable[[zmq.Socket | None, list[list[bytes]], list[Update], str], None],
+        ready_at: Callable[[str, float], float],
     ) -> None:
         self.judge = judge
         self.commit = commit
+        self.ready_at = ready_at  # when a sender held back by its rate limit may go on
+        self.held: list[Held] = []  # reports waiting for their sender's turn, oldest first
         report_binds = settings.legacy_report_bind
         publish_binds = settings.legacy_publish_bind
         # Old monitors use REQ; the hub answers many of them from its one poll loop.
@@ -251,6 +269,8 @@ class LegacyEndpoints:
     def handle(self, ready: dict) -> None:
         """What the poll found on the legacy sockets, and the connections' timers."""
         now = time.time()
+        if self.held:
+            self.handle_held(now)
         if self.reports and self.reports.socket in ready:
             self.handle_reports(now)
         if self.broadcaster and self.broadcaster.socket in ready:
@@ -262,24 +282,52 @@ class LegacyEndpoints:
                     peers.expire(now)
 
     def handle_reports(self, now: float | None = None) -> None:
-        """Answer every waiting old report, once the accepted ones are committed; broadcast."""
+        """Answer every waiting old report, once the accepted ones are committed; broadcast.
+        A report past its sender's rate limit is held and answered when its turn comes."""
         now = time.time() if now is None else now
-        replies: list[tuple[bytes, bool, bytes]] = []
+        requests = [
+            Held(ident, message.frames[:1] == [b""], message, connection.address)
+            for ident, connection, message in self.reports.receive(now)
+        ]
+        self._answer(requests, now)
+
+    def _answer(self, requests: list[Held], now: float) -> None:
+        replies: list[tuple[Held, bytes]] = []
         updates: list[Update] = []
-        for ident, connection, message in self.reports.receive(now):
-            delimited = message.frames[:1] == [b""]  # REQ's envelope: an empty frame first
-            request = message.frames[1:] if delimited else message.frames
-            if message.dropped:
+        for held in requests:
+            frames = held.message.frames
+            request = frames[1:] if held.delimited else frames  # REQ's envelope: b"" first
+            if held.message.dropped:
                 request = [*request, b""]  # what it held beyond is refused all the same
-            reply, update = self.judge(request, connection.address, now)
-            replies.append((ident, delimited, reply))
+            reply, update = self.judge(request, held.address, now)
+            if reply is None and len(self.held) < MAX_HELD:
+                held.until = self.ready_at(held.address, now)
+                self.held.append(held)
+                continue
+            replies.append((held, reply or LEGACY_NAK))
             if update is not None:
                 updates.append(update)
         if not replies:
             return
         self.commit(None, [], updates, " (legacy report)")
-        for ident, delimited, reply in replies:
-            self.reports.send(ident, message_bytes([b"", reply] if delimited else [reply]))
+        for held, reply in replies:
+            data = message_bytes([b"", reply] if held.delimited else [reply])
+            self.reports.send(held.ident, data)
+
+    def handle_held(self, now: float) -> None:
+        """Judge again the held reports whose senders' turn has come, oldest first."""
+        due = [held for held in self.held if held.until <= now]
+        if not due:
+            return
+        self.held = [held for held in self.held if held.until > now]
+        live = self.reports.connections
+        self._answer([held for held in due if held.ident in live], now)
+
+    def wait_seconds(self, now: float) -> float | None:
+        """How soon a held report may be answered; None when none is held."""
+        if not self.held:
+            return None
+        return max(0.0, min(held.until for held in self.held) - now)
 
     def handle_subscriptions(self, now: float) -> None:
         """Old subscribers' subscriptions: a message of \x01 + prefix, or \x00 + prefix to

@@ -103,7 +103,11 @@ class Publisher:
         self.bind_sockets()
         # fail2ban-zmq-tools' format, when configured
         self.legacy = LegacyEndpoints(
-            self.context, config.publisher, self.admission.handle_legacy, self.finish_batch
+            self.context,
+            config.publisher,
+            self.admission.handle_legacy,
+            self.finish_batch,
+            self.admission.legacy_ready_at,
         )
         self.wakeup = Wakeup()
         self.signals = StopSignals(self.wakeup)
@@ -163,12 +167,14 @@ class Publisher:
         self.close()
 
     def poll_timeout(self, now: float) -> int:
-        """Milliseconds until the next timer: a heartbeat, an expiry, or soon while a
-        snapshot or replies wait for a peer to read (its queue empties as it does)."""
+        """Milliseconds until the next timer: a heartbeat, an expiry, a held old report's
+        turn, or soon while a snapshot or replies wait for a peer to read (its queue
+        empties as it does)."""
         deadline = min(self.next_hugz, self.table.next_expiry() or now + 3600)
         wait = 0.01 if self.replies.peers else self.snapshot_queue.wait_seconds(now)
-        if wait is not None:
-            deadline = min(deadline, now + wait)
+        for then in (wait, self.legacy.wait_seconds(now)):
+            if then is not None:
+                deadline = min(deadline, now + then)
         return max(0, int((deadline - now) * 1000)) + 1
 
     def learn_addresses(self) -> None:

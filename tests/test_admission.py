@@ -296,16 +296,18 @@ def legacy(admission: Admission, name: str, ip: str, peer=PEER, action="Ban") ->
 
 
 def test_old_monitors_are_throttled_by_their_address_not_the_name_they_send():
-    """The name is the sender's word: a made-up one must not buy a fresh bucket."""
+    """The name is the sender's word: a made-up one must not buy a fresh bucket. A
+    throttled old monitor gets no answer yet (None): it waits, and loses nothing."""
     admission = hub(authorized=(), rate_limit="0.1", rate_burst="3")
     replies = [legacy(admission, "oldweb", f"198.51.100.{n}") for n in range(30, 35)]
     assert replies[:3] == [f"oldweb|sshd|Ban|198.51.100.{n}".encode() for n in range(30, 33)]
-    assert replies[3:] == [LEGACY_NAK] * 2
-    assert legacy(admission, "other", "198.51.100.36") == LEGACY_NAK
-    assert legacy(admission, "other", "198.51.100.36", peer="192.0.2.201") != LEGACY_NAK
+    assert replies[3:] == [None, None]
+    assert legacy(admission, "other", "198.51.100.36") is None
+    assert admission.legacy_ready_at(PEER, NOW) == NOW + 10  # a token at 0.1 events/s
+    assert legacy(admission, "other", "198.51.100.36", peer="192.0.2.201") is not None
     # One host holds a whole IPv6 /64: it is one sender.
     v6 = [legacy(admission, "v6web", f"198.51.100.{n}", peer=f"2001:db8::{n}") for n in range(4)]
-    assert v6.count(LEGACY_NAK) == 1
+    assert v6.count(None) == 1
 
 
 def test_made_up_names_neither_grow_the_hub_nor_refill_a_keyed_nodes_bucket():
