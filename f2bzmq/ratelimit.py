@@ -29,9 +29,17 @@ class TokenBuckets:
         """Take `cost` tokens (at most a burst) from key's buckets; False when either has
         fewer (and then neither gives any)."""
         tokens, quick, at = self.buckets.get(key, (self.burst, self.peak, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
-        quick = min(self.peak, quick + (now - at) * self.peak)
-        cost = min(cost, self.burst, self.peak)
+        # On every event: comparisons, not min(), which costs a call each.
+        elapsed = now - at
+        if elapsed > 0:  # (an infinite peak times no time would be NaN)
+            tokens += elapsed * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
+            quick += elapsed * self.peak
+            if quick > self.peak:
+                quick = self.peak
+        if cost != 1.0:
+            cost = min(cost, self.burst, self.peak)
         allowed = tokens >= cost and quick >= cost
         if allowed:
             tokens -= cost
