@@ -89,6 +89,9 @@ MAX_SUBSCRIPTIONS = 16  # subscriptions kept per old subscriber
 MAX_CONNECTIONS = 1024
 MAX_PER_ADDRESS = 32
 RECEIVE_HWM = 16  # chunks of up to 8 kB queued per connection before libzmq stops reading
+# Chunks read per pass of the hub: each is parsed here in Python (a stranger's message of
+# 60,000 frames is 240 MB of them), and the nodes' reports wait for the pass to end.
+CHUNKS_PER_PASS = 64
 # Messages queued per old subscriber, each one pass of the hub's updates in the old format
 # (at most 1,000 of about 60 bytes): old subscribers can't see a drop, let alone recover.
 LEGACY_SEND_HWM = 256
@@ -148,7 +151,7 @@ class PlainPeers:
 
     def receive(self, now: float) -> Iterator[tuple[bytes, Connection, Message]]:
         """Every whole message waiting, with its connection; opens and closes connections."""
-        for frames in drain(self.socket, DRAIN_LIMIT, copy=False, max_frames=2):
+        for frames in drain(self.socket, CHUNKS_PER_PASS, copy=False, max_frames=2):
             ident, data = frames[0].bytes, frames[-1].bytes
             connection = self.connections.get(ident)
             if connection is None:
