@@ -169,7 +169,7 @@ def cluster_run(root: Path, action: str, args: argparse.Namespace) -> dict:
             size=args.nodes + 1,
             fail2ban=lambda node: {"jails": sync_jail(action), "netns": namespaces.add(node)},
             general={"loglevel": "INFO"},
-            publisher={"rate_limit": "1000000", "rate_burst": "1000000"},
+            publisher={"rate_limit": "1000000", "rate_burst": "1000000", "rate_peak": "1000000"},
         )
         with cluster:
             for node in cluster.nodes.values():

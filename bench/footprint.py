@@ -132,7 +132,12 @@ def measure(root: Path, idle_seconds: float, burst: int, neighbour: tuple[int, f
         general={"loglevel": "INFO"},
         # The shipped defaults: the lab's are shorter, to make its tests quick.
         monitor={"ack_timeout": "5"},
-        publisher={"heartbeat_interval": "1", "rate_limit": "100000", "rate_burst": "100000"},
+        publisher={
+            "heartbeat_interval": "1",
+            "rate_limit": "100000",
+            "rate_burst": "100000",
+            "rate_peak": "100000",
+        },
         subscriber={"heartbeat_timeout": "5"},
     )
     # The naive followers end by themselves at the latest then.

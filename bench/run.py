@@ -1,7 +1,7 @@
 """The whole benchmark suite in one command: every table, and one JSON file with every figure.
 
 Runs each benchmark of this folder as its own process (propagation, throughput,
-footprint, scale, and burst when present), with its full settings, or with
+footprint, scale, hostile, and burst when present), with its full settings, or with
 `--quick` a small version of each that runs in a minute or two (what CI runs to
 keep them working). Each prints its table as it finishes; the JSON file holds the
 machine and each benchmark's figures, or why it failed.
@@ -49,6 +49,8 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
         ["--nodes", "1"],
         ["--count", "100", "--nodes", "1", "--actions", "none"],
     ),
+    # The hub under each flood a stranger or one node can send, beside the quiet baseline.
+    "hostile": ([], ["--seconds", "1", "--connections", "1000", "--frames", "5000"]),
 }
 TIMEOUT = {False: 3 * 3600.0, True: 300.0}  # seconds one benchmark may take
 STOP_GRACE = 60.0  # seconds a benchmark has to clean up after Ctrl-C
@@ -110,6 +112,22 @@ def headline(name: str, result: dict) -> str:
         return (
             f"peak RSS {peak:.1f} MB; idle monitor CPU {monitor['idle_cpu_percent']:.2f} %,"
             f" {monitor['neighbour_cpu_percent']:.2f} % next to a busy log"
+        )
+    if name == "hostile":
+        floods = result["floods"]
+        quiet = floods["quiet"]["propagation_ms"]["p99"]
+        worst = max(
+            (figures for key, figures in floods.items() if key != "quiet"),
+            key=lambda figures: figures["propagation_ms"]["p99"],
+        )
+        growth = max(
+            figures["rss_peak_mb"] - figures["rss_before_mb"]
+            for key, figures in floods.items()
+            if key != "quiet"
+        )
+        return (
+            f"quiet p99 {quiet:.1f} ms, worst flood p99 {worst['propagation_ms']['p99']:.1f} ms;"
+            f" largest hub RSS growth {growth:.0f} MB"
         )
     if name == "scale":
         return "; ".join(

@@ -588,6 +588,7 @@ def measure(
         publisher={
             "rate_limit": "1000000",
             "rate_burst": "10000000",
+            "rate_peak": "10000000",
             # No heartbeat during the run: every message a subscriber counts is an update.
             "heartbeat_interval": "3600",
             # Deep queues: the run measures delivery, not the drop-and-snapshot recovery

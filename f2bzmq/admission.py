@@ -11,10 +11,12 @@ means stored, and every rule is tested without a process.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from collections.abc import Iterable
 
 from . import legacy, protocol
-from .addresses import Allowlist
+from .addresses import SPECIAL_PURPOSE, Allowlist, special_purpose
 from .config import Config
 from .metrics import DelayHistogram
 from .protocol import BanEvent, ProtocolError
@@ -30,6 +32,27 @@ log = logging.getLogger("f2bzmq.admission")
 FRESH_RESERVE = 0.1
 
 
+MAX_NODES = 1000  # names without a key the hub remembers (and `status` lists)
+
+
+def legacy_sender(peer: str | None) -> str:
+    """Whose bucket an old monitor's report is paid from: its address, an IPv6 one by its
+    /64, which one host can fill with addresses."""
+    if peer and ":" in peer:
+        try:
+            return f"{ipaddress.IPv6Network((peer, 64), strict=False)}"
+        except ValueError:
+            pass
+    return peer or "an unknown address"
+
+
+def _network(address: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An address as the one-address network bans are compared with: ::ffff:a.b.c.d is
+    a.b.c.d, as fail2ban and the wire have it."""
+    parsed = ipaddress.ip_address(address.partition("%")[0])
+    return ipaddress.ip_network(getattr(parsed, "ipv4_mapped", None) or parsed)
+
+
 class TryLater(ProtocolError):
     """A refusal for now, not for good: the monitor keeps the event and sends it again."""
 
@@ -40,9 +63,26 @@ class Admission:
     def __init__(self, config: Config, table: BanTable) -> None:
         self.table = table  # the cluster's bans: where an admitted event goes
         self.networks = config.network_limits()  # how wide a banned network may be
-        self.allowlist = Allowlist(config.publisher.allowlist)  # never banned, whoever asks
-        self.buckets = TokenBuckets(config.publisher.rate_limit, config.publisher.rate_burst)
-        self.reserve = FRESH_RESERVE * config.publisher.rate_burst  # tokens re-reports leave
+        # Never banned, whoever asks: the configured networks, and if the setting says so
+        # the special-purpose ranges and the hubs' and nodes' addresses, which the shell
+        # tells (`set_addresses`), in `allowlist`, one look-up for them all.
+        self.setting = config.publisher.allowlist
+        self.configured = Allowlist(self.setting.networks)
+        self.special = Allowlist(net for net, _ in SPECIAL_PURPOSE if self.setting.special_purpose)
+        self.hub_addresses: tuple[str, ...] = ()
+        self.node_addresses: dict[str, tuple[str, ...]] = {}  # node name -> its addresses
+        self.allowlist = self.configured
+        self.set_addresses((), {})
+        rate, burst, peak = (
+            config.publisher.rate_limit,
+            config.publisher.rate_burst,
+            config.publisher.rate_peak,
+        )
+        self.buckets = TokenBuckets(rate, burst, peak=peak)  # per node name: one per key
+        # Per address of old monitors, apart: a name they send is not proof of anything,
+        # and made-up names must not cost a keyed node its bucket.
+        self.legacy_buckets = TokenBuckets(rate, burst, max_keys=10_000, peak=peak)
+        self.reserve = FRESH_RESERVE * burst  # tokens re-reports leave
         # Why the hub can't take events now (its store fails): each gets a retry NAK.
         self.unavailable: str | None = None
         self.legacy_token = config.publisher.legacy_token  # old monitors' secret; "": none
@@ -52,7 +92,9 @@ class Admission:
         self.refusals = RateLimitedLog(log)
         # reports: messages from monitors, each of one or more events
         self.counters = {"reports": 0, "accepted": 0, "refused": 0, "duplicates": 0}
-        self.last_report: dict[str, float] = {}  # node name -> when it last reported
+        # node name -> when it last reported; past MAX_NODES names the first-seen name
+        # without a key (old monitors, a hub without keys) makes room, keyed nodes stay.
+        self.last_report: dict[str, float] = {}
         self.accept_delays = DelayHistogram()  # the origin's Ban line -> admitted here
 
     def handle_report(
@@ -87,9 +129,12 @@ class Admission:
 
     def handle_legacy(
         self, request: list[bytes], peer: str, now: float
-    ) -> tuple[bytes, Update | None]:
+    ) -> tuple[bytes | None, Update | None]:
         """One old monitor's request (the frames after its envelope) from address `peer`:
-        the reply (the report echoed, or the old NAK) and what to broadcast once stored."""
+        the reply (the report echoed, or the old NAK) and what to broadcast once stored.
+        No reply (None) when the sender is past its rate limit: an old monitor never sends
+        a refused report again, so it waits for its answer instead (REQ sends one request
+        at a time), and the shell asks again at `legacy_ready_at`."""
         try:
             report = legacy.parse_report(request, self.legacy_token, self.networks, now)
             event = report.event
@@ -98,7 +143,12 @@ class Admission:
                 # be borrowed on the plain one.
                 raise ProtocolError(f"node {event.node} has a key: it must use it")
             self._authorize(event, None)
-            _, update = self._admit(event, event.node, now)
+            _, update = self._admit(event, legacy_sender(peer), now, buckets=self.legacy_buckets)
+        except TryLater as error:
+            self.refusals.warning(
+                f"legacy:{peer}", "holding a legacy report from %s: %s", peer, error
+            )
+            return None, None
         except ProtocolError as error:
             self.counters["refused"] += 1
             # Keyed by the peer's address, not by the reason: that holds the sender's text.
@@ -108,6 +158,42 @@ class Admission:
             return legacy.LEGACY_NAK, None
         return report.echo, update
 
+    def legacy_ready_at(self, peer: str, now: float) -> float:
+        """When an old monitor at `peer`, held back by its rate limit, may be heard again."""
+        return self.legacy_buckets.ready_at(legacy_sender(peer), now)
+
+    def set_addresses(self, hubs: Iterable[str], nodes: dict[str, Iterable[str]]) -> None:
+        """The hubs' own addresses and where each node connects from, as the shell learns
+        them: each kept out of bans as far as the allowlist setting names it."""
+        self.hub_addresses = tuple(hubs) if self.setting.hubs else ()
+        self.node_addresses = (
+            {node: tuple(addresses) for node, addresses in nodes.items()}
+            if self.setting.nodes
+            else {}
+        )
+        learned = [*self.hub_addresses, *(a for ips in self.node_addresses.values() for a in ips)]
+        self.allowlist = Allowlist(
+            [*self.configured.networks, *self.special.networks, *map(_network, learned)]
+        )
+
+    def _never_banned(self, ip: str) -> str:
+        """Why the allowlist holds `ip`, for the NAK and the log."""
+        if self.configured.covers(ip):
+            return f"{ip} is in the hub's allowlist"
+        verb = "holds" if "/" in ip else "is"
+        kind = special_purpose(ip) if self.setting.special_purpose else None
+        if kind:
+            return f"{ip} {verb} a special-purpose address ({kind})"
+        learned = [(address, "a hub's address") for address in self.hub_addresses]
+        for node, addresses in self.node_addresses.items():
+            learned += [(address, f"the address of node {node}") for address in addresses]
+        for address, whose in learned:
+            network = _network(address)
+            if Allowlist([network]).covers(ip):
+                which = "" if ip == str(network.network_address) else f" ({address})"
+                return f"{ip} {verb} {whose}{which}"
+        return f"{ip} is in the hub's allowlist"
+
     def _authorize(self, event: BanEvent, user: str | None) -> None:
         """Who may report what: raise ProtocolError saying why not."""
         if user is not None:
@@ -116,20 +202,35 @@ class Admission:
             if event.node != user:
                 raise ProtocolError(f"node {event.node!r} reported with the key of {user!r}")
         if event.action == protocol.BAN and self.allowlist.covers(event.ip):
-            raise ProtocolError(f"{event.ip} is in the hub's allowlist")
+            raise ProtocolError(self._never_banned(event.ip))
 
     def _admit(
-        self, event: BanEvent, sender: str, now: float, keep: float = 0.0
+        self,
+        event: BanEvent,
+        sender: str,
+        now: float,
+        keep: float = 0.0,
+        buckets: TokenBuckets | None = None,
     ) -> tuple[Outcome, Update | None]:
         """An authorized event into the table, paid for from `sender`'s bucket if it changes
-        anything there (leaving `keep` tokens in it)."""
+        anything there (leaving `keep` tokens in it). An old monitor (`buckets` the legacy
+        ones) never lifts a keyed node's ban."""
         if self.unavailable is not None:
             raise TryLater(self.unavailable)
-        if self.table.changes(event, now) and not self.buckets.allow(sender, now, keep):
-            rate = self.buckets.rate
-            raise TryLater(f"rate limit: node {event.node} sends more than {rate:g} events/s")
-        outcome, update = self.table.apply(event, now)
-        self.last_report[event.node] = now
+        changes = self.table.changes(event, now)
+        if buckets is None:
+            if changes and not self.buckets.allow(sender, now, keep=keep):
+                rate = self.buckets.rate
+                raise TryLater(f"rate limit: node {event.node} sends more than {rate:g} events/s")
+            outcome, update = self.table.apply(event, now)
+        else:
+            if changes and not buckets.allow(sender, now, keep=keep):
+                raise TryLater(f"rate limit: {sender} sends more than {buckets.rate:g} events/s")
+            outcome, update = self.table.apply(event, now, self.authorized)
+        last = self.last_report
+        last[event.node] = now
+        if len(last) > MAX_NODES:
+            self._forget_a_name()
         if outcome is Outcome.DUPLICATE:
             self.counters["duplicates"] += 1
         else:
@@ -138,6 +239,13 @@ class Admission:
         if update is None:
             log.debug("%s: %s", event.describe(), outcome.value)
         return outcome, update
+
+    def _forget_a_name(self) -> None:
+        """The first-seen name without a key goes: made-up names can't grow the status."""
+        for name in self.last_report:
+            if name not in self.authorized:
+                del self.last_report[name]
+                return
 
     def _refuse(self, event_id: str, error: ProtocolError, user: str | None) -> bytes:
         """A NAK body with the reason, logged at a bounded rate."""

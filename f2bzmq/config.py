@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
+from .addresses import SPECIAL_PURPOSE
 from .oldkeys import rename_old_keys
 from .protocol import WIRE_LIMITS, NetworkLimits, ProtocolError, check_name
 
@@ -221,7 +222,10 @@ def _hosts(value: str) -> list[str]:
     return hosts
 
 
-def _networks(value: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+def _networks(value: str) -> list[Network]:
     networks = []
     for word in _words(value):
         try:
@@ -229,6 +233,30 @@ def _networks(value: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]
         except ValueError:
             raise ValueError(f"{word!r} is not an address or CIDR network") from None
     return networks
+
+
+@dataclass(frozen=True)
+class HubAllowlist:
+    """`[publisher] allowlist`: networks, and the words standing for addresses the hub
+    learns: the special-purpose ranges, the hubs' own addresses, where nodes connect from."""
+
+    networks: tuple[Network, ...] = ()
+    special_purpose: bool = False
+    hubs: bool = False
+    nodes: bool = False
+
+
+_ALLOWLIST_WORDS = {"special-purpose", "hubs", "nodes"}
+
+
+def _hub_allowlist(value: str) -> HubAllowlist:
+    words = {word for word in _words(value) if word in _ALLOWLIST_WORDS}
+    networks = [word for word in _words(value) if word not in _ALLOWLIST_WORDS]
+    try:
+        parsed = tuple(_networks(" ".join(networks)))
+    except ValueError as error:
+        raise ValueError(f"{error} (nor special-purpose, hubs or nodes)") from None
+    return HubAllowlist(parsed, "special-purpose" in words, "hubs" in words, "nodes" in words)
 
 
 def _jail_names(value: str) -> list[str]:
@@ -320,9 +348,6 @@ def _key(default: str, parse: Callable[[str], Any]) -> Any:
     return field(metadata={"default": default, "parse": parse})
 
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-
-
 @dataclass(frozen=True)
 class GeneralSettings:
     """[general]: what every role on every server shares."""
@@ -368,9 +393,10 @@ class PublisherSettings:
     heartbeat_interval: float = _key("1", _duration(float, 0.05, 3600))
     send_hwm: int = _key("1000", _number(int, 10, 10**7))
     allow_networks: bool = _key("true", _bool)
-    allowlist: list[Network] = _key("127.0.0.0/8 ::1/128", _networks)
+    allowlist: HubAllowlist = _key("127.0.0.0/8 ::1/128 special-purpose hubs nodes", _hub_allowlist)
     rate_limit: float = _key("50", _number(float, 0.1, 10**6))
-    rate_burst: int = _key("10000", _number(int, 1, 10**7))
+    rate_burst: int = _key("20000", _number(int, 1, 10**7))
+    rate_peak: float = _key("2000", _number(float, 1, 10**7))
     allow_foreign_unban: bool = _key("false", _bool)
     rebuild_window: float = _key("5m", _duration(float, 0, 86400))
     legacy_report_bind: list[str] = _key("", _endpoints)
@@ -385,9 +411,7 @@ class SubscriberSettings:
 
     allowlist: list[Network] = _key("127.0.0.0/8 ::1/128", _networks)
     special_ranges: list[Network] = _key(
-        "0.0.0.0/8 127.0.0.0/8 169.254.0.0/16 224.0.0.0/4 240.0.0.0/4 "
-        "::/128 ::1/128 fe80::/10 ff00::/8",
-        _networks,
+        " ".join(str(network) for network, _ in SPECIAL_PURPOSE), _networks
     )
     batch_size: int = _key("2000", _number(int, 1, 10000))
     heartbeat_timeout: float = _key("5", _duration(float, 0.1, 3600))

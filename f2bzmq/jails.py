@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Union
 
 from . import protocol
-from .addresses import Allowlist
+from .addresses import Allowlist, special_purpose
 from .fail2ban_client import Fail2banClient, Fail2banError
 from .metrics import DelayHistogram
 from .protocol import ANY_NETWORK, BanEvent, NetworkLimits, ProtocolError
@@ -94,26 +94,6 @@ def fail2ban_address(ip: str) -> str:
     except OSError:
         return ip
     return socket.inet_ntop(socket.AF_INET6, packed) + slash + prefix
-
-
-# Special-purpose ranges (RFC 6890, RFC 4291): no attacker's packets come from them, and
-# a ban of one would cut this node off from itself, its own link or multicast. The default
-# of [subscriber] special_ranges is exactly these; the names are for the log.
-SPECIAL_PURPOSE: dict[str, tuple[str, ...]] = {
-    "unspecified": ("0.0.0.0/8", "::/128"),
-    "loopback": ("127.0.0.0/8", "::1/128"),
-    "link-local": ("169.254.0.0/16", "fe80::/10"),
-    "multicast": ("224.0.0.0/4", "ff00::/8"),
-    "reserved and broadcast": ("240.0.0.0/4",),
-}
-
-
-def special_purpose(ip: str) -> str | None:
-    """The name of the special-purpose range that holds (or overlaps) `ip`, if any."""
-    for name, ranges in SPECIAL_PURPOSE.items():
-        if Allowlist(ipaddress.ip_network(text) for text in ranges).covers(ip):
-            return name
-    return None
 
 
 class LocalPolicy:

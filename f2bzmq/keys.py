@@ -16,14 +16,15 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from .protocol import ProtocolError, check_name
+from .runtime import RateLimitedLog
 
 log = logging.getLogger("f2bzmq.keys")
 
@@ -111,49 +112,127 @@ def authorized_nodes(directory: str | os.PathLike) -> dict[bytes, str]:
     return nodes
 
 
-class NodeAuthenticator(ThreadAuthenticator):
-    """ZAP in a thread: only known node keys get in, and the node name becomes the User-Id.
-    The hub key gets in too, as User-Id "hub": a peer hub taking this hub's table. It is no
-    node's name, so it can't report."""
+def fingerprint(public: bytes) -> str:
+    """How logs and `status` name a public key: its z85 text, as NODE.key writes it, so
+    `grep -l` finds its file in nodes/."""
+    return public.decode("ascii", "replace")
 
-    # Declared for pyzmq < 25 (Debian 12's 24), whose ThreadAuthenticator keeps only
-    # declared attributes and hands any other to the Authenticator its thread runs.
-    nodes_dir: str | os.PathLike
-    hub_key: bytes | None
-    nodes: dict[bytes, str]  # z85 public key -> node name
-    names: set[str]
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks, for every socket of the context
+MAX_NODE_ADDRESSES = 8  # addresses remembered per node: the latest it connected from
+
+
+class NodeAuthenticator(threading.Thread):
+    """ZAP (rfc.zeromq.org/spec/27) in a thread of its own: only known node keys get in, the
+    node name becomes the User-Id, and the addresses each node connects from are noted.
+
+    libzmq asks on every handshake, a stranger's too, so a request costs little here:
+    plain sockets and a dict look-up, no event loop, no line logged per request (a
+    refused key is logged once a minute per address). The thread takes the GIL from the
+    hub's loop for every request; pyzmq's ThreadAuthenticator spent several times as long.
+    """
 
     def __init__(
         self, context: zmq.Context, nodes_dir: str | os.PathLike, hub_key: bytes | None = None
     ) -> None:
-        super().__init__(context, log=logging.getLogger("f2bzmq.zap"))
+        super().__init__(name="f2bzmq-zap", daemon=True)
+        self.context = context
         self.nodes_dir = nodes_dir
-        self.hub_key = hub_key  # z85 public key of the hubs
-        self.nodes = {}
-        self.names = set()
+        # The hubs' public key (z85): it gets in as User-Id "hub", a peer hub taking this
+        # hub's table. That is no node's name, so it can't report.
+        self.hub_key = hub_key
+        self.nodes: dict[bytes, str] = {}  # z85 public key -> node name
+        self.names: set[str] = set()
+        self.lock = threading.Lock()  # over `addresses` and `generation`
+        self.addresses: dict[str, dict[str, None]] = {}  # node -> addresses, latest last
+        self.generation = 0  # counts changes of `addresses`, for the hub's loop to compare
+        self.refusals = RateLimitedLog(log)
+        self.pipe_endpoint = f"inproc://f2bzmq-zap-stop-{id(self)}"
+        self.pipe: zmq.Socket | None = None  # the hub's end of the stop pipe
 
     def start(self) -> None:
-        super().start()
+        """Read the keys and answer ZAP before returning: a CURVE server socket bound before
+        the authenticator listens accepts any key."""
         self.reload()
-        self.configure_curve_callback("*", credentials_provider=self)
-        # pyzmq >= 25 runs this object in the thread; pyzmq < 25 a plain Authenticator,
-        # which must ask us for the User-Id, or every node would report without a name.
-        running = self.thread.authenticator
-        if running is not self:
-            running.curve_user_id = self.curve_user_id
+        # Made here, handed to the thread: libzmq's own threads, which block every signal,
+        # then start before this one, which takes a SIGTERM the kernel gives it.
+        self.zap = self.context.socket(zmq.REP)
+        self.zap.linger = 0
+        self.zap.bind(ZAP_ENDPOINT)
+        self.stopper = self.context.socket(zmq.PAIR)
+        self.stopper.linger = 0
+        self.stopper.bind(self.pipe_endpoint)
+        self.pipe = self.context.socket(zmq.PAIR)
+        self.pipe.linger = 0
+        self.pipe.connect(self.pipe_endpoint)
+        super().start()
+
+    def stop(self) -> None:
+        if self.pipe is not None:
+            self.pipe.send(b"stop")
+            self.join(10)
+            self.pipe.close()
+            self.pipe = None
 
     def reload(self) -> int:
         """Read the node keys again (SIGHUP): a removed key is shut out from the next handshake."""
         nodes = authorized_nodes(self.nodes_dir)
         self.nodes, self.names = nodes, set(nodes.values())
+        with self.lock:
+            for name in set(self.addresses) - self.names:
+                del self.addresses[name]
+            self.generation += 1
         return len(nodes)
 
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.nodes or key == self.hub_key
+    def node_addresses(self) -> dict[str, tuple[str, ...]]:
+        """Where each node has connected from, the latest MAX_NODE_ADDRESSES each."""
+        with self.lock:
+            return {name: tuple(seen) for name, seen in self.addresses.items()}
 
-    def curve_user_id(self, client_public_key: bytes) -> str:
-        key = zmq.utils.z85.encode(client_public_key)
-        return HUB if key == self.hub_key and key not in self.nodes else self.nodes.get(key, "")
+    def run(self) -> None:
+        zap, stopper = self.zap, self.stopper
+        poller = zmq.Poller()
+        poller.register(zap, zmq.POLLIN)
+        poller.register(stopper, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if stopper in ready:
+                    return
+                if zap in ready:
+                    zap.send_multipart(self.answer(zap.recv_multipart()))
+        finally:
+            zap.close()
+            stopper.close()
+
+    def answer(self, request: list[bytes]) -> list[bytes]:
+        """The reply to one ZAP request: [version, id, status, text, user id, metadata]."""
+        if len(request) < 6 or request[0] != b"1.0":
+            request_id = request[1] if len(request) > 1 else b""
+            return [b"1.0", request_id, b"400", b"bad request", b"", b""]
+        request_id, address, mechanism = request[1], request[3], request[5]
+        curve = mechanism == b"CURVE" and len(request) == 7
+        key = zmq.utils.z85.encode(request[6]) if curve else b""
+        name = self.nodes.get(key)
+        peer = address.decode("ascii", "replace")
+        if name is None and key and key == self.hub_key:
+            return [b"1.0", request_id, b"200", b"OK", HUB.encode(), b""]
+        if name is None:
+            what = f"unknown key {fingerprint(key)}" if key else f"mechanism {mechanism!r}"
+            self.refusals.warning(f"zap {peer}", "refused a connection from %s: %s", peer, what)
+            return [b"1.0", request_id, b"400", b"unknown key", b"", b""]
+        self._connected(name, peer)
+        return [b"1.0", request_id, b"200", b"OK", name.encode(), b""]
+
+    def _connected(self, name: str, address: str) -> None:
+        with self.lock:
+            seen = self.addresses.setdefault(name, {})
+            if address in seen:
+                return
+            seen[address] = None
+            if len(seen) > MAX_NODE_ADDRESSES:
+                del seen[next(iter(seen))]
+            self.generation += 1
 
 
 class Security:

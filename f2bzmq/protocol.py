@@ -598,11 +598,24 @@ def encode_snapshot(
     starts = range(0, len(events), SNAPSHOT_EVENTS) or [0]
     for number, start in enumerate(starts):
         last = number == len(starts) - 1
-        header = {"publisher": instance, "seq": sequence, "part": number, "last": last}
-        if young:
-            header["young"] = True
-        body = event_list(events[start : start + SNAPSHOT_EVENTS])
-        yield [PROTOCOL, SNAPSHOT, encode_object(header), body]
+        part = events[start : start + SNAPSHOT_EVENTS]
+        yield encode_snapshot_part(instance, sequence, number, last, part, young)
+
+
+def encode_snapshot_part(
+    instance: str,
+    sequence: int,
+    number: int,
+    last: bool,
+    events: Iterable[BanEvent],
+    young: bool = False,
+) -> list[bytes]:
+    """Part `number` of a snapshot at `sequence` (SNAPSHOT_EVENTS events at most), from a
+    hub whose table is still `young` (rebuilt after it lost its state)."""
+    header = {"publisher": instance, "seq": sequence, "part": number, "last": last}
+    if young:
+        header["young"] = True
+    return [PROTOCOL, SNAPSHOT, encode_object(header), event_list(events)]
 
 
 def decode_snapshot_part(

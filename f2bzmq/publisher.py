@@ -12,15 +12,17 @@ store (a full disk) is answered with retry NAKs: the monitors keep those events.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
+import socket
 import sqlite3
 import time
 from pathlib import Path
 
 import zmq
 
-from . import legacy, protocol
+from . import protocol
 from .admission import Admission
 from .config import Config
 from .control import ControlSocket
@@ -38,9 +40,12 @@ from .runtime import (
     clock,
     drain,
     log_problems,
+    raise_file_limit,
+    release_memory,
     send_frames,
     try_send_frames,
 )
+from .snapshots import SnapshotQueue
 from .state import StateStore, Update
 
 log = logging.getLogger("f2bzmq.publisher")
@@ -48,8 +53,27 @@ log = logging.getLogger("f2bzmq.publisher")
 # A report's frames: the peer's identity, the protocol, the kind and its events. One
 # more event is kept of a longer message, so that what is kept is refused whole.
 MAX_REPORT_FRAMES = protocol.MAX_REPORT_EVENTS + 4
+MAX_REQUEST_FRAMES = 8  # of a snapshot request (the identity and three), likewise
 DRAIN_LIMIT = 1000  # events taken per commit (in as many reports): one fsync ACKs them all
-REPLY_HWM = 10 * DRAIN_LIMIT  # replies queued per peer (an ACK is about 80 bytes an event)
+# Events of one peer a pass takes (one full report): libzmq hands out the peers' reports
+# in turn, so the others' are read within the first few; the pass then ends instead of
+# going on with the one peer's (a node flooding, even refused, made node1's reports wait
+# for passes of 20-50 ms; now 2-3 ms).
+FAIR_SHARE = 100
+# Replies libzmq queues per report peer (each up to 100 answers, at most about 21 kB);
+# the hub keeps what does not fit, up to REPLY_BACKLOG bytes a peer, and sends it as the
+# peer reads: an honest burst loses no ACK, a node that never reads holds 6 MB at most.
+REPLY_HWM = 100
+REPLY_BACKLOG = 4 * 1024 * 1024
+REPLY_BACKLOG_TOTAL = 64 * 1024 * 1024  # all peers together
+REQUEST_HWM = 100
+HANDSHAKE_IVL = 10_000  # ms a connection has to finish its handshake
+MIN_FILE_LIMIT = 8192  # open files below which the hub warns at start
+LISTEN_BACKLOG = 1024  # connections the kernel queues until libzmq accepts them (100)
+MAX_SUBSCRIPTION = 1024  # bytes of a subscription a PUB takes; a node subscribes to 9
+# Snapshot parts queued per peer (each up to SNAPSHOT_EVENTS events, about 130 kB): the
+# rest of a snapshot is sent as the peer reads, so one that does not read holds this many.
+SNAPSHOT_HWM = 4
 # The two update streams: (packed, events per message).
 _STREAMS = ((False, protocol.MAX_UPDATE_EVENTS), (True, protocol.MAX_PACKED_EVENTS))
 # Seconds between attempts to store again after the store failed (a full disk): meanwhile
@@ -64,6 +88,7 @@ class Publisher:
     def __init__(self, config: Config, control_path: Path | None = None) -> None:
         self.config = config
         self.heartbeat_interval = config.publisher.heartbeat_interval
+        self.file_limit = raise_file_limit()  # connections are descriptors, strangers' too
         state_dir = config.state_path("")
         state_dir.mkdir(parents=True, exist_ok=True)
         self.store = StateStore(config.state_path("publisher.sqlite3"))
@@ -82,19 +107,33 @@ class Publisher:
         self.peer_sockets: dict[str, zmq.Socket] = {}  # peer endpoint -> DEALER
         self.store_error: str | None = None  # why the last commit failed, until one succeeds
         self.store_retry = 0.0  # when to try storing again
+        self.snapshot_queue = SnapshotQueue()  # who gets the table next, part by part
+        self.replies = ReplyBacklog()  # replies to report peers whose queue was full
         self.refusals = RateLimitedLog(log)  # of snapshot requests; the core logs reports'
         self.broadcasts = 0  # updates published
         self.security = Security.for_role(config, "publisher")
-        self.context = zmq.Context()
+        # Two I/O threads: a stranger's CURVE handshakes (a few scalar multiplications
+        # each, before the authenticator can say no) then hold up only part of the nodes'
+        # traffic, and the fan-out to many subscribers uses both cores.
+        self.context = zmq.Context(io_threads=2)
         # The authenticator must run before the first bind, on the sockets' context.
         self.auth = self.security.authenticator(self.context)
         try:
             if self.auth is not None:
                 self.admission.authorized = frozenset(self.auth.names)
+            # Addresses no ban may name, as far as [publisher] allowlist says: the hubs',
+            # from the configuration, and the nodes', from the authenticator as they connect.
+            self.hub_addresses = resolve(hub_hosts(config))
+            self.addresses_seen = -1  # the authenticator's generation the core has
+            self.learn_addresses()
             self.bind_sockets()
             # fail2ban-zmq-tools' format, when configured
             self.legacy = LegacyEndpoints(
-                self.context, config.publisher, self.admission.handle_legacy, self.finish_batch
+                self.context,
+                config.publisher,
+                self.admission.handle_legacy,
+                self.finish_batch,
+                self.admission.legacy_ready_at,
             )
         except BaseException:
             # A port in use, say: without this, pyzmq 24's authenticator thread (Debian 12)
@@ -122,11 +161,14 @@ class Publisher:
         return table
 
     def bind_sockets(self, patience: float = 0.0) -> None:
-        hwm, binds = self.config.publisher.send_hwm, self.config.binds
-        bind = functools.partial(hub_socket, self.context, self.security, hwm, patience)
-        self.collector = bind(zmq.ROUTER, binds("report_port"))
-        self.broadcaster = bind(zmq.PUB, binds("publish_port"))
-        self.snapshots = bind(zmq.ROUTER, binds("snapshot_port"))
+        bind = functools.partial(hub_socket, self.context, self.security, patience=patience)
+        binds = self.config.binds
+        self.collector = bind(zmq.ROUTER, binds("report_port"), REPLY_HWM)
+        self.broadcaster = bind(zmq.PUB, binds("publish_port"), self.config.publisher.send_hwm)
+        self.snapshots = bind(zmq.ROUTER, binds("snapshot_port"), SNAPSHOT_HWM)
+        # A full queue raises Again instead of dropping; a peer gone, EHOSTUNREACH.
+        self.collector.router_mandatory = True
+        self.snapshots.router_mandatory = True
 
     def register_sockets(self) -> None:
         self.poller.register(self.collector, zmq.POLLIN)
@@ -145,21 +187,24 @@ class Publisher:
             self.table.sequence,
             self.young_note(),
         )
+        if self.file_limit < MIN_FILE_LIMIT:
+            log.warning(
+                "open files are limited to %d (hard limit): that many idle connections of "
+                "a stranger stop the hub from taking new ones; raise it (LimitNOFILE=)",
+                self.file_limit,
+            )
         while not self.signals.stopping:
             now = time.time()
             self.ask_peers(now)
-            timers = [self.next_hugz, self.table.next_expiry() or now + 3600]
-            timers += [t for t in (self.rebuild.until, self.handover.next_deadline()) if t]
-            if self.admission.unavailable is not None:
-                timers.append(self.store_retry)
-            deadline = min(timers)
-            ready = dict(self.poller.poll(max(0, int((deadline - now) * 1000)) + 1))
+            ready = dict(self.poller.poll(self.poll_timeout(now)))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
             if self.signals.reload:
                 self.signals.reload = False
                 self.reload_keys()
                 continue
+            if self.auth is not None and self.auth.generation != self.addresses_seen:
+                self.learn_addresses()
             with batched_logging():  # a line per ban, written once per pass
                 self.handle_ready(ready)
         self.close()
@@ -171,13 +216,40 @@ class Publisher:
             f" and the peer hubs {' '.join(self.handover.asked)}" if self.handover.asked else ""
         )
 
+    def poll_timeout(self, now: float) -> int:
+        """Milliseconds until the next timer: a heartbeat, an expiry, the end of the young
+        state, a peer hub's answer due, trying the store again, a held old report's turn,
+        or soon while a snapshot or replies wait for a peer to read (its queue empties as
+        it does)."""
+        timers = [self.next_hugz, self.table.next_expiry() or now + 3600]
+        timers += [t for t in (self.rebuild.until, self.handover.next_deadline()) if t]
+        if self.admission.unavailable is not None:
+            timers.append(self.store_retry)
+        deadline = min(timers)
+        wait = 0.01 if self.replies.peers else self.snapshot_queue.wait_seconds(now)
+        for then in (wait, self.legacy.wait_seconds(now)):
+            if then is not None:
+                deadline = min(deadline, now + then)
+        return max(0, int((deadline - now) * 1000)) + 1
+
+    def learn_addresses(self) -> None:
+        """Give the core the hubs' addresses and where each node has connected from."""
+        nodes = {}
+        if self.auth is not None:
+            self.addresses_seen = self.auth.generation
+            nodes = self.auth.node_addresses()
+        self.admission.set_addresses(self.hub_addresses, nodes)
+
     def handle_ready(self, ready: dict) -> None:
         if self.collector in ready:
             self.handle_reports()
         if self.snapshots in ready:
             self.handle_snapshots()
-        if self.legacy.reports in ready:
-            self.legacy.handle_reports()
+        if self.snapshot_queue.waiting or self.snapshot_queue.sending:
+            self.send_snapshot_parts(time.time())
+        if self.replies.peers:
+            self.replies.flush(self.collector)
+        self.legacy.handle(ready)
         if self.control and self.control.socket in ready:
             self.control.handle()
         for peer, sock in list(self.peer_sockets.items()):
@@ -201,7 +273,10 @@ class Publisher:
         updates: list[Update] = []
         now = time.time()
         taken = 0
+        shares: dict[bytes, int] = {}  # events taken of each peer in this pass
+        oversized = False
         for frames in drain(self.collector, DRAIN_LIMIT, copy=False, max_frames=MAX_REPORT_FRAMES):
+            oversized = oversized or len(frames) == MAX_REPORT_FRAMES
             peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
             # The node name the authenticator gave this peer's key (None without keys).
             user = frames[-1].get("User-Id") if self.auth is not None else None
@@ -212,10 +287,16 @@ class Publisher:
             answers, changes = self.admission.handle_report(body, user, now)
             replies.extend([peer, *answer] for answer in answers)
             updates.extend(changes)
-            taken += max(1, len(body) - 2)
-            if taken >= DRAIN_LIMIT:
-                break  # the rest waits for the next pass: a pass stays short
+            events = max(1, len(body) - 2)
+            taken += events
+            share = shares[peer] = shares.get(peer, 0) + events
+            if taken >= DRAIN_LIMIT or share > FAIR_SHARE:
+                # The rest waits for the next pass: a pass stays short, and one peer's
+                # reports (a flood, even refused) never make the others wait a long one.
+                break
         self.finish_batch(self.collector, replies, updates)
+        if oversized:
+            release_memory()  # what libzmq held of a message too long to be a report
 
     def handle_hello(self, body: list[bytes], user: str | None) -> list[bytes]:
         """A monitor asks for the state id (and may say it rebuilt this state): welcome."""
@@ -229,20 +310,28 @@ class Publisher:
         return protocol.encode_welcome(instance, self.table.sequence, self.rebuild.young)
 
     def finish_batch(
-        self, sock: zmq.Socket, replies: list[list[bytes]], updates: list[Update], note: str = ""
-    ) -> None:
+        self,
+        sock: zmq.Socket | None,
+        replies: list[list[bytes]],
+        updates: list[Update],
+        note: str = "",
+    ) -> bool:
         """Commit a drained batch, then ACK it and broadcast what changed: ACK means stored.
         A batch that can't be stored is not in the table either: its events are refused
-        for now, and their monitors send them again."""
-        if not self.commit():
-            replies = [self.retry_later(sock, reply) for reply in replies]
+        for now, and their monitors send them again. False then."""
+        stored = self.commit()
+        if not stored:
+            replies = [self.retry_later(reply) for reply in replies]
             updates = []
+        backlog = self.replies
         for reply in replies:
-            send_frames(sock, reply)
+            if reply[0] in backlog.peers or not send_or_drop(sock, reply):
+                backlog.keep(reply)
         self.broadcast(updates)  # before the log lines: the nodes wait, the log doesn't
         for update in updates:
             # Logged only now that it is stored: a crash can't leave a ban in the log twice.
             log.log(NOTICE, "%s%s", update.event.describe(), note)
+        return stored
 
     def commit(self) -> bool:
         """Store the table's changes; False when the store failed, and then the table is
@@ -271,11 +360,9 @@ class Publisher:
             self.store_error = None
         return True
 
-    def retry_later(self, sock: zmq.Socket, reply: list[bytes]) -> list[bytes]:
+    def retry_later(self, reply: list[bytes]) -> list[bytes]:
         """A reply to a batch that was not stored: its ACKs become retry NAKs (refusals
-        stay); an old monitor's echo becomes its NAK."""
-        if sock is not self.collector:
-            return [*reply[:-1], legacy.LEGACY_NAK]
+        stay)."""
         peer, *message = reply
         if message[1] != protocol.ACK:
             return reply
@@ -355,14 +442,18 @@ class Publisher:
         self.grow_up(self.rebuild.on_handover(handed.peer, handed.young))
 
     def reload_keys(self) -> None:
-        """SIGHUP: read nodes/ again; if a key went away, cut every connection so it can't stay."""
+        """SIGHUP: read nodes/ again; if a key went away, cut every connection so it can't stay.
+        A node whose key was replaced counts: its name is accepted still, but a connection
+        made with the old key must not outlive it (the User-Id names the node, not the key)."""
+        self.hub_addresses = resolve(hub_hosts(self.config))
+        self.learn_addresses()
         if self.auth is None:
             log.info("SIGHUP: insecure mode, no keys to reload")
             return
-        before = set(self.auth.names)
+        before = dict(self.auth.nodes)
         count = self.auth.reload()
         self.admission.authorized = frozenset(self.auth.names)
-        removed = before - self.auth.names
+        removed = {name for key, name in before.items() if self.auth.nodes.get(key) != name}
         log.log(NOTICE, "reloaded node keys: %d accepted", count)
         if removed:
             log.log(
@@ -387,8 +478,7 @@ class Publisher:
                 for first in range(0, len(run), size):
                     self._publish(run[first : first + size], packed)
             start = end
-        for update in updates:
-            self.legacy.broadcast(update.event)
+        self.legacy.broadcast([update.event for update in updates])
         self.broadcasts += len(updates)
 
     def _publish(self, updates: list[Update], packed: bool) -> None:
@@ -418,21 +508,38 @@ class Publisher:
         self.next_hugz = now + self.heartbeat_interval
 
     def handle_snapshots(self) -> None:
-        for frames in drain(self.snapshots, 100, max_frames=8):
-            peer, body = frames[0], frames[1:]
+        """Take the snapshot requests waiting: each waits its turn in the snapshot queue."""
+        now = time.time()
+        oversized = False
+        for frames in drain(self.snapshots, 100, copy=False, max_frames=MAX_REQUEST_FRAMES):
+            oversized = oversized or len(frames) == MAX_REQUEST_FRAMES
+            peer = frames[0].bytes
+            # Without keys every connection counts as a node of its own.
+            node = frames[-1].get("User-Id") if self.auth is not None else f"peer {peer.hex()}"
             try:
-                protocol.decode_snapshot_request(body)
+                protocol.decode_snapshot_request([frame.bytes for frame in frames[1:]])
             except ProtocolError as error:
                 self.refusals.warning("snapshot", "refused a snapshot request: %s", error)
                 continue
-            self.send_snapshot(peer)
+            refused = self.snapshot_queue.ask(peer, node, now)
+            if refused:
+                self.refusals.warning(f"snapshot {node}", "refused a snapshot request: %s", refused)
+        if oversized:
+            release_memory()
 
-    def send_snapshot(self, peer: bytes) -> None:
-        sequence, events = self.table.snapshot()
-        young = self.rebuild.young
-        for part in protocol.encode_snapshot(self.table.instance, sequence, events, young):
-            send_frames(self.snapshots, [peer, *part])
-        log.debug("sent a snapshot of %d bans at sequence %d", len(events), sequence)
+    def send_snapshot_parts(self, now: float) -> None:
+        """Start the snapshots whose turn it is; give each peer the parts it has room for."""
+        queue = self.snapshot_queue
+        queue.start(self.table, now, self.rebuild.young)
+        for peer in list(queue.sending):
+            while peer in queue.sending:
+                try:
+                    if not try_send_frames(self.snapshots, [peer, *queue.next_part(peer)]):
+                        break  # its queue is full: the rest when it has read some
+                except zmq.ZMQError:  # EHOSTUNREACH: the peer is gone
+                    queue.gone(peer)
+                    break
+                queue.sent(peer)
 
     def status(self) -> dict:
         counters, nodes = self.admission.counters, self.admission.last_report
@@ -498,28 +605,93 @@ class Publisher:
         )
 
 
+def send_or_drop(sock: zmq.Socket, frames: list) -> bool:
+    """Send on a ROUTER with ROUTER_MANDATORY without blocking: False when the peer's
+    queue is full; a message for a peer gone is dropped (True)."""
+    try:
+        return try_send_frames(sock, frames)
+    except zmq.ZMQError:  # EHOSTUNREACH
+        return True
+
+
+class ReplyBacklog:
+    """Replies a report peer had no room for, in order, bounded in bytes per peer and in
+    all: a node that never reads its ACKs costs the hub at most REPLY_BACKLOG."""
+
+    def __init__(self) -> None:
+        self.peers: dict[bytes, collections.deque[list[bytes]]] = {}
+        self.sizes: collections.Counter[bytes] = collections.Counter()
+        self.dropped = RateLimitedLog(log)
+
+    def keep(self, reply: list[bytes]) -> None:
+        peer, size = reply[0], sum(map(len, reply))
+        if self.sizes[peer] + size > REPLY_BACKLOG or (
+            sum(self.sizes.values()) + size > REPLY_BACKLOG_TOTAL
+        ):
+            self.dropped.warning("backlog", "a monitor does not read its replies: some dropped")
+            return
+        self.peers.setdefault(peer, collections.deque()).append(reply)
+        self.sizes[peer] += size
+
+    def flush(self, sock: zmq.Socket) -> None:
+        """Send what each peer has room for now."""
+        for peer, waiting in list(self.peers.items()):
+            while waiting and send_or_drop(sock, waiting[0]):
+                self.sizes[peer] -= sum(map(len, waiting.popleft()))
+            if not waiting:
+                del self.peers[peer], self.sizes[peer]
+
+
+def hub_hosts(config: Config) -> list[str]:
+    """The hubs' names and addresses: [general] hubs and where this hub listens."""
+    binds = [host for host in config.publisher.bind if host != "*"]
+    return list(dict.fromkeys([*config.general.hubs, *binds]))
+
+
+def resolve(hosts: list[str]) -> list[str]:
+    """Every address of these host names (an address stands for itself)."""
+    found: dict[str, None] = {}
+    for host in hosts:
+        try:
+            infos = socket.getaddrinfo(host.strip("[]"), None, proto=socket.IPPROTO_TCP)
+        except OSError as error:
+            log.warning("cannot resolve hub %s to keep it out of bans: %s", host, error)
+            continue
+        found.update((info[4][0], None) for info in infos)
+    return list(found)
+
+
 def hub_socket(
     context: zmq.Context,
     security: Security,
-    send_hwm: int,
-    patience: float,
     kind: int,
     endpoints: list[str],
+    send_hwm: int,
+    patience: float = 0.0,
 ) -> zmq.Socket:
     """A bound hub socket; `patience` seconds of retries while a closed one frees its port."""
     sock = context.socket(kind)
     sock.linger = 1000
+    # A connection that has not finished its handshake by then is dropped: a stranger's
+    # idle connections hold descriptors for 10 s, not libzmq's default 30.
+    sock.handshake_ivl = HANDSHAKE_IVL
+    sock.backlog = LISTEN_BACKLOG
     security.server(sock)
+    # Past its high-water mark a PUB drops silently (sequence numbers make a drop
+    # visible to subscribers, a high mark makes it rare), a ROUTER drops what exceeds
+    # a peer's queue.
+    sock.sndhwm = send_hwm
     if kind == zmq.PUB:
-        # PUB drops silently past the high-water mark; sequence numbers make a
-        # drop visible to subscribers, a high mark makes it rare.
-        sock.sndhwm = send_hwm
+        # What a PUB reads are subscriptions, a topic each: libzmq would keep a
+        # frame of any size a node's SUB sends before looking at it.
+        sock.maxmsgsize = MAX_SUBSCRIPTION
     else:
         sock.maxmsgsize = protocol.MAX_HUB_FRAME
-        sock.router_mandatory = False
-        # A ROUTER drops what exceeds a peer's queue: room for many drained batches
-        # of ACKs, so a burst never loses one while libzmq's I/O thread catches up.
-        sock.sndhwm = REPLY_HWM
+        # Requests queued per peer before libzmq stops reading its connection: a monitor
+        # has at most its in_flight events out, and the hub takes 1,000 a pass; a node
+        # that sends faster waits for TCP instead of filling the hub (each report may
+        # be 48 kB: 1,000 of them were 48 MB).
+        sock.rcvhwm = REQUEST_HWM
     for endpoint in endpoints:
         deadline = time.monotonic() + patience
         while True:

@@ -8,6 +8,7 @@ moment loses nothing it has ACKed.
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 import sqlite3
 import uuid
@@ -17,6 +18,12 @@ from enum import Enum
 
 from .protocol import ANY_NETWORK, BAN, UNBAN, BanEvent
 from .runtime import bound_wal, empty_wal, private_database, rollback
+
+# Event ids the table remembers, to know a resent event: a monitor resends only what a hub
+# has not ACKed, at most its in_flight events and within seconds (or once the hub is back),
+# so the latest 50,000 (about 7 MB) are plenty, and a flooding node can't make the hub keep
+# a day of its ids. Past it, the oldest tenth is forgotten at once: one DELETE per batch.
+MAX_SEEN = 50_000
 
 
 class Outcome(str, Enum):
@@ -47,16 +54,23 @@ class ActiveBan:
 
 
 class BanTable:
-    """Active bans, the broadcast sequence number and the ids already seen."""
+    """Active bans, the broadcast sequence number and the ids of the events that changed them."""
 
-    def __init__(self, publisher: str, default_bantime: int, dedupe_window: float = 86400.0):
+    def __init__(
+        self,
+        publisher: str,
+        default_bantime: int,
+        dedupe_window: float = 86400.0,
+        max_seen: int = MAX_SEEN,
+    ):
         self.publisher = publisher  # node name used for the unbans the table itself decides
         self.default_bantime = default_bantime
         self.dedupe_window = dedupe_window
         self.instance = uuid.uuid4().hex  # changes when the state is lost: subscribers resync
         self.sequence = 0
         self.bans: dict[tuple[str, str], ActiveBan] = {}
-        self.seen: dict[str, float] = {}
+        self.seen: dict[str, float] = {}  # event id -> when, oldest first
+        self.max_seen = max_seen
         self.journal: list[tuple] = []  # changes not yet persisted, in order
         self.expiries: list[tuple[float, str, str, str]] = []  # heap; stale entries skipped
         self.next_forget = 0.0  # when to prune `seen` next
@@ -80,12 +94,15 @@ class BanTable:
             return False
         return event.node in active.origins or self.allow_foreign_unban
 
-    def apply(self, event: BanEvent, now: float) -> tuple[Outcome, Update | None]:
-        """Record a validated event from a node; return what it did and what to broadcast."""
+    def apply(
+        self, event: BanEvent, now: float, protected: frozenset[str] = frozenset()
+    ) -> tuple[Outcome, Update | None]:
+        """Record a validated event from a node; return what it did and what to broadcast.
+        A foreign unban (allow_foreign_unban) never lifts the ban of a `protected` origin.
+        Only an event that changes the table is remembered: sent again, a no-op is a no-op
+        again, and a node sending no-ops at full speed must not fill the memory and disk."""
         if event.id in self.seen:
             return Outcome.DUPLICATE, None
-        self.seen[event.id] = now
-        self.journal.append(("seen", event.id, now))
         key = (event.jail, event.ip)
         active = self.bans.get(key)
         if event.action == BAN:
@@ -93,24 +110,38 @@ class BanTable:
             if expiry is not None and expiry <= now:
                 return Outcome.EXPIRED, None
             if active is None:
+                self._remember(event.id, now)
                 active = self.bans[key] = ActiveBan(event)
                 self._set_origin(key, event.node, expiry)
                 self.journal.append(("origin", event, event.node, expiry))
                 return Outcome.BANNED, self._broadcast(event)
             previous = active.origins.get(event.node, 0.0)
             if event.node not in active.origins or _later(expiry, previous):
+                self._remember(event.id, now)
                 self._set_origin(key, event.node, expiry)
                 self.journal.append(("origin", active.event, event.node, expiry))
             return Outcome.EXTENDED, None
         if active is None:
             return Outcome.REDUNDANT, None
         if event.node in active.origins:
+            self._remember(event.id, now)
             return self._lift(key, event.node, event)
-        if not self.allow_foreign_unban:
+        lifted = [node for node in active.origins if node not in protected]
+        if not self.allow_foreign_unban or not lifted:
             return Outcome.REDUNDANT, None
-        for node in list(active.origins)[:-1]:
+        self._remember(event.id, now)
+        for node in lifted[:-1]:
             self._lift(key, node, event)
-        return self._lift(key, next(iter(active.origins)), event)
+        return self._lift(key, lifted[-1], event)
+
+    def _remember(self, event_id: str, now: float) -> None:
+        self.seen[event_id] = now
+        self.journal.append(("seen", event_id, now))
+        if len(self.seen) > self.max_seen:
+            excess = len(self.seen) - self.max_seen + max(1, self.max_seen // 10)
+            for oldest in list(itertools.islice(self.seen, excess)):
+                del self.seen[oldest]
+                self.journal.append(("forget", oldest))
 
     def expire(self, now: float) -> list[Update]:
         """Drop origins whose ban time is up; broadcast an unban where none is left."""
@@ -221,7 +252,7 @@ class StateStore:
                 event = BanEvent.decode(text.encode(), ANY_NETWORK)
                 active = table.bans[(jail, ip)] = ActiveBan(event)
             table._set_origin((jail, ip), node, expiry)
-        table.seen = dict(self.db.execute("SELECT id, at FROM seen"))
+        table.seen = dict(self.db.execute("SELECT id, at FROM seen ORDER BY at"))
         return table
 
     def young_until(self) -> float | None:

@@ -104,6 +104,48 @@ def test_each_event_is_answered_by_the_hubs_rules(body, user, answer):
 
 
 @pytest.mark.parametrize(
+    "ip, reason",
+    [
+        ("0.0.0.0", "0.0.0.0 is a special-purpose address (unspecified)"),
+        ("169.254.169.254", "169.254.169.254 is a special-purpose address (link-local)"),
+        ("fe80::/64", "fe80::/64 holds a special-purpose address (link-local)"),
+        ("ff02::1", "ff02::1 is a special-purpose address (multicast)"),
+        ("224.0.0.0/24", "224.0.0.0/24 holds a special-purpose address (multicast)"),
+        (
+            "255.255.255.255",
+            "255.255.255.255 is a special-purpose address (reserved and broadcast)",
+        ),
+        ("127.0.0.1", "127.0.0.1 is a special-purpose address (loopback)"),
+        ("192.0.2.53", "192.0.2.53 is a hub's address"),
+        ("192.0.2.0/24", "192.0.2.0/24 holds a hub's address (192.0.2.53)"),
+        ("2001:db8::53", "2001:db8::53 is a hub's address"),
+        ("::ffff:192.0.2.53", "192.0.2.53 is a hub's address"),
+        ("198.51.100.7", "198.51.100.7 is the address of node node2"),
+        (
+            "198.51.100.0/28",
+            "198.51.100.0/28 holds the address of node node2 (::ffff:198.51.100.7)",
+        ),
+        ("10.9.0.1", "10.9.0.1 is in the hub's allowlist"),
+        ("198.51.100.8", None),
+        ("192.0.3.1", None),
+    ],
+)
+def test_the_shipped_allowlist_keeps_special_hub_and_node_addresses_out(ip, reason):
+    admission = hub(allowlist="special-purpose hubs nodes 10.9.0.0/16")
+    admission.set_addresses(["192.0.2.53", "2001:db8::53"], {"node2": ["::ffff:198.51.100.7"]})
+    said, _ = judge(admission, report(ban(ip)))
+    assert said[0][2] == ("banned" if reason is None else reason)
+    assert judge(admission, report(ban(ip, action=UNBAN)))[0][0][1] == "ACK"
+
+
+def test_an_allowlist_without_the_words_keeps_only_its_networks():
+    admission = hub(allowlist="10.9.0.0/16")
+    admission.set_addresses(["192.0.2.53"], {"node2": ["198.51.100.7"]})
+    for ip in ("0.0.0.0", "192.0.2.53", "198.51.100.7"):
+        assert judge(admission, report(ban(ip)))[0][0][2] == "banned"
+
+
+@pytest.mark.parametrize(
     "frames, named, reason",
     [
         ([PROTOCOL, EVENT], "", "expected 1-100 event bodies"),
@@ -251,18 +293,47 @@ def test_old_reports_are_held_to_the_same_rules(request_, authorized, reply, why
     assert admission.counters["reports"] == 0  # "reports" counts the native endpoint's
 
 
-def test_old_monitors_are_throttled_by_the_name_they_report():
+def legacy(admission: Admission, name: str, ip: str, peer=PEER, action="Ban") -> bytes:
+    request = f"{TOKEN}|{name}|sshd|{action}|{ip}".encode()
+    return admission.handle_legacy([request], peer, NOW)[0]
+
+
+def test_old_monitors_are_throttled_by_their_address_not_the_name_they_send():
+    """The name is the sender's word: a made-up one must not buy a fresh bucket. A
+    throttled old monitor gets no answer yet (None): it waits, and loses nothing."""
     admission = hub(authorized=(), rate_limit="0.1", rate_burst="3")
-    replies = [
-        admission.handle_legacy([f"{TOKEN}|oldweb|sshd|Ban|198.51.100.{n}".encode()], PEER, NOW)[0]
-        for n in range(30, 35)
-    ]
-    assert (
-        replies
-        == [f"oldweb|sshd|Ban|198.51.100.{n}".encode() for n in range(30, 33)] + [LEGACY_NAK] * 2
-    )
-    other = admission.handle_legacy([f"{TOKEN}|other|sshd|Ban|198.51.100.36".encode()], PEER, NOW)
-    assert other[0] == b"other|sshd|Ban|198.51.100.36"
+    replies = [legacy(admission, "oldweb", f"198.51.100.{n}") for n in range(30, 35)]
+    assert replies[:3] == [f"oldweb|sshd|Ban|198.51.100.{n}".encode() for n in range(30, 33)]
+    assert replies[3:] == [None, None]
+    assert legacy(admission, "other", "198.51.100.36") is None
+    assert admission.legacy_ready_at(PEER, NOW) == NOW + 10  # a token at 0.1 events/s
+    assert legacy(admission, "other", "198.51.100.36", peer="192.0.2.201") is not None
+    # One host holds a whole IPv6 /64: it is one sender.
+    v6 = [legacy(admission, "v6web", f"198.51.100.{n}", peer=f"2001:db8::{n}") for n in range(4)]
+    assert v6.count(None) == 1
+
+
+def test_made_up_names_neither_grow_the_hub_nor_refill_a_keyed_nodes_bucket():
+    admission = hub(rate_limit="0.1", rate_burst="2")
+    node1 = [judge(admission, report(ban(f"198.51.100.{n}")))[0][0][1] for n in (1, 2, 3)]
+    assert node1 == ["ACK", "ACK", "NAK"]
+    for n in range(3000):
+        legacy(admission, f"made-up-{n}", "203.0.113.9", peer=f"10.{n >> 8}.{n & 255}.1")
+    assert len(admission.last_report) <= 1000 and "node1" in admission.last_report
+    assert len(admission.legacy_buckets.buckets) <= 10_000
+    assert judge(admission, report(ban("198.51.100.4")))[0][0][1] == "NAK"
+
+
+def test_an_old_monitor_cannot_lift_a_keyed_nodes_ban_even_when_foreign_unbans_are_allowed():
+    admission = hub(allow_foreign_unban="true")
+    admission.table.allow_foreign_unban = True  # what the publisher sets from the setting
+    judge(admission, report(ban("198.51.100.1")))
+    assert legacy(admission, "oldweb", "198.51.100.2") != LEGACY_NAK
+    legacy(admission, "oldweb2", "198.51.100.1", action="Unban")
+    legacy(admission, "oldweb2", "198.51.100.2", action="Unban")
+    assert [ip for _, ip in admission.table.bans] == ["198.51.100.1"]
+    unban = ban("198.51.100.1", "node2", UNBAN)
+    assert judge(admission, report(unban), "node2")[1] == [(4, "198.51.100.1")]
 
 
 def test_refusals_are_logged_once_a_minute_per_sender_whatever_the_reason(caplog):

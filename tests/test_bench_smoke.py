@@ -17,7 +17,7 @@ BENCH = ROOT / "bench"
 
 
 def suite_names() -> list[str]:
-    names = ["propagation", "throughput", "footprint", "scale"]
+    names = ["propagation", "throughput", "footprint", "scale", "hostile"]
     # The burst benchmark runs fail2ban in network namespaces: root and iproute2 only.
     if (BENCH / "burst.py").exists() and os.geteuid() == 0 and shutil.which("ip"):
         names.append("burst")
@@ -72,6 +72,16 @@ def test_quick_suite_runs_and_its_counts_add_up(tmp_path):
         assert figures["neighbour_cpu_percent"] >= 0
     assert any(name.startswith("monitor") for name in processes)
     assert any(name.startswith("naive") for name in processes)
+
+    floods = results["hostile"]["floods"]
+    assert "quiet" in floods and len(floods) > 5
+    for figures in floods.values():
+        sane_spread(figures["propagation_ms"], figures["propagation_ms"]["count"])
+        assert figures["propagation_ms"]["count"] > 0
+    for name, figures in floods.items():
+        if name != "quiet":
+            assert 0 < figures["rss_before_mb"] <= figures["rss_peak_mb"], name
+            assert figures["sent"] > 0, name
 
     sizes = results["scale"]["sizes"]
     assert [size["nodes"] for size in sizes] == [3, 6]

@@ -779,7 +779,7 @@ def send_outsiders(context: zmq.Context, ports: list[int], keys_dir: Path, hosti
 @pytest.fixture
 def hub(tmp_path: Path, keys: Path) -> Iterator[Hub]:
     """The shared fixture's hub, but not about throttling: a limit no run reaches."""
-    limits = {"rate_limit": "1000000", "rate_burst": "10000000"}
+    limits = {"rate_limit": "1000000", "rate_burst": "10000000", "rate_peak": "10000000"}
     with running_hub(tmp_path, keys, publisher=limits) as hub:
         yield hub
 

@@ -8,6 +8,7 @@ subscription that reads string frames.
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -288,17 +289,22 @@ def test_old_bans_get_the_default_bantime_and_expiry_unbans_go_out_the_old_way(t
         hub.publisher.stop()
 
 
-def test_the_per_node_rate_limit_holds_for_old_monitors(tmp_path):
+def test_the_rate_limit_holds_for_old_monitors_by_address(tmp_path):
+    """An old monitor never sends a refused report again: past its rate limit it waits for
+    its answer instead, and another name from the same address is the same sender."""
     ports = free_ports(5)
     keys = make_keys(tmp_path / "keys", [])
-    hub = legacy_hub(tmp_path, keys, ports, rate_limit="0.1", rate_burst="3")
+    hub = legacy_hub(tmp_path, keys, ports, rate_limit="1", rate_burst="3")
     old = OldMonitor(endpoint(ports[3]))
     try:
+        started = time.monotonic()
         replies = [old.request(f"oldweb|sshd|Ban|198.51.100.{i}") for i in range(30, 35)]
-        assert replies[:3] == [f"oldweb|sshd|Ban|198.51.100.{i}" for i in range(30, 33)]
-        assert replies[3:] == ["NAK", "NAK"]
-        assert old.request("other|sshd|Ban|198.51.100.36") == "other|sshd|Ban|198.51.100.36"
-        line = "rate limit: node oldweb sends more than 0.1 events/s"
+        replies.append(old.request("other|sshd|Ban|198.51.100.36"))
+        assert replies == [f"oldweb|sshd|Ban|198.51.100.{i}" for i in range(30, 35)] + [
+            "other|sshd|Ban|198.51.100.36"
+        ]
+        assert time.monotonic() - started >= 2.5  # three waited a second each
+        line = "holding a legacy report from 127.0.0.1: rate limit: 127.0.0.1 sends more than 1"
         assert wait_until(lambda: line in hub.log_text(), 15)
     finally:
         old.close()

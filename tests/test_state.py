@@ -133,6 +133,56 @@ def test_foreign_unban_lifts_every_origin_only_when_allowed():
     assert table.bans == {} and table.next_expiry() is None
 
 
+def test_a_foreign_unban_leaves_protected_origins_banned():
+    """An old monitor's unban (allow_foreign_unban) lifts old monitors' bans, not a keyed node's."""
+    table = BanTable("hub", 600)
+    table.allow_foreign_unban = True
+    table.apply(ev("node1", BAN), NOW)
+    table.apply(ev("oldweb", BAN), NOW)
+    keyed = frozenset({"node1", "node2"})
+    assert table.apply(ev("oldweb2", UNBAN), NOW, keyed) == (Outcome.EXTENDED, None)
+    assert list(table.bans[("sshd", "192.0.2.10")].origins) == ["node1"]
+    assert table.apply(ev("oldweb2", UNBAN), NOW, keyed) == (Outcome.REDUNDANT, None)
+    outcome, _ = table.apply(ev("node2", UNBAN), NOW)
+    assert outcome is Outcome.UNBANNED
+
+
+def test_only_events_that_change_the_table_are_remembered():
+    table = BanTable("hub", 600)
+    first = ev("node1", BAN)
+    table.apply(first, NOW)
+    no_ops = [
+        ev("node1", BAN),  # the same ban again, no later
+        ev("node2", UNBAN),  # lifts nothing of node2's
+        ev("node1", BAN, ip="192.0.2.11", when=NOW - 700),  # over already
+    ]
+    assert [table.apply(e, NOW)[0] for e in no_ops] == [
+        Outcome.EXTENDED,
+        Outcome.REDUNDANT,
+        Outcome.EXPIRED,
+    ]
+    assert list(table.seen) == [first.id]
+    assert table.apply(first, NOW)[0] is Outcome.DUPLICATE
+    assert table.apply(no_ops[1], NOW)[0] is Outcome.REDUNDANT  # a no-op again
+    assert table.apply(ev("node2", BAN), NOW)[0] is Outcome.EXTENDED  # a second origin
+    assert len(table.seen) == 2
+
+
+def test_the_remembered_ids_are_bounded_oldest_first(tmp_path):
+    store = StateStore(tmp_path / "state.sqlite3")
+    table = store.load("hub", 600, 86400)
+    table.max_seen = 100
+    events = [ev("node1", BAN, ip=f"192.0.2.{n}") for n in range(1, 251)]
+    for n, event in enumerate(events):
+        table.apply(event, NOW + n)
+    store.commit(table)
+    assert len(table.seen) <= 100 and events[-1].id in table.seen
+    assert events[0].id not in table.seen
+    again = store.load("hub", 600, 86400)
+    assert list(again.seen) == list(table.seen)
+    store.close()
+
+
 def test_a_reloaded_store_equals_the_table_after_random_batches(tmp_path):
     """Bans and unbans of a few addresses by a few nodes, committed in batches of every size:
     the same address banned, lifted and banned again in one batch must come back as the
