@@ -23,6 +23,7 @@ from .config import Config
 from .control import ControlError, ask
 from .metrics import MetricsExporter
 from .runtime import clock, setup_logging
+from .sdnotify import Notifier
 
 log = logging.getLogger("f2bzmq")
 
@@ -106,6 +107,8 @@ class RoleControl:
                 print(f"fail2ban-{self.role}: cannot start: {error}", file=sys.stderr)
             return EXIT_FAILED
         self.write_pidfile()
+        # Under a unit of Type=notify: READY=1 when the loop starts, WATCHDOG=1 from it.
+        reactor.notifier = Notifier.from_environment()
         try:
             return self.run_reactor(reactor)
         finally:

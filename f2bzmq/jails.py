@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Union
 
 from . import protocol
@@ -236,6 +236,8 @@ class LocalJails:
         self.origin_times: dict[str, float] = {}  # ip -> its update's origin time, until applied
         self.apply_delays = DelayHistogram()  # the origin's Ban line -> fail2ban's banip returned
         self.unhonoured: set[str] = set()  # ignoreip entries said to be no address, once each
+        # Called after each command: applying a burst takes many, and the daemon is not stuck.
+        self.progress: Callable[[], None] = lambda: None
 
     def take_update(self, event: BanEvent) -> None:
         """An update changed this ban in a hub's view: reconcile its address."""
@@ -332,6 +334,7 @@ class LocalJails:
             else:
                 self.fail2ban.unban(jail, [fail2ban_address(ip) for ip in batch])
             self.batches.observe(jail, len(batch), time.monotonic() - began)
+            self.progress()
             if ban:
                 self.applied[jail].update(batch)
                 self.banned += len(batch)

@@ -47,6 +47,7 @@ from .runtime import (
     log_problems,
     try_send_frames,
 )
+from .sdnotify import Notifier
 
 log = logging.getLogger("f2bzmq.monitor")
 
@@ -142,6 +143,8 @@ class Monitor:
         # ACKed events the outbox could not forget yet (it can't be written): hub -> ids
         self.unforgotten: dict[str, list[str]] = {}
         self.outbox_failure: str | None = None  # the outbox's failure as last logged
+        self.notifier = Notifier()  # systemd's, when the daemon runs under its unit
+        self.reporting.progress = lambda: self.notifier.tick(time.monotonic())
 
     def run(self) -> None:
         log.log(
@@ -166,7 +169,9 @@ class Monitor:
             poller.register(self.control.socket, zmq.POLLIN)
         next_check = 0.0
         self.reporting.read(self.send_pending)
+        self.notifier.ready(f"{self.outbox.depth()} events waiting")
         while not self.signals.stopping:
+            self.notifier.tick(time.monotonic())
             self.send_pending()
             self.say_hello()
             ready = dict(poller.poll(self._timeout_ms()))
@@ -200,6 +205,8 @@ class Monitor:
         deadlines = [hub.window.next_deadline(now) for hub in self.hubs]
         deadlines += [hub.greeting.next_deadline() for hub in self.hubs]
         deadlines.append(self.reporting.retry_at)
+        keepalive = self.notifier.wait(now)
+        deadlines.append(None if keepalive is None else now + keepalive)
         deadline = min([now + SAFETY_CHECK, *(d for d in deadlines if d is not None)])
         return max(1, int((deadline - now) * 1000) + 1)
 
@@ -404,6 +411,7 @@ class Monitor:
         return found
 
     def close(self) -> None:
+        self.notifier.stopping()
         self.reporting.close()
         for hub in self.hubs:
             hub.close()
@@ -412,6 +420,7 @@ class Monitor:
         self.context.term()
         self.outbox.close()
         self.wakeup.close()
+        self.notifier.close()
         log.log(NOTICE, "monitor %s stopped", self.node)
 
 

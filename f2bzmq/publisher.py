@@ -41,6 +41,7 @@ from .runtime import (
     send_frames,
     try_send_frames,
 )
+from .sdnotify import Notifier
 from .state import StateStore, Update
 
 log = logging.getLogger("f2bzmq.publisher")
@@ -115,6 +116,7 @@ class Publisher:
             self.poller.register(self.control.socket, zmq.POLLIN)
         self.next_hugz = 0.0
         self.next_tidy = 0.0
+        self.notifier = Notifier()  # systemd's, when the daemon runs under its unit
 
     def load_table(self):
         table = self.store.load(self.config.node, self.config.publisher.default_bantime, 86400.0)
@@ -145,13 +147,18 @@ class Publisher:
             self.table.sequence,
             self.young_note(),
         )
+        self.notifier.ready(f"sequence {self.table.sequence}, {len(self.table.bans)} bans")
         while not self.signals.stopping:
             now = time.time()
+            self.notifier.tick(time.monotonic())
             self.ask_peers(now)
             timers = [self.next_hugz, self.table.next_expiry() or now + 3600]
             timers += [t for t in (self.rebuild.until, self.handover.next_deadline()) if t]
             if self.admission.unavailable is not None:
                 timers.append(self.store_retry)
+            keepalive = self.notifier.wait(time.monotonic())
+            if keepalive is not None:
+                timers.append(now + keepalive)
             deadline = min(timers)
             ready = dict(self.poller.poll(max(0, int((deadline - now) * 1000)) + 1))
             if self.wakeup.read_fd in ready:
@@ -482,6 +489,7 @@ class Publisher:
         return found + log_problems()
 
     def close(self) -> None:
+        self.notifier.stopping()
         self.commit()
         self.store.close()
         for sock in (self.collector, self.broadcaster, self.snapshots, *self.peer_sockets.values()):
@@ -493,6 +501,7 @@ class Publisher:
             self.auth.stop()  # its ZAP socket would keep the context from terminating
         self.context.term()
         self.wakeup.close()
+        self.notifier.close()
         log.log(
             NOTICE, "publisher %s stopped at sequence %d", self.config.node, self.table.sequence
         )

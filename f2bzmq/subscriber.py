@@ -36,6 +36,7 @@ from .runtime import (
     log_problems,
     try_send_frames,
 )
+from .sdnotify import Notifier
 from .sync import (
     SNAPSHOT_TIMEOUT,
     Gap,
@@ -181,6 +182,8 @@ class Subscriber:
         self.control = control_path and ControlSocket(self.context, control_path, self.status)
         self.wakeup = Wakeup()
         self.signals = StopSignals(self.wakeup)
+        self.notifier = Notifier()  # systemd's, when the daemon runs under its unit
+        self.jails.progress = lambda: self.notifier.tick(time.monotonic())
 
     def run(self) -> None:
         log.log(
@@ -198,7 +201,9 @@ class Subscriber:
             for sock in link.sockets():
                 poller.register(sock, zmq.POLLIN)
             self.follow(link, link.sync.start(time.monotonic()))
+        self.notifier.ready()
         while not self.signals.stopping:
+            self.notifier.tick(time.monotonic())
             ready = dict(poller.poll(self._timeout_ms()))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
@@ -232,9 +237,14 @@ class Subscriber:
         self.close()
 
     def _timeout_ms(self) -> int:
+        now = time.monotonic()
+        wait = min(self.heartbeat_timeout / 2, 1.0)
         if self.jails.pending:
-            return max(1, int((self.jails.next_retry - time.monotonic()) * 1000))
-        return int(min(self.heartbeat_timeout / 2, 1.0) * 1000)
+            wait = min(wait, self.jails.next_retry - now)
+        keepalive = self.notifier.wait(now)
+        if keepalive is not None:
+            wait = min(wait, keepalive)
+        return max(1, int(wait * 1000))
 
     def handle_updates(self, link: HubLink, now: float) -> None:
         """Take every waiting message, each whole or not at all."""
@@ -369,6 +379,7 @@ class Subscriber:
         return found + log_problems()
 
     def close(self) -> None:
+        self.notifier.stopping()
         for link in self.links:
             link.close()
         if self.control:
@@ -376,6 +387,7 @@ class Subscriber:
         self.context.term()
         self.jails.fail2ban.close()
         self.wakeup.close()
+        self.notifier.close()
         log.log(NOTICE, "subscriber %s stopped", self.config.node)
 
 
