@@ -373,6 +373,7 @@ class PublisherSettings:
     rate_burst: int = _key("10000", _number(int, 1, 10**7))
     allow_foreign_unban: bool = _key("false", _bool)
     rebuild_window: float = _key("5m", _duration(float, 0, 86400))
+    node_silence: float = _key("1m", _duration(float, 1, 86400))
     legacy_report_bind: list[str] = _key("", _endpoints)
     legacy_publish_bind: list[str] = _key("", _endpoints)
     legacy_token: str = _key("", _legacy_token)

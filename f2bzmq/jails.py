@@ -277,18 +277,12 @@ class LocalJails:
                 self._apply(jail, add, ban=True)
                 self._apply(jail, remove, ban=False)
         except (Fail2banError, OSError) as error:
-            if self.error is None:
-                log.error("fail2ban is not reachable: %s; retrying", error)
-            self.ok = False
-            self.error = str(error)
+            self.unreachable(str(error))
             self.applied = None  # fail2ban may have restarted: read its jails again
             self.batches.reset()
             self.next_retry = time.monotonic() + RETRY_INTERVAL
             return
-        if not self.ok:
-            log.info("fail2ban is reachable at %s", self.fail2ban.socket_path)
-        self.ok = True
-        self.error = None
+        self.reachable()
         self.pending = False
         self.touched = set()
         self.origin_times.clear()
@@ -303,6 +297,23 @@ class LocalJails:
                     jail,
                     entry[:100],
                 )
+
+    def unreachable(self, error: str) -> None:
+        """A call to fail2ban failed (a command, or a ping): say so once, until one works."""
+        if self.error is None:
+            log.error("fail2ban is not reachable: %s; retrying", error)
+        self.ok = False
+        self.error = error
+
+    def reachable(self) -> bool:
+        """A call to fail2ban worked; True when it had not before (it may have lost bans
+        meanwhile: a restart without its database)."""
+        if self.ok:
+            return False
+        log.info("fail2ban is reachable at %s", self.fail2ban.socket_path)
+        self.ok = True
+        self.error = None
+        return True
 
     def plan(self, synced: list[ClusterView]) -> dict[str, tuple[list[str], list[str]]]:
         """Local jail -> (addresses to ban, to unban): every ban after a snapshot or an

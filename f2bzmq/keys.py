@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from .health import RefusedKeys
 from .protocol import ProtocolError, check_name
 
 log = logging.getLogger("f2bzmq.keys")
@@ -122,6 +124,7 @@ class NodeAuthenticator(ThreadAuthenticator):
     hub_key: bytes | None
     nodes: dict[bytes, str]  # z85 public key -> node name
     names: set[str]
+    refused: RefusedKeys  # handshakes with a key it does not know, for `status`
 
     def __init__(
         self, context: zmq.Context, nodes_dir: str | os.PathLike, hub_key: bytes | None = None
@@ -131,6 +134,7 @@ class NodeAuthenticator(ThreadAuthenticator):
         self.hub_key = hub_key  # z85 public key of the hubs
         self.nodes = {}
         self.names = set()
+        self.refused = RefusedKeys()
 
     def start(self) -> None:
         super().start()
@@ -149,7 +153,10 @@ class NodeAuthenticator(ThreadAuthenticator):
         return len(nodes)
 
     def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.nodes or key == self.hub_key
+        known = key in self.nodes or key == self.hub_key
+        if not known:
+            self.refused.refused(time.time())
+        return known
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         key = zmq.utils.z85.encode(client_public_key)

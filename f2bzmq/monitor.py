@@ -13,6 +13,7 @@ reading of the log, not the loop: it goes on by itself when it can.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -31,7 +32,9 @@ from .delivery import (
     Greeting,
     Row,
 )
+from .fail2ban_client import Fail2banClient, Fail2banError
 from .handshake import HandshakeWatch, KeyCheck, key_problem, log_key_change
+from .health import logpath_problems
 from .keys import Security
 from .metrics import DelayHistogram, counter, gauge, histogram
 from .outbox import Outbox
@@ -143,6 +146,13 @@ class Monitor:
         # ACKed events the outbox could not forget yet (it can't be written): hub -> ids
         self.unforgotten: dict[str, list[str]] = {}
         self.outbox_failure: str | None = None  # the outbox's failure as last logged
+        # Where fail2ban says it writes its log, asked at start and with each safety check
+        # (a socket command, never the client program: fail2ban may be down for long).
+        self.fail2ban = Fail2banClient(
+            config.general.fail2ban_socket, timeout=2.0, client_program=None
+        )
+        self.log_target: str | None = None  # None: fail2ban could not be asked
+        self.log_warnings: list[str] = []  # the log's problems, as last logged
         self.notifier = Notifier()  # systemd's, when the daemon runs under its unit
         self.reporting.progress = lambda: self.notifier.tick(time.monotonic())
 
@@ -155,6 +165,7 @@ class Monitor:
             " ".join(hub.endpoint for hub in self.hubs),
             self.outbox.depth(),
         )
+        self.check_log()
         follower = self.reporting.follower
         follower.start()
         poller = zmq.Poller()
@@ -194,6 +205,7 @@ class Monitor:
                 self.check_link(hub, poller, now)
             if now >= next_check:
                 follower.check()
+                self.check_log()
                 next_check = now + SAFETY_CHECK
                 self.forget_acked()
                 self.outbox.tidy()
@@ -330,6 +342,28 @@ class Monitor:
         else:
             log.log(NOTICE, "the outbox can be written again: reading the log on")
 
+    def check_log(self) -> None:
+        """Ask fail2ban where it writes its log; warn once when the log the monitor
+        follows is not that one, or does not exist."""
+        try:
+            self.log_target = self.fail2ban.logtarget()
+        except (Fail2banError, OSError):
+            self.log_target = None  # the subscriber's status says fail2ban is away
+        problems = self.log_problems()
+        for problem in problems:
+            if problem not in self.log_warnings:
+                log.warning("%s", problem)
+        if self.log_warnings and not problems:
+            log.log(NOTICE, "following fail2ban's log %s", self.config.monitor.logpath)
+        self.log_warnings = problems
+
+    def log_problems(self) -> list[str]:
+        logpath = os.path.realpath(self.config.monitor.logpath)
+        target = self.log_target
+        if target is not None and target.startswith("/"):
+            target = os.path.realpath(target)
+        return logpath_problems(logpath, os.path.exists(logpath), target)
+
     def check_link(self, hub: HubLink, poller: zmq.Poller, now: float) -> None:
         """A hub that left events waiting past ack_timeout gets a new socket."""
         reset = hub.window.on_tick(now)
@@ -359,6 +393,7 @@ class Monitor:
             "role": "monitor",
             "node": self.node,
             "Log file": str(self.config.monitor.logpath),
+            "fail2ban writes to": self.log_target or "unknown (fail2ban not reachable)",
             "Log position": position,
             "Events reported": self.reporting.reported,
             "Events ACKed": self.counters["acked"],
@@ -386,9 +421,10 @@ class Monitor:
         }
 
     def problems(self, waiting: dict[str, int]) -> list[str]:
-        """What makes the monitor unhealthy: an outbox it can't write, a log it can't
-        write, a hub that ACKs nothing while events wait."""
-        found = []
+        """What makes the monitor unhealthy: fail2ban's log missing or elsewhere, an
+        outbox it can't write, a log it can't write, a hub that ACKs nothing while events
+        wait."""
+        found = self.log_problems()
         if self.outbox.failure is not None:
             unstored = self.reporting.unstored
             found.append(
@@ -413,6 +449,7 @@ class Monitor:
     def close(self) -> None:
         self.notifier.stopping()
         self.reporting.close()
+        self.fail2ban.close()
         for hub in self.hubs:
             hub.close()
         if self.control:

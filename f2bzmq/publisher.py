@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -24,6 +25,16 @@ from . import legacy, protocol
 from .admission import Admission
 from .config import Config
 from .control import ControlSocket
+from .health import (
+    Descriptors,
+    DiskSpace,
+    RefusedKeys,
+    descriptors_problem,
+    disk_problem,
+    disk_space,
+    open_descriptors,
+    silence_problem,
+)
 from .keys import Security
 from .legacy import LegacyEndpoints
 from .metrics import counter, gauge, histogram
@@ -85,6 +96,8 @@ class Publisher:
         self.store_retry = 0.0  # when to try storing again
         self.refusals = RateLimitedLog(log)  # of snapshot requests; the core logs reports'
         self.broadcasts = 0  # updates published
+        self.started = time.time()
+        self.last_heard: float | None = None  # the last message of any node's monitor
         self.security = Security.for_role(config, "publisher")
         self.context = zmq.Context()
         # The authenticator must run before the first bind, on the sockets' context.
@@ -184,6 +197,7 @@ class Publisher:
         if self.snapshots in ready:
             self.handle_snapshots()
         if self.legacy.reports in ready:
+            self.last_heard = time.time()
             self.legacy.handle_reports()
         if self.control and self.control.socket in ready:
             self.control.handle()
@@ -209,6 +223,7 @@ class Publisher:
         now = time.time()
         taken = 0
         for frames in drain(self.collector, DRAIN_LIMIT, copy=False, max_frames=MAX_REPORT_FRAMES):
+            self.last_heard = now
             peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
             # The node name the authenticator gave this peer's key (None without keys).
             user = frames[-1].get("User-Id") if self.auth is not None else None
@@ -446,6 +461,10 @@ class Publisher:
         per_jail: dict[str, int] = {}
         for jail, _ in self.table.bans:
             per_jail[jail] = per_jail.get(jail, 0) + 1
+        now = time.time()
+        descriptors = open_descriptors()
+        space = disk_space(os.path.dirname(self.store.path))
+        refused = self.refused_keys()
         return {
             "role": "publisher",
             "node": self.config.node,
@@ -456,12 +475,17 @@ class Publisher:
             "Currently banned": len(self.table.bans),
             "Banned per jail": per_jail,
             "Nodes (last report)": {node: clock(seen) for node, seen in nodes.items()},
+            "Last heard from a node": None
+            if self.last_heard is None
+            else f"{now - self.last_heard:.1f} s ago",
             "Reports received": counters["reports"],
             "Events accepted": counters["accepted"],
             "Events refused": counters["refused"],
             "Duplicates dropped": counters["duplicates"],
             "Updates broadcast": self.broadcasts,
-            "problems": self.problems(),
+            "Unknown keys refused": refused.total if refused else 0,
+            "File descriptors": f"{descriptors.used} of {descriptors.limit or 'unlimited'}",
+            "problems": self.problems(now, descriptors, space),
             "metrics": {
                 "sequence": gauge("sequence number of the last update", self.table.sequence),
                 "bans": gauge("active cluster bans per jail", per_jail, "jail"),
@@ -473,20 +497,43 @@ class Publisher:
                 "events_refused": counter("events refused", counters["refused"]),
                 "duplicates": counter("events already known", counters["duplicates"]),
                 "updates_broadcast": counter("updates published", self.broadcasts),
+                "keys_refused": counter(
+                    "handshakes refused for an unknown key", refused.total if refused else 0
+                ),
+                "seconds_since_node_heard": gauge(
+                    "seconds since a node's monitor was last heard (since start: none yet)",
+                    now - (self.last_heard or self.started),
+                ),
+                "open_fds": gauge("open file descriptors", descriptors.used),
+                "max_fds": gauge("file descriptor limit (0: none)", descriptors.limit),
+                "state_free_bytes": gauge(
+                    "free bytes of the ban table's file system", space.free if space else 0
+                ),
                 "accept_delay_seconds": histogram(
                     "origin's Ban line -> stored by the hub", self.admission.accept_delays
                 ),
             },
         }
 
-    def problems(self) -> list[str]:
+    def refused_keys(self) -> RefusedKeys | None:
+        return self.auth.refused if self.auth is not None else None
+
+    def problems(self, now: float, descriptors: Descriptors, space: DiskSpace | None) -> list[str]:
         found = []
         if self.store_error is not None:
             found.append(
                 f"cannot write the ban table {self.store.path}: {self.store_error}; "
                 "reports get retry NAKs until it can"
             )
-        return found + log_problems()
+        refused = self.refused_keys()
+        silence = self.config.publisher.node_silence
+        found += [
+            silence_problem(self.last_heard, self.started, now, silence),
+            descriptors_problem(descriptors),
+            disk_problem("storing reports", os.path.dirname(self.store.path), space),
+            refused.problem(now) if refused else None,
+        ]
+        return [problem for problem in found if problem] + log_problems()
 
     def close(self) -> None:
         self.notifier.stopping()

@@ -20,7 +20,7 @@ import zmq
 from . import protocol
 from .config import Config
 from .control import ControlSocket
-from .fail2ban_client import Fail2banClient
+from .fail2ban_client import Fail2banClient, Fail2banError
 from .handshake import HandshakeWatch, KeyCheck, key_problem, log_key_change
 from .jails import LocalJails, LocalPolicy
 from .keys import Security
@@ -54,6 +54,9 @@ from .sync import (
 )
 
 log = logging.getLogger("f2bzmq.subscriber")
+
+# Seconds between pings of fail2ban: `status` says within about this long that it is gone.
+PING_INTERVAL = 1.0
 
 
 class HubLink:
@@ -163,6 +166,11 @@ class Subscriber:
             config.general.fail2ban_socket, client_program=config.general.fail2ban_client
         )
         self.jails = LocalJails(policy, fail2ban, config.subscriber.batch_size)
+        # A connection of its own for the pings: short answers, no client program behind it.
+        self.pinger = Fail2banClient(
+            config.general.fail2ban_socket, timeout=2.0, client_program=None
+        )
+        self.next_ping = 0.0
         self.heartbeat_timeout = config.subscriber.heartbeat_timeout
         self.refusals = RateLimitedLog(log)
         self.refused = 0  # hub messages that failed to decode
@@ -229,6 +237,9 @@ class Subscriber:
                 for link in self.links:
                     if link.sync.held:
                         self.follow(link, link.sync.expire_held(time.time()))
+            if now >= self.next_ping:
+                self.ping_fail2ban()
+                self.next_ping = time.monotonic() + PING_INTERVAL
             if now >= self.next_resync:
                 self.next_resync = now + self.resync_interval
                 self.jails.reread()
@@ -245,6 +256,25 @@ class Subscriber:
         if keepalive is not None:
             wait = min(wait, keepalive)
         return max(1, int(wait * 1000))
+
+    def ping_fail2ban(self) -> None:
+        """Is fail2ban there, and the same server as before? A new one (restarted) may have
+        lost the bans it held: read its jails again."""
+        before = self.pinger.server_pid
+        try:
+            self.pinger.command("ping")
+        except (Fail2banError, OSError) as error:
+            self.jails.unreachable(str(error))
+            return
+        restarted = before is not None and self.pinger.server_pid != before
+        if restarted:
+            log.info(
+                "fail2ban was restarted (pid %s, now %s): comparing its jails with the cluster",
+                before,
+                self.pinger.server_pid,
+            )
+        if self.jails.reachable() or restarted:
+            self.jails.reread()
 
     def handle_updates(self, link: HubLink, now: float) -> None:
         """Take every waiting message, each whole or not at all."""
@@ -386,6 +416,7 @@ class Subscriber:
             self.control.close()
         self.context.term()
         self.jails.fail2ban.close()
+        self.pinger.close()
         self.wakeup.close()
         self.notifier.close()
         log.log(NOTICE, "subscriber %s stopped", self.config.node)
