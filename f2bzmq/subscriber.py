@@ -10,7 +10,9 @@ this module moves bytes between them and logs what they report.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from .config import Config
 from .control import ControlSocket
 from .fail2ban_client import Fail2banClient, Fail2banError
 from .handshake import HandshakeWatch, KeyCheck, key_problem, log_key_change
-from .jails import LocalJails, LocalPolicy
+from .jails import HandUnbans, LocalJails, LocalPolicy
 from .keys import Security
 from .metrics import counter, gauge, histogram
 from .protocol import BanEvent, ProtocolError
@@ -166,6 +168,9 @@ class Subscriber:
             config.general.fail2ban_socket, client_program=config.general.fail2ban_client
         )
         self.jails = LocalJails(policy, fail2ban, config.subscriber.batch_size)
+        # Bans lifted by hand here, kept across restarts: a restart must not undo them.
+        self.hand_unbans_file = config.state_path("subscriber-hand-unbans.json")
+        self.jails.hand_unbans = load_hand_unbans(self.hand_unbans_file)
         # A connection of its own for the pings: short answers, no client program behind it.
         self.pinger = Fail2banClient(
             config.general.fail2ban_socket, timeout=2.0, client_program=None
@@ -245,6 +250,16 @@ class Subscriber:
                 self.jails.reread()
             if self.jails.pending and now >= self.jails.next_retry:
                 self.jails.reconcile([link.sync.view for link in self.links if link.sync.synced])
+            if self.jails.hand_unbans_changed:
+                error = store_hand_unbans(self.hand_unbans_file, self.jails.hand_unbans)
+                self.jails.hand_unbans_changed = error is not None
+                if error is not None:
+                    self.refusals.warning(
+                        "hand unbans",
+                        "cannot write %s: %s; trying again",
+                        self.hand_unbans_file,
+                        error,
+                    )
         self.close()
 
     def _timeout_ms(self) -> int:
@@ -274,7 +289,7 @@ class Subscriber:
                 self.pinger.server_pid,
             )
         if self.jails.reachable() or restarted:
-            self.jails.reread()
+            self.jails.reread(restarted)
 
     def handle_updates(self, link: HubLink, now: float) -> None:
         """Take every waiting message, each whole or not at all."""
@@ -353,6 +368,10 @@ class Subscriber:
             "node": self.config.node,
             "fail2ban": "reachable" if self.jails.ok else "NOT reachable (yet)",
             "Banned in local jails": in_jails,
+            "Unbanned here by hand": {
+                jail: _some(addresses)
+                for jail, addresses in self.jails.hand_unbans.by_jail().items()
+            },
             "Bans applied": self.jails.banned,
             "Unbans applied": self.jails.unbanned,
             "Snapshots received": snapshots,
@@ -377,6 +396,11 @@ class Subscriber:
                 "snapshots": counter("snapshots received", snapshots),
                 "messages_refused": counter("hub messages refused", self.refused),
                 "local_bans": gauge("addresses in the local jails", in_jails, "jail"),
+                "hand_unbans": gauge(
+                    "cluster bans lifted by hand here, kept unbanned",
+                    {jail: len(ips) for jail, ips in self.jails.hand_unbans.by_jail().items()},
+                    "jail",
+                ),
                 "fail2ban_up": gauge("1 when fail2ban answered", int(self.jails.ok)),
                 "hub_synced": gauge(
                     "1 when the hub's view is current",
@@ -503,6 +527,44 @@ def hub_addresses(hosts: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IP
         for *_, address in answers:
             found.append(ipaddress.ip_network(address[0].partition("%")[0]))
     return found
+
+
+def load_hand_unbans(path: Path) -> HandUnbans:
+    """The bans lifted by hand that an earlier run stored; none if there is no file."""
+    try:
+        stored = json.loads(path.read_text())
+        return HandUnbans(
+            {(entry["jail"], entry["ip"]): float(entry["since"]) for entry in stored["unbans"]}
+        )
+    except FileNotFoundError:
+        return HandUnbans()
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.warning("cannot read %s (%s): bans lifted by hand before are forgotten", path, error)
+        return HandUnbans()
+
+
+def store_hand_unbans(path: Path, unbans: HandUnbans) -> str | None:
+    """Write them whole, readable by their owner only, and replace the old file at once;
+    why that failed, or None."""
+    entries = [
+        {"jail": jail, "ip": ip, "since": since} for (jail, ip), since in unbans.entries.items()
+    ]
+    temporary = path.with_name(path.name + ".new")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"unbans": entries}, handle)
+        os.replace(temporary, path)
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
+def _some(addresses: list[str], shown: int = 5) -> str:
+    """A few addresses of a long list, for `status`."""
+    more = len(addresses) - shown
+    return ", ".join(addresses[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _epoch(moment: float | None, now: float) -> float | None:
