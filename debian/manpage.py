@@ -42,7 +42,7 @@ EXIT_STATUS = [
     ("0", "Success; for status: the daemon is running and healthy."),
     ("1", "Failure; for status: the daemon reports a problem or gives no answer within 5 s."),
     ("2", "A mistake in the command line or the configuration (named: file, section, key)."),
-    ("3", "status: the daemon is not running."),
+    ("3", "status, reload: the daemon is not running."),
 ]
 
 

@@ -28,6 +28,7 @@ VERBS = {
     "start": "start as a daemon with a PID file",
     "stop": "stop the daemon and wait until it has exited",
     "restart": "stop, then start",
+    "reload": "read the configuration and keys again; say what needs a restart (as SIGHUP)",
     "status": "show what the running daemon reports; exit 3 when it is not running",
     "keygen": "keygen NAME [--dir DIR]: make a CURVE key pair (default DIR: keys_dir)",
 }

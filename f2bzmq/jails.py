@@ -153,14 +153,18 @@ class LocalPolicy:
         self.sync_jail = sync_jail
         self.jail_map = jail_map
         self.networks = networks
-        self.allowlist = Allowlist(allowlist)
         self.special_ranges = Allowlist(special_ranges)
         self.hubs = Allowlist(hubs)
+        self.set_allowlist(allowlist)
+        self.ignored: dict[str, Allowlist] = {}  # local jail -> its fail2ban ignoreip
+
+    def set_allowlist(self, allowlist: Iterable[Network]) -> None:
+        """The allowlist, at start or from a reload: never banned from then on."""
+        self.allowlist = Allowlist(allowlist)
         # All three at once: the one check of every ban at every full reconcile.
         self.never = Allowlist(
             [*self.allowlist.networks, *self.special_ranges.networks, *self.hubs.networks]
         )
-        self.ignored: dict[str, Allowlist] = {}  # local jail -> its fail2ban ignoreip
 
     def local_jail(self, cluster_jail: str) -> str:
         return self.jail_map.get(cluster_jail, self.sync_jail)

@@ -21,7 +21,7 @@ from pathlib import Path
 import zmq
 
 from . import protocol
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .control import ControlSocket
 from .delivery import (
     ADOPT,
@@ -39,6 +39,7 @@ from .keys import Security
 from .metrics import DelayHistogram, counter, gauge, histogram
 from .outbox import Outbox
 from .protocol import Answer, ProtocolError, Welcome
+from .reload import LOGLEVEL, node_keys, plan_reload, set_loglevel
 from .reporting import STORE_RETRY, LogReporter
 from .runtime import (
     NOTICE,
@@ -56,6 +57,8 @@ log = logging.getLogger("f2bzmq.monitor")
 
 SAFETY_CHECK = 5.0  # inotify can drop events under load: stat the log this often
 UNHEALTHY_AFTER = 60.0  # seconds a hub may leave waiting events unACKed before `status` warns
+# What a reload changes at once; any other key of [general] and [monitor] needs a restart.
+LIVE_KEYS = frozenset({LOGLEVEL, ("monitor", "ignore_jails"), ("monitor", "outbox_max")})
 
 
 class HubLink:
@@ -140,7 +143,9 @@ class Monitor:
             )
             for endpoint in endpoints
         ]
-        self.control = control_path and ControlSocket(self.context, control_path, self.status)
+        self.control = control_path and ControlSocket(
+            self.context, control_path, self.status, self.reload
+        )
         self.started = time.monotonic()
         self.ack_delays = DelayHistogram()  # an event sent -> its ACK, per hub
         # ACKed events the outbox could not forget yet (it can't be written): hub -> ids
@@ -183,6 +188,9 @@ class Monitor:
         self.notifier.ready(f"{self.outbox.depth()} events waiting")
         while not self.signals.stopping:
             self.notifier.tick(time.monotonic())
+            if self.signals.reload:
+                self.signals.reload = False
+                self.reload()
             self.send_pending()
             self.say_hello()
             ready = dict(poller.poll(self._timeout_ms()))
@@ -341,6 +349,22 @@ class Monitor:
             )
         else:
             log.log(NOTICE, "the outbox can be written again: reading the log on")
+
+    def reload(self) -> dict:
+        """SIGHUP or `monitor reload`: the configuration and keys read again."""
+        try:
+            read = load_config(self.config.path)
+        except ConfigError as error:
+            log.error("reload: %s; the running settings stay", error)
+            return {"failed": str(error)}
+        self.config, reloaded = plan_reload(self.config, read, "monitor", LIVE_KEYS)
+        set_loglevel(self.config.general.loglevel)
+        self.reporting.outbox_max = self.config.monitor.outbox_max
+        ignored = set(self.config.monitor.ignore_jails) | self.config.sync_jails()
+        self.reporting.judge.ignore_jails = frozenset(ignored)
+        reloaded.keys = node_keys(self.security, self.config, "monitor")
+        log.log(NOTICE, "reloaded %s: %s", self.config.path, reloaded.describe())
+        return reloaded.as_dict()
 
     def check_log(self) -> None:
         """Ask fail2ban where it writes its log; warn once when the log the monitor

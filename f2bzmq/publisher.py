@@ -22,8 +22,9 @@ from pathlib import Path
 import zmq
 
 from . import legacy, protocol
+from .addresses import Allowlist
 from .admission import Admission
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .control import ControlSocket
 from .health import (
     Descriptors,
@@ -40,6 +41,7 @@ from .legacy import LegacyEndpoints
 from .metrics import counter, gauge, histogram
 from .protocol import ProtocolError
 from .rebuild import Handed, Handover, Rebuild
+from .reload import LOGLEVEL, plan_reload, set_loglevel
 from .runtime import (
     NOTICE,
     RateLimitedLog,
@@ -64,6 +66,16 @@ DRAIN_LIMIT = 1000  # events taken per commit (in as many reports): one fsync AC
 REPLY_HWM = 10 * DRAIN_LIMIT  # replies queued per peer (an ACK is about 80 bytes an event)
 # The two update streams: (packed, events per message).
 _STREAMS = ((False, protocol.MAX_UPDATE_EVENTS), (True, protocol.MAX_PACKED_EVENTS))
+# What a reload changes at once; any other key of [general] and [publisher] needs a restart.
+LIVE_KEYS = frozenset(
+    {
+        LOGLEVEL,
+        ("publisher", "allowlist"),
+        ("publisher", "allow_foreign_unban"),
+        ("publisher", "heartbeat_interval"),
+        ("publisher", "node_silence"),
+    }
+)
 # Seconds between attempts to store again after the store failed (a full disk): meanwhile
 # every event gets a retry NAK, and each failed attempt costs a reload of the table.
 STORE_RETRY = 2.0
@@ -124,7 +136,9 @@ class Publisher:
         self.poller.register(self.wakeup.read_fd, zmq.POLLIN)
         self.register_sockets()
         self.legacy.register(self.poller)
-        self.control = control_path and ControlSocket(self.context, control_path, self.status)
+        self.control = control_path and ControlSocket(
+            self.context, control_path, self.status, self.reload
+        )
         if self.control:
             self.poller.register(self.control.socket, zmq.POLLIN)
         self.next_hugz = 0.0
@@ -178,7 +192,7 @@ class Publisher:
                 self.wakeup.drain()
             if self.signals.reload:
                 self.signals.reload = False
-                self.reload_keys()
+                self.reload()
                 continue
             with batched_logging():  # a line per ban, written once per pass
                 self.handle_ready(ready)
@@ -375,6 +389,27 @@ class Publisher:
             len(updates),
         )
         self.grow_up(self.rebuild.on_handover(handed.peer, handed.young))
+
+    def reload(self) -> dict:
+        """SIGHUP or `publisher reload`: the configuration and node keys read again."""
+        try:
+            read = load_config(self.config.path)
+        except ConfigError as error:
+            log.error("reload: %s; the running settings stay", error)
+            return {"failed": str(error)}
+        self.config, reloaded = plan_reload(self.config, read, "publisher", LIVE_KEYS)
+        settings = self.config.publisher
+        set_loglevel(self.config.general.loglevel)
+        self.heartbeat_interval = settings.heartbeat_interval
+        self.admission.allowlist = Allowlist(settings.allowlist)
+        self.table.allow_foreign_unban = settings.allow_foreign_unban
+        if self.auth is not None:
+            self.reload_keys()
+            reloaded.keys = f"{len(self.auth.names)} node keys accepted"
+        else:
+            reloaded.keys = "none (insecure = true)"
+        log.log(NOTICE, "reloaded %s: %s", self.config.path, reloaded.describe())
+        return reloaded.as_dict()
 
     def reload_keys(self) -> None:
         """SIGHUP: read nodes/ again; if a key went away, cut every connection so it can't stay."""

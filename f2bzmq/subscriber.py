@@ -20,7 +20,7 @@ from pathlib import Path
 import zmq
 
 from . import protocol
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .control import ControlSocket
 from .fail2ban_client import Fail2banClient, Fail2banError
 from .handshake import HandshakeWatch, KeyCheck, key_problem, log_key_change
@@ -28,6 +28,7 @@ from .jails import HandUnbans, LocalJails, LocalPolicy
 from .keys import Security
 from .metrics import counter, gauge, histogram
 from .protocol import BanEvent, ProtocolError
+from .reload import LOGLEVEL, node_keys, plan_reload, set_loglevel
 from .runtime import (
     NOTICE,
     RateLimitedLog,
@@ -59,6 +60,15 @@ log = logging.getLogger("f2bzmq.subscriber")
 
 # Seconds between pings of fail2ban: `status` says within about this long that it is gone.
 PING_INTERVAL = 1.0
+# What a reload changes at once; any other key of [general] and [subscriber] needs a restart.
+LIVE_KEYS = frozenset(
+    {
+        LOGLEVEL,
+        ("subscriber", "allowlist"),
+        ("subscriber", "batch_size"),
+        ("subscriber", "resync_interval"),
+    }
+)
 
 
 class HubLink:
@@ -192,7 +202,9 @@ class Subscriber:
         self.next_resync = now + self.resync_interval
         self.next_expiry = now  # when held bans of young hubs are next checked
         self.started = now
-        self.control = control_path and ControlSocket(self.context, control_path, self.status)
+        self.control = control_path and ControlSocket(
+            self.context, control_path, self.status, self.reload
+        )
         self.wakeup = Wakeup()
         self.signals = StopSignals(self.wakeup)
         self.notifier = Notifier()  # systemd's, when the daemon runs under its unit
@@ -217,6 +229,9 @@ class Subscriber:
         self.notifier.ready()
         while not self.signals.stopping:
             self.notifier.tick(time.monotonic())
+            if self.signals.reload:
+                self.signals.reload = False
+                self.reload()
             ready = dict(poller.poll(self._timeout_ms()))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
@@ -271,6 +286,29 @@ class Subscriber:
         if keepalive is not None:
             wait = min(wait, keepalive)
         return max(1, int(wait * 1000))
+
+    def reload(self) -> dict:
+        """SIGHUP or `subscriber reload`: the configuration and keys read again. A new
+        allowlist is applied to what the jails hold at once."""
+        try:
+            read = load_config(self.config.path)
+        except ConfigError as error:
+            log.error("reload: %s; the running settings stay", error)
+            return {"failed": str(error)}
+        self.config, reloaded = plan_reload(self.config, read, "subscriber", LIVE_KEYS)
+        settings = self.config.subscriber
+        set_loglevel(self.config.general.loglevel)
+        self.jails.batches.limit = settings.batch_size
+        if settings.resync_interval != self.resync_interval:
+            self.resync_interval = settings.resync_interval
+            self.next_resync = time.monotonic() + self.resync_interval
+        if ("subscriber", "allowlist") in reloaded.applied:
+            self.jails.policy.set_allowlist(settings.allowlist)
+            self.jails.compare_all()
+            self.jails.pending = True
+        reloaded.keys = node_keys(self.security, self.config, "subscriber")
+        log.log(NOTICE, "reloaded %s: %s", self.config.path, reloaded.describe())
+        return reloaded.as_dict()
 
     def ping_fail2ban(self) -> None:
         """Is fail2ban there, and the same server as before? A new one (restarted) may have
