@@ -40,7 +40,7 @@ class RoleControl:
         self.role = role
         self.config = config
         self.factory = factory
-        run_dir = Path(config.general.run_dir)
+        run_dir = config.run_dir(role)
         self.pidfile = run_dir / f"{role}.pid"
         self.exitfile = run_dir / f"{role}.exit"  # why the daemon last stopped on an error
         self.control = config.control_path(role)

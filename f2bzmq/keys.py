@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import stat
 import time
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from .protocol import ProtocolError, check_name
 log = logging.getLogger("f2bzmq.keys")
 
 HUB = "hub"
+# The system user the publisher's unit runs as: a hub's secret key must be its own.
+HUB_USER = "_f2bzmq"
 
 
 class KeyFileError(Exception):
@@ -80,10 +83,36 @@ def load_secret(path: str | os.PathLike) -> KeyPair:
         raise KeyFileError(f"{path}: {error.strerror}; make one with `f2bzmq keygen`") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(f"{path} can be read by other users: chmod 600 {path}")
+    if not os.access(path, os.R_OK):
+        user = _user_name(os.geteuid())
+        raise KeyFileError(
+            f"{path} can't be read by {user}, which runs this daemon: make it {user}'s "
+            f"(chown {user} {path}); only its owner may read it"
+        )
     public, secret = _load(path)
     if secret is None:
         raise KeyFileError(f"{path} holds no secret key")
     return KeyPair(public, secret)
+
+
+def give_to_hub_user(path: Path) -> str | None:
+    """Run as root where the publisher's system user exists: make a hub secret that user's,
+    as its loader requires. The user's name, or None when nothing was done."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        user = pwd.getpwnam(HUB_USER)
+    except KeyError:
+        return None
+    os.chown(path, user.pw_uid, user.pw_gid)
+    return HUB_USER
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def load_public(path: str | os.PathLike) -> bytes:

@@ -88,9 +88,9 @@ class Publisher:
     def __init__(self, config: Config, control_path: Path | None = None) -> None:
         self.config = config
         self.heartbeat_interval = config.publisher.heartbeat_interval
-        state_dir = config.state_path("")
+        state_dir = Path(config.publisher.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = StateStore(config.state_path("publisher.sqlite3"))
+        self.store = StateStore(state_dir / "publisher.sqlite3")
         # The core's table: the shell stores, expires and snapshots it.
         self.table = self.load_table()
         self.admission = Admission(config, self.table)  # what every report is judged by

@@ -16,6 +16,7 @@ import pytest
 
 from f2bzmq.config import load_config
 from f2bzmq.control import ask
+from f2bzmq.keys import HUB_USER
 from f2bzmq.lab import child_environment, free_ports, make_keys, write_config
 
 WATCHDOG = 0.5  # seconds: a keep-alive every 0.25 s
@@ -135,3 +136,31 @@ def test_each_daemon_says_ready_when_it_serves_then_keeps_the_watchdog_fed_until
                 process.kill()
                 process.wait(5)
             listener.close()
+
+
+def unit_setting(unit: Path, key: str) -> str:
+    found = [
+        line.split("=", 1)[1]
+        for line in unit.read_text().splitlines()
+        if line.startswith(f"{key}=")
+    ]
+    assert len(found) == 1, (unit.name, key, found)
+    return found[0]
+
+
+def test_the_units_give_each_role_the_folders_its_configuration_names():
+    """systemd makes (and, for the hub's user, owns) the folders the shipped configuration
+    names: the hub's apart from the node's roles, which run as root."""
+    shipped = load_config(str(UNITS[0].parent.parent / "fail2ban-cluster.conf"))
+    for unit in UNITS:
+        role = unit.stem.removeprefix("fail2ban-")
+        state = shipped.publisher.state_dir if role == "publisher" else shipped.general.state_dir
+        assert f"/var/lib/{unit_setting(unit, 'StateDirectory')}" == state
+        assert Path(f"/run/{unit_setting(unit, 'RuntimeDirectory')}") == shipped.run_dir(role)
+        assert unit_setting(unit, "Type") == "notify"
+        assert int(unit_setting(unit, "WatchdogSec")) > 0
+        assert unit_setting(unit, "ExecReload").endswith(" reload")
+        assert int(unit_setting(unit, "LimitNOFILE")) >= 4096
+    hub = UNITS[1]
+    assert (unit_setting(hub, "User"), unit_setting(hub, "Group")) == (HUB_USER, HUB_USER)
+    assert "LogsDirectory=" not in hub.read_text()  # its log is the journal
