@@ -20,10 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from f2bzmq import __version__  # noqa: E402
 from f2bzmq.cli import ROLES, VERBS, build_parser  # noqa: E402
-from f2bzmq.config import DEFAULT_PATHS  # noqa: E402
+from f2bzmq.config import DEFAULT_PATHS, load_config  # noqa: E402
 
 CONF = DEFAULT_PATHS[0]
 CONF_BASE = CONF.removesuffix(".conf")
+CONF_SOURCE = str(Path(__file__).resolve().parent.parent / "fail2ban-cluster.conf")  # shipped
 
 FILES = [
     (CONF, "The configuration, the same on every server; it lists every key with its default."),
@@ -33,8 +34,8 @@ FILES = [
         "jail.conf: the last file that sets a key wins.",
     ),
     ("/etc/fail2ban-cluster/keys/", "CURVE keys (keys_dir): hub.key, NODE.key_secret, nodes/."),
-    ("/run/fail2ban-cluster/ROLE.pid, ROLE.sock", "PID file and control socket (run_dir)."),
-    ("/var/lib/fail2ban-cluster/", "Databases: the outbox, the log position, the ban table."),
+    ("RUN_DIR/ROLE.pid, ROLE.sock", "PID file and control socket (run_dir)."),
+    ("STATE_DIR/", "Databases: the outbox and the log position, or the hub's ban table."),
     ("/var/log/fail2ban-cluster/ROLE.log", "The log of start (logtarget AUTO); run logs to stderr"),
 ]
 
@@ -42,8 +43,22 @@ EXIT_STATUS = [
     ("0", "Success; for status: the daemon is running and healthy."),
     ("1", "Failure; for status: the daemon reports a problem or gives no answer within 5 s."),
     ("2", "A mistake in the command line or the configuration (named: file, section, key)."),
-    ("3", "status: the daemon is not running."),
+    ("3", "status, reload: the daemon is not running."),
 ]
+
+
+def role_path(path: str, role: str) -> str:
+    """A FILES path for one role: the hub keeps its own folders ([publisher] state_dir and
+    run_dir, by default "publisher" in the node's)."""
+    config = load_config(CONF_SOURCE)
+    return (
+        path.replace("RUN_DIR", str(config.run_dir(role)))
+        .replace(
+            "STATE_DIR",
+            config.publisher.state_dir if role == "publisher" else config.general.state_dir,
+        )
+        .replace("ROLE", role)
+    )
 
 
 def roff(text: str) -> str:
@@ -97,7 +112,7 @@ def manpage(role: str) -> str:
             lines += [".TP", option_line(action), roff(action.help or "")]
     lines.append(".SH FILES")
     for path, text in FILES:
-        lines += [".TP", italic(path.replace("ROLE", role)), roff(text)]
+        lines += [".TP", italic(role_path(path, role)), roff(text)]
     lines.append(".SH EXIT STATUS")
     for code, text in EXIT_STATUS:
         lines += [".TP", bold(code), roff(text)]

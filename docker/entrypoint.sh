@@ -41,7 +41,7 @@ wait_for() {
 # A previous run of this container may have left PID files whose numbers are
 # reused in the new PID namespace.
 fresh_start() {
-    rm -f "$RUN_DIR"/*.pid "$RUN_DIR"/*.status
+    rm -f "$RUN_DIR"/*.pid "$RUN_DIR"/*.status "$RUN_DIR"/publisher/*.pid
     mkdir -p "$KEYS"
 }
 

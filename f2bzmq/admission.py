@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from . import legacy, protocol
 from .addresses import SPECIAL_PURPOSE, Allowlist, special_purpose
-from .config import Config
+from .config import Config, HubAllowlist
 from .metrics import DelayHistogram
 from .protocol import BanEvent, ProtocolError
 from .ratelimit import TokenBuckets
@@ -66,13 +66,9 @@ class Admission:
         # Never banned, whoever asks: the configured networks, and if the setting says so
         # the special-purpose ranges and the hubs' and nodes' addresses, which the shell
         # tells (`set_addresses`), in `allowlist`, one look-up for them all.
-        self.setting = config.publisher.allowlist
-        self.configured = Allowlist(self.setting.networks)
-        self.special = Allowlist(net for net, _ in SPECIAL_PURPOSE if self.setting.special_purpose)
         self.hub_addresses: tuple[str, ...] = ()
         self.node_addresses: dict[str, tuple[str, ...]] = {}  # node name -> its addresses
-        self.allowlist = self.configured
-        self.set_addresses((), {})
+        self.set_allowlist(config.publisher.allowlist)
         rate, burst, peak = (
             config.publisher.rate_limit,
             config.publisher.rate_burst,
@@ -161,6 +157,14 @@ class Admission:
     def legacy_ready_at(self, peer: str, now: float) -> float:
         """When an old monitor at `peer`, held back by its rate limit, may be heard again."""
         return self.legacy_buckets.ready_at(legacy_sender(peer), now)
+
+    def set_allowlist(self, setting: HubAllowlist) -> None:
+        """[publisher] allowlist, at start and when a reload reads it again; the shell then
+        tells the addresses it names (`set_addresses`)."""
+        self.setting = setting
+        self.configured = Allowlist(setting.networks)
+        self.special = Allowlist(net for net, _ in SPECIAL_PURPOSE if setting.special_purpose)
+        self.set_addresses((), {})
 
     def set_addresses(self, hubs: Iterable[str], nodes: dict[str, Iterable[str]]) -> None:
         """The hubs' own addresses and where each node connects from, as the shell learns

@@ -28,6 +28,7 @@ VERBS = {
     "start": "start as a daemon with a PID file",
     "stop": "stop the daemon and wait until it has exited",
     "restart": "stop, then start",
+    "reload": "read the configuration and keys again; say what needs a restart (as SIGHUP)",
     "status": "show what the running daemon reports; exit 3 when it is not running",
     "keygen": "keygen NAME [--dir DIR]: make a CURVE key pair (default DIR: keys_dir)",
 }
@@ -54,7 +55,7 @@ def build_parser(role: str) -> argparse.ArgumentParser:
 
 def keygen_main(name: str | None, directory: str | None, config_path: str | None) -> int:
     """Write NAME.key and NAME.key_secret and say where each must go."""
-    from .keys import HUB, KeyFileError, keygen
+    from .keys import HUB, HUB_USER, KeyFileError, give_to_hub_user, keygen
     from .protocol import ProtocolError
 
     if not name:
@@ -64,12 +65,17 @@ def keygen_main(name: str | None, directory: str | None, config_path: str | None
         if directory is None:
             directory = load_config(find_config(config_path)).general.keys_dir
         public, secret = keygen(name, directory)
+        owner = give_to_hub_user(secret) if name == HUB else None
     except (ConfigError, KeyFileError, ProtocolError, OSError) as error:
         print(f"keygen: {error}", file=sys.stderr)
         return 1
-    print(f"wrote {public} (public) and {secret} (secret, mode 0600)")
+    owned = f", owned by {owner}, the publisher's user" if owner else ""
+    print(f"wrote {public} (public) and {secret} (secret, mode 0600{owned})")
     if name == HUB:
-        print(f"copy {public.name} to keys_dir on every server; {secret.name} to the hubs only")
+        print(
+            f"copy {public.name} to keys_dir on every server; {secret.name} to the hubs only, "
+            f"where it must be {HUB_USER}'s, the publisher's user (chown {HUB_USER})"
+        )
     else:
         print(
             f"keep {secret.name} on {name} only; copy {public.name} into keys_dir/nodes/ "

@@ -12,6 +12,7 @@ wrong value stops start-up with one line naming the file, section and key.
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import glob
 import ipaddress
 import logging
@@ -38,6 +39,11 @@ class ConfigError(Exception):
 def _text(value: str) -> str:
     if not value:
         raise ValueError("must not be empty")
+    return value
+
+
+def _folder(value: str) -> str:
+    """A folder, or empty for the default the key's comment names."""
     return value
 
 
@@ -399,6 +405,10 @@ class PublisherSettings:
     rate_peak: float = _key("2000", _number(float, 1, 10**7))
     allow_foreign_unban: bool = _key("false", _bool)
     rebuild_window: float = _key("5m", _duration(float, 0, 86400))
+    node_silence: float = _key("1m", _duration(float, 1, 86400))
+    # The hub's own folders (it runs as its own user); empty: "publisher" in [general]'s.
+    state_dir: str = _key("", _folder)
+    run_dir: str = _key("", _folder)
     legacy_report_bind: list[str] = _key("", _endpoints)
     legacy_publish_bind: list[str] = _key("", _endpoints)
     legacy_token: str = _key("", _legacy_token)
@@ -465,11 +475,17 @@ class Config:
         return [tcp_endpoint(host, port) for host in self.publisher.bind]
 
     def state_path(self, name: str) -> Path:
+        """A file of the node's roles in [general] state_dir (the hub's: [publisher])."""
         return Path(self.general.state_dir) / name
+
+    def run_dir(self, role: str) -> Path:
+        """Where a role keeps its PID file, control socket and last exit: [general] run_dir,
+        but the hub, which runs as a user of its own, in a folder of its own."""
+        return Path(self.publisher.run_dir if role == "publisher" else self.general.run_dir)
 
     def control_path(self, role: str) -> Path:
         """The role's control socket, where `status` asks the running daemon."""
-        return Path(self.general.run_dir) / f"{role}.sock"
+        return self.run_dir(role) / f"{role}.sock"
 
     def network_limits(self) -> NetworkLimits:
         return NetworkLimits(
@@ -505,6 +521,8 @@ def find_config(path: str | None) -> str:
 PATH_KEYS = {
     ("general", "state_dir"),
     ("general", "run_dir"),
+    ("publisher", "state_dir"),
+    ("publisher", "run_dir"),
     ("general", "fail2ban_socket"),
     ("general", "keys_dir"),
     ("monitor", "logpath"),
@@ -556,14 +574,15 @@ def build_config(
                         "put the comment on a line of its own or after ' ;', as in fail2ban"
                     )
                 parsed = key.metadata["parse"](value.strip())
-                if (section, key.name) in PATH_KEYS:
+                if (section, key.name) in PATH_KEYS and parsed:
                     parsed = str(Path(path).resolve().parent / parsed)
-                if (section, key.name) == ("general", "run_dir"):
-                    _check_run_dir(parsed)
+                if key.name == "run_dir" and parsed:
+                    _check_run_dir(parsed, section)
             except ValueError as error:
                 raise ConfigError(f"{where}: {error}") from None
             values[key.name] = parsed
         sections[section] = settings(**values)
+    sections["publisher"] = _hub_folders(sections["general"], sections["publisher"])
     if raw:
         _, where = next(iter(raw.values()))
         raise ConfigError(f"{where}: unknown key")
@@ -580,13 +599,24 @@ def config_from(values: dict[str, dict[str, str]], path: str = "fail2ban-cluster
     return build_config(raw, path)
 
 
-def _check_run_dir(run_dir: str) -> None:
-    """The longest control socket path, run_dir/subscriber.sock, must fit a unix socket."""
-    longest = len(os.fsencode(str(Path(run_dir) / "subscriber.sock")))
+def _hub_folders(general: GeneralSettings, publisher: PublisherSettings) -> PublisherSettings:
+    """The hub's folders when not set: "publisher" in [general] state_dir and run_dir."""
+    return dataclasses.replace(
+        publisher,
+        state_dir=publisher.state_dir or str(Path(general.state_dir) / "publisher"),
+        run_dir=publisher.run_dir or str(Path(general.run_dir) / "publisher"),
+    )
+
+
+def _check_run_dir(run_dir: str, section: str) -> None:
+    """The longest control socket path in the folder must fit a unix socket: the node's
+    roles share [general] run_dir (subscriber.sock the longest), the hub has its own."""
+    name = "publisher.sock" if section == "publisher" else "subscriber.sock"
+    longest = len(os.fsencode(str(Path(run_dir) / name)))
     if longest > MAX_SOCKET_PATH:
         raise ValueError(
             f"too long for the daemons' control sockets ({longest} bytes with "
-            f"/subscriber.sock; at most {MAX_SOCKET_PATH})"
+            f"/{name}; at most {MAX_SOCKET_PATH})"
         )
 
 

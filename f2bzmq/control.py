@@ -21,6 +21,7 @@ from .runtime import drain
 
 MAX_REQUEST = 64  # bytes; the only requests are short words
 STATUS = b"status"
+RELOAD = b"reload"  # read the configuration and the keys again (as SIGHUP does)
 
 
 class ControlError(Exception):
@@ -28,13 +29,21 @@ class ControlError(Exception):
 
 
 class ControlSocket:
-    """The daemon's side: answers `status` with `answer()`, a JSON-able dict."""
+    """The daemon's side: answers `status` with `answer()`, a JSON-able dict, and
+    `reload` with `reload()`, what the reload did."""
 
-    def __init__(self, context: zmq.Context, path: Path, answer: Callable[[], dict]) -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        path: Path,
+        answer: Callable[[], dict],
+        reload: Callable[[], dict] | None = None,
+    ) -> None:
         if len(os.fsencode(path)) > MAX_SOCKET_PATH:
             raise ValueError(f"control socket path {path} is longer than {MAX_SOCKET_PATH} bytes")
         self.path = Path(path)
         self.answer = answer
+        self.reload = reload
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.socket = context.socket(zmq.ROUTER)
         self.socket.linger = 0
@@ -56,6 +65,8 @@ class ControlSocket:
                 continue  # not a REQ peer: nothing sensible to answer
             if frames[2] == STATUS:
                 reply = dict(self.answer(), pid=os.getpid(), time=time.time())
+            elif frames[2] == RELOAD and self.reload is not None:
+                reply = dict(self.reload(), pid=os.getpid())
             else:
                 reply = {"error": f"unknown request {frames[2][:20]!r}; try 'status'"}
             self.socket.send_multipart([frames[0], b"", json.dumps(reply, default=str).encode()])

@@ -20,9 +20,10 @@ from pathlib import Path
 import daemon
 
 from .config import Config
-from .control import ControlError, ask
+from .control import RELOAD, ControlError, ask
 from .metrics import MetricsExporter
 from .runtime import clock, setup_logging
+from .sdnotify import Notifier
 
 log = logging.getLogger("f2bzmq")
 
@@ -39,7 +40,7 @@ class RoleControl:
         self.role = role
         self.config = config
         self.factory = factory
-        run_dir = Path(config.general.run_dir)
+        run_dir = config.run_dir(role)
         self.pidfile = run_dir / f"{role}.pid"
         self.exitfile = run_dir / f"{role}.exit"  # why the daemon last stopped on an error
         self.control = config.control_path(role)
@@ -106,6 +107,8 @@ class RoleControl:
                 print(f"fail2ban-{self.role}: cannot start: {error}", file=sys.stderr)
             return EXIT_FAILED
         self.write_pidfile()
+        # Under a unit of Type=notify: READY=1 when the loop starts, WATCHDOG=1 from it.
+        reactor.notifier = Notifier.from_environment()
         try:
             return self.run_reactor(reactor)
         finally:
@@ -214,6 +217,32 @@ class RoleControl:
             f"fail2ban-{self.role} (pid {pid}) did not stop within {timeout:.0f} s", file=sys.stderr
         )
         return EXIT_FAILED
+
+    def reload(self) -> int:
+        """Ask the running daemon to read its configuration and keys again; print what it
+        applied and what needs a restart."""
+        pid = self.running_pid()
+        if pid is None:
+            print(f"fail2ban-{self.role} is not running")
+            return EXIT_NOT_RUNNING
+        try:
+            done = ask(self.control, RELOAD)
+        except ControlError as error:
+            print(f"fail2ban-{self.role} (pid {pid}) did not reload: {error}", file=sys.stderr)
+            return EXIT_FAILED
+        if "failed" in done:
+            print(
+                f"fail2ban-{self.role} (pid {pid}) did not reload: {done['failed']}; "
+                "it runs on with the settings it had",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        items = [(key, value) for key, value in done.items() if key != "pid"]
+        lines = [f"fail2ban-{self.role} (pid {pid}) reloaded {self.config.path}"]
+        for index, (key, value) in enumerate(items):
+            lines.append(f"{'`-' if index == len(items) - 1 else '|-'} {key}: {value}")
+        print("\n".join(lines))
+        return EXIT_OK
 
     def restart(self) -> int:
         code = self.stop()

@@ -15,6 +15,7 @@ import logging
 import pickle
 import re
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Sequence
@@ -134,20 +135,27 @@ def parse_jail_list(status: object) -> list[str]:
 
 
 class Fail2banClient:
-    """One persistent connection to a fail2ban-server socket, with the client program as fallback.
+    """One persistent connection to a fail2ban-server socket, with the client program as fallback
+    (client_program None: none, for checks made often, which must stay cheap).
 
     Not thread-safe: fail2ban answers one request at a time anyway, so give each thread
     its own client.
     """
 
     def __init__(
-        self, socket_path: str, timeout: float = 10.0, client_program: str = "fail2ban-client"
+        self,
+        socket_path: str,
+        timeout: float = 10.0,
+        client_program: str | None = "fail2ban-client",
     ) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
         self.client_program = client_program
         self._sock: socket.socket | None = None
         self._using_program = False  # so the fallback is logged once, not per command
+        # The process id of the fail2ban-server at the other end of the last connection made
+        # (the kernel's SO_PEERCRED): another one means fail2ban was restarted meanwhile.
+        self.server_pid: int | None = None
 
     def command(self, *args: str) -> object:
         """Run one fail2ban command such as ("get", "sshd", "banip") and return its result.
@@ -159,6 +167,10 @@ class Fail2banClient:
         try:
             result = self._socket_command(args)
         except UNREACHABLE as error:
+            if self.client_program is None:
+                raise Fail2banError(
+                    f"cannot connect to fail2ban at {self.socket_path}: {error.strerror or error}"
+                ) from None
             if not self._using_program:
                 logger.warning(
                     "fail2ban socket %s unusable (%s); using %s instead",
@@ -228,6 +240,14 @@ class Fail2banClient:
             raise Fail2banError(f"fail2ban answered {reply!r} where an ignore list was expected")
         return [str(entry) for entry in reply]
 
+    def logtarget(self) -> str:
+        """Where fail2ban writes its log: a file's path, or SYSLOG, SYSTEMD-JOURNAL, STDOUT…"""
+        reply = self.command("get", "logtarget")
+        if not isinstance(reply, str) or not reply.strip():
+            raise Fail2banError(f"fail2ban answered {reply!r} where a log target was expected")
+        # The client program's answer: "Current logging target is:\n`- /var/log/fail2ban.log"
+        return reply.strip().splitlines()[-1].removeprefix("`- ").strip()
+
     def bantime(self, jail: str) -> int:
         """The jail's ban time in seconds; -1 means permanent."""
         return parse_int(self.command("get", jail, "bantime"))
@@ -267,6 +287,11 @@ class Fail2banClient:
             raise Fail2banError(
                 f"cannot connect to fail2ban at {self.socket_path}: {error}"
             ) from None
+        try:
+            credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            self.server_pid = struct.unpack("3i", credentials)[0]
+        except OSError:
+            self.server_pid = None
         return sock
 
     def _socket_command(self, args: Sequence[str]) -> object:

@@ -1,8 +1,17 @@
 """What this node's jails must hold, and making fail2ban hold it.
 
-`LocalPolicy`, `desired_bans`, `wants_address` and `BatchSizer` are pure rules;
-`LocalJails` compares the jails with the synced hubs' views and applies the difference
-through fail2ban's socket, many addresses per banip/unbanip command.
+`LocalPolicy`, `desired_bans`, `wants_address`, `removed_by_hand`, `HandUnbans` and
+`BatchSizer` are pure rules; `LocalJails` compares the jails with the synced hubs' views
+and applies the difference through fail2ban's socket, many addresses per banip/unbanip
+command.
+
+A ban lifted by hand on this node (`fail2ban-client set cluster unbanip IP`, the habit
+of every fail2ban user) is never put back behind the operator's back: when the jail is
+read again and an address the cluster bans is gone before its ban's end, and the same
+fail2ban-server runs, someone unbanned it here. It stays unbanned here, shown in
+`status`, until the cluster bans it anew (a ban made after that moment) or no longer
+bans it; banning it again by hand ends it too. A ban that ended (the sync jail's
+bantime) or that a fail2ban restart lost is put back, as before.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Union
 
 from . import protocol
@@ -27,6 +36,9 @@ log = logging.getLogger(__name__)
 RETRY_INTERVAL = 2.0  # fail2ban unreachable: try again this often
 MAX_TRACKED = 100000  # origin times kept for the delay histogram while fail2ban is away
 COMMAND_SECONDS = 0.25  # about how long one banip/unbanip command may keep fail2ban busy
+# fail2ban lifts a ban whose time is up within a second or so of its end (its second-precise
+# start + bantime): gone within this of the end, a ban ended; gone before, it was lifted.
+END_SLACK = 5.0
 FIRST_BATCH = 50  # addresses of a jail's first command, before anything was measured
 BATCH_GROWTH = 4  # a command carries at most this many times the addresses of the last
 SHIPPED_LIMITS = NetworkLimits()  # [general] min_prefix_v4/v6 as shipped
@@ -121,14 +133,18 @@ class LocalPolicy:
         self.sync_jail = sync_jail
         self.jail_map = jail_map
         self.networks = networks
-        self.allowlist = Allowlist(allowlist)
         self.special_ranges = Allowlist(special_ranges)
         self.hubs = Allowlist(hubs)
+        self.set_allowlist(allowlist)
+        self.ignored: dict[str, Allowlist] = {}  # local jail -> its fail2ban ignoreip
+
+    def set_allowlist(self, allowlist: Iterable[Network]) -> None:
+        """The allowlist, at start or from a reload: never banned from then on."""
+        self.allowlist = Allowlist(allowlist)
         # All three at once: the one check of every ban at every full reconcile.
         self.never = Allowlist(
             [*self.allowlist.networks, *self.special_ranges.networks, *self.hubs.networks]
         )
-        self.ignored: dict[str, Allowlist] = {}  # local jail -> its fail2ban ignoreip
 
     def local_jail(self, cluster_jail: str) -> str:
         return self.jail_map.get(cluster_jail, self.sync_jail)
@@ -196,14 +212,86 @@ def wants_address(
     return False
 
 
+def cluster_bans(
+    views: Iterable[ClusterView], policy: LocalPolicy, local_jail: str, ip: str
+) -> list[BanEvent]:
+    """The cluster's bans that put `ip` into `local_jail` here, from every view."""
+    return [
+        view.bans[(jail, ip)]
+        for view in views
+        for jail in view.jails_of.get(ip, ())
+        if policy.local_jail(jail) == local_jail and policy.wants(view.bans[(jail, ip)])
+    ]
+
+
+def removed_by_hand(
+    held_before: set[str], held_now: set[str], ends: dict[str, float | None], now: float
+) -> list[str]:
+    """Addresses a jail held at its last reading and no longer holds, though their ban had
+    not ended (`ends`: when each ends, None for ever; unknown: taken as ended): lifted by
+    someone other than this subscriber, which notes its own unbans at once."""
+    gone = held_before - held_now
+    return sorted(
+        ip for ip in gone if ip in ends and (ends[ip] is None or ends[ip] > now + END_SLACK)
+    )
+
+
+class HandUnbans:
+    """Bans lifted by hand on this node: (local jail, address) -> when that was noticed.
+    Each is kept unbanned here until the cluster bans the address anew (a ban whose time is
+    after that moment) or no longer bans it."""
+
+    def __init__(self, entries: dict[tuple[str, str], float] | None = None) -> None:
+        self.entries = dict(entries or {})
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, jail: str, ip: str, now: float) -> None:
+        self.entries[(jail, ip)] = now
+
+    def settle(self, jail: str, ip: str, bans: list[BanEvent]) -> str | None:
+        """The cluster's bans of the address now: why its hand-made unban ends (and it is
+        forgotten), or None while it stands."""
+        since = self.entries.get((jail, ip))
+        if since is None:
+            return None
+        if not bans:
+            reason = "the cluster no longer bans it"
+        elif any(event.time > since for event in bans):
+            reason = "the cluster bans it anew"
+        else:
+            return None
+        del self.entries[(jail, ip)]
+        return reason
+
+    def by_jail(self) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for jail, ip in sorted(self.entries):
+            found.setdefault(jail, []).append(ip)
+        return found
+
+
 class LocalJails:
-    """The local fail2ban's jails, kept equal to what the synced hubs' views ban."""
+    """The local fail2ban's jails, kept equal to what the synced hubs' views ban, but for
+    the bans lifted by hand here (`hand_unbans`)."""
 
     def __init__(self, policy: LocalPolicy, fail2ban: Fail2banClient, batch_size: int) -> None:
         self.policy = policy
         self.fail2ban = fail2ban
         self.batches = BatchSizer(batch_size)
         self.applied: dict[str, set[str]] | None = None  # what fail2ban has; None = unknown
+        # What fail2ban held at the last reading, updated by every command since, when
+        # reread() asked for a new reading: what it holds then is compared with it.
+        self.before: dict[str, set[str]] | None = None
+        self.ends: dict[str, dict[str, float | None]] = {}  # jail -> address -> ban's end
+        self.bantimes: dict[str, int] = {}  # jail -> its bantime, for the bans applied
+        self.read_from: int | None = None  # the fail2ban-server process of the last reading
+        self.hand_unbans = HandUnbans()
+        self.hand_unbans_changed = False  # for the shell to store them
         self.pending = False  # the jails may differ from the cluster: reconcile
         # (cluster jail, address) changed by updates since the last reconcile; None after a
         # snapshot, a hub lost or an error: then compare everything.
@@ -216,6 +304,8 @@ class LocalJails:
         self.origin_times: dict[str, float] = {}  # ip -> its update's origin time, until applied
         self.apply_delays = DelayHistogram()  # the origin's Ban line -> fail2ban's banip returned
         self.unhonoured: set[str] = set()  # ignoreip entries said to be no address, once each
+        # Called after each command: applying a burst takes many, and the daemon is not stuck.
+        self.progress: Callable[[], None] = lambda: None
 
     def take_update(self, event: BanEvent) -> None:
         """An update changed this ban in a hub's view: reconcile its address."""
@@ -229,9 +319,12 @@ class LocalJails:
         """The next reconcile compares every ban, not only the ones updates touched."""
         self.touched = None
 
-    def reread(self) -> None:
+    def reread(self, restarted: bool = False) -> None:
         """Read the jails from fail2ban again and compare everything: it may have lost or
-        expired bans behind our back (a restart without its database, the jail's bantime)."""
+        expired bans behind our back (a restart without its database, the jail's bantime),
+        or someone lifted one by hand. After a restart nothing was lifted by hand."""
+        if self.applied is not None and not restarted:
+            self.before = self.applied
         self.applied = None
         self.touched = None
         self.pending = True
@@ -244,29 +337,18 @@ class LocalJails:
             return
         try:
             if self.applied is None:
-                self.applied = {
-                    jail: {listed_address(ip) for ip in self.fail2ban.banned(jail)}
-                    for jail in self.policy.local_jails()
-                }
-                for jail in self.policy.local_jails():
-                    self._read_ignoreip(jail)
-                self.touched = None
+                self.read_jails(synced)
             for jail, (add, remove) in self.plan(synced).items():
                 self._apply(jail, add, ban=True)
                 self._apply(jail, remove, ban=False)
         except (Fail2banError, OSError) as error:
-            if self.error is None:
-                log.error("fail2ban is not reachable: %s; retrying", error)
-            self.ok = False
-            self.error = str(error)
+            self.unreachable(str(error))
             self.applied = None  # fail2ban may have restarted: read its jails again
+            self.before = None  # and what it held is no longer known
             self.batches.reset()
             self.next_retry = time.monotonic() + RETRY_INTERVAL
             return
-        if not self.ok:
-            log.info("fail2ban is reachable at %s", self.fail2ban.socket_path)
-        self.ok = True
-        self.error = None
+        self.reachable()
         self.pending = False
         self.touched = set()
         self.origin_times.clear()
@@ -282,12 +364,83 @@ class LocalJails:
                     entry[:100],
                 )
 
+    def unreachable(self, error: str) -> None:
+        """A call to fail2ban failed (a command, or a ping): say so once, until one works."""
+        if self.error is None:
+            log.error("fail2ban is not reachable: %s; retrying", error)
+        self.ok = False
+        self.error = error
+
+    def reachable(self) -> bool:
+        """A call to fail2ban worked; True when it had not before (it may have lost bans
+        meanwhile: a restart without its database)."""
+        if self.ok:
+            return False
+        log.info("fail2ban is reachable at %s", self.fail2ban.socket_path)
+        self.ok = True
+        self.error = None
+        return True
+
+    def read_jails(self, synced: list[ClusterView]) -> None:
+        """What fail2ban holds, with each ban's end; an address the cluster bans that the
+        jail lost before its end, from the same fail2ban-server, was unbanned by hand."""
+        now = time.time()
+        held: dict[str, set[str]] = {}
+        ends: dict[str, dict[str, float | None]] = {}
+        for jail in self.policy.local_jails():
+            bans = [
+                (listed_address(ip), start, bantime)
+                for ip, start, bantime in self.fail2ban.banned_with_time(jail)
+            ]
+            held[jail] = {ip for ip, _, _ in bans}
+            ends[jail] = {
+                ip: None if bantime < 0 else start + bantime for ip, start, bantime in bans
+            }
+            self.bantimes[jail] = self.fail2ban.bantime(jail)
+            self._read_ignoreip(jail)
+        same_server = self.read_from is not None and self.read_from == self.fail2ban.server_pid
+        if self.before is not None and same_server:
+            for jail, before in self.before.items():
+                for ip in removed_by_hand(
+                    before, held.get(jail, set()), self.ends.get(jail, {}), now
+                ):
+                    if wants_address(synced, self.policy, jail, ip):
+                        log.log(
+                            NOTICE,
+                            "[%s] %s was unbanned here by hand: kept unbanned here until the "
+                            "cluster bans it anew",
+                            jail,
+                            ip,
+                        )
+                        self.hand_unbans.add(jail, ip, now)
+                        self.hand_unbans_changed = True
+        for jail, ip in list(self.hand_unbans.entries):
+            if ip in held.get(jail, ()):  # banned again by hand: the cluster's again
+                del self.hand_unbans.entries[(jail, ip)]
+                self.hand_unbans_changed = True
+        self.applied, self.ends, self.before = held, ends, None
+        self.read_from = self.fail2ban.server_pid
+        self.touched = None
+
+    def wanted(self, synced: list[ClusterView], jail: str, ip: str) -> bool:
+        """The cluster bans ip into jail here, and no hand-made unban stands against it."""
+        if (jail, ip) in self.hand_unbans:
+            reason = self.hand_unbans.settle(jail, ip, cluster_bans(synced, self.policy, jail, ip))
+            if reason is None:
+                return False
+            log.log(NOTICE, "[%s] %s: %s, its unban by hand ends here", jail, ip, reason)
+            self.hand_unbans_changed = True
+        return wants_address(synced, self.policy, jail, ip)
+
     def plan(self, synced: list[ClusterView]) -> dict[str, tuple[list[str], list[str]]]:
         """Local jail -> (addresses to ban, to unban): every ban after a snapshot or an
         error, else only the addresses updates touched, so one update costs O(1) and
         not O(every ban in the cluster)."""
         if self.touched is None:
             wanted = desired_bans(synced, self.policy)
+            for jail, ip in list(self.hand_unbans.entries):
+                if not self.wanted(synced, jail, ip):
+                    wanted.get(jail, set()).discard(ip)
             return {
                 jail: (sorted(addresses - have), sorted(have - addresses))
                 for jail, addresses in wanted.items()
@@ -296,7 +449,7 @@ class LocalJails:
         plan: dict[str, tuple[list[str], list[str]]] = {}
         local = {(self.policy.local_jail(cluster_jail), ip) for cluster_jail, ip in self.touched}
         for jail, ip in sorted(local):
-            want = wants_address(synced, self.policy, jail, ip)
+            want = self.wanted(synced, jail, ip)
             if want != (ip in self.applied[jail]):
                 plan.setdefault(jail, ([], []))[0 if want else 1].append(ip)
         return plan
@@ -312,10 +465,14 @@ class LocalJails:
             else:
                 self.fail2ban.unban(jail, [fail2ban_address(ip) for ip in batch])
             self.batches.observe(jail, len(batch), time.monotonic() - began)
+            self.progress()
             if ban:
                 self.applied[jail].update(batch)
                 self.banned += len(batch)
                 now = time.time()
+                bantime = self.bantimes.get(jail, -1)
+                end = None if bantime < 0 else now + bantime
+                self.ends.setdefault(jail, {}).update(dict.fromkeys(batch, end))
                 for ip in batch:
                     origin = self.origin_times.pop(ip, None)
                     if origin is not None:
@@ -323,6 +480,9 @@ class LocalJails:
             else:
                 self.applied[jail].difference_update(batch)
                 self.unbanned += len(batch)
+                ends = self.ends.get(jail, {})
+                for ip in batch:
+                    ends.pop(ip, None)
             verb = "Ban" if ban else "Unban"
             with batched_logging():  # a line per address, written at once
                 for ip in batch:

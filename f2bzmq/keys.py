@@ -15,20 +15,25 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 import zmq.auth
 
+from .health import RefusedKeys
 from .protocol import ProtocolError, check_name
 from .runtime import RateLimitedLog
 
 log = logging.getLogger("f2bzmq.keys")
 
 HUB = "hub"
+# The system user the publisher's unit runs as: a hub's secret key must be its own.
+HUB_USER = "_f2bzmq"
 
 
 class KeyFileError(Exception):
@@ -79,10 +84,36 @@ def load_secret(path: str | os.PathLike) -> KeyPair:
         raise KeyFileError(f"{path}: {error.strerror}; make one with `f2bzmq keygen`") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(f"{path} can be read by other users: chmod 600 {path}")
+    if not os.access(path, os.R_OK):
+        user = _user_name(os.geteuid())
+        raise KeyFileError(
+            f"{path} can't be read by {user}, which runs this daemon: make it {user}'s "
+            f"(chown {user} {path}); only its owner may read it"
+        )
     public, secret = _load(path)
     if secret is None:
         raise KeyFileError(f"{path} holds no secret key")
     return KeyPair(public, secret)
+
+
+def give_to_hub_user(path: Path) -> str | None:
+    """Run as root where the publisher's system user exists: make a hub secret that user's,
+    as its loader requires. The user's name, or None when nothing was done."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        user = pwd.getpwnam(HUB_USER)
+    except KeyError:
+        return None
+    os.chown(path, user.pw_uid, user.pw_gid)
+    return HUB_USER
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def load_public(path: str | os.PathLike) -> bytes:
@@ -147,6 +178,7 @@ class NodeAuthenticator(threading.Thread):
         self.addresses: dict[str, dict[str, None]] = {}  # node -> addresses, latest last
         self.generation = 0  # counts changes of `addresses`, for the hub's loop to compare
         self.refusals = RateLimitedLog(log)
+        self.refused = RefusedKeys()  # handshakes with a key it does not know, for `status`
         self.pipe_endpoint = f"inproc://f2bzmq-zap-stop-{id(self)}"
         self.pipe: zmq.Socket | None = None  # the hub's end of the stop pipe
 
@@ -220,6 +252,7 @@ class NodeAuthenticator(threading.Thread):
         if name is None:
             what = f"unknown key {fingerprint(key)}" if key else f"mechanism {mechanism!r}"
             self.refusals.warning(f"zap {peer}", "refused a connection from %s: %s", peer, what)
+            self.refused.refused(time.time())
             return [b"1.0", request_id, b"400", b"unknown key", b"", b""]
         self._connected(name, peer)
         return [b"1.0", request_id, b"200", b"OK", name.encode(), b""]

@@ -392,6 +392,7 @@ def write_config(
     path: Path, node: str, ports: list[int], directory: Path, keys_dir: Path, **extra: dict
 ) -> None:
     """A node's fail2ban-cluster.conf: everything private to `directory`, CURVE keys in keys_dir."""
+    run_dir = str(short_run_dir(directory / "run"))
     sections: dict[str, dict[str, str]] = {
         "general": {
             "node": node,
@@ -401,12 +402,17 @@ def write_config(
             "publish_port": str(ports[1]),
             "snapshot_port": str(ports[2]),
             "state_dir": str(directory / "state"),
-            "run_dir": str(short_run_dir(directory / "run")),
+            "run_dir": run_dir,
             "logtarget": str(directory / "{role}.log"),
             "loglevel": "DEBUG",
         },
         "monitor": {"start_at": "beginning", "ack_timeout": "2"},
-        "publisher": {"heartbeat_interval": "0.5"},
+        # Every file of the lab's hub in its own folder, beside the nodes' files.
+        "publisher": {
+            "heartbeat_interval": "0.5",
+            "state_dir": str(directory / "state"),
+            "run_dir": run_dir,
+        },
         "subscriber": {"heartbeat_timeout": "3"},
     }
     for section, values in extra.items():

@@ -13,6 +13,7 @@ reading of the log, not the loop: it goes on by itself when it can.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import zmq
 
 from . import protocol
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .control import ControlSocket
 from .delivery import (
     ADOPT,
@@ -31,11 +32,14 @@ from .delivery import (
     Greeting,
     Row,
 )
+from .fail2ban_client import Fail2banClient, Fail2banError
 from .handshake import HandshakeWatch, KeyCheck, key_problem, log_key_change
+from .health import logpath_problems
 from .keys import Security
 from .metrics import DelayHistogram, counter, gauge, histogram
 from .outbox import Outbox
 from .protocol import Answer, ProtocolError, Welcome
+from .reload import LOGLEVEL, node_keys, plan_reload, set_loglevel
 from .reporting import STORE_RETRY, LogReporter
 from .runtime import (
     NOTICE,
@@ -47,11 +51,14 @@ from .runtime import (
     log_problems,
     try_send_frames,
 )
+from .sdnotify import Notifier
 
 log = logging.getLogger("f2bzmq.monitor")
 
 SAFETY_CHECK = 5.0  # inotify can drop events under load: stat the log this often
 UNHEALTHY_AFTER = 60.0  # seconds a hub may leave waiting events unACKed before `status` warns
+# What a reload changes at once; any other key of [general] and [monitor] needs a restart.
+LIVE_KEYS = frozenset({LOGLEVEL, ("monitor", "ignore_jails"), ("monitor", "outbox_max")})
 
 
 class HubLink:
@@ -136,12 +143,23 @@ class Monitor:
             )
             for endpoint in endpoints
         ]
-        self.control = control_path and ControlSocket(self.context, control_path, self.status)
+        self.control = control_path and ControlSocket(
+            self.context, control_path, self.status, self.reload
+        )
         self.started = time.monotonic()
         self.ack_delays = DelayHistogram()  # an event sent -> its ACK, per hub
         # ACKed events the outbox could not forget yet (it can't be written): hub -> ids
         self.unforgotten: dict[str, list[str]] = {}
         self.outbox_failure: str | None = None  # the outbox's failure as last logged
+        # Where fail2ban says it writes its log, asked at start and with each safety check
+        # (a socket command, never the client program: fail2ban may be down for long).
+        self.fail2ban = Fail2banClient(
+            config.general.fail2ban_socket, timeout=2.0, client_program=None
+        )
+        self.log_target: str | None = None  # None: fail2ban could not be asked
+        self.log_warnings: list[str] = []  # the log's problems, as last logged
+        self.notifier = Notifier()  # systemd's, when the daemon runs under its unit
+        self.reporting.progress = lambda: self.notifier.tick(time.monotonic())
 
     def run(self) -> None:
         log.log(
@@ -152,6 +170,7 @@ class Monitor:
             " ".join(hub.endpoint for hub in self.hubs),
             self.outbox.depth(),
         )
+        self.check_log()
         follower = self.reporting.follower
         follower.start()
         poller = zmq.Poller()
@@ -166,7 +185,12 @@ class Monitor:
             poller.register(self.control.socket, zmq.POLLIN)
         next_check = 0.0
         self.reporting.read(self.send_pending)
+        self.notifier.ready(f"{self.outbox.depth()} events waiting")
         while not self.signals.stopping:
+            self.notifier.tick(time.monotonic())
+            if self.signals.reload:
+                self.signals.reload = False
+                self.reload()
             self.send_pending()
             self.say_hello()
             ready = dict(poller.poll(self._timeout_ms()))
@@ -189,6 +213,7 @@ class Monitor:
                 self.check_link(hub, poller, now)
             if now >= next_check:
                 follower.check()
+                self.check_log()
                 next_check = now + SAFETY_CHECK
                 self.forget_acked()
                 self.outbox.tidy()
@@ -200,6 +225,8 @@ class Monitor:
         deadlines = [hub.window.next_deadline(now) for hub in self.hubs]
         deadlines += [hub.greeting.next_deadline() for hub in self.hubs]
         deadlines.append(self.reporting.retry_at)
+        keepalive = self.notifier.wait(now)
+        deadlines.append(None if keepalive is None else now + keepalive)
         deadline = min([now + SAFETY_CHECK, *(d for d in deadlines if d is not None)])
         return max(1, int((deadline - now) * 1000) + 1)
 
@@ -323,6 +350,44 @@ class Monitor:
         else:
             log.log(NOTICE, "the outbox can be written again: reading the log on")
 
+    def reload(self) -> dict:
+        """SIGHUP or `monitor reload`: the configuration and keys read again."""
+        try:
+            read = load_config(self.config.path)
+        except ConfigError as error:
+            log.error("reload: %s; the running settings stay", error)
+            return {"failed": str(error)}
+        self.config, reloaded = plan_reload(self.config, read, "monitor", LIVE_KEYS)
+        set_loglevel(self.config.general.loglevel)
+        self.reporting.outbox_max = self.config.monitor.outbox_max
+        ignored = set(self.config.monitor.ignore_jails) | self.config.sync_jails()
+        self.reporting.judge.ignore_jails = frozenset(ignored)
+        reloaded.keys = node_keys(self.security, self.config, "monitor")
+        log.log(NOTICE, "reloaded %s: %s", self.config.path, reloaded.describe())
+        return reloaded.as_dict()
+
+    def check_log(self) -> None:
+        """Ask fail2ban where it writes its log; warn once when the log the monitor
+        follows is not that one, or does not exist."""
+        try:
+            self.log_target = self.fail2ban.logtarget()
+        except (Fail2banError, OSError):
+            self.log_target = None  # the subscriber's status says fail2ban is away
+        problems = self.log_problems()
+        for problem in problems:
+            if problem not in self.log_warnings:
+                log.warning("%s", problem)
+        if self.log_warnings and not problems:
+            log.log(NOTICE, "following fail2ban's log %s", self.config.monitor.logpath)
+        self.log_warnings = problems
+
+    def log_problems(self) -> list[str]:
+        logpath = os.path.realpath(self.config.monitor.logpath)
+        target = self.log_target
+        if target is not None and target.startswith("/"):
+            target = os.path.realpath(target)
+        return logpath_problems(logpath, os.path.exists(logpath), target)
+
     def check_link(self, hub: HubLink, poller: zmq.Poller, now: float) -> None:
         """A hub that left events waiting past ack_timeout gets a new socket."""
         reset = hub.window.on_tick(now)
@@ -352,6 +417,7 @@ class Monitor:
             "role": "monitor",
             "node": self.node,
             "Log file": str(self.config.monitor.logpath),
+            "fail2ban writes to": self.log_target or "unknown (fail2ban not reachable)",
             "Log position": position,
             "Events reported": self.reporting.reported,
             "Events ACKed": self.counters["acked"],
@@ -379,9 +445,10 @@ class Monitor:
         }
 
     def problems(self, waiting: dict[str, int]) -> list[str]:
-        """What makes the monitor unhealthy: an outbox it can't write, a log it can't
-        write, a hub that ACKs nothing while events wait."""
-        found = []
+        """What makes the monitor unhealthy: fail2ban's log missing or elsewhere, an
+        outbox it can't write, a log it can't write, a hub that ACKs nothing while events
+        wait."""
+        found = self.log_problems()
         if self.outbox.failure is not None:
             unstored = self.reporting.unstored
             found.append(
@@ -404,7 +471,9 @@ class Monitor:
         return found
 
     def close(self) -> None:
+        self.notifier.stopping()
         self.reporting.close()
+        self.fail2ban.close()
         for hub in self.hubs:
             hub.close()
         if self.control:
@@ -412,6 +481,7 @@ class Monitor:
         self.context.term()
         self.outbox.close()
         self.wakeup.close()
+        self.notifier.close()
         log.log(NOTICE, "monitor %s stopped", self.node)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import os
 import socket
 import sqlite3
 import time
@@ -24,13 +25,24 @@ import zmq
 
 from . import protocol
 from .admission import Admission
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .control import ControlSocket
+from .health import (
+    Descriptors,
+    DiskSpace,
+    RefusedKeys,
+    descriptors_problem,
+    disk_problem,
+    disk_space,
+    open_descriptors,
+    silence_problem,
+)
 from .keys import Security
 from .legacy import LegacyEndpoints
 from .metrics import counter, gauge, histogram
 from .protocol import ProtocolError
 from .rebuild import Handed, Handover, Rebuild
+from .reload import LOGLEVEL, plan_reload, set_loglevel
 from .runtime import (
     NOTICE,
     RateLimitedLog,
@@ -45,6 +57,7 @@ from .runtime import (
     send_frames,
     try_send_frames,
 )
+from .sdnotify import Notifier
 from .snapshots import SnapshotQueue
 from .state import StateStore, Update
 
@@ -76,6 +89,16 @@ MAX_SUBSCRIPTION = 1024  # bytes of a subscription a PUB takes; a node subscribe
 SNAPSHOT_HWM = 4
 # The two update streams: (packed, events per message).
 _STREAMS = ((False, protocol.MAX_UPDATE_EVENTS), (True, protocol.MAX_PACKED_EVENTS))
+# What a reload changes at once; any other key of [general] and [publisher] needs a restart.
+LIVE_KEYS = frozenset(
+    {
+        LOGLEVEL,
+        ("publisher", "allowlist"),
+        ("publisher", "allow_foreign_unban"),
+        ("publisher", "heartbeat_interval"),
+        ("publisher", "node_silence"),
+    }
+)
 # Seconds between attempts to store again after the store failed (a full disk): meanwhile
 # every event gets a retry NAK, and each failed attempt costs a reload of the table.
 STORE_RETRY = 2.0
@@ -89,9 +112,9 @@ class Publisher:
         self.config = config
         self.heartbeat_interval = config.publisher.heartbeat_interval
         self.file_limit = raise_file_limit()  # connections are descriptors, strangers' too
-        state_dir = config.state_path("")
+        state_dir = Path(config.publisher.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = StateStore(config.state_path("publisher.sqlite3"))
+        self.store = StateStore(state_dir / "publisher.sqlite3")
         # The core's table: the shell stores, expires and snapshots it.
         self.table = self.load_table()
         self.admission = Admission(config, self.table)  # what every report is judged by
@@ -111,6 +134,8 @@ class Publisher:
         self.replies = ReplyBacklog()  # replies to report peers whose queue was full
         self.refusals = RateLimitedLog(log)  # of snapshot requests; the core logs reports'
         self.broadcasts = 0  # updates published
+        self.started = time.time()
+        self.last_heard: float | None = None  # the last message of any node's monitor
         self.security = Security.for_role(config, "publisher")
         # Two I/O threads: a stranger's CURVE handshakes (a few scalar multiplications
         # each, before the authenticator can say no) then hold up only part of the nodes'
@@ -149,11 +174,14 @@ class Publisher:
         self.poller.register(self.wakeup.read_fd, zmq.POLLIN)
         self.register_sockets()
         self.legacy.register(self.poller)
-        self.control = control_path and ControlSocket(self.context, control_path, self.status)
+        self.control = control_path and ControlSocket(
+            self.context, control_path, self.status, self.reload
+        )
         if self.control:
             self.poller.register(self.control.socket, zmq.POLLIN)
         self.next_hugz = 0.0
         self.next_tidy = 0.0
+        self.notifier = Notifier()  # systemd's, when the daemon runs under its unit
 
     def load_table(self):
         table = self.store.load(self.config.node, self.config.publisher.default_bantime, 86400.0)
@@ -193,15 +221,17 @@ class Publisher:
                 "a stranger stop the hub from taking new ones; raise it (LimitNOFILE=)",
                 self.file_limit,
             )
+        self.notifier.ready(f"sequence {self.table.sequence}, {len(self.table.bans)} bans")
         while not self.signals.stopping:
             now = time.time()
+            self.notifier.tick(time.monotonic())
             self.ask_peers(now)
             ready = dict(self.poller.poll(self.poll_timeout(now)))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
             if self.signals.reload:
                 self.signals.reload = False
-                self.reload_keys()
+                self.reload()
                 continue
             if self.auth is not None and self.auth.generation != self.addresses_seen:
                 self.learn_addresses()
@@ -225,6 +255,9 @@ class Publisher:
         timers += [t for t in (self.rebuild.until, self.handover.next_deadline()) if t]
         if self.admission.unavailable is not None:
             timers.append(self.store_retry)
+        keepalive = self.notifier.wait(time.monotonic())
+        if keepalive is not None:
+            timers.append(now + keepalive)
         deadline = min(timers)
         wait = 0.01 if self.replies.peers else self.snapshot_queue.wait_seconds(now)
         for then in (wait, self.legacy.wait_seconds(now)):
@@ -249,6 +282,8 @@ class Publisher:
             self.send_snapshot_parts(time.time())
         if self.replies.peers:
             self.replies.flush(self.collector)
+        if self.legacy.reports and self.legacy.reports.socket in ready:
+            self.last_heard = time.time()
         self.legacy.handle(ready)
         if self.control and self.control.socket in ready:
             self.control.handle()
@@ -277,6 +312,7 @@ class Publisher:
         oversized = False
         for frames in drain(self.collector, DRAIN_LIMIT, copy=False, max_frames=MAX_REPORT_FRAMES):
             oversized = oversized or len(frames) == MAX_REPORT_FRAMES
+            self.last_heard = now
             peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
             # The node name the authenticator gave this peer's key (None without keys).
             user = frames[-1].get("User-Id") if self.auth is not None else None
@@ -441,6 +477,28 @@ class Publisher:
         )
         self.grow_up(self.rebuild.on_handover(handed.peer, handed.young))
 
+    def reload(self) -> dict:
+        """SIGHUP or `publisher reload`: the configuration and node keys read again."""
+        try:
+            read = load_config(self.config.path)
+        except ConfigError as error:
+            log.error("reload: %s; the running settings stay", error)
+            return {"failed": str(error)}
+        self.config, reloaded = plan_reload(self.config, read, "publisher", LIVE_KEYS)
+        settings = self.config.publisher
+        set_loglevel(self.config.general.loglevel)
+        self.heartbeat_interval = settings.heartbeat_interval
+        self.admission.set_allowlist(settings.allowlist)
+        self.learn_addresses()
+        self.table.allow_foreign_unban = settings.allow_foreign_unban
+        if self.auth is not None:
+            self.reload_keys()
+            reloaded.keys = f"{len(self.auth.names)} node keys accepted"
+        else:
+            reloaded.keys = "none (insecure = true)"
+        log.log(NOTICE, "reloaded %s: %s", self.config.path, reloaded.describe())
+        return reloaded.as_dict()
+
     def reload_keys(self) -> None:
         """SIGHUP: read nodes/ again; if a key went away, cut every connection so it can't stay.
         A node whose key was replaced counts: its name is accepted still, but a connection
@@ -546,6 +604,10 @@ class Publisher:
         per_jail: dict[str, int] = {}
         for jail, _ in self.table.bans:
             per_jail[jail] = per_jail.get(jail, 0) + 1
+        now = time.time()
+        descriptors = open_descriptors()
+        space = disk_space(os.path.dirname(self.store.path))
+        refused = self.refused_keys()
         return {
             "role": "publisher",
             "node": self.config.node,
@@ -556,12 +618,17 @@ class Publisher:
             "Currently banned": len(self.table.bans),
             "Banned per jail": per_jail,
             "Nodes (last report)": {node: clock(seen) for node, seen in nodes.items()},
+            "Last heard from a node": None
+            if self.last_heard is None
+            else f"{now - self.last_heard:.1f} s ago",
             "Reports received": counters["reports"],
             "Events accepted": counters["accepted"],
             "Events refused": counters["refused"],
             "Duplicates dropped": counters["duplicates"],
             "Updates broadcast": self.broadcasts,
-            "problems": self.problems(),
+            "Unknown keys refused": refused.total if refused else 0,
+            "File descriptors": f"{descriptors.used} of {descriptors.limit or 'unlimited'}",
+            "problems": self.problems(now, descriptors, space),
             "metrics": {
                 "sequence": gauge("sequence number of the last update", self.table.sequence),
                 "bans": gauge("active cluster bans per jail", per_jail, "jail"),
@@ -573,22 +640,46 @@ class Publisher:
                 "events_refused": counter("events refused", counters["refused"]),
                 "duplicates": counter("events already known", counters["duplicates"]),
                 "updates_broadcast": counter("updates published", self.broadcasts),
+                "keys_refused": counter(
+                    "handshakes refused for an unknown key", refused.total if refused else 0
+                ),
+                "seconds_since_node_heard": gauge(
+                    "seconds since a node's monitor was last heard (since start: none yet)",
+                    now - (self.last_heard or self.started),
+                ),
+                "open_fds": gauge("open file descriptors", descriptors.used),
+                "max_fds": gauge("file descriptor limit (0: none)", descriptors.limit),
+                "state_free_bytes": gauge(
+                    "free bytes of the ban table's file system", space.free if space else 0
+                ),
                 "accept_delay_seconds": histogram(
                     "origin's Ban line -> stored by the hub", self.admission.accept_delays
                 ),
             },
         }
 
-    def problems(self) -> list[str]:
+    def refused_keys(self) -> RefusedKeys | None:
+        return self.auth.refused if self.auth is not None else None
+
+    def problems(self, now: float, descriptors: Descriptors, space: DiskSpace | None) -> list[str]:
         found = []
         if self.store_error is not None:
             found.append(
                 f"cannot write the ban table {self.store.path}: {self.store_error}; "
                 "reports get retry NAKs until it can"
             )
-        return found + log_problems()
+        refused = self.refused_keys()
+        silence = self.config.publisher.node_silence
+        found += [
+            silence_problem(self.last_heard, self.started, now, silence),
+            descriptors_problem(descriptors),
+            disk_problem("storing reports", os.path.dirname(self.store.path), space),
+            refused.problem(now) if refused else None,
+        ]
+        return [problem for problem in found if problem] + log_problems()
 
     def close(self) -> None:
+        self.notifier.stopping()
         self.commit()
         self.store.close()
         for sock in (self.collector, self.broadcaster, self.snapshots, *self.peer_sockets.values()):
@@ -600,6 +691,7 @@ class Publisher:
             self.auth.stop()  # its ZAP socket would keep the context from terminating
         self.context.term()
         self.wakeup.close()
+        self.notifier.close()
         log.log(
             NOTICE, "publisher %s stopped at sequence %d", self.config.node, self.table.sequence
         )

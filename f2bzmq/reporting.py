@@ -61,6 +61,8 @@ class LogReporter:
         # Events read, and the log position after them, that the outbox could not store yet.
         self.unstored: tuple[list[BanEvent], str] | None = None
         self.retry_at: float | None = None  # when to try storing again (time.monotonic())
+        # Called after each thousand lines: reading a long backlog is not being stuck.
+        self.progress: Callable[[], None] = lambda: None
 
     def read(self, stored: Callable[[], None]) -> None:
         """Turn new log lines into events, stored with the new log position in one commit;
@@ -69,6 +71,7 @@ class LogReporter:
         if self.unstored is not None and not self.store(*self.unstored, stored):
             return
         for _ in range(10000):
+            self.progress()
             lines = self.follower.read_lines()
             records = self.judge.feed_lines(lines)
             events = [self.make_event(record) for record in records]

@@ -10,7 +10,9 @@ this module moves bytes between them and logs what they report.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -18,14 +20,15 @@ from pathlib import Path
 import zmq
 
 from . import protocol
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .control import ControlSocket
-from .fail2ban_client import Fail2banClient
+from .fail2ban_client import Fail2banClient, Fail2banError
 from .handshake import HandshakeWatch, KeyCheck, key_problem, log_key_change
-from .jails import LocalJails, LocalPolicy
+from .jails import HandUnbans, LocalJails, LocalPolicy
 from .keys import Security
 from .metrics import counter, gauge, histogram
 from .protocol import BanEvent, ProtocolError
+from .reload import LOGLEVEL, node_keys, plan_reload, set_loglevel
 from .runtime import (
     NOTICE,
     RateLimitedLog,
@@ -36,6 +39,7 @@ from .runtime import (
     log_problems,
     try_send_frames,
 )
+from .sdnotify import Notifier
 from .sync import (
     SNAPSHOT_TIMEOUT,
     Gap,
@@ -53,6 +57,18 @@ from .sync import (
 )
 
 log = logging.getLogger("f2bzmq.subscriber")
+
+# Seconds between pings of fail2ban: `status` says within about this long that it is gone.
+PING_INTERVAL = 1.0
+# What a reload changes at once; any other key of [general] and [subscriber] needs a restart.
+LIVE_KEYS = frozenset(
+    {
+        LOGLEVEL,
+        ("subscriber", "allowlist"),
+        ("subscriber", "batch_size"),
+        ("subscriber", "resync_interval"),
+    }
+)
 
 
 class HubLink:
@@ -162,6 +178,14 @@ class Subscriber:
             config.general.fail2ban_socket, client_program=config.general.fail2ban_client
         )
         self.jails = LocalJails(policy, fail2ban, config.subscriber.batch_size)
+        # Bans lifted by hand here, kept across restarts: a restart must not undo them.
+        self.hand_unbans_file = config.state_path("subscriber-hand-unbans.json")
+        self.jails.hand_unbans = load_hand_unbans(self.hand_unbans_file)
+        # A connection of its own for the pings: short answers, no client program behind it.
+        self.pinger = Fail2banClient(
+            config.general.fail2ban_socket, timeout=2.0, client_program=None
+        )
+        self.next_ping = 0.0
         self.heartbeat_timeout = config.subscriber.heartbeat_timeout
         self.refusals = RateLimitedLog(log)
         self.refused = 0  # hub messages that failed to decode
@@ -178,9 +202,13 @@ class Subscriber:
         self.next_resync = now + self.resync_interval
         self.next_expiry = now  # when held bans of young hubs are next checked
         self.started = now
-        self.control = control_path and ControlSocket(self.context, control_path, self.status)
+        self.control = control_path and ControlSocket(
+            self.context, control_path, self.status, self.reload
+        )
         self.wakeup = Wakeup()
         self.signals = StopSignals(self.wakeup)
+        self.notifier = Notifier()  # systemd's, when the daemon runs under its unit
+        self.jails.progress = lambda: self.notifier.tick(time.monotonic())
 
     def run(self) -> None:
         log.log(
@@ -198,7 +226,12 @@ class Subscriber:
             for sock in link.sockets():
                 poller.register(sock, zmq.POLLIN)
             self.follow(link, link.sync.start(time.monotonic()))
+        self.notifier.ready()
         while not self.signals.stopping:
+            self.notifier.tick(time.monotonic())
+            if self.signals.reload:
+                self.signals.reload = False
+                self.reload()
             ready = dict(poller.poll(self._timeout_ms()))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
@@ -224,17 +257,77 @@ class Subscriber:
                 for link in self.links:
                     if link.sync.held:
                         self.follow(link, link.sync.expire_held(time.time()))
+            if now >= self.next_ping:
+                self.ping_fail2ban()
+                self.next_ping = time.monotonic() + PING_INTERVAL
             if now >= self.next_resync:
                 self.next_resync = now + self.resync_interval
                 self.jails.reread()
             if self.jails.pending and now >= self.jails.next_retry:
                 self.jails.reconcile([link.sync.view for link in self.links if link.sync.synced])
+            if self.jails.hand_unbans_changed:
+                error = store_hand_unbans(self.hand_unbans_file, self.jails.hand_unbans)
+                self.jails.hand_unbans_changed = error is not None
+                if error is not None:
+                    self.refusals.warning(
+                        "hand unbans",
+                        "cannot write %s: %s; trying again",
+                        self.hand_unbans_file,
+                        error,
+                    )
         self.close()
 
     def _timeout_ms(self) -> int:
+        now = time.monotonic()
+        wait = min(self.heartbeat_timeout / 2, 1.0)
         if self.jails.pending:
-            return max(1, int((self.jails.next_retry - time.monotonic()) * 1000))
-        return int(min(self.heartbeat_timeout / 2, 1.0) * 1000)
+            wait = min(wait, self.jails.next_retry - now)
+        keepalive = self.notifier.wait(now)
+        if keepalive is not None:
+            wait = min(wait, keepalive)
+        return max(1, int(wait * 1000))
+
+    def reload(self) -> dict:
+        """SIGHUP or `subscriber reload`: the configuration and keys read again. A new
+        allowlist is applied to what the jails hold at once."""
+        try:
+            read = load_config(self.config.path)
+        except ConfigError as error:
+            log.error("reload: %s; the running settings stay", error)
+            return {"failed": str(error)}
+        self.config, reloaded = plan_reload(self.config, read, "subscriber", LIVE_KEYS)
+        settings = self.config.subscriber
+        set_loglevel(self.config.general.loglevel)
+        self.jails.batches.limit = settings.batch_size
+        if settings.resync_interval != self.resync_interval:
+            self.resync_interval = settings.resync_interval
+            self.next_resync = time.monotonic() + self.resync_interval
+        if ("subscriber", "allowlist") in reloaded.applied:
+            self.jails.policy.set_allowlist(settings.allowlist)
+            self.jails.compare_all()
+            self.jails.pending = True
+        reloaded.keys = node_keys(self.security, self.config, "subscriber")
+        log.log(NOTICE, "reloaded %s: %s", self.config.path, reloaded.describe())
+        return reloaded.as_dict()
+
+    def ping_fail2ban(self) -> None:
+        """Is fail2ban there, and the same server as before? A new one (restarted) may have
+        lost the bans it held: read its jails again."""
+        before = self.pinger.server_pid
+        try:
+            self.pinger.command("ping")
+        except (Fail2banError, OSError) as error:
+            self.jails.unreachable(str(error))
+            return
+        restarted = before is not None and self.pinger.server_pid != before
+        if restarted:
+            log.info(
+                "fail2ban was restarted (pid %s, now %s): comparing its jails with the cluster",
+                before,
+                self.pinger.server_pid,
+            )
+        if self.jails.reachable() or restarted:
+            self.jails.reread(restarted)
 
     def handle_updates(self, link: HubLink, now: float) -> None:
         """Take every waiting message, each whole or not at all."""
@@ -313,6 +406,10 @@ class Subscriber:
             "node": self.config.node,
             "fail2ban": "reachable" if self.jails.ok else "NOT reachable (yet)",
             "Banned in local jails": in_jails,
+            "Unbanned here by hand": {
+                jail: _some(addresses)
+                for jail, addresses in self.jails.hand_unbans.by_jail().items()
+            },
             "Bans applied": self.jails.banned,
             "Unbans applied": self.jails.unbanned,
             "Snapshots received": snapshots,
@@ -337,6 +434,11 @@ class Subscriber:
                 "snapshots": counter("snapshots received", snapshots),
                 "messages_refused": counter("hub messages refused", self.refused),
                 "local_bans": gauge("addresses in the local jails", in_jails, "jail"),
+                "hand_unbans": gauge(
+                    "cluster bans lifted by hand here, kept unbanned",
+                    {jail: len(ips) for jail, ips in self.jails.hand_unbans.by_jail().items()},
+                    "jail",
+                ),
                 "fail2ban_up": gauge("1 when fail2ban answered", int(self.jails.ok)),
                 "hub_synced": gauge(
                     "1 when the hub's view is current",
@@ -369,13 +471,16 @@ class Subscriber:
         return found + log_problems()
 
     def close(self) -> None:
+        self.notifier.stopping()
         for link in self.links:
             link.close()
         if self.control:
             self.control.close()
         self.context.term()
         self.jails.fail2ban.close()
+        self.pinger.close()
         self.wakeup.close()
+        self.notifier.close()
         log.log(NOTICE, "subscriber %s stopped", self.config.node)
 
 
@@ -460,6 +565,44 @@ def hub_addresses(hosts: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IP
         for *_, address in answers:
             found.append(ipaddress.ip_network(address[0].partition("%")[0]))
     return found
+
+
+def load_hand_unbans(path: Path) -> HandUnbans:
+    """The bans lifted by hand that an earlier run stored; none if there is no file."""
+    try:
+        stored = json.loads(path.read_text())
+        return HandUnbans(
+            {(entry["jail"], entry["ip"]): float(entry["since"]) for entry in stored["unbans"]}
+        )
+    except FileNotFoundError:
+        return HandUnbans()
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.warning("cannot read %s (%s): bans lifted by hand before are forgotten", path, error)
+        return HandUnbans()
+
+
+def store_hand_unbans(path: Path, unbans: HandUnbans) -> str | None:
+    """Write them whole, readable by their owner only, and replace the old file at once;
+    why that failed, or None."""
+    entries = [
+        {"jail": jail, "ip": ip, "since": since} for (jail, ip), since in unbans.entries.items()
+    ]
+    temporary = path.with_name(path.name + ".new")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"unbans": entries}, handle)
+        os.replace(temporary, path)
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
+def _some(addresses: list[str], shown: int = 5) -> str:
+    """A few addresses of a long list, for `status`."""
+    more = len(addresses) - shown
+    return ", ".join(addresses[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _epoch(moment: float | None, now: float) -> float | None:

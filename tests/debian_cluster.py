@@ -14,6 +14,14 @@ node runs Debian's fail2ban with its default configuration, the sshd jail readin
 /var/log/auth.log; ban actions are `dummy`, since the three servers share one
 network namespace (the firewall path is the netns lab's and the Docker test's).
 
+The hub runs as its installed unit would run it, with no privilege: as the unit's
+User= (the package's `_f2bzmq`, which `keygen hub` made the owner of the hub's
+secret), in the StateDirectory= and RuntimeDirectory= systemd would make for it;
+`systemctl reload` is its ExecReload= as that user. Before, a hub of the layout of
+old (its ban table in state_dir itself) is left behind, and the package's postinst
+must move that table into the hub's folder, as the hub's, and give back to it a
+secret key made root's.
+
 node1's fail2ban bans an address after failed ssh logins; node2's sync jail must
 then hold it, and lose it once node1 lifts the ban. Last, `apt-get purge` on the hub
 must remove its databases and logs and keep its keys, and the installed demo
@@ -35,6 +43,8 @@ from pathlib import Path
 ATTACKER = "198.51.100.7"
 CONF_DIR = Path("etc/fail2ban-cluster")
 UNITS = ("fail2ban-monitor", "fail2ban-publisher", "fail2ban-subscriber")
+HUB_UNIT = "/lib/systemd/system/fail2ban-publisher.service"
+STATE = "/var/lib/fail2ban-cluster"
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
 COMMAND_TIMEOUT = 60
 WAIT = 30.0
@@ -187,6 +197,9 @@ def configure(hub: Server, nodes: list[Server]) -> None:
     """README's steps: a key pair per server, the public halves copied, a .local each."""
     hub.run("f2bzmq-publisher", "keygen", "hub")
     keys = hub.path(CONF_DIR / "keys")
+    owner = owner_of(hub, f"/{CONF_DIR}/keys/hub.key_secret")
+    if owner != "_f2bzmq 600":
+        raise Failed(f"keygen hub made the secret {owner}, not the publisher's user's")
     (keys / "nodes").mkdir()
     hub.write(
         f"/{CONF_DIR}/fail2ban-cluster.local",
@@ -201,6 +214,115 @@ def configure(hub: Server, nodes: list[Server]) -> None:
         # A drop-in, read after fail2ban-cluster.conf and before the .local.
         node.write(f"/{CONF_DIR}/fail2ban-cluster.d/hubs.conf", "[general]\nhubs = 127.0.0.1\n")
         node.write(f"/{CONF_DIR}/fail2ban-cluster.local", f"[general]\nnode = {node.name}\n")
+
+
+def owner_of(server: Server, path: str) -> str:
+    """ "USER MODE" of a file, as stat says."""
+    return server.run("stat", "-c", "%U %a", path).stdout.strip()
+
+
+def state_id(server: Server, table: str) -> str:
+    """The id of the state a hub's ban table holds."""
+    query = (
+        "import sqlite3, sys; "
+        "print(sqlite3.connect(sys.argv[1]).execute(sys.argv[2]).fetchone()[0])"
+    )
+    select = "SELECT value FROM meta WHERE key = 'instance'"
+    return server.run("python3", "-c", query, table, select).stdout.strip()
+
+
+def leave_an_old_hub(hub: Server) -> str:
+    """A hub of the layout before the hub had folders of its own (its ban table in
+    state_dir itself), stopped, and its secret key root's: the state id of its table."""
+    old_layout = f"/{CONF_DIR}/fail2ban-cluster.d/old-layout.conf"
+    hub.write(old_layout, f"[publisher]\nstate_dir = {STATE}\n")
+    hub.run("f2bzmq-publisher", "start")
+    hub.run("f2bzmq-publisher", "stop")
+    hub.path(old_layout).unlink()
+    hub.run("chown", "root:root", f"/{CONF_DIR}/keys/hub.key_secret")
+    return state_id(hub, f"{STATE}/publisher.sqlite3")
+
+
+def postinst_takes_over(hub: Server, old_state: str) -> None:
+    """The package's postinst, as an upgrade runs it: the old hub's table moved, the
+    same state, all of it the hub's; the secret key the hub's again."""
+    hub.run("/var/lib/dpkg/info/f2bzmq.postinst", "configure", "0.1.0", timeout=180)
+    table = f"{STATE}/publisher/publisher.sqlite3"
+    if hub.path(f"{STATE}/publisher.sqlite3").exists() or state_id(hub, table) != old_state:
+        raise Failed("the postinst did not move the old hub's ban table into its folder")
+    for path, expected in (
+        (f"{STATE}/publisher", "_f2bzmq 755"),
+        (table, "_f2bzmq 600"),
+        (f"/{CONF_DIR}/keys/hub.key_secret", "_f2bzmq 600"),
+    ):
+        if owner_of(hub, path) != expected:
+            raise Failed(f"after the postinst {path} is {owner_of(hub, path)}, not {expected}")
+
+
+def unit_settings(server: Server, unit: str) -> dict[str, str]:
+    """The [Service] settings of an installed unit, one value each."""
+    settings = {}
+    for line in server.path(unit).read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def as_unit_user(server: Server, settings: dict[str, str], command: str) -> list[str]:
+    """The unit's command line run as its User= and Group= (setpriv), inside the server."""
+    user, group = settings["User"], settings["Group"]
+    privileges = [f"--reuid={user}", f"--regid={group}", "--init-groups"]
+    return ["chroot", str(server.root), "setpriv", *privileges, *command.split()]
+
+
+def start_hub_as_its_unit(hub: Server, work: Path) -> subprocess.Popen:
+    """What systemd does for fail2ban-publisher.service: its state and runtime folders
+    made the unit user's, then ExecStart= as that user, its output the journal's."""
+    unit = unit_settings(hub, HUB_UNIT)
+    owner = f"{unit['User']}:{unit['Group']}"
+    for folder in (f"/var/lib/{unit['StateDirectory']}", f"/run/{unit['RuntimeDirectory']}"):
+        hub.run("install", "-d", "-m", "0755", "-o", unit["User"], "-g", unit["Group"], folder)
+        hub.run("chown", "-R", owner, folder)
+    journal = (work / "hub-journal.log").open("w")
+    return subprocess.Popen(
+        as_unit_user(hub, unit, unit["ExecStart"]),
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        stdout=journal,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def refuses_a_key_it_cannot_read(hub: Server, work: Path) -> None:
+    """A hub secret copied in as root's: the hub does not start, and says what to do."""
+    secret = f"/{CONF_DIR}/keys/hub.key_secret"
+    hub.run("chown", "root:root", secret)
+    started = start_hub_as_its_unit(hub, work)
+    code = started.wait(COMMAND_TIMEOUT)
+    said = (work / "hub-journal.log").read_text()
+    if code != 1 or "can't be read by _f2bzmq, which runs this daemon: make it" not in said:
+        raise Failed(f"a hub with a key it can't read: exit {code}\n{said}")
+    if f"(chown _f2bzmq {secret}); only its owner may read it" not in said:
+        raise Failed(f"a hub with a key it can't read does not say how to fix it:\n{said}")
+    hub.run("chown", "_f2bzmq:_f2bzmq", secret)
+
+
+def reload_hub_as_its_unit(hub: Server) -> None:
+    """`systemctl reload fail2ban-publisher`: ExecReload= as the unit's user."""
+    unit = unit_settings(hub, HUB_UNIT)
+    done = subprocess.run(
+        as_unit_user(hub, unit, unit["ExecReload"]),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    if done.returncode != 0 or "|- Applied: nothing changed" not in done.stdout:
+        raise Failed(
+            f"the hub unit's ExecReload: exit {done.returncode}\n{done.stdout}{done.stderr}"
+        )
 
 
 def start_fail2ban(node: Server) -> None:
@@ -249,9 +371,15 @@ def scenario(base: Path, work: Path) -> dict:
     hub = Server("hub", base, work)
     nodes = [Server(name, base, work) for name in ("node1", "node2")]
     servers = [hub, *nodes]
+    hub_process = None
     try:
         configure(hub, nodes)
-        hub.run("f2bzmq-publisher", "start")
+        postinst_takes_over(hub, leave_an_old_hub(hub))
+        refuses_a_key_it_cannot_read(hub, work)
+        hub_process = start_hub_as_its_unit(hub, work)
+        wait_for("hub: publisher status answers", lambda: healthy(hub, "publisher"))
+        if owner_of(hub, "/run/fail2ban-cluster/publisher/publisher.pid") != "_f2bzmq 644":
+            raise Failed("the hub does not run as its unit's user")
         for node in nodes:
             start_fail2ban(node)
             node.run("f2bzmq-subscriber", "start")
@@ -274,6 +402,7 @@ def scenario(base: Path, work: Path) -> dict:
             raise Failed("node1's own ban came back to it through the cluster")
         if not healthy(hub, "publisher"):
             raise Failed("the publisher's status reports a problem")
+        reload_hub_as_its_unit(hub)
         node1.run("fail2ban-client", "set", "sshd", "unbanip", ATTACKER)
         timings["node2 unbanned"] = wait_for(
             "node2's sync jail lifts it", lambda: ATTACKER not in node2.banned("cluster")
@@ -281,7 +410,9 @@ def scenario(base: Path, work: Path) -> dict:
         for node in nodes:
             node.run("f2bzmq-monitor", "stop")
             node.run("f2bzmq-subscriber", "stop")
-        hub.run("f2bzmq-publisher", "stop")
+        hub_process.terminate()  # systemctl stop's SIGTERM
+        if hub_process.wait(COMMAND_TIMEOUT) != 0:
+            raise Failed(f"the hub exited with {hub_process.returncode} on SIGTERM")
         purge(hub)
         # The demo comes with the package: its own hub and nodes, beside node1's fail2ban.
         demo = node1.run("python3", "-m", "f2bzmq", "demo", "--nodes", "2", timeout=180)
@@ -289,7 +420,14 @@ def scenario(base: Path, work: Path) -> dict:
             raise Failed(f"python3 -m f2bzmq demo:\n{demo.stdout}{demo.stderr}")
         return results
     except (Failed, subprocess.SubprocessError, OSError) as error:
-        raise Failed(f"{error}\n" + "\n".join(server.logs() for server in servers)) from None
+        journal = work / "hub-journal.log"
+        hub_output = journal.read_text(errors="replace")[-3000:] if journal.exists() else ""
+        logs = "\n".join(server.logs() for server in servers)
+        raise Failed(f"{error}\n--- hub: its unit's output\n{hub_output}\n{logs}") from None
+    finally:
+        if hub_process is not None and hub_process.poll() is None:
+            hub_process.kill()
+            hub_process.wait(10)
 
 
 def main(argv: list[str]) -> int:

@@ -51,6 +51,21 @@ def test_relative_paths_are_taken_from_the_files_folder(tmp_path):
     assert config.general.state_dir == str(tmp_path.resolve() / "state")
 
 
+def test_the_hub_keeps_its_files_in_folders_of_its_own(tmp_path):
+    """It runs as a user of its own: none of its folders is one the node's roles use."""
+    config = load_config(write(tmp_path, "[general]\nstate_dir = /srv/f2b\nrun_dir = /run/f2b\n"))
+    assert config.publisher.state_dir == "/srv/f2b/publisher"
+    assert config.control_path("publisher") == Path("/run/f2b/publisher/publisher.sock")
+    assert config.control_path("monitor") == Path("/run/f2b/monitor.sock")
+    assert config.state_path("monitor.sqlite3") == Path("/srv/f2b/monitor.sqlite3")
+    config = load_config(write(tmp_path, "[publisher]\nstate_dir = hub\nrun_dir = /run/hub\n"))
+    assert config.publisher.state_dir == str(tmp_path.resolve() / "hub")
+    assert config.run_dir("publisher") == Path("/run/hub")
+    long = f"/{'r' * 100}"
+    with pytest.raises(ConfigError, match=r"\[publisher\] run_dir: too long for .*/publisher.sock"):
+        load_config(write(tmp_path, f"[publisher]\nrun_dir = {long}\n"))
+
+
 def test_jail_map(tmp_path):
     config = load_config(
         write(tmp_path, "[general]\njail_map = sshd = sshd-cluster\n  nginx = web-cluster\n")

@@ -3,6 +3,7 @@
 import logging
 import os
 import platform
+import shutil
 import signal
 import socket
 import sqlite3
@@ -297,3 +298,62 @@ def test_a_daemon_stopped_by_an_error_says_why_in_its_log_and_in_status(tmp_path
     assert said.startswith("fail2ban-monitor is not running: last exit 20")
     assert said.endswith(": OperationalError: database or disk is full")
     assert not control.pidfile.exists()
+
+
+def test_reload_applies_what_it_can_names_what_needs_a_restart_and_keeps_a_broken_file_out(
+    config,
+):
+    started = publisher(config, "start")
+    assert started.returncode == 0, started.stderr
+    pid = int(started.stdout.split("pid ")[1].rstrip(")\n"))
+    same = publisher(config, "reload")
+    assert same.returncode == 0, same.stderr
+    assert same.stdout.splitlines() == [
+        f"fail2ban-publisher (pid {pid}) reloaded {config}",
+        "|- Applied: nothing changed",
+        "|- Needs a restart: nothing",
+        "`- Keys: 0 node keys accepted",
+    ]
+
+    local = config.with_suffix(".local")
+    local.write_text("[general]\nreport_port = 1\n[publisher]\nnode_silence = 1\n")
+    shutil.copy(make_keys(config.parent / "other-keys", ["web1"]) / "web1.key", keys_of(config))
+    changed = publisher(config, "reload")
+    assert changed.returncode == 0, changed.stderr
+    assert changed.stdout.splitlines()[1:] == [
+        "|- Applied: [publisher] node_silence",
+        "|- Needs a restart: [general] report_port",
+        "`- Keys: 1 node keys accepted",
+    ]
+
+    # Applied: a second without a node is now too long for the hub.
+    def silent() -> bool:
+        done = publisher(config, "status")
+        return done.returncode == 1 and "no node heard for " in done.stdout
+
+    assert wait_until(silent, 10, 0.2), publisher(config, "status").stdout
+
+    local.write_text("[publisher]\nnode_silence = soon\n")
+    broken = publisher(config, "reload")
+    assert broken.returncode == 2
+    assert broken.stderr == (
+        f"fail2ban-publisher: {local}: [publisher] node_silence: 'soon' is not a time "
+        "(e.g. 600, 10m, 1h, 1d, 1w)\n"
+    )
+    os.kill(pid, signal.SIGHUP)  # systemctl reload's way, or an admin's: refused the same
+    log = config.parent / "publisher.log"
+    assert wait_until(lambda: "reload: " in log.read_text(), 10)
+    assert f"ERROR   reload: {local}: [publisher] node_silence: 'soon' is not a time" in (
+        log.read_text()
+    )
+    assert f"NOTICE  reloaded {config}: applied [publisher] node_silence; needs a restart: " in (
+        log.read_text()
+    )
+    local.unlink()  # every command reads the file, not only reload
+    assert publisher(config, "status").returncode == 1  # running, with node_silence 1 still
+    assert publisher(config, "stop").returncode == 0
+    assert publisher(config, "reload").returncode == EXIT_NOT_RUNNING
+
+
+def keys_of(config: Path) -> Path:
+    return Path(load_config(str(config)).general.keys_dir) / "nodes"

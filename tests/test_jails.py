@@ -1,5 +1,6 @@
 """What the local jails must hold: which local jail gets what, and what it never bans."""
 
+import dataclasses
 import ipaddress
 import random
 import shutil
@@ -11,12 +12,16 @@ from f2bzmq.addresses import SPECIAL_PURPOSE
 from f2bzmq.config import config_from
 from f2bzmq.jails import (
     COMMAND_SECONDS,
+    END_SLACK,
     FIRST_BATCH,
     BatchSizer,
+    HandUnbans,
     LocalPolicy,
+    cluster_bans,
     desired_bans,
     fail2ban_address,
     listed_address,
+    removed_by_hand,
     wants_address,
 )
 from f2bzmq.lab import Fail2banServer
@@ -233,3 +238,52 @@ def test_shipped_fail2ban_snippets_load_in_a_real_fail2ban(tmp_path):
         assert client.bantime("cluster") == 86400
         assert client.ban("cluster", ["192.0.2.1", "2001:db8::1"]) == 2
         assert sorted(server.banned("cluster")) == ["192.0.2.1", "2001:db8::1"]
+
+
+NOW = 1_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("end", "by_hand"),
+    [
+        (None, True),  # a ban for ever, gone: lifted
+        (NOW + 3600, True),
+        (NOW + END_SLACK + 1, True),
+        (NOW + END_SLACK - 1, False),  # about when it ends: fail2ban ended it
+        (NOW - 10, False),
+    ],
+)
+def test_a_ban_gone_before_its_end_was_lifted_by_hand(end, by_hand):
+    gone = removed_by_hand({"192.0.2.1", "192.0.2.2"}, {"192.0.2.2"}, {"192.0.2.1": end}, NOW)
+    assert gone == (["192.0.2.1"] if by_hand else [])
+
+
+def test_a_ban_whose_end_is_unknown_or_still_held_was_not_lifted_by_hand():
+    assert removed_by_hand({"192.0.2.1"}, set(), {}, NOW) == []
+    assert removed_by_hand({"192.0.2.1"}, {"192.0.2.1"}, {"192.0.2.1": None}, NOW) == []
+
+
+def test_an_unban_by_hand_stands_until_the_cluster_bans_anew_or_no_longer():
+    old = dataclasses.replace(ban("192.0.2.1", jail="sshd"), time=NOW - 60)
+    unbans = HandUnbans()
+    unbans.add("cluster", "192.0.2.1", NOW)
+    unbans.add("cluster", "192.0.2.2", NOW)
+    assert unbans.settle("cluster", "192.0.2.1", [old]) is None  # the ban it lifted
+    assert ("cluster", "192.0.2.1") in unbans
+    anew = dataclasses.replace(old, id="f" * 32, time=NOW + 1)
+    assert unbans.settle("cluster", "192.0.2.1", [old, anew]) == "the cluster bans it anew"
+    assert unbans.settle("cluster", "192.0.2.2", []) == "the cluster no longer bans it"
+    assert len(unbans) == 0
+    assert unbans.settle("cluster", "192.0.2.3", []) is None  # none to settle
+
+
+def test_the_cluster_bans_of_an_address_are_those_the_policy_puts_into_that_jail():
+    rules = policy()
+    views = [
+        view(ban("192.0.2.1", jail="sshd"), ban("192.0.2.1", jail="nginx")),
+        view(ban("192.0.2.1", jail="postfix", node="node2")),  # the node's own: not applied
+    ]
+    assert [event.jail for event in cluster_bans(views, rules, "sshd-cluster", "192.0.2.1")] == [
+        "sshd"
+    ]
+    assert [event.jail for event in cluster_bans(views, rules, "cluster", "192.0.2.1")] == ["nginx"]

@@ -232,6 +232,7 @@ def test_a_burst_goes_out_in_few_messages_with_consecutive_sequence_numbers(hub,
 
 def built_hub(tmp_path, ports, keys_dir=None, **publisher) -> Publisher:
     general = {"node": "hub", "state_dir": str(tmp_path / "state")}
+    publisher["state_dir"] = general["state_dir"]
     general.update(zip(("report_port", "publish_port", "snapshot_port"), map(str, ports)))
     if keys_dir is None:
         general["insecure"] = "true"

@@ -1,10 +1,13 @@
 """The subscriber's reactor in this process, built from settings without a file: it must
 carry out what its stream-sync core decides (ask for snapshots, a fresh SUB after
-silence) against a hub the test plays with the wire codec, and a real fail2ban-server."""
+silence) against a hub the test plays with the wire codec, and a real fail2ban-server.
+Then the subscriber daemon in a cluster: what it does with a ban lifted by hand."""
 
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +18,7 @@ import zmq
 
 from f2bzmq import protocol
 from f2bzmq.config import config_from
-from f2bzmq.lab import Fail2banServer, free_ports, wait_until
+from f2bzmq.lab import Cluster, Fail2banServer, free_ports, run_command, wait_until
 from f2bzmq.protocol import BanEvent
 from f2bzmq.subscriber import Subscriber
 
@@ -310,3 +313,72 @@ def test_refusals_are_logged_once_a_minute_per_sender(
             line for line in lines if line.startswith("refused ") and f" from {origin}: " in line
         ]
         assert len(said) == 1, lines
+
+
+def subscriber_status(node) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "f2bzmq", "subscriber", "-c", str(node.config), "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def stays(condition: Callable[[], bool], seconds: float) -> bool:
+    """condition() holds every time it is looked at for `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not condition():
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_a_ban_lifted_by_hand_stays_lifted_until_the_cluster_bans_it_anew(tmp_path: Path) -> None:
+    """`fail2ban-client set cluster unbanip IP` on a node is kept across the subscriber's
+    resyncs and restarts, shown in status, and ends when the cluster bans the address anew.
+    (A ban fail2ban ended by itself comes back: test_cluster.)"""
+    by_hand, other = "192.0.2.51", "192.0.2.52"
+    # Resyncs every second, not every 5 minutes.
+    with Cluster(tmp_path, size=2, subscriber={"resync_interval": "1"}) as cluster:
+        node1, node2 = cluster["node1"], cluster["node2"]
+        node1.fail2ban.attack(by_hand, other)
+        for ip in (by_hand, other):
+            node2.fail2ban.wait_banned("cluster", ip)
+        run_command(
+            "fail2ban-client",
+            "-s",
+            str(node2.fail2ban.socket),
+            "set",
+            "cluster",
+            "unbanip",
+            by_hand,
+        )
+
+        def shown() -> bool:
+            done = subscriber_status(node2)
+            return f"|  `- cluster: {by_hand}" in done.stdout.splitlines() and done.returncode == 0
+
+        assert wait_until(shown, 10, 0.3), subscriber_status(node2).stdout
+        hand_line = f"[cluster] {by_hand} was unbanned here by hand: kept unbanned here until"
+        assert hand_line in node2.log_text("subscriber")
+
+        assert stays(lambda: by_hand not in node2.fail2ban.banned("cluster"), 2)
+
+        node2.subscriber.stop()  # a restart keeps the unban by hand
+        node2.subscriber.start()
+        assert wait_until(node2.subscriber.ready, 20, 0.1)
+        assert stays(lambda: by_hand not in node2.fail2ban.banned("cluster"), 3)
+        assert shown()
+        assert node2.fail2ban.banned("cluster") == [other]
+
+        # The cluster lifts the ban and bans the address anew: applied again.
+        with node1.fail2ban.client() as client:
+            client.unban("sshd", [by_hand])
+        assert wait_until(lambda: "no longer bans it" in node2.log_text("subscriber"), 10)
+        node1.fail2ban.attack(by_hand)
+        node2.fail2ban.wait_banned("cluster", by_hand)
+        assert wait_until(
+            lambda: "|- Unbanned here by hand: none" in subscriber_status(node2).stdout, 10
+        )

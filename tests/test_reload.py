@@ -1,0 +1,65 @@
+"""A running daemon reads its configuration again (SIGHUP, `ROLE reload`): what it can
+change at once it applies, every other change is named as needing a restart."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from f2bzmq.config import config_from
+from f2bzmq.lab import Cluster
+from f2bzmq.reload import plan_reload
+
+LIVE = frozenset({("general", "loglevel"), ("subscriber", "allowlist")})
+
+
+def test_a_reload_takes_the_live_keys_of_its_sections_and_names_the_others():
+    running = config_from({"general": {"node": "web1"}})
+    read = config_from(
+        {
+            "general": {"node": "web1", "loglevel": "DEBUG", "report_port": "7000"},
+            "subscriber": {"allowlist": "10.0.0.0/8", "batch_size": "10"},
+            "publisher": {"rate_limit": "5"},  # not the subscriber's: not its business
+        }
+    )
+    config, reloaded = plan_reload(running, read, "subscriber", LIVE)
+    assert reloaded.applied == [("general", "loglevel"), ("subscriber", "allowlist")]
+    assert reloaded.restart == [("general", "report_port"), ("subscriber", "batch_size")]
+    assert config.general.loglevel == read.general.loglevel
+    assert config.subscriber.allowlist == read.subscriber.allowlist
+    # What needs a restart keeps its running value: status and the daemon agree.
+    assert config.general.report_port == running.general.report_port
+    assert config.subscriber.batch_size == running.subscriber.batch_size
+    assert reloaded.describe() == (
+        "applied [general] loglevel, [subscriber] allowlist; needs a restart: "
+        "[general] report_port, [subscriber] batch_size; keys: unchanged"
+    )
+    _, nothing = plan_reload(running, running, "subscriber", LIVE)
+    assert nothing.as_dict() == {
+        "Applied": "nothing changed",
+        "Needs a restart": "nothing",
+        "Keys": "unchanged",
+    }
+
+
+def test_a_subscriber_reloaded_with_a_wider_allowlist_lifts_what_it_now_covers(tmp_path):
+    attacker = "192.0.2.77"
+    with Cluster(tmp_path, size=2) as cluster:
+        node1, node2 = cluster["node1"], cluster["node2"]
+        node1.fail2ban.attack(attacker)
+        node2.fail2ban.wait_banned("cluster", attacker)
+        node2.config.with_suffix(".local").write_text(
+            f"[subscriber]\nallowlist = 127.0.0.0/8 ::1/128 {attacker}\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "f2bzmq", "subscriber", "-c", str(node2.config), "reload"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "|- Applied: [subscriber] allowlist" in done.stdout.splitlines()
+        assert "`- Keys: unchanged" in done.stdout.splitlines()
+        node2.fail2ban.wait_banned("cluster", attacker, present=False, timeout=10)
+        assert attacker in node1.fail2ban.banned("sshd")  # node1's own ban is node1's
