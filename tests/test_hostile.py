@@ -368,10 +368,11 @@ def test_idle_connections_of_a_stranger_do_not_shut_nodes_out(tmp_path, keys):
         hub.publisher.stop()
 
 
-def test_the_shipped_units_raise_the_limit_of_open_files():
-    for unit in sorted((Path(__file__).resolve().parent.parent / "systemd").glob("*.service")):
-        limits = [line for line in unit.read_text().splitlines() if line.startswith("LimitNOFILE=")]
-        assert limits and int(limits[0].split("=")[1]) >= 8192, unit.name
+def test_the_shipped_hub_unit_raises_the_limit_of_open_files():
+    # The hub takes connections, a stranger's too; the node roles only make a few.
+    unit = Path(__file__).resolve().parent.parent / "systemd" / "fail2ban-publisher.service"
+    limits = [line for line in unit.read_text().splitlines() if line.startswith("LimitNOFILE=")]
+    assert limits and int(limits[0].split("=")[1]) >= 8192, unit.name
 
 
 BURST = 10_000  # the real attack: one node bans this many addresses at once
