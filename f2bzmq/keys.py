@@ -6,16 +6,23 @@ Layout of `keys_dir` (the same on every server, minus the secrets it must not ho
     hub.key_secret       the hubs' key pair (only on hub servers)
     NODE.key_secret      this node's key pair (only on that node)
     nodes/NODE.key       public keys of the nodes a hub accepts; the file name is the node's name
+    admins/NAME.key      public keys of the operators a hub accepts on its admin channel
+    admins/NAME.key_secret  an operator's key pair, where the console runs
 
 A hub maps each client key to its node name, which reaches every message as the
-ZeroMQ User-Id property, so a node can't report in another node's name.
+ZeroMQ User-Id property, so a node can't report in another node's name. An admin key's
+User-Id is `admin:NAME`; a key the hub does not know gets in on the report port only,
+as `key:KEY`, and is heard only as a node asking to join.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +30,18 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from .protocol import ProtocolError, check_name
+from .protocol import ProtocolError, check_name, check_operator, is_operator_origin
 
 log = logging.getLogger("f2bzmq.keys")
 
 HUB = "hub"
+ADMINS = "admins"  # keys_dir's folder of admin keys
+NODES = "nodes"  # keys_dir's folder of node keys
+ADMIN_USER = "admin:"  # User-Id of an admin key: admin:NAME (no node name has a ':')
+KEY_USER = "key:"  # User-Id of a key the hub does not know yet: key:Z85
+# The report port's ZAP domain: the only socket open to admin keys and to unknown keys.
+REPORT_DOMAIN = "report"
+ADMINS_REREAD = 1.0  # seconds: admins/ is read again for an unknown key at most this often
 
 
 class KeyFileError(Exception):
@@ -105,37 +119,80 @@ def authorized_nodes(directory: str | os.PathLike) -> dict[bytes, str]:
     for path in sorted(folder.glob("*.key")):
         try:
             name = check_name(path.stem, "node")
+            if is_operator_origin(name):
+                raise ProtocolError("names starting with 'operator.' are the operators'")
             nodes[load_public(path)] = name
         except (KeyFileError, ProtocolError) as error:
             log.error("ignored node key %s: %s", path, error)
     return nodes
 
 
+def authorized_admins(directory: str | os.PathLike) -> dict[bytes, str]:
+    """Public key (z85) -> operator name, from the NAME.key files of admins/ (none without)."""
+    admins = {}
+    for path in sorted(Path(directory).glob("*.key")):
+        try:
+            admins[load_public(path)] = check_operator(path.stem)
+        except (KeyFileError, ProtocolError) as error:
+            log.error("ignored admin key %s: %s", path, error)
+    return admins
+
+
+def fingerprint(public: bytes | str) -> str:
+    """How people compare a public key (z85): SHA256 and base64, as ssh shows host keys."""
+    raw = zmq.utils.z85.decode(public)
+    return "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
+
+
+def write_public(path: str | os.PathLike, public: bytes | str) -> None:
+    """A public key file as `keygen` writes it, replacing any, never half written."""
+    text = public.decode() if isinstance(public, bytes) else public
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.new")
+    temporary.write_text(
+        "#   ZeroMQ CURVE Public Certificate, accepted by f2bzmq\n\nmetadata\ncurve\n"
+        f'    public-key = "{text}"\n'
+    )
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, path)
+
+
 class NodeAuthenticator(ThreadAuthenticator):
     """ZAP in a thread: only known node keys get in, and the node name becomes the User-Id.
     The hub key gets in too, as User-Id "hub": a peer hub taking this hub's table. It is no
-    node's name, so it can't report."""
+    node's name, so it can't report. On the report port only (REPORT_DOMAIN), admin keys
+    get in as `admin:NAME`, and keys the hub does not know as `key:KEY`: a node asking to
+    join, which the hub answers nothing else. A key an operator removed stays out."""
 
     # Declared for pyzmq < 25 (Debian 12's 24), whose ThreadAuthenticator keeps only
     # declared attributes and hands any other to the Authenticator its thread runs.
     nodes_dir: str | os.PathLike
+    admins_dir: str | os.PathLike
     hub_key: bytes | None
     nodes: dict[bytes, str]  # z85 public key -> node name
     names: set[str]
+    admins: dict[bytes, str]  # z85 public key -> operator name
+    admins_read: float
+    refused: frozenset[bytes]
 
     def __init__(
         self, context: zmq.Context, nodes_dir: str | os.PathLike, hub_key: bytes | None = None
     ) -> None:
         super().__init__(context, log=logging.getLogger("f2bzmq.zap"))
         self.nodes_dir = nodes_dir
+        self.admins_dir = Path(nodes_dir).parent / ADMINS
         self.hub_key = hub_key  # z85 public key of the hubs
         self.nodes = {}
         self.names = set()
+        self.admins = {}
+        self.admins_read = 0.0  # time.monotonic() of the last read of admins/
+        self.refused = frozenset()  # keys of nodes an operator removed
 
     def start(self) -> None:
         super().start()
         self.reload()
-        self.configure_curve_callback("*", credentials_provider=self)
+        for domain in ("*", REPORT_DOMAIN):
+            self.configure_curve_callback(domain, credentials_provider=self)
         # pyzmq >= 25 runs this object in the thread; pyzmq < 25 a plain Authenticator,
         # which must ask us for the User-Id, or every node would report without a name.
         running = self.thread.authenticator
@@ -146,14 +203,49 @@ class NodeAuthenticator(ThreadAuthenticator):
         """Read the node keys again (SIGHUP): a removed key is shut out from the next handshake."""
         nodes = authorized_nodes(self.nodes_dir)
         self.nodes, self.names = nodes, set(nodes.values())
+        self.read_admins()
         return len(nodes)
 
+    def read_admins(self) -> None:
+        self.admins = authorized_admins(self.admins_dir)
+        self.admins_read = time.monotonic()
+
     def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.nodes or key == self.hub_key
+        if key in self.nodes or key == self.hub_key:
+            return True
+        if domain != REPORT_DOMAIN or key in self.refused:
+            return False
+        if key not in self.admins and time.monotonic() - self.admins_read >= ADMINS_REREAD:
+            self.read_admins()  # an admin key dropped into admins/ works at once
+        return True
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         key = zmq.utils.z85.encode(client_public_key)
-        return HUB if key == self.hub_key and key not in self.nodes else self.nodes.get(key, "")
+        if key in self.nodes:
+            return self.nodes[key]
+        if key == self.hub_key:
+            return HUB
+        if key in self.admins:
+            return ADMIN_USER + self.admins[key]
+        return KEY_USER + key.decode()
+
+    def identify(self, user: str) -> tuple[str, str]:
+        """Who a connection's User-Id is now: ("node", name), ("hub", "hub"), ("admin",
+        name), ("pending", z85 key) or ("withdrawn", name or key). A key accepted since its
+        connection was made counts as accepted at once."""
+        if user == HUB:
+            return "hub", HUB
+        if user.startswith(ADMIN_USER):
+            name = user[len(ADMIN_USER) :]
+            return ("admin", name) if name in self.admins.values() else ("withdrawn", name)
+        if user.startswith(KEY_USER):
+            key = user[len(KEY_USER) :].encode()
+            if key in self.nodes:
+                return "node", self.nodes[key]
+            if key in self.admins:
+                return "admin", self.admins[key]
+            return ("withdrawn", key.decode()) if key in self.refused else ("pending", key.decode())
+        return ("node", user) if user in self.names else ("withdrawn", user)
 
 
 class Security:
@@ -183,13 +275,16 @@ class Security:
         """From [general] keys_dir and insecure; raises KeyFileError saying what to fix."""
         return cls(config.general.keys_dir, config.node, role, config.general.insecure)
 
-    def server(self, sock: zmq.Socket) -> None:
-        """A hub socket: encrypted, and open only to clients the authenticator accepts."""
+    def server(self, sock: zmq.Socket, domain: str = "") -> None:
+        """A hub socket: encrypted, and open only to clients the authenticator accepts for
+        its ZAP `domain` (REPORT_DOMAIN: admins and nodes asking to join too)."""
         if self.insecure:
             return
         sock.curve_secretkey = self.own.secret
         sock.curve_publickey = self.own.public
         sock.curve_server = True
+        if domain:
+            sock.zap_domain = domain.encode()
 
     def client(self, sock: zmq.Socket) -> None:
         """A node socket: encrypted, and talking only to a hub holding the hub key."""
