@@ -16,10 +16,12 @@ import logging
 from . import legacy, protocol
 from .addresses import Allowlist
 from .config import Config
+from .holds import Holds
+from .keys import ADMIN_USER, HUB
 from .metrics import DelayHistogram
 from .protocol import BanEvent, ProtocolError
 from .ratelimit import TokenBuckets
-from .runtime import RateLimitedLog
+from .runtime import RateLimitedLog, clock
 from .state import BanTable, Outcome, Update
 
 log = logging.getLogger("f2bzmq.admission")
@@ -41,6 +43,7 @@ class Admission:
         self.table = table  # the cluster's bans: where an admitted event goes
         self.networks = config.network_limits()  # how wide a banned network may be
         self.allowlist = Allowlist(config.publisher.allowlist)  # never banned, whoever asks
+        self.holds = Holds()  # what operators lifted and hold: not banned again meanwhile
         self.buckets = TokenBuckets(config.publisher.rate_limit, config.publisher.rate_burst)
         self.reserve = FRESH_RESERVE * config.publisher.rate_burst  # tokens re-reports leave
         # Why the hub can't take events now (its store fails): each gets a retry NAK.
@@ -75,7 +78,7 @@ class Admission:
         for body in bodies:
             try:
                 event = BanEvent.decode(body, self.networks)
-                self._authorize(event, user)
+                self._authorize(event, user, now)
                 outcome, update = self._admit(event, user or event.node, now, keep)
             except ProtocolError as error:
                 naks.append(self._refuse(protocol.peek_id(body), error, user))
@@ -97,7 +100,7 @@ class Admission:
                 # A node with a key reports through the encrypted endpoint: its name can't
                 # be borrowed on the plain one.
                 raise ProtocolError(f"node {event.node} has a key: it must use it")
-            self._authorize(event, None)
+            self._authorize(event, None, now)
             _, update = self._admit(event, event.node, now)
         except ProtocolError as error:
             self.counters["refused"] += 1
@@ -108,15 +111,26 @@ class Admission:
             return legacy.LEGACY_NAK, None
         return report.echo, update
 
-    def _authorize(self, event: BanEvent, user: str | None) -> None:
+    def _authorize(self, event: BanEvent, user: str | None, now: float) -> None:
         """Who may report what: raise ProtocolError saying why not."""
         if user is not None:
+            if user == HUB or user.startswith(ADMIN_USER):
+                raise ProtocolError("only node keys report bans")
             if user not in self.authorized:
                 raise ProtocolError("this node's key has been withdrawn")
             if event.node != user:
                 raise ProtocolError(f"node {event.node!r} reported with the key of {user!r}")
-        if event.action == protocol.BAN and self.allowlist.covers(event.ip):
-            raise ProtocolError(f"{event.ip} is in the hub's allowlist")
+        if protocol.is_operator_origin(event.node):
+            raise ProtocolError("names starting with 'operator.' are the operators'")
+        if event.action == protocol.BAN:
+            if self.allowlist.covers(event.ip):
+                raise ProtocolError(f"{event.ip} is in the hub's allowlist")
+            held = self.holds.holding(event.jail, event.ip, now)
+            if held is not None:
+                hold, operator = held
+                raise ProtocolError(
+                    f"{event.ip} is held by operator {operator} until {clock(hold.until)}"
+                )
 
     def _admit(
         self, event: BanEvent, sender: str, now: float, keep: float = 0.0
