@@ -219,6 +219,23 @@ class Fail2banClient:
                 bans.append((match.group(1), start, int(match.group(3))))
         return bans
 
+    def ignored(self, jail: str) -> list[str]:
+        """The jail's ignoreip list: addresses and networks it never bans."""
+        reply = self.command("get", jail, "ignoreip")
+        if isinstance(reply, str):  # "These IP addresses/networks are ignored:\n|- a\n`- b"
+            return [line[3:].strip() for line in reply.splitlines() if line[:3] in ("|- ", "`- ")]
+        if not isinstance(reply, list):
+            raise Fail2banError(f"fail2ban answered {reply!r} where a list was expected")
+        return [str(address) for address in reply]
+
+    def ignore(self, jail: str, ip: str) -> None:
+        """Add an address or network to the jail's ignoreip, until unignore() or a reload."""
+        self.command("set", jail, "addignoreip", ip)
+
+    def unignore(self, jail: str, ip: str) -> None:
+        """Take it out again; fail2ban refuses one its list does not hold."""
+        self.command("set", jail, "delignoreip", ip)
+
     def bantime(self, jail: str) -> int:
         """The jail's ban time in seconds; -1 means permanent."""
         return parse_int(self.command("get", jail, "bantime"))
