@@ -377,6 +377,13 @@ class Console:
             ]
             headers = ["NAME", "FINGERPRINT", "ADDRESS", "VERSION", "FIRST ASKED", "LAST ASKED"]
             text = f"{_table(headers, rows)}{len(rows)} nodes ask to join{_on(result)}"
+            refused = [
+                [r["fingerprint"], r["node"] or "-", _clock(r["last"]), str(r["count"])]
+                for r in result.get("refused", [])
+            ]
+            if refused:
+                headers = ["REFUSED KEY", "REMOVED NODE", "LAST TRIED", "TIMES"]
+                text += f"\n\n{_table(headers, refused)}{len(refused)} keys refused lately"
             if result.get("hub_key"):
                 key = result["hub_key"]
                 text += f"\nA new node asks with: f2bzmq-cluster join --hub-key '{key}'"

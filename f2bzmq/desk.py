@@ -30,6 +30,7 @@ class HubView:
     sync_jail: str  # an operator's ban goes there unless it names a jail
     name: str  # the hub's node name
     hub_key: str  # the hubs' public key (z85), which a joining node needs; "" without keys
+    refusals: dict[str, tuple[float, int]]  # z85 key -> (last refused, how often), lately
 
 
 @dataclass
@@ -143,7 +144,18 @@ class Desk:
 
     def _pending(self, args: dict, operator: str, view: HubView, now: float) -> Answered:
         rows = self.roster.pending_rows()
-        return Answered({"pending": rows, "hub_key": view.hub_key, **_header(view)})
+        refused = [
+            {
+                "fingerprint": fingerprint(key),
+                "node": self.operators.removed.get(key),
+                "last": last,
+                "count": count,
+            }
+            for key, (last, count) in sorted(view.refusals.items(), key=lambda i: -i[1][0])
+            if key not in self.roster.pending
+        ]
+        result = {"pending": rows, "refused": refused, "hub_key": view.hub_key}
+        return Answered({**result, **_header(view)})
 
     def _accept(self, args: dict, operator: str, view: HubView, now: float) -> Answered:
         name = args["node"]

@@ -30,6 +30,7 @@ class Holds:
         self.entries: dict[str, Hold] = {}  # decision id -> its hold, oldest first
         self.operators: dict[str, str] = {}  # decision id -> who decided, for refusals
         self._ranges: list[tuple[Allowlist, Hold]] | None = None  # active holds, cached
+        self._digest: str | None = None  # of current(), cached: every presence compares it
 
     def add(self, decision: Decision) -> Hold:
         """An operator's unban: a later one of the same address and jail ends the earlier
@@ -50,7 +51,7 @@ class Holds:
             oldest = next(iter(self.entries))
             del self.entries[oldest]
             self.operators.pop(oldest, None)
-        self._ranges = None
+        self._ranges = self._digest = None
         return hold
 
     def holding(self, jail: str, ip: str, now: float) -> tuple[Hold, str] | None:
@@ -71,8 +72,15 @@ class Holds:
             if hold.until <= now and hold.time + LIFT_MEMORY <= now:
                 del self.entries[hold_id]
                 self.operators.pop(hold_id, None)
-                self._ranges = None
+                self._ranges = self._digest = None
         return list(self.entries.values())
+
+    def digest(self, now: float) -> str:
+        """holds_digest(current(now)), computed once per change."""
+        holds = self.current(now)
+        if self._digest is None:
+            self._digest = holds_digest(holds)
+        return self._digest
 
     def next_change(self, now: float) -> float | None:
         """When current() next drops an entry or a hold ends."""

@@ -42,6 +42,7 @@ KEY_USER = "key:"  # User-Id of a key the hub does not know yet: key:Z85
 # The report port's ZAP domain: the only socket open to admin keys and to unknown keys.
 REPORT_DOMAIN = "report"
 ADMINS_REREAD = 1.0  # seconds: admins/ is read again for an unknown key at most this often
+MAX_REFUSALS = 100  # keys refused lately that the hub remembers, for `nodes pending`
 
 
 class KeyFileError(Exception):
@@ -174,6 +175,7 @@ class NodeAuthenticator(ThreadAuthenticator):
     admins: dict[bytes, str]  # z85 public key -> operator name
     admins_read: float
     refused: frozenset[bytes]
+    refusals: dict[bytes, tuple[float, int]]
 
     def __init__(
         self, context: zmq.Context, nodes_dir: str | os.PathLike, hub_key: bytes | None = None
@@ -187,6 +189,7 @@ class NodeAuthenticator(ThreadAuthenticator):
         self.admins = {}
         self.admins_read = 0.0  # time.monotonic() of the last read of admins/
         self.refused = frozenset()  # keys of nodes an operator removed
+        self.refusals = {}  # z85 key -> (when last refused, how often), the latest last
 
     def start(self) -> None:
         super().start()
@@ -214,10 +217,19 @@ class NodeAuthenticator(ThreadAuthenticator):
         if key in self.nodes or key == self.hub_key:
             return True
         if domain != REPORT_DOMAIN or key in self.refused:
+            self.note_refusal(key)
             return False
         if key not in self.admins and time.monotonic() - self.admins_read >= ADMINS_REREAD:
             self.read_admins()  # an admin key dropped into admins/ works at once
         return True
+
+    def note_refusal(self, key: bytes) -> None:
+        """Remembered for the operators (a bounded few): dict operations, safe across the
+        ZAP thread and the hub's loop."""
+        _, count = self.refusals.pop(key, (0.0, 0))
+        self.refusals[key] = (time.time(), count + 1)
+        while len(self.refusals) > MAX_REFUSALS:
+            self.refusals.pop(next(iter(self.refusals)))
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         key = zmq.utils.z85.encode(client_public_key)

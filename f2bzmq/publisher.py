@@ -360,6 +360,9 @@ class Publisher:
             sync_jail=general.sync_jail,
             name=self.config.node,
             hub_key="" if self.auth is None else self.security.own.public.decode(),
+            refusals={}
+            if self.auth is None
+            else {key.decode(): seen for key, seen in dict(self.auth.refusals).items()},
         )
 
     def decisions_since(self, since: int) -> dict:
@@ -642,9 +645,9 @@ class Publisher:
         if kind != "node" or not node:
             return
         self.roster.on_presence(node, presence, last.get("Peer-Address") or "", peer, now)
-        holds = self.operators.holds.current(now)
-        if presence.holds != protocol.holds_digest(holds):
-            send_frames(self.snapshots, [peer, *protocol.encode_holds(holds)])
+        holds = self.operators.holds
+        if presence.holds != holds.digest(now):
+            send_frames(self.snapshots, [peer, *protocol.encode_holds(holds.current(now))])
 
     def push_holds(self, now: float) -> None:
         """Every subscriber heard lately gets the holds at once: an address its node's own

@@ -189,6 +189,9 @@ def test_a_node_joins_is_accepted_and_removed_without_a_file_copied(site, tmp_pa
         time.sleep(2)
         assert "192.0.2.45" not in banned(site, "node2", "cluster")
         assert all(row["node"] != "node4" for row in json.loads(ok(hub, "nodes", "--json")))
+        # Its daemons knock with the removed key: refused, and listed so.
+        refused = f"{printed}  node4"
+        assert wait_until(lambda: refused in ok(hub, "nodes", "pending"), 15, 0.5)
     finally:
         node4.stop()
 
@@ -210,6 +213,17 @@ def test_the_allowlist_changes_without_a_restart(site):
     assert wait_until(lambda: "203.0.113.6" in banned(site, "node2", "cluster"), 20)
     assert site.hub.publisher.process.pid == pid and site.hub.publisher.alive()
     assert "allowlist add 203.0.113.0/24 (the office)" in ok(hub, "history")
+
+
+def test_a_node_key_cannot_use_the_admin_channel(site):
+    node1 = NodeClient(site.ports, site.keys_dir, "node1")
+    try:
+        node1.reports.send_multipart(protocol.encode_admin("unban", ip="192.0.2.21"))
+        assert protocol.decode_result(node1.reports.recv_multipart()) == {
+            "error": "only an admin key (keys_dir/admins/ on the hub) may use the admin channel"
+        }
+    finally:
+        node1.close()
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 from f2bzmq.decisions import DecisionError, Operators, ban_rows
 from f2bzmq.desk import Desk, HubView
 from f2bzmq.holds import LIFT_MEMORY
-from f2bzmq.protocol import AdminRequest, BanEvent, Decision, NetworkLimits
+from f2bzmq.protocol import AdminRequest, BanEvent, Decision, NetworkLimits, holds_digest
 from f2bzmq.roster import Roster
 from f2bzmq.state import BanTable
 
@@ -138,8 +138,10 @@ def test_a_later_unban_of_the_same_address_ends_the_hold_and_the_list_forgets_ol
     holds = {hold.id: hold for hold in operators.holds.current(NOW + 6)}
     assert holds[first.id].until == NOW + 5 and holds[second.id].until == NOW + 5
     assert operators.holds.holding("sshd", "192.0.2.1", NOW + 6) is None
+    assert operators.holds.digest(NOW + 6) == holds_digest(list(holds.values()))
     assert operators.holds.next_change(NOW + 6) == NOW + LIFT_MEMORY
     assert operators.holds.current(NOW + 5 + LIFT_MEMORY) == []
+    assert operators.holds.digest(NOW + 5 + LIFT_MEMORY) == ""
 
 
 def test_the_allowlist_takes_networks_lifts_what_they_cover_and_gives_back_only_its_own():
@@ -220,6 +222,7 @@ def view(**changes) -> HubView:
         sync_jail="cluster",
         name="hub",
         hub_key="k" * 40,
+        refusals={"r" * 40: (NOW - 5, 3)},
     )
     fields.update(changes)
     return HubView(**fields)
@@ -246,7 +249,9 @@ def test_the_desk_answers_each_verb_and_turns_refusals_into_errors():
     unban = ask("unban", ip="192.0.2.1", hold=60.0)
     assert unban.result["lifted"] == [{"jail": "sshd", "ip": "192.0.2.1"}]
     assert unban.result["held_until"] == NOW + 60
-    assert ask("pending").result["hub_key"] == "k" * 40
+    pending = ask("pending").result
+    assert pending["hub_key"] == "k" * 40 and pending["pending"] == []
+    assert [(r["node"], r["count"]) for r in pending["refused"]] == [(None, 3)]
     assert ask("accept", node="web9").result == {
         "error": "no node web9 asks to join (see `nodes pending`)"
     }
