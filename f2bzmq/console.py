@@ -36,7 +36,7 @@ COMMANDS = {
     "import": "ban every address or network of FILE (one per line, an optional bantime "
     "after it; - for stdin)",
     "export": "the cluster's bans, one per line with the seconds left (-1: for ever), as "
-    "import reads them",
+    "import reads them (--json: an object of address: seconds)",
     "nodes": "the nodes: key fingerprint, address, monitor and subscriber connected, synced, "
     "lag, last report, version; nodes pending|accept NAME|remove NAME",
     "allowlist": "the hub's allowlist; allowlist add|remove CIDR changes it at once",
@@ -334,7 +334,10 @@ class Console:
             known = left.get(ban["ip"])
             if known is None or known != PERMANENT and _longer(seconds_left, known):
                 left[ban["ip"]] = seconds_left
-        lines = "".join(f"{ip} {seconds_left}\n" for ip, seconds_left in left.items())
+        if self.args.json:
+            lines = json.dumps(left, indent=2) + "\n"
+        else:
+            lines = "".join(f"{ip} {seconds_left}\n" for ip, seconds_left in left.items())
         if self.args.file == "-":
             sys.stdout.write(lines)
             return EXIT_OK
@@ -481,9 +484,11 @@ class Console:
             public, secret = keygen(name, directory)
         except (KeyFileError, ProtocolError, OSError) as error:
             raise ConsoleError(f"keygen: {error}") from None
-        print(f"wrote {public} (public) and {secret} (secret, mode 0600)")
-        print(f"a hub admits operator {name} as soon as {public.name} is in its keys_dir/admins/")
-        return EXIT_OK
+        text = (
+            f"wrote {public} (public) and {secret} (secret, mode 0600)\n"
+            f"a hub admits operator {name} as soon as {public.name} is in its keys_dir/admins/"
+        )
+        return self.emit({"operator": name, "public": str(public), "secret": str(secret)}, text)
 
     # Input.
 

@@ -314,8 +314,9 @@ class Publisher:
             node, version = None, None
         key_print = fingerprint(key)
         if self.roster.on_join(key, key_print, node, address, version, now):
-            log.log(
-                NOTICE,
+            # A line per new key, at most one a minute per address: strangers can knock.
+            self.refusals.warning(
+                f"join {address}",
                 "node %s asks to join from %s, key %s: `nodes accept %s` admits it",
                 node or "(unnamed)",
                 address or "?",
@@ -408,7 +409,7 @@ class Publisher:
         path = self.security.nodes_dir / f"{node}.key"
         if key is not None and self.auth.nodes.get(key.encode()) == node:
             try:
-                path.unlink()
+                path.unlink(missing_ok=True)  # hubs sharing keys_dir: the first one did it
             except OSError as error:
                 log.error("cannot delete %s: %s", path, error)
         self.auth.refused = frozenset(k.encode() for k in self.operators.removed)

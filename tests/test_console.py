@@ -100,10 +100,14 @@ def test_bans_show_origins_and_an_operator_bans_and_lifts_everywhere(site):
     # within a second, and it stays gone while node1 detects it again.
     began = time.monotonic()
     out = ok(hub, "unban", attacker, "--hold", "1m", "--reason", "our monitoring")
+    answered = time.monotonic()
     assert "Lifted 192.0.2.21 in sshd" in out and "Held until" in out
     assert wait_until(lambda: not any(everywhere(site, attacker).values()), 5, 0.02)
-    lifted = time.monotonic() - began
-    assert lifted < 1.0 + 0.5, f"lifted everywhere {lifted:.2f} s after the command"  # + startup
+    lifted = time.monotonic()
+    print(f"unban: answered in {answered - began:.2f} s, gone in {lifted - began:.2f} s")
+    # Within a second of the hub's answer: the console's own start (a Python process, CURVE)
+    # is not the cluster's.
+    assert lifted - answered < 1.0, "not gone within a second"
     node1 = site["node1"].fail2ban
     site["node1"].fail2ban.attack(attacker)
     ignored = f"[sshd] Ignore {attacker} by ip"
