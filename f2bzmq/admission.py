@@ -18,10 +18,12 @@ from collections.abc import Iterable
 from . import legacy, protocol
 from .addresses import SPECIAL_PURPOSE, Allowlist, special_purpose
 from .config import Config, HubAllowlist
+from .holds import Holds
+from .keys import ADMIN_USER, HUB
 from .metrics import DelayHistogram
 from .protocol import BanEvent, ProtocolError
 from .ratelimit import TokenBuckets
-from .runtime import RateLimitedLog
+from .runtime import RateLimitedLog, clock
 from .state import BanTable, Outcome, Update
 
 log = logging.getLogger("f2bzmq.admission")
@@ -63,12 +65,15 @@ class Admission:
     def __init__(self, config: Config, table: BanTable) -> None:
         self.table = table  # the cluster's bans: where an admitted event goes
         self.networks = config.network_limits()  # how wide a banned network may be
-        # Never banned, whoever asks: the configured networks, and if the setting says so
-        # the special-purpose ranges and the hubs' and nodes' addresses, which the shell
-        # tells (`set_addresses`), in `allowlist`, one look-up for them all.
+        # Never banned, whoever asks: the configured networks, the operators' (`operated`,
+        # which the shell sets from their decisions), and if the setting says so the
+        # special-purpose ranges and the hubs' and nodes' addresses, which the shell tells
+        # (`set_addresses`), in `allowlist`, one look-up for them all.
         self.hub_addresses: tuple[str, ...] = ()
         self.node_addresses: dict[str, tuple[str, ...]] = {}  # node name -> its addresses
+        self.operated = Allowlist([])
         self.set_allowlist(config.publisher.allowlist)
+        self.holds = Holds()  # what operators lifted and hold: not banned again meanwhile
         rate, burst, peak = (
             config.publisher.rate_limit,
             config.publisher.rate_burst,
@@ -113,7 +118,7 @@ class Admission:
         for body in bodies:
             try:
                 event = BanEvent.decode(body, self.networks)
-                self._authorize(event, user)
+                self._authorize(event, user, now)
                 outcome, update = self._admit(event, user or event.node, now, keep)
             except ProtocolError as error:
                 naks.append(self._refuse(protocol.peek_id(body), error, user))
@@ -138,7 +143,7 @@ class Admission:
                 # A node with a key reports through the encrypted endpoint: its name can't
                 # be borrowed on the plain one.
                 raise ProtocolError(f"node {event.node} has a key: it must use it")
-            self._authorize(event, None)
+            self._authorize(event, None, now)
             _, update = self._admit(event, legacy_sender(peer), now, buckets=self.legacy_buckets)
         except TryLater as error:
             self.refusals.warning(
@@ -166,6 +171,11 @@ class Admission:
         self.special = Allowlist(net for net, _ in SPECIAL_PURPOSE if setting.special_purpose)
         self.set_addresses((), {})
 
+    def set_operated(self, allowlist: Allowlist) -> None:
+        """The networks operators allowlisted (`allowlist add`), as their decisions stand."""
+        self.operated = allowlist
+        self.set_addresses(self.hub_addresses, self.node_addresses)
+
     def set_addresses(self, hubs: Iterable[str], nodes: dict[str, Iterable[str]]) -> None:
         """The hubs' own addresses and where each node connects from, as the shell learns
         them: each kept out of bans as far as the allowlist setting names it."""
@@ -177,12 +187,17 @@ class Admission:
         )
         learned = [*self.hub_addresses, *(a for ips in self.node_addresses.values() for a in ips)]
         self.allowlist = Allowlist(
-            [*self.configured.networks, *self.special.networks, *map(_network, learned)]
+            [
+                *self.configured.networks,
+                *self.operated.networks,
+                *self.special.networks,
+                *map(_network, learned),
+            ]
         )
 
     def _never_banned(self, ip: str) -> str:
         """Why the allowlist holds `ip`, for the NAK and the log."""
-        if self.configured.covers(ip):
+        if self.configured.covers(ip) or self.operated.covers(ip):
             return f"{ip} is in the hub's allowlist"
         verb = "holds" if "/" in ip else "is"
         kind = special_purpose(ip) if self.setting.special_purpose else None
@@ -198,15 +213,26 @@ class Admission:
                 return f"{ip} {verb} {whose}{which}"
         return f"{ip} is in the hub's allowlist"
 
-    def _authorize(self, event: BanEvent, user: str | None) -> None:
+    def _authorize(self, event: BanEvent, user: str | None, now: float) -> None:
         """Who may report what: raise ProtocolError saying why not."""
         if user is not None:
+            if user == HUB or user.startswith(ADMIN_USER):
+                raise ProtocolError("only node keys report bans")
             if user not in self.authorized:
                 raise ProtocolError("this node's key has been withdrawn")
             if event.node != user:
                 raise ProtocolError(f"node {event.node!r} reported with the key of {user!r}")
-        if event.action == protocol.BAN and self.allowlist.covers(event.ip):
-            raise ProtocolError(self._never_banned(event.ip))
+        if protocol.is_operator_origin(event.node):
+            raise ProtocolError("names starting with 'operator.' are the operators'")
+        if event.action == protocol.BAN:
+            if self.allowlist.covers(event.ip):
+                raise ProtocolError(self._never_banned(event.ip))
+            held = self.holds.holding(event.jail, event.ip, now)
+            if held is not None:
+                hold, operator = held
+                raise ProtocolError(
+                    f"{event.ip} is held by operator {operator} until {clock(hold.until)}"
+                )
 
     def _admit(
         self,

@@ -119,9 +119,10 @@ def main(role: str, argv: list[str] | None = None) -> int:
 
 
 def umbrella_main(argv: list[str]) -> int:
-    """`python3 -m f2bzmq ROLE …` or `python3 -m f2bzmq demo`."""
+    """`python3 -m f2bzmq ROLE …`, `python3 -m f2bzmq cluster …` or `python3 -m f2bzmq demo`."""
     usage = (
         "usage: python3 -m f2bzmq {monitor|publisher|subscriber} [-c PATH] COMMAND\n"
+        "       python3 -m f2bzmq cluster [-c PATH] COMMAND …   (the cluster console)\n"
         "       python3 -m f2bzmq keygen NAME [--dir DIR]\n"
         "       python3 -m f2bzmq demo"
     )
@@ -137,6 +138,10 @@ def umbrella_main(argv: list[str]) -> int:
         parser.add_argument("-c", "--config", metavar="PATH")
         args = parser.parse_args(argv[1:])
         return keygen_main(args.name, args.dir, args.config)
+    if argv[0] == "cluster":
+        from .console import main as console_main
+
+        return console_main(argv[1:])
     if argv[0] == "demo":
         from .demo import main as demo_main
 
@@ -155,3 +160,9 @@ def publisher_main() -> None:
 
 def subscriber_main() -> None:
     sys.exit(main("subscriber"))
+
+
+def cluster_main() -> None:
+    from .console import main as console_main
+
+    sys.exit(console_main())

@@ -26,7 +26,14 @@ from typing import Any, Union
 
 from .addresses import SPECIAL_PURPOSE
 from .oldkeys import rename_old_keys
-from .protocol import WIRE_LIMITS, NetworkLimits, ProtocolError, check_name
+from .protocol import (
+    MAX_OPERATOR,
+    WIRE_LIMITS,
+    NetworkLimits,
+    ProtocolError,
+    check_name,
+    check_operator,
+)
 
 DEFAULT_PATHS = ("/etc/fail2ban-cluster/fail2ban-cluster.conf", "fail2ban-cluster.conf")
 MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path less its terminating NUL
@@ -56,6 +63,14 @@ def _name(value: str) -> str:
 
 def _node(value: str) -> str:
     return _name(value or socket.gethostname().split(".")[0])
+
+
+def _operator(value: str) -> str:
+    """An admin key's name, or empty: the console then takes the user's."""
+    try:
+        return value and check_operator(value)
+    except ProtocolError:
+        raise ValueError(f"must be 1-{MAX_OPERATOR} letters, digits or ._- characters") from None
 
 
 def _number(kind: type, low: float, high: float) -> Callable[[str], float]:
@@ -429,11 +444,19 @@ class SubscriberSettings:
     metrics: tuple[str, int] | None = _key("", _listen)
 
 
+@dataclass(frozen=True)
+class ConsoleSettings:
+    """[console]: the cluster console, on a hub or an operator's machine."""
+
+    admin: str = _key("", _operator)
+
+
 SECTIONS = {
     "general": GeneralSettings,
     "monitor": MonitorSettings,
     "publisher": PublisherSettings,
     "subscriber": SubscriberSettings,
+    "console": ConsoleSettings,
 }
 
 # (section, key) -> (default, parser), in the order of the classes above. The shipped
@@ -455,6 +478,7 @@ class Config:
     monitor: MonitorSettings
     publisher: PublisherSettings
     subscriber: SubscriberSettings
+    console: ConsoleSettings
     warnings: tuple[str, ...] = ()  # deprecated keys read; the daemon logs them at start
 
     def section(self, name: str) -> Any:

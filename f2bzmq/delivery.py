@@ -187,6 +187,16 @@ class DeliveryWindow:
         self.paused_until = reset.until
         return reset
 
+    def restart(self, now: float) -> None:
+        """The hub has just accepted this node's key: whatever waits goes now, from the oldest,
+        without the backoff its silence toward an unknown key built up."""
+        self.in_flight.clear()
+        self.rereports.clear()
+        self.cursor = self.rereport_cursor = 0
+        self.blocked_since = None
+        self.failures = 0
+        self.paused_until = self.rereports_paused_until = now
+
     def next_deadline(self, now: float) -> float | None:
         """When on_tick or room may next say something new; None: only new rows or answers."""
         deadlines = []
@@ -263,6 +273,11 @@ class Greeting:
         if self.known is None and not welcome.young:
             return ADOPT
         return REREPORT_BANS
+
+    def on_pending(self, now: float) -> None:
+        """The hub does not accept this node's key yet: say hello again in a while."""
+        self.sent_at = None
+        self.next_hello = now + HELLO_INTERVAL
 
     def reported(self, state: str) -> None:
         """The node's bans for `state` are in the outbox (or nothing needed reporting)."""

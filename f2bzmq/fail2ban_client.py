@@ -240,6 +240,14 @@ class Fail2banClient:
             raise Fail2banError(f"fail2ban answered {reply!r} where an ignore list was expected")
         return [str(entry) for entry in reply]
 
+    def ignore(self, jail: str, ip: str) -> None:
+        """Add an address or network to the jail's ignoreip, until unignore() or a reload."""
+        self.command("set", jail, "addignoreip", ip)
+
+    def unignore(self, jail: str, ip: str) -> None:
+        """Take it out again; fail2ban refuses one its list does not hold."""
+        self.command("set", jail, "delignoreip", ip)
+
     def logtarget(self) -> str:
         """Where fail2ban writes its log: a file's path, or SYSLOG, SYSTEMD-JOURNAL, STDOUT…"""
         reply = self.command("get", "logtarget")

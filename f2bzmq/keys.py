@@ -6,13 +6,19 @@ Layout of `keys_dir` (the same on every server, minus the secrets it must not ho
     hub.key_secret       the hubs' key pair (only on hub servers)
     NODE.key_secret      this node's key pair (only on that node)
     nodes/NODE.key       public keys of the nodes a hub accepts; the file name is the node's name
+    admins/NAME.key      public keys of the operators a hub accepts on its admin channel
+    admins/NAME.key_secret  an operator's key pair, where the console runs
 
 A hub maps each client key to its node name, which reaches every message as the
-ZeroMQ User-Id property, so a node can't report in another node's name.
+ZeroMQ User-Id property, so a node can't report in another node's name. An admin key's
+User-Id is `admin:NAME`; a key the hub does not know gets in on the report port only,
+as `key:KEY`, and is heard only as a node asking to join.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import os
 import pwd
@@ -26,7 +32,7 @@ import zmq
 import zmq.auth
 
 from .health import RefusedKeys
-from .protocol import ProtocolError, check_name
+from .protocol import ProtocolError, check_name, check_operator, is_operator_origin
 from .runtime import RateLimitedLog
 
 log = logging.getLogger("f2bzmq.keys")
@@ -34,6 +40,14 @@ log = logging.getLogger("f2bzmq.keys")
 HUB = "hub"
 # The system user the publisher's unit runs as: a hub's secret key must be its own.
 HUB_USER = "_f2bzmq"
+ADMINS = "admins"  # keys_dir's folder of admin keys
+NODES = "nodes"  # keys_dir's folder of node keys
+ADMIN_USER = "admin:"  # User-Id of an admin key: admin:NAME (no node name has a ':')
+KEY_USER = "key:"  # User-Id of a key the hub does not know yet: key:Z85
+# The report port's ZAP domain: the only socket open to admin keys and to unknown keys.
+REPORT_DOMAIN = "report"
+ADMINS_REREAD = 1.0  # seconds: admins/ is read again for an unknown key at most this often
+MAX_REFUSALS = 100  # keys refused lately that the hub remembers, for `nodes pending`
 
 
 class KeyFileError(Exception):
@@ -137,16 +151,42 @@ def authorized_nodes(directory: str | os.PathLike) -> dict[bytes, str]:
     for path in sorted(folder.glob("*.key")):
         try:
             name = check_name(path.stem, "node")
+            if is_operator_origin(name):
+                raise ProtocolError("names starting with 'operator.' are the operators'")
             nodes[load_public(path)] = name
         except (KeyFileError, ProtocolError) as error:
             log.error("ignored node key %s: %s", path, error)
     return nodes
 
 
-def fingerprint(public: bytes) -> str:
-    """How logs and `status` name a public key: its z85 text, as NODE.key writes it, so
-    `grep -l` finds its file in nodes/."""
-    return public.decode("ascii", "replace")
+def authorized_admins(directory: str | os.PathLike) -> dict[bytes, str]:
+    """Public key (z85) -> operator name, from the NAME.key files of admins/ (none without)."""
+    admins = {}
+    for path in sorted(Path(directory).glob("*.key")):
+        try:
+            admins[load_public(path)] = check_operator(path.stem)
+        except (KeyFileError, ProtocolError) as error:
+            log.error("ignored admin key %s: %s", path, error)
+    return admins
+
+
+def fingerprint(public: bytes | str) -> str:
+    """How people compare a public key (z85): SHA256 and base64, as ssh shows host keys."""
+    raw = zmq.utils.z85.decode(public)
+    return "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
+
+
+def write_public(path: str | os.PathLike, public: bytes | str) -> None:
+    """A public key file as `keygen` writes it, replacing any, never half written."""
+    text = public.decode() if isinstance(public, bytes) else public
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.new")
+    temporary.write_text(
+        "#   ZeroMQ CURVE Public Certificate, accepted by f2bzmq\n\nmetadata\ncurve\n"
+        f'    public-key = "{text}"\n'
+    )
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, path)
 
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks, for every socket of the context
@@ -156,6 +196,10 @@ MAX_NODE_ADDRESSES = 8  # addresses remembered per node: the latest it connected
 class NodeAuthenticator(threading.Thread):
     """ZAP (rfc.zeromq.org/spec/27) in a thread of its own: only known node keys get in, the
     node name becomes the User-Id, and the addresses each node connects from are noted.
+    The hub key gets in too, as User-Id "hub": a peer hub taking this hub's table. On the
+    report port only (REPORT_DOMAIN), admin keys get in as `admin:NAME`, and keys the hub
+    does not know as `key:KEY`: a node asking to join, which the hub answers nothing else.
+    A key an operator removed stays out.
 
     libzmq asks on every handshake, a stranger's too, so a request costs little here:
     plain sockets and a dict look-up, no event loop, no line logged per request (a
@@ -169,11 +213,17 @@ class NodeAuthenticator(threading.Thread):
         super().__init__(name="f2bzmq-zap", daemon=True)
         self.context = context
         self.nodes_dir = nodes_dir
+        self.admins_dir = Path(nodes_dir).parent / ADMINS
         # The hubs' public key (z85): it gets in as User-Id "hub", a peer hub taking this
         # hub's table. That is no node's name, so it can't report.
         self.hub_key = hub_key
         self.nodes: dict[bytes, str] = {}  # z85 public key -> node name
         self.names: set[str] = set()
+        self.admins: dict[bytes, str] = {}  # z85 public key -> operator name
+        self.admins_read = 0.0  # time.monotonic() of the last read of admins/
+        self.removed: frozenset[bytes] = frozenset()  # keys of nodes an operator removed
+        # z85 key -> (when last refused, how often), the latest last: for the operators.
+        self.refused_lately: dict[bytes, tuple[float, int]] = {}
         self.lock = threading.Lock()  # over `addresses` and `generation`
         self.addresses: dict[str, dict[str, None]] = {}  # node -> addresses, latest last
         self.generation = 0  # counts changes of `addresses`, for the hub's loop to compare
@@ -214,7 +264,12 @@ class NodeAuthenticator(threading.Thread):
             for name in set(self.addresses) - self.names:
                 del self.addresses[name]
             self.generation += 1
+        self.read_admins()
         return len(nodes)
+
+    def read_admins(self) -> None:
+        self.admins = authorized_admins(self.admins_dir)
+        self.admins_read = time.monotonic()
 
     def node_addresses(self) -> dict[str, tuple[str, ...]]:
         """Where each node has connected from, the latest MAX_NODE_ADDRESSES each."""
@@ -242,20 +297,59 @@ class NodeAuthenticator(threading.Thread):
         if len(request) < 6 or request[0] != b"1.0":
             request_id = request[1] if len(request) > 1 else b""
             return [b"1.0", request_id, b"400", b"bad request", b"", b""]
-        request_id, address, mechanism = request[1], request[3], request[5]
+        request_id, domain, address, mechanism = request[1], request[2], request[3], request[5]
         curve = mechanism == b"CURVE" and len(request) == 7
         key = zmq.utils.z85.encode(request[6]) if curve else b""
         name = self.nodes.get(key)
-        peer = address.decode("ascii", "replace")
-        if name is None and key and key == self.hub_key:
+        if name is not None:
+            self._connected(name, address.decode("ascii", "replace"))
+            return [b"1.0", request_id, b"200", b"OK", name.encode(), b""]
+        if key and key == self.hub_key:
             return [b"1.0", request_id, b"200", b"OK", HUB.encode(), b""]
-        if name is None:
-            what = f"unknown key {fingerprint(key)}" if key else f"mechanism {mechanism!r}"
-            self.refusals.warning(f"zap {peer}", "refused a connection from %s: %s", peer, what)
-            self.refused.refused(time.time())
-            return [b"1.0", request_id, b"400", b"unknown key", b"", b""]
-        self._connected(name, peer)
-        return [b"1.0", request_id, b"200", b"OK", name.encode(), b""]
+        if key and domain == REPORT_DOMAIN.encode() and key not in self.removed:
+            if key not in self.admins and time.monotonic() - self.admins_read >= ADMINS_REREAD:
+                self.read_admins()  # an admin key dropped into admins/ works at once
+            admin = self.admins.get(key)
+            user = ADMIN_USER + admin if admin is not None else KEY_USER + key.decode()
+            return [b"1.0", request_id, b"200", b"OK", user.encode(), b""]
+        peer = address.decode("ascii", "replace")
+        # The key as NODE.key and the node's log write it, and as the console shows it.
+        what = (
+            f"unknown key {key.decode()} ({fingerprint(key)})"
+            if key
+            else f"mechanism {mechanism!r}"
+        )
+        self.refusals.warning(f"zap {peer}", "refused a connection from %s: %s", peer, what)
+        self.refused.refused(time.time())
+        if key:
+            self._note_refusal(key)
+        return [b"1.0", request_id, b"400", b"unknown key", b"", b""]
+
+    def _note_refusal(self, key: bytes) -> None:
+        """Remembered for the operators (a bounded few): dict operations, safe across the
+        ZAP thread and the hub's loop."""
+        _, count = self.refused_lately.pop(key, (0.0, 0))
+        self.refused_lately[key] = (time.time(), count + 1)
+        while len(self.refused_lately) > MAX_REFUSALS:
+            self.refused_lately.pop(next(iter(self.refused_lately)))
+
+    def identify(self, user: str) -> tuple[str, str]:
+        """Who a connection's User-Id is now: ("node", name), ("hub", "hub"), ("admin",
+        name), ("pending", z85 key) or ("withdrawn", name or key). A key accepted since its
+        connection was made counts as accepted at once."""
+        if user == HUB:
+            return "hub", HUB
+        if user.startswith(ADMIN_USER):
+            name = user[len(ADMIN_USER) :]
+            return ("admin", name) if name in self.admins.values() else ("withdrawn", name)
+        if user.startswith(KEY_USER):
+            key = user[len(KEY_USER) :].encode()
+            if key in self.nodes:
+                return "node", self.nodes[key]
+            if key in self.admins:
+                return "admin", self.admins[key]
+            return ("withdrawn", key.decode()) if key in self.removed else ("pending", key.decode())
+        return ("node", user) if user in self.names else ("withdrawn", user)
 
     def _connected(self, name: str, address: str) -> None:
         with self.lock:
@@ -300,13 +394,16 @@ class Security:
         """From [general] keys_dir and insecure; raises KeyFileError saying what to fix."""
         return cls(config.general.keys_dir, config.node, role, config.general.insecure)
 
-    def server(self, sock: zmq.Socket) -> None:
-        """A hub socket: encrypted, and open only to clients the authenticator accepts."""
+    def server(self, sock: zmq.Socket, domain: str = "") -> None:
+        """A hub socket: encrypted, and open only to clients the authenticator accepts for
+        its ZAP `domain` (REPORT_DOMAIN: admins and nodes asking to join too)."""
         if self.insecure:
             return
         sock.curve_secretkey = self.own.secret
         sock.curve_publickey = self.own.public
         sock.curve_server = True
+        if domain:
+            sock.zap_domain = domain.encode()
 
     def client(self, sock: zmq.Socket) -> None:
         """A node socket: encrypted, and talking only to a hub holding the hub key."""

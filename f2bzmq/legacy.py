@@ -313,7 +313,7 @@ class LegacyEndpoints:
                 updates.append(update)
         if not replies:
             return
-        if not self.commit(None, [], updates, " (legacy report)"):
+        if not self.commit([], updates, " (legacy report)"):
             # Not stored (a full disk): an old monitor never sends a report again, so
             # each waits for its answer, judged anew once the hub can store again.
             room = max(0, MAX_HELD - len(self.held))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import zmq
 
-from . import protocol
+from . import __version__, protocol
 from .config import Config, ConfigError, load_config
 from .control import ControlSocket
 from .delivery import (
@@ -79,6 +79,7 @@ class HubLink:
         self.window = window
         self.greeting = greeting
         self.rebuilding = False  # the node's bans wait in the re-report lane for a new state
+        self.pending: str | None = None  # the key's fingerprint while the hub does not accept it
         self.last_ack: float | None = None  # wall clock, for `status`
         self.key = KeyCheck()
         self.socket = self._connect()
@@ -111,9 +112,10 @@ class HubLink:
                 self.window.unsent(reports[number:], now, lane)
                 return
 
-    def hello(self, rebuilt: str | None, now: float) -> None:
-        """Ask the hub's state; a hello that can't leave now waits for HELLO_RETRY."""
-        try_send_frames(self.socket, protocol.encode_hello(rebuilt))
+    def hello(self, rebuilt: str | None, node: str, now: float) -> None:
+        """Ask the hub's state, saying who this is (for a hub that does not know the key yet);
+        a hello that can't leave now waits for HELLO_RETRY."""
+        try_send_frames(self.socket, protocol.encode_hello(rebuilt, node, __version__))
         self.greeting.hello_sent(now)
 
 
@@ -251,10 +253,28 @@ class Monitor:
             if hub.greeting.hello_due(now):
                 known = hub.greeting.known
                 waiting = self.outbox.depth(hub.endpoint, REREPORT)
-                hub.hello(known if known is not None and not waiting else None, now)
+                hub.hello(known if known is not None and not waiting else None, self.node, now)
+
+    def on_pending(self, hub: HubLink, frames: list[bytes], now: float) -> None:
+        """The hub does not accept this node's key yet: say so once, and wait."""
+        hub.greeting.on_pending(now)
+        key_print = protocol.decode_pending(frames)
+        if hub.pending != key_print:
+            log.warning(
+                "%s does not accept this node's key yet (fingerprint %s): an operator admits "
+                "it with `nodes accept %s` on a hub; events wait in the outbox",
+                hub.endpoint,
+                key_print,
+                self.node,
+            )
+        hub.pending = key_print
 
     def on_welcome(self, hub: HubLink, welcome: Welcome, now: float) -> None:
         """The hub's state: a new one (it lost its table) gets every ban the node holds."""
+        if hub.pending is not None:
+            hub.pending = None
+            log.log(NOTICE, "%s accepts this node's key: sending what waits", hub.endpoint)
+            hub.window.restart(now)
         action = hub.greeting.on_welcome(welcome, now)
         if action is None:
             return
@@ -286,6 +306,9 @@ class Monitor:
             try:
                 if protocol.is_welcome(frames):
                     self.on_welcome(hub, protocol.decode_welcome(frames), now)
+                    continue
+                if protocol.is_pending(frames):
+                    self.on_pending(hub, frames, now)
                     continue
                 found, problems = protocol.decode_reply(frames)
             except ProtocolError as error:
@@ -428,7 +451,9 @@ class Monitor:
                     "waiting": waiting[hub.endpoint],
                     "in flight": len(hub.window.in_flight),
                     "last ACK": clock(hub.last_ack),
-                    "state": _state(hub.greeting),
+                    "state": _state(hub.greeting)
+                    if hub.pending is None
+                    else f"this node's key is not accepted yet ({hub.pending})",
                     "key": hub.key.state,
                 }
                 for hub in self.hubs

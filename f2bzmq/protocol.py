@@ -11,13 +11,14 @@ socket, so every rule is tested without one.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import re
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .addresses import plain_ipv4
@@ -40,8 +41,16 @@ SNAPSHOT = b"snapshot"  # hub -> node, a part: [PROTOCOL, SNAPSHOT, header, [eve
 # A monitor's bans sent again (after a log rotation, or to a hub with a new state): [PROTOCOL,
 # REREPORT, event, …], judged like a report, but a hub never lets them delay fresh events.
 REREPORT = b"rereport"
-HELLO = b"hello"  # monitor -> hub: [PROTOCOL, HELLO, {"rebuilt": state id}]; the body may be {}
+HELLO = b"hello"  # monitor -> hub: [PROTOCOL, HELLO, {"rebuilt", "node", "version"}]; may be {}
 WELCOME = b"welcome"  # hub -> monitor: [PROTOCOL, WELCOME, {"publisher", "seq", "young"}]
+# hub -> a monitor whose key it does not accept yet: [PROTOCOL, PENDING, {"fingerprint"}]
+PENDING = b"pending"
+# The admin channel, on the report port with an admin key (or the hub key, between hubs):
+ADMIN = b"admin"  # console -> hub: [PROTOCOL, ADMIN, {"verb": …, …}]
+RESULT = b"result"  # hub -> console: [PROTOCOL, RESULT, {…}], or {"error": "one line"}
+# subscriber -> hub on its snapshot DEALER, every few seconds: where it stands
+PRESENCE = b"presence"
+HOLDS = b"holds"  # hub -> subscriber on the snapshot socket: the operators' lifts and holds
 
 BAN = "ban"
 UNBAN = "unban"
@@ -378,10 +387,14 @@ def is_rereport(frames: Sequence[bytes]) -> bool:
 # report its node's bans again to a hub that lost its table.
 
 
-def encode_hello(rebuilt: str | None = None) -> list[bytes]:
-    """`rebuilt`: the hub state this node has re-reported every ban it holds to, if any."""
-    body = b"{}" if rebuilt is None else encode_object({"rebuilt": rebuilt})
-    return [PROTOCOL, HELLO, body]
+def encode_hello(
+    rebuilt: str | None = None, node: str | None = None, version: str | None = None
+) -> list[bytes]:
+    """`rebuilt`: the hub state this node has re-reported every ban it holds to, if any;
+    `node` and `version`: who says hello, for a hub that does not know the key yet and for
+    its list of nodes (hubs before them ignore both)."""
+    body = {"rebuilt": rebuilt, "node": node, "version": version}
+    return [PROTOCOL, HELLO, encode_object({k: v for k, v in body.items() if v is not None})]
 
 
 def is_hello(frames: Sequence[bytes]) -> bool:
@@ -391,13 +404,29 @@ def is_hello(frames: Sequence[bytes]) -> bool:
 def decode_hello(frames: Sequence[bytes]) -> str | None:
     """The state id the node says it has rebuilt, or None; ProtocolError if not a hello.
     Keys this version does not know are ignored, so a later monitor can say more."""
-    kind, rest = split_message(frames)
-    if kind != HELLO or len(rest) != 1:
-        raise ProtocolError("expected a hello with one body")
-    rebuilt = decode_object(rest[0], MAX_HEADER).get("rebuilt")
+    rebuilt = _hello_body(frames).get("rebuilt")
     if rebuilt is not None and (not isinstance(rebuilt, str) or not _ID.fullmatch(rebuilt)):
         raise ProtocolError("a hello's rebuilt must be a state id")
     return rebuilt
+
+
+def hello_sender(frames: Sequence[bytes]) -> tuple[str | None, str | None]:
+    """The node name and version a hello gives (monitors before them give neither); each
+    None when absent or malformed: a hello is answered all the same."""
+    body = _hello_body(frames)
+    node, version = body.get("node"), body.get("version")
+    try:
+        node = None if node is None else check_name(node, "node")
+    except ProtocolError:
+        node = None
+    return node, _version_or_none(version)
+
+
+def _hello_body(frames: Sequence[bytes]) -> dict:
+    kind, rest = split_message(frames)
+    if kind != HELLO or len(rest) != 1:
+        raise ProtocolError("expected a hello with one body")
+    return decode_object(rest[0], MAX_HEADER)
 
 
 @dataclass(frozen=True)
@@ -589,17 +618,24 @@ class SnapshotPart:
     last: bool
     events: list[BanEvent]
     young: bool = False  # see StreamMessage
+    presence: bool = False  # the hub takes PRESENCE messages on its snapshot port
 
 
 def encode_snapshot(
-    instance: str, sequence: int, events: Sequence[BanEvent], young: bool = False
+    instance: str,
+    sequence: int,
+    events: Sequence[BanEvent],
+    young: bool = False,
+    presence: bool = False,
 ) -> Iterator[list]:
-    """The parts of a snapshot of `events` at `sequence`; an empty table is one empty part."""
+    """The parts of a snapshot of `events` at `sequence`; an empty table is one empty part.
+    `presence`: the hub says in each header that it takes PRESENCE messages, so a subscriber
+    sends them to no hub before them."""
     starts = range(0, len(events), SNAPSHOT_EVENTS) or [0]
     for number, start in enumerate(starts):
         last = number == len(starts) - 1
         part = events[start : start + SNAPSHOT_EVENTS]
-        yield encode_snapshot_part(instance, sequence, number, last, part, young)
+        yield encode_snapshot_part(instance, sequence, number, last, part, young, presence)
 
 
 def encode_snapshot_part(
@@ -609,12 +645,16 @@ def encode_snapshot_part(
     last: bool,
     events: Iterable[BanEvent],
     young: bool = False,
+    presence: bool = False,
 ) -> list[bytes]:
     """Part `number` of a snapshot at `sequence` (SNAPSHOT_EVENTS events at most), from a
-    hub whose table is still `young` (rebuilt after it lost its state)."""
+    hub whose table is still `young` (rebuilt after it lost its state). `presence`: the hub
+    says that it takes PRESENCE messages, so a subscriber sends them to no hub before them."""
     header = {"publisher": instance, "seq": sequence, "part": number, "last": last}
     if young:
         header["young"] = True
+    if presence:
+        header["presence"] = True
     return [PROTOCOL, SNAPSHOT, encode_object(header), event_list(events)]
 
 
@@ -633,4 +673,474 @@ def decode_snapshot_part(
         raise ProtocolError("snapshot header lacks part or last")
     items = decode_list(rest[1], MAX_NODE_FRAME)
     events = [BanEvent.from_object(item, networks) for item in items]
-    return SnapshotPart(publisher, sequence, number, last, events, _young(header))
+    takes = header.get("presence") is True
+    return SnapshotPart(publisher, sequence, number, last, events, _young(header), takes)
+
+
+# The admin channel: operators' requests and the hub's results, on the report port. The
+# request's fields are checked here by type and size; what they mean (an address within
+# the limits, a jail the cluster knows) is the operator core's to judge.
+
+OPERATOR_PREFIX = "operator."  # an operator's origin in the ban table and on the wire
+MAX_OPERATOR = MAX_NAME - len(OPERATOR_PREFIX)  # characters of an admin key's name
+MAX_REASON = 200  # characters of an operator's reason
+MAX_ADMIN_ITEMS = 500  # addresses in one ban request: an import goes in several
+MAX_RESULT = 64 * 1024 * 1024  # bytes of one result a console takes
+MAX_VERSION = 32
+_Z85 = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
+_VERSION = re.compile(r"[0-9A-Za-z.+~_-]{1,32}")
+
+
+def operator_origin(operator: str) -> str:
+    """The ban table's origin name of an operator's bans: `operator.alice`. A valid node
+    name on the wire (subscribers of every release take it), reserved: no node has it."""
+    return OPERATOR_PREFIX + operator
+
+
+def is_operator_origin(node: str) -> bool:
+    return node.startswith(OPERATOR_PREFIX)
+
+
+def check_operator(value: object) -> str:
+    name = check_name(value, "operator")
+    if len(name) > MAX_OPERATOR:
+        raise ProtocolError(f"an operator's name has at most {MAX_OPERATOR} characters")
+    return name
+
+
+def check_reason(value: object) -> str:
+    if not isinstance(value, str) or len(value) > MAX_REASON or not value.isprintable():
+        raise ProtocolError(f"a reason is at most {MAX_REASON} printable characters")
+    return value
+
+
+def check_public_key(value: object) -> str:
+    """A CURVE public key as its z85 text (40 characters), the way NODE.key writes it."""
+    if not isinstance(value, str) or not _Z85.fullmatch(value):
+        raise ProtocolError("a key must be 40 characters of z85 text")
+    return value
+
+
+def _version_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and _VERSION.fullmatch(value) else None
+
+
+def _text(limit: int) -> Callable[[object], object]:
+    def check(value: object) -> str:
+        if not isinstance(value, str) or not 1 <= len(value) <= limit or not value.isprintable():
+            raise ProtocolError(f"must be 1-{limit} printable characters")
+        return value
+
+    return check
+
+
+def _whole(low: int, high: int) -> Callable[[object], object]:
+    def check(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ProtocolError(f"must be a whole number in {low}..{high}")
+        return value
+
+    return check
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2**31:
+        raise ProtocolError("must be a number of seconds")
+    return float(value)
+
+
+def _bantime(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError("a bantime must be whole seconds, -1 for ever, or null")
+    if not (value == PERMANENT or 0 < value < 2**31):
+        raise ProtocolError("a bantime must be whole seconds, -1 for ever, or null")
+    return value
+
+
+def _ban_items(value: object) -> list[tuple[str, int | None]]:
+    """[[address, bantime or null], …]: what one ban request bans."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_ADMIN_ITEMS:
+        raise ProtocolError(f"must list 1-{MAX_ADMIN_ITEMS} addresses")
+    items = []
+    for item in value:
+        if not isinstance(item, list) or len(item) != 2:
+            raise ProtocolError("each item must be [address, bantime]")
+        items.append((_text(49)(item[0]), _bantime(item[1])))
+    return items
+
+
+def _name_of(field: str) -> Callable[[object], object]:
+    return lambda value: check_name(value, field)
+
+
+def _state_id(value: object) -> str:
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise ProtocolError("must be a state id")
+    return value
+
+
+_IP_FIELD = _text(49)
+# verb -> (required fields, every field's check)
+ADMIN_VERBS: dict[str, tuple[set[str], dict[str, Callable[[object], object]]]] = {
+    "bans": (
+        set(),
+        {
+            "jail": _name_of("jail"),
+            "node": _name_of("node"),
+            "ip": _IP_FIELD,
+            "offset": _whole(0, 2**31),
+        },
+    ),
+    "ban": ({"items"}, {"items": _ban_items, "jail": _name_of("jail"), "reason": check_reason}),
+    "unban": (
+        {"ip"},
+        {"ip": _IP_FIELD, "jail": _name_of("jail"), "hold": _seconds, "reason": check_reason},
+    ),
+    "nodes": (set(), {}),
+    "pending": (set(), {}),
+    "accept": (
+        {"node"},
+        {"node": _name_of("node"), "fingerprint": _text(100), "reason": check_reason},
+    ),
+    "remove": ({"node"}, {"node": _name_of("node"), "reason": check_reason}),
+    "allowlist": (set(), {}),
+    "allow": ({"ip"}, {"ip": _IP_FIELD, "reason": check_reason}),
+    "disallow": ({"ip"}, {"ip": _IP_FIELD, "reason": check_reason}),
+    # A peer hub, or `history`: the decisions after row `since` of the hub's log.
+    "decisions": (set(), {"since": _whole(0, 2**62), "state": _state_id}),
+}
+
+
+@dataclass(frozen=True)
+class AdminRequest:
+    """One operator request: a verb of ADMIN_VERBS and its checked fields."""
+
+    verb: str
+    args: dict
+
+
+def encode_admin(verb: str, **args: object) -> list[bytes]:
+    body = {"verb": verb, **{key: value for key, value in args.items() if value is not None}}
+    return [PROTOCOL, ADMIN, encode_object(body)]
+
+
+def is_admin(frames: Sequence[bytes]) -> bool:
+    return len(frames) > 1 and frames[0] == PROTOCOL and frames[1] == ADMIN
+
+
+def decode_admin(frames: Sequence[bytes]) -> AdminRequest:
+    """A request whole, or ProtocolError saying which field is wrong."""
+    kind, rest = split_message(frames)
+    if kind != ADMIN or len(rest) != 1:
+        raise ProtocolError("expected an admin request with one body")
+    body = decode_object(rest[0], MAX_HUB_FRAME)
+    verb = body.pop("verb", None)
+    if verb not in ADMIN_VERBS:
+        raise ProtocolError(f"unknown verb {str(verb)[:20]!r}")
+    required, checks = ADMIN_VERBS[verb]
+    unknown = set(body) - set(checks)
+    if unknown:
+        raise ProtocolError(f"{verb}: unknown field {sorted(unknown)[0]!r}")
+    missing = required - set(body)
+    if missing:
+        raise ProtocolError(f"{verb}: missing field {sorted(missing)[0]!r}")
+    args = {}
+    for key, value in body.items():
+        try:
+            args[key] = checks[key](value)
+        except ProtocolError as error:
+            raise ProtocolError(f"{verb}: {key} {error}") from None
+    return AdminRequest(verb, args)
+
+
+def encode_result(body: dict) -> list[bytes]:
+    return [PROTOCOL, RESULT, json.dumps(body, separators=(",", ":"), default=str).encode()]
+
+
+def encode_error(reason: str) -> list[bytes]:
+    return encode_result({"error": reason})
+
+
+def decode_result(frames: Sequence[bytes]) -> dict:
+    """The hub's result; {"error": …} when it refused the request."""
+    kind, rest = split_message(frames)
+    if kind != RESULT or len(rest) != 1:
+        raise ProtocolError("expected a result with one body")
+    return decode_object(rest[0], MAX_RESULT)
+
+
+# Operator decisions: what the hub that took one stores (the audit log), applies like an
+# event, and hands to its peer hubs, which apply it the same way.
+
+DECISION_VERBS = ("ban", "unban", "allow", "disallow", "accept", "remove")
+_DECISION_FIELDS = {
+    "ban": ({"ip", "jail", "bantime"}, set()),
+    "unban": ({"ip"}, {"jail", "hold"}),
+    "allow": ({"ip"}, set()),
+    "disallow": ({"ip"}, set()),
+    "accept": ({"node", "key"}, set()),
+    "remove": ({"node"}, {"key"}),
+}  # verb -> (its fields required, its fields optional)
+_DECISION_COMMON = {"id", "operator", "verb", "time", "reason"}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One decision of an operator: ban or unban an address (an unban may hold it for a
+    while), add a network to the hub's allowlist or take it out, accept or remove a node."""
+
+    id: str
+    operator: str  # the admin key's name
+    verb: str
+    time: float
+    ip: str | None = None  # ban, unban, allow, disallow: canonical address or network
+    jail: str | None = None  # ban; unban: None lifts it in every jail
+    bantime: int | None = None  # ban: seconds, PERMANENT for ever
+    hold: float = 0.0  # unban: seconds no ban of it is taken again
+    node: str | None = None  # accept, remove
+    key: str | None = None  # accept: the node's public key, z85
+    reason: str = ""
+
+    @classmethod
+    def new(cls, operator: str, verb: str, when: float, **fields: object) -> Decision:
+        """A checked decision with a fresh id."""
+        return cls(uuid.uuid4().hex, operator, verb, when, **fields).validated()
+
+    @property
+    def origin(self) -> str:
+        return operator_origin(self.operator)
+
+    def validated(self) -> Decision:
+        if not isinstance(self.id, str) or not _ID.fullmatch(self.id):
+            raise ProtocolError("id must be 32 lowercase hex digits")
+        check_operator(self.operator)
+        if self.verb not in DECISION_VERBS:
+            raise ProtocolError(f"unknown decision {str(self.verb)[:20]!r}")
+        if isinstance(self.time, bool) or not isinstance(self.time, (int, float)):
+            raise ProtocolError("time must be a number")
+        if not 0 < self.time < 2**33:
+            raise ProtocolError("time is out of range")
+        check_reason(self.reason)
+        required, optional = _DECISION_FIELDS[self.verb]
+        fields = ("ip", "jail", "bantime", "node", "key")
+        present = {name for name in fields if getattr(self, name) is not None}
+        present |= {"hold"} if self.hold else set()
+        if present - required - optional:
+            raise ProtocolError(f"a {self.verb} has no {sorted(present - required - optional)[0]}")
+        if required - present:
+            raise ProtocolError(f"a {self.verb} needs {sorted(required - present)[0]}")
+        if self.ip is not None and canonical_address(self.ip, ANY_NETWORK) != self.ip:
+            raise ProtocolError(f"ip {self.ip!r} is not in canonical form")
+        if self.jail is not None:
+            check_name(self.jail, "jail")
+        if self.bantime is not None:
+            _bantime(self.bantime)
+        _seconds(self.hold)
+        if self.node is not None:
+            check_name(self.node, "node")
+        if self.key is not None:
+            check_public_key(self.key)
+        return self
+
+    def until(self) -> float | None:
+        """Until when it matters, for the log's pruning: a ban until its expiry (None: for
+        ever), an unban as long as its hold; the others always."""
+        if self.verb == "ban":
+            return None if self.bantime == PERMANENT else self.time + self.bantime
+        if self.verb == "unban":
+            return self.time + self.hold
+        return None
+
+    def to_object(self) -> dict:
+        body = {"id": self.id, "operator": self.operator, "verb": self.verb, "time": self.time}
+        for name in ("ip", "jail", "bantime", "node", "key"):
+            if getattr(self, name) is not None:
+                body[name] = getattr(self, name)
+        if self.hold:
+            body["hold"] = self.hold
+        if self.reason:
+            body["reason"] = self.reason
+        return body
+
+    def encode(self) -> bytes:
+        return encode_object(self.to_object())
+
+    @classmethod
+    def from_object(cls, body: object) -> Decision:
+        if not isinstance(body, dict):
+            raise ProtocolError("a decision must be a JSON object")
+        verb = body.get("verb")
+        if verb not in _DECISION_FIELDS:
+            raise ProtocolError(f"unknown decision {str(verb)[:20]!r}")
+        required, optional = _DECISION_FIELDS[verb]
+        unknown = set(body) - _DECISION_COMMON - required - optional
+        if unknown:
+            raise ProtocolError(f"unknown field {sorted(unknown)[0]!r}")
+        missing = ({"id", "operator", "time"} | required) - set(body)
+        if missing:
+            raise ProtocolError(f"missing field {sorted(missing)[0]!r}")
+        fields = {name: body[name] for name in body if name not in ("id", "operator", "verb")}
+        return cls(body["id"], body["operator"], verb, **fields).validated()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Decision:
+        return cls.from_object(decode_object(data, MAX_BODY))
+
+    def describe(self) -> str:
+        """A log line's words: 'operator alice: unban 192.0.2.10 in every jail, hold 1h'."""
+        what = {
+            "ban": f"ban {self.ip} in {self.jail} for {self.bantime} s",
+            "unban": f"unban {self.ip} in {self.jail or 'every jail'}"
+            + (f", held {self.hold:g} s" if self.hold else ""),
+            "allow": f"allowlist add {self.ip}",
+            "disallow": f"allowlist remove {self.ip}",
+            "accept": f"accept node {self.node}",
+            "remove": f"remove node {self.node}",
+        }[self.verb]
+        return f"operator {self.operator}: {what}" + (f" ({self.reason})" if self.reason else "")
+
+
+# Enrolment: a monitor whose key the hub does not accept yet hears why.
+
+
+def encode_pending(fingerprint: str) -> list[bytes]:
+    return [PROTOCOL, PENDING, encode_object({"fingerprint": fingerprint})]
+
+
+def is_pending(frames: Sequence[bytes]) -> bool:
+    return len(frames) > 1 and frames[0] == PROTOCOL and frames[1] == PENDING
+
+
+def decode_pending(frames: Sequence[bytes]) -> str:
+    """The fingerprint of this node's key as the hub computed it."""
+    kind, rest = split_message(frames)
+    if kind != PENDING or len(rest) != 1:
+        raise ProtocolError("expected a pending answer with one body")
+    fingerprint = decode_object(rest[0], MAX_HEADER).get("fingerprint")
+    return _text(100)(fingerprint)
+
+
+# Presence: each subscriber tells each hub where it stands, so the hub can list its nodes
+# (connected, synced, how far behind) and send it the operators' holds it lacks.
+
+MAX_PRESENCE_JAILS = 200  # jail names a node lists
+
+
+@dataclass(frozen=True)
+class Presence:
+    publisher: str | None  # the hub state the node follows, None before a snapshot
+    seq: int  # the last sequence it applied
+    synced: bool
+    version: str | None
+    jails: tuple[str, ...]  # the node's fail2ban jails
+    holds: str  # the digest of the holds it has of this hub; "" for none
+
+
+def encode_presence(presence: Presence) -> list[bytes]:
+    body = {
+        "publisher": presence.publisher,
+        "seq": presence.seq,
+        "synced": presence.synced,
+        "version": presence.version,
+        "jails": list(presence.jails[:MAX_PRESENCE_JAILS]),
+        "holds": presence.holds,
+    }
+    return [PROTOCOL, PRESENCE, encode_object(body)]
+
+
+def decode_presence(frames: Sequence[bytes]) -> Presence:
+    """Keys this version does not know are ignored, so a later subscriber can say more."""
+    kind, rest = split_message(frames)
+    if kind != PRESENCE or len(rest) != 1:
+        raise ProtocolError("expected a presence with one body")
+    body = decode_object(rest[0], MAX_HUB_FRAME)
+    publisher, seq, synced = body.get("publisher"), body.get("seq"), body.get("synced")
+    if publisher is not None:
+        _state_id(publisher)
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise ProtocolError("a presence's seq must be a whole number")
+    if not isinstance(synced, bool):
+        raise ProtocolError("a presence's synced must be true or false")
+    jails = body.get("jails", [])
+    if not isinstance(jails, list) or len(jails) > MAX_PRESENCE_JAILS:
+        raise ProtocolError(f"a presence lists at most {MAX_PRESENCE_JAILS} jails")
+    holds = body.get("holds", "")
+    if not isinstance(holds, str) or len(holds) > 64:
+        raise ProtocolError("a presence's holds must be a digest")
+    names = tuple(check_name(jail, "jail") for jail in jails)
+    return Presence(publisher, seq, synced, _version_or_none(body.get("version")), names, holds)
+
+
+# Holds: an operator's unban as the nodes apply it to their own jails.
+
+MAX_HOLDS = 10000  # lifts and holds a hub keeps and sends at once
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Lift `ip` (an address or a network) once from a node's own jails (`jail`, or every
+    jail when None), and keep it from being banned there again until `until` (at `time`,
+    the moment of the unban, when there is no hold)."""
+
+    id: str
+    ip: str
+    jail: str | None
+    time: float
+    until: float
+
+    def to_object(self) -> dict:
+        body = {"id": self.id, "ip": self.ip, "time": self.time, "until": self.until}
+        if self.jail is not None:
+            body["jail"] = self.jail
+        return body
+
+    @classmethod
+    def from_object(cls, body: object) -> Hold:
+        if not isinstance(body, dict):
+            raise ProtocolError("a hold must be a JSON object")
+        unknown = set(body) - {"id", "ip", "jail", "time", "until"}
+        if unknown:
+            raise ProtocolError(f"unknown field {sorted(unknown)[0]!r}")
+        if not isinstance(body.get("id"), str) or not _ID.fullmatch(body["id"]):
+            raise ProtocolError("a hold's id must be 32 lowercase hex digits")
+        ip = canonical_address(body.get("ip"), ANY_NETWORK)
+        jail = body.get("jail")
+        if jail is not None:
+            check_name(jail, "jail")
+        moments = [body.get("time"), body.get("until")]
+        for moment in moments:
+            if isinstance(moment, bool) or not isinstance(moment, (int, float)):
+                raise ProtocolError("a hold's time and until must be numbers")
+        if not 0 < moments[0] <= moments[1] < 2**33:
+            raise ProtocolError("a hold's time and until are out of range")
+        return cls(body["id"], ip, jail, float(moments[0]), float(moments[1]))
+
+
+def holds_digest(holds: Iterable[Hold]) -> str:
+    """What a node and a hub compare to tell whether the node has the hub's holds."""
+    text = ",".join(sorted(f"{hold.id}:{hold.until!r}" for hold in holds))
+    return hashlib.sha256(text.encode()).hexdigest()[:32] if text else ""
+
+
+def encode_holds(holds: Sequence[Hold]) -> list[bytes]:
+    body = {"digest": holds_digest(holds), "holds": [hold.to_object() for hold in holds]}
+    return [PROTOCOL, HOLDS, encode_object(body)]
+
+
+def is_holds(frames: Sequence[bytes]) -> bool:
+    return len(frames) > 1 and frames[0] == PROTOCOL and frames[1] == HOLDS
+
+
+def decode_holds(frames: Sequence[bytes]) -> tuple[str, list[Hold]]:
+    """Every hold of the hub, whole or not at all, and their digest."""
+    kind, rest = split_message(frames)
+    if kind != HOLDS or len(rest) != 1:
+        raise ProtocolError("expected holds with one body")
+    body = decode_object(rest[0], MAX_NODE_FRAME)
+    items = body.get("holds")
+    if not isinstance(items, list) or len(items) > MAX_HOLDS:
+        raise ProtocolError(f"holds must be a list of at most {MAX_HOLDS}")
+    holds = [Hold.from_object(item) for item in items]
+    return holds_digest(holds), holds

@@ -8,6 +8,13 @@ What to make of a report is the admission core's to say (`admission.py`), whethe
 state is young and who hands it over the rebuild core's (`rebuild.py`); this shell moves
 the bytes, stores each batch before it answers, and keeps the timers. A batch it can't
 store (a full disk) is answered with retry NAKs: the monitors keep those events.
+
+The report port is also the admin channel: an admin key's requests are the desk's to
+answer (`desk.py`), its decisions the operators' core's to apply (`decisions.py`), each
+stored before the answer; peer hubs read each other's decisions there (`replication.py`).
+Keys the hub does not know get in on that port only, as nodes asking to join
+(`roster.py`), and hear nothing but that they wait. Subscribers tell the hub where they
+stand on the snapshot port, and hear the operators' holds there (`holds.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from . import protocol
 from .admission import Admission
 from .config import Config, ConfigError, load_config
 from .control import ControlSocket
+from .decisions import Applied, Operators
+from .desk import Desk, HubView
 from .health import (
     Descriptors,
     DiskSpace,
@@ -37,12 +46,14 @@ from .health import (
     open_descriptors,
     silence_problem,
 )
-from .keys import Security
+from .keys import REPORT_DOMAIN, Security, fingerprint, write_public
 from .legacy import LegacyEndpoints
 from .metrics import counter, gauge, histogram
-from .protocol import ProtocolError
+from .protocol import Decision, ProtocolError
 from .rebuild import Handed, Handover, Rebuild
 from .reload import LOGLEVEL, plan_reload, set_loglevel
+from .replication import PULL_ROWS, Cursor, Replication, log_answer
+from .roster import Roster
 from .runtime import (
     NOTICE,
     RateLimitedLog,
@@ -103,6 +114,8 @@ LIVE_KEYS = frozenset(
 # every event gets a retry NAK, and each failed attempt costs a reload of the table.
 STORE_RETRY = 2.0
 TIDY_INTERVAL = 5.0  # seconds between checks that the store's write-ahead log can be emptied
+PRUNE_INTERVAL = 3600.0  # seconds between two prunings of the operators' decisions
+CUT_OFF_DELAY = 0.2  # seconds the answer to a removal has to leave before every link is cut
 
 
 class Publisher:
@@ -118,6 +131,9 @@ class Publisher:
         # The core's table: the shell stores, expires and snapshots it.
         self.table = self.load_table()
         self.admission = Admission(config, self.table)  # what every report is judged by
+        self.operators = self.load_operators()  # the operators' decisions: holds, allowlist
+        self.roster = Roster()  # nodes asking to join, and what each accepted node says
+        self.desk = Desk(self.table, self.operators, self.roster)  # the admin channel's verbs
         # A new state is young until the nodes and a peer hub have rebuilt it.
         young_until = self.store.young_until()
         if self.store.created:
@@ -128,6 +144,14 @@ class Publisher:
         peers = config.endpoints("snapshot_port") if young_until is not None else []
         self.handover = Handover(peers, self.table.instance)
         self.peer_sockets: dict[str, zmq.Socket] = {}  # peer endpoint -> DEALER
+        # Every hub's report endpoint (ours too, until it answers with our state): their
+        # operators' decisions are read there.
+        reports = config.endpoints("report_port")
+        cursors = {peer: Cursor.from_text(self.store.meta(f"peer {peer}")) for peer in reports}
+        self.replication = Replication(reports, self.table.instance, cursors)
+        self.log_sockets: dict[str, zmq.Socket] = {}  # peer report endpoint -> DEALER
+        self.cut_off_at: float | None = None  # when to cut every link: a key went away
+        self.next_prune = 0.0
         self.store_error: str | None = None  # why the last commit failed, until one succeeds
         self.store_retry = 0.0  # when to try storing again
         self.snapshot_queue = SnapshotQueue()  # who gets the table next, part by part
@@ -151,6 +175,8 @@ class Publisher:
             self.hub_addresses = resolve(hub_hosts(config))
             self.addresses_seen = -1  # the authenticator's generation the core has
             self.learn_addresses()
+            if self.auth is not None:
+                self.auth.removed = frozenset(key.encode() for key in self.operators.removed)
             self.bind_sockets()
             # fail2ban-zmq-tools' format, when configured
             self.legacy = LegacyEndpoints(
@@ -188,10 +214,26 @@ class Publisher:
         table.allow_foreign_unban = self.config.publisher.allow_foreign_unban
         return table
 
+    def load_operators(self) -> Operators:
+        """The operators' state over the table: the decisions the store holds, replayed.
+        Admission takes its holds and its allowlist from it."""
+        publisher = self.config.publisher
+        operators = Operators(
+            self.table,
+            self.config.network_limits(),
+            publisher.allowlist.networks,
+            publisher.default_bantime,
+        )
+        operators.restore((decision for _, decision in self.store.decisions()), time.time())
+        self.admission.holds = operators.holds
+        self.admission.set_operated(operators.allowlist)
+        return operators
+
     def bind_sockets(self, patience: float = 0.0) -> None:
         bind = functools.partial(hub_socket, self.context, self.security, patience=patience)
         binds = self.config.binds
-        self.collector = bind(zmq.ROUTER, binds("report_port"), REPLY_HWM)
+        # The report port takes admin keys and keys asking to join too (REPORT_DOMAIN).
+        self.collector = bind(zmq.ROUTER, binds("report_port"), REPLY_HWM, domain=REPORT_DOMAIN)
         self.broadcaster = bind(zmq.PUB, binds("publish_port"), self.config.publisher.send_hwm)
         self.snapshots = bind(zmq.ROUTER, binds("snapshot_port"), SNAPSHOT_HWM)
         # A full queue raises Again instead of dropping; a peer gone, EHOSTUNREACH.
@@ -226,6 +268,7 @@ class Publisher:
             now = time.time()
             self.notifier.tick(time.monotonic())
             self.ask_peers(now)
+            self.read_peer_logs(now)
             ready = dict(self.poller.poll(self.poll_timeout(now)))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
@@ -290,7 +333,16 @@ class Publisher:
         for peer, sock in list(self.peer_sockets.items()):
             if sock in ready and self.peer_sockets.get(peer) is sock:  # not closed meanwhile
                 self.handle_handover(peer, sock)
+        for peer, sock in list(self.log_sockets.items()):
+            if sock in ready:
+                self.handle_peer_log(peer, sock)
         now = time.time()
+        if self.cut_off_at is not None and now >= self.cut_off_at:
+            self.cut_off_at = None
+            self.reconnect_everyone()
+        if now >= self.next_prune:
+            self.next_prune = now + PRUNE_INTERVAL
+            self.prune_decisions(now)
         if self.admission.unavailable is not None and now >= self.store_retry:
             self.admission.unavailable = None  # the next batch tries the store again
         self.flush_ttl(now)
@@ -306,6 +358,7 @@ class Publisher:
         """Take the waiting reports, commit them in one transaction, then answer and broadcast."""
         replies: list[list[bytes]] = []
         updates: list[Update] = []
+        requests: list[tuple[bytes, list[bytes], str, str]] = []  # admin channel, after these
         now = time.time()
         taken = 0
         shares: dict[bytes, int] = {}  # events taken of each peer in this pass
@@ -314,40 +367,186 @@ class Publisher:
             oversized = oversized or len(frames) == MAX_REPORT_FRAMES
             self.last_heard = now
             peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
-            # The node name the authenticator gave this peer's key (None without keys).
-            user = frames[-1].get("User-Id") if self.auth is not None else None
+            address = frames[-1].get("Peer-Address") or ""
+            # Who the authenticator let in (None without keys): a node, an admin, a peer
+            # hub, a key asking to join; `user` is what admission knows it by.
+            kind, name = self.identify(frames[-1])
+            if self.auth is None:
+                user = None
+            elif kind in ("node", "withdrawn"):
+                user = name
+            else:
+                user = frames[-1].get("User-Id")  # an admin's or a hub's: admission refuses
+            taken += 1
+            if kind == "pending":
+                if protocol.is_hello(body):
+                    replies.append([peer, *self.handle_join(body, name, address, now)])
+                continue  # a stranger hears nothing else, not even a NAK
+            if protocol.is_admin(body):
+                requests.append((peer, body, kind, name))
+                continue
             if protocol.is_hello(body):
-                replies.append([peer, *self.handle_hello(body, user)])
-                taken += 1
+                replies.append([peer, *self.handle_hello(body, user, address, now)])
                 continue
             answers, changes = self.admission.handle_report(body, user, now)
             replies.extend([peer, *answer] for answer in answers)
             updates.extend(changes)
             events = max(1, len(body) - 2)
-            taken += events
+            taken += events - 1  # the message itself is counted above
             share = shares[peer] = shares.get(peer, 0) + events
             if taken >= DRAIN_LIMIT or share > FAIR_SHARE:
                 # The rest waits for the next pass: a pass stays short, and one peer's
                 # reports (a flood, even refused) never make the others wait a long one.
                 break
-        self.finish_batch(self.collector, replies, updates)
+        self.finish_batch(replies, updates)
+        for peer, body, kind, name in requests:
+            self.answer_peer([peer, *self.handle_admin(body, kind, name)])
         if oversized:
             release_memory()  # what libzmq held of a message too long to be a report
 
-    def handle_hello(self, body: list[bytes], user: str | None) -> list[bytes]:
+    def identify(self, frame: zmq.Frame) -> tuple[str, str]:
+        """(kind, name) of a message's sender, see NodeAuthenticator.identify; without keys
+        every peer is a node whose name is the one its events give."""
+        if self.auth is None:
+            return "node", ""
+        return self.auth.identify(frame.get("User-Id"))
+
+    def handle_hello(
+        self, body: list[bytes], user: str | None, address: str, now: float
+    ) -> list[bytes]:
         """A monitor asks for the state id (and may say it rebuilt this state): welcome."""
         try:
             rebuilt = protocol.decode_hello(body)
         except ProtocolError as error:
             self.refusals.warning(f"hello {user}", "refused a hello from %s: %s", user, error)
             return protocol.encode_replies([], [protocol.nak_body("", str(error))])[0]
+        if user is not None and user in self.admission.authorized:
+            self.roster.on_hello(user, protocol.hello_sender(body)[1], address, now)
         instance, authorized = self.table.instance, self.admission.authorized
         self.grow_up(self.rebuild.on_hello(user, rebuilt, instance, authorized))
         return protocol.encode_welcome(instance, self.table.sequence, self.rebuild.young)
 
+    def handle_join(self, body: list[bytes], key: str, address: str, now: float) -> list[bytes]:
+        """A hello from a key the hub does not accept: the node is listed as pending, and
+        told so with its key's fingerprint, to compare with the one it printed."""
+        try:
+            node, version = protocol.hello_sender(body)
+        except ProtocolError:
+            node, version = None, None
+        key_print = fingerprint(key)
+        if self.roster.on_join(key, key_print, node, address, version, now):
+            # A line per new key, at most one a minute per address: strangers can knock.
+            self.refusals.warning(
+                f"join {address}",
+                "node %s asks to join from %s, key %s: `nodes accept %s` admits it",
+                node or "(unnamed)",
+                address or "?",
+                key_print,
+                node or f"NAME --fingerprint {key_print}",
+            )
+        return protocol.encode_pending(key_print)
+
+    def handle_admin(self, body: list[bytes], kind: str, name: str) -> list[bytes]:
+        """One request of the admin channel, answered once what it changed is stored."""
+        try:
+            request = protocol.decode_admin(body)
+        except ProtocolError as error:
+            return protocol.encode_error(str(error))
+        if request.verb == "decisions" and (kind in ("hub", "admin") or self.auth is None):
+            return protocol.encode_result(self.decisions_since(request.args.get("since", 0)))
+        if self.auth is None:
+            return protocol.encode_error("the admin channel needs keys: this hub runs insecure")
+        if kind != "admin":
+            return protocol.encode_error(
+                "only an admin key (keys_dir/admins/ on the hub) may use the admin channel"
+            )
+        now = time.time()
+        answered = self.desk.handle(request, name, self.view(), now)
+        if answered.applied:
+            if not self.commit():
+                return protocol.encode_error(
+                    f"the hub cannot store decisions now: {self.store_error}"
+                )
+            self.carry_out(answered.applied, now)
+        return protocol.encode_result(answered.result)
+
+    def view(self) -> HubView:
+        nodes = {} if self.auth is None else {k.decode(): n for k, n in self.auth.nodes.items()}
+        general = self.config.general
+        return HubView(
+            nodes=nodes,
+            state=self.table.instance,
+            sequence=self.table.sequence,
+            last_report=dict(self.admission.last_report),
+            jails=set(general.jail_map) | set(general.jail_map.values()),
+            sync_jail=general.sync_jail,
+            name=self.config.node,
+            hub_key="" if self.auth is None else self.security.own.public.decode(),
+            refusals={}
+            if self.auth is None
+            else {key.decode(): seen for key, seen in dict(self.auth.refused_lately).items()},
+        )
+
+    def decisions_since(self, since: int) -> dict:
+        rows = self.store.decisions(since, PULL_ROWS + 1)
+        return log_answer(self.table.instance, rows[:PULL_ROWS], len(rows) > PULL_ROWS)
+
+    def carry_out(self, applied: list[tuple[Decision, Applied]], now: float) -> None:
+        """What stored decisions do beyond the table: broadcast, push the holds, renew the
+        allowlist, write and delete node keys; each logged."""
+        updates = [update for _, done in applied for update in done.updates]
+        self.broadcast(updates)
+        for update in updates:
+            log.log(NOTICE, "%s", update.event.describe())
+        holds = allowlist = False
+        for decision, done in applied:
+            log.log(NOTICE, "%s: %s", decision.describe(), done.outcome)
+            holds |= done.holds_changed
+            allowlist |= done.allowlist_changed
+            if done.accept is not None:
+                self.write_node_key(*done.accept)
+            if done.remove is not None:
+                self.delete_node_key(done.remove, decision.key)
+        if allowlist:
+            self.admission.set_operated(self.operators.allowlist)
+        if holds:
+            self.push_holds(now)
+        if any(done.accept or done.remove for _, done in applied):
+            self.reload_keys(answering=True)
+
+    def write_node_key(self, node: str, key: str) -> None:
+        if self.auth is None:
+            return
+        try:
+            write_public(self.security.nodes_dir / f"{node}.key", key)
+        except OSError as error:
+            log.error("cannot write the key of node %s: %s", node, error)
+            return
+        self.roster.accepted(node, key)
+
+    def delete_node_key(self, node: str, key: str | None) -> None:
+        if self.auth is None:
+            return
+        path = self.security.nodes_dir / f"{node}.key"
+        if key is not None and self.auth.nodes.get(key.encode()) == node:
+            try:
+                path.unlink(missing_ok=True)  # hubs sharing keys_dir: the first one did it
+            except OSError as error:
+                log.error("cannot delete %s: %s", path, error)
+        self.auth.removed = frozenset(k.encode() for k in self.operators.removed)
+        self.roster.removed(node, [key] if key else [])
+
+    def prune_decisions(self, now: float) -> None:
+        try:
+            pruned = self.store.prune_decisions(now)
+        except sqlite3.Error as error:
+            log.warning("cannot prune the decisions in %s: %s", self.store.path, error)
+            return
+        if pruned:
+            log.info("forgot %d decisions that stopped mattering a month ago", pruned)
+
     def finish_batch(
         self,
-        sock: zmq.Socket | None,
         replies: list[list[bytes]],
         updates: list[Update],
         note: str = "",
@@ -359,15 +558,20 @@ class Publisher:
         if not stored:
             replies = [self.retry_later(reply) for reply in replies]
             updates = []
-        backlog = self.replies
         for reply in replies:
-            if reply[0] in backlog.peers or not send_or_drop(sock, reply):
-                backlog.keep(reply)
+            self.answer_peer(reply)
         self.broadcast(updates)  # before the log lines: the nodes wait, the log doesn't
         for update in updates:
             # Logged only now that it is stored: a crash can't leave a ban in the log twice.
             log.log(NOTICE, "%s%s", update.event.describe(), note)
         return stored
+
+    def answer_peer(self, reply: list[bytes]) -> None:
+        """A reply to a report peer, never blocking: kept while its queue is full (in order
+        behind what waits for it already)."""
+        backlog = self.replies
+        if reply[0] in backlog.peers or not send_or_drop(self.collector, reply):
+            backlog.keep(reply)
 
     def commit(self) -> bool:
         """Store the table's changes; False when the store failed, and then the table is
@@ -390,6 +594,8 @@ class Publisher:
             self.store_retry = time.time() + STORE_RETRY
             # The table has no undo: take it back as the store has it.
             self.table = self.admission.table = self.load_table()
+            self.operators = self.load_operators()
+            self.desk = Desk(self.table, self.operators, self.roster)
             return False
         if self.store_error is not None:
             log.log(NOTICE, "the ban table %s can be written again", self.store.path)
@@ -499,10 +705,12 @@ class Publisher:
         log.log(NOTICE, "reloaded %s: %s", self.config.path, reloaded.describe())
         return reloaded.as_dict()
 
-    def reload_keys(self) -> None:
-        """SIGHUP: read nodes/ again; if a key went away, cut every connection so it can't stay.
-        A node whose key was replaced counts: its name is accepted still, but a connection
-        made with the old key must not outlive it (the User-Id names the node, not the key)."""
+    def reload_keys(self, answering: bool = False) -> None:
+        """SIGHUP, or an operator accepted or removed a node: read nodes/ again; if a key went
+        away (or a node's key was replaced), cut every connection so it can't stay; once the
+        answer has left when `answering` an operator. A replaced key counts: its name is
+        accepted still, but a connection made with the old key must not outlive it (the
+        User-Id names the node, not the key)."""
         self.hub_addresses = resolve(hub_hosts(self.config))
         self.learn_addresses()
         if self.auth is None:
@@ -511,18 +719,22 @@ class Publisher:
         before = dict(self.auth.nodes)
         count = self.auth.reload()
         self.admission.authorized = frozenset(self.auth.names)
-        removed = {name for key, name in before.items() if self.auth.nodes.get(key) != name}
+        gone = sorted({name for key, name in before.items() if self.auth.nodes.get(key) != name})
         log.log(NOTICE, "reloaded node keys: %d accepted", count)
-        if removed:
-            log.log(
-                NOTICE, "keys withdrawn for %s: reconnecting everyone", ", ".join(sorted(removed))
-            )
-            for sock in (self.collector, self.broadcaster, self.snapshots):
-                if sock is not self.broadcaster:
-                    self.poller.unregister(sock)
-                sock.close(linger=0)
-            self.bind_sockets(patience=10.0)
-            self.register_sockets()
+        if gone and answering:
+            self.cut_off_at = time.time() + CUT_OFF_DELAY
+            log.log(NOTICE, "keys withdrawn for %s: reconnecting everyone", ", ".join(gone))
+        elif gone:
+            self.reconnect_everyone()
+            log.log(NOTICE, "keys withdrawn for %s: reconnecting everyone", ", ".join(gone))
+
+    def reconnect_everyone(self) -> None:
+        for sock in (self.collector, self.broadcaster, self.snapshots):
+            if sock is not self.broadcaster:
+                self.poller.unregister(sock)
+            sock.close(linger=0)
+        self.bind_sockets(patience=10.0)
+        self.register_sockets()
 
     def broadcast(self, updates: list[Update]) -> None:
         """Publish updates in order, each run of consecutive sequence numbers in as few
@@ -566,12 +778,16 @@ class Publisher:
         self.next_hugz = now + self.heartbeat_interval
 
     def handle_snapshots(self) -> None:
-        """Take the snapshot requests waiting: each waits its turn in the snapshot queue."""
+        """Take the snapshot requests waiting, each to wait its turn in the snapshot queue,
+        and the subscribers' presence."""
         now = time.time()
         oversized = False
         for frames in drain(self.snapshots, 100, copy=False, max_frames=MAX_REQUEST_FRAMES):
             oversized = oversized or len(frames) == MAX_REQUEST_FRAMES
-            peer = frames[0].bytes
+            peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
+            if len(body) > 1 and body[1] == protocol.PRESENCE:
+                self.handle_presence(peer, body, frames[-1], now)
+                continue
             # Without keys every connection counts as a node of its own.
             node = frames[-1].get("User-Id") if self.auth is not None else f"peer {peer.hex()}"
             try:
@@ -598,6 +814,71 @@ class Publisher:
                     queue.gone(peer)
                     break
                 queue.sent(peer)
+
+    def handle_presence(self, peer: bytes, body: list[bytes], last: zmq.Frame, now: float) -> None:
+        """A subscriber says where it stands; it gets the holds if it lacks this hub's."""
+        kind, node = self.identify(last)
+        try:
+            presence = protocol.decode_presence(body)
+        except ProtocolError as error:
+            self.refusals.warning("presence", "refused a presence from %s: %s", node, error)
+            return
+        if kind != "node" or not node:
+            return
+        self.roster.on_presence(node, presence, last.get("Peer-Address") or "", peer, now)
+        holds = self.operators.holds
+        if presence.holds != holds.digest(now):
+            # Not waited for: a full queue misses these, and the next presence asks again.
+            send_or_drop(self.snapshots, [peer, *protocol.encode_holds(holds.current(now))])
+
+    def push_holds(self, now: float) -> None:
+        """Every subscriber heard lately gets the holds at once: an address its node's own
+        jail banned is lifted there within a second of the unban."""
+        message = protocol.encode_holds(self.operators.holds.current(now))
+        for _, peer in self.roster.subscribers(now):
+            send_or_drop(self.snapshots, [peer, *message])
+
+    def read_peer_logs(self, now: float) -> None:
+        """Ask each peer hub for the decisions it logged past the last one we have."""
+        for peer, since, afresh in self.replication.to_ask(now):
+            sock = self.log_sockets.get(peer)
+            if sock is None or afresh:
+                if sock is not None:
+                    self.poller.unregister(sock)
+                    sock.close(linger=0)
+                sock = self.context.socket(zmq.DEALER)
+                self.security.client(sock)
+                sock.linger = 0
+                sock.maxmsgsize = protocol.MAX_NODE_FRAME
+                sock.connect(peer)
+                self.log_sockets[peer] = sock
+                self.poller.register(sock, zmq.POLLIN)
+            try_send_frames(sock, protocol.encode_admin("decisions", since=since))
+
+    def handle_peer_log(self, peer: str, sock: zmq.Socket) -> None:
+        """A peer's decisions: applied as ours, stored with where we stand in its log."""
+        now = time.time()
+        for frames in drain(sock, 10, max_frames=4):
+            try:
+                result = protocol.decode_result(frames)
+            except ProtocolError as error:
+                self.refusals.warning("peer log", "ignored an answer of %s: %s", peer, error)
+                continue
+            pulled = self.replication.on_answer(peer, result, now)
+            if pulled is None:
+                if peer not in self.replication.cursors:  # our own address
+                    self.poller.unregister(sock)
+                    sock.close(linger=0)
+                    del self.log_sockets[peer]
+                    return
+                continue
+            applied = [(d, self.operators.apply(d, now)) for d in pulled.decisions]
+            self.table.journal.append(("meta", f"peer {peer}", pulled.cursor.to_text()))
+            if not self.commit():  # read again from where the store stands
+                stored = Cursor.from_text(self.store.meta(f"peer {peer}"))
+                self.replication.cursors[peer] = stored
+                return
+            self.carry_out([(d, done) for d, done in applied if done.outcome != "known"], now)
 
     def status(self) -> dict:
         counters, nodes = self.admission.counters, self.admission.last_report
@@ -628,6 +909,8 @@ class Publisher:
             "Updates broadcast": self.broadcasts,
             "Unknown keys refused": refused.total if refused else 0,
             "File descriptors": f"{descriptors.used} of {descriptors.limit or 'unlimited'}",
+            "Operators' holds": len(self.operators.holds.current(now)),
+            "Nodes asking to join": len(self.roster.pending),
             "problems": self.problems(now, descriptors, space),
             "metrics": {
                 "sequence": gauge("sequence number of the last update", self.table.sequence),
@@ -682,7 +965,8 @@ class Publisher:
         self.notifier.stopping()
         self.commit()
         self.store.close()
-        for sock in (self.collector, self.broadcaster, self.snapshots, *self.peer_sockets.values()):
+        peers = [*self.peer_sockets.values(), *self.log_sockets.values()]
+        for sock in (self.collector, self.broadcaster, self.snapshots, *peers):
             sock.close()
         if self.control:
             self.control.close()
@@ -760,6 +1044,7 @@ def hub_socket(
     endpoints: list[str],
     send_hwm: int,
     patience: float = 0.0,
+    domain: str = "",
 ) -> zmq.Socket:
     """A bound hub socket; `patience` seconds of retries while a closed one frees its port."""
     sock = context.socket(kind)
@@ -768,7 +1053,7 @@ def hub_socket(
     # idle connections hold descriptors for 10 s, not libzmq's default 30.
     sock.handshake_ivl = HANDSHAKE_IVL
     sock.backlog = LISTEN_BACKLOG
-    security.server(sock)
+    security.server(sock, domain)
     # Past its high-water mark a PUB drops silently (sequence numbers make a drop
     # visible to subscribers, a high mark makes it rare), a ROUTER drops what exceeds
     # a peer's queue.

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .protocol import ANY_NETWORK, BAN, UNBAN, BanEvent
+from .protocol import ANY_NETWORK, BAN, UNBAN, BanEvent, Decision
 from .runtime import bound_wal, empty_wal, private_database, rollback
 
 # Event ids the table remembers, to know a resent event: a monitor resends only what a hub
@@ -51,6 +51,7 @@ class ActiveBan:
 
     event: BanEvent  # the ban that started it: what snapshots hand out
     origins: dict[str, float | None] = field(default_factory=dict)
+    seq: int = 0  # the update that broadcast it (0: before the hub's last start)
 
 
 class BanTable:
@@ -114,7 +115,9 @@ class BanTable:
                 active = self.bans[key] = ActiveBan(event)
                 self._set_origin(key, event.node, expiry)
                 self.journal.append(("origin", event, event.node, expiry))
-                return Outcome.BANNED, self._broadcast(event)
+                update = self._broadcast(event)
+                active.seq = update.seq
+                return Outcome.BANNED, update
             previous = active.origins.get(event.node, 0.0)
             if event.node not in active.origins or _later(expiry, previous):
                 self._remember(event.id, now)
@@ -142,6 +145,17 @@ class BanTable:
             for oldest in list(itertools.islice(self.seen, excess)):
                 del self.seen[oldest]
                 self.journal.append(("forget", oldest))
+
+    def lift(self, jail: str, ip: str, event: BanEvent) -> Update | None:
+        """An operator's unban: every origin's ban of (jail, ip) ends at once; the unban
+        `event` is broadcast (None: the cluster did not ban it)."""
+        key = (jail, ip)
+        active = self.bans.get(key)
+        if active is None:
+            return None
+        for node in list(active.origins)[:-1]:
+            self._lift(key, node, event)
+        return self._lift(key, next(iter(active.origins)), event)[1]
 
     def expire(self, now: float) -> list[Update]:
         """Drop origins whose ban time is up; broadcast an unban where none is left."""
@@ -210,7 +224,13 @@ CREATE TABLE IF NOT EXISTS bans (
     event TEXT NOT NULL, expiry REAL,
     PRIMARY KEY (jail, ip, node));
 CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS decisions (
+    row INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, verb TEXT NOT NULL,
+    jail TEXT, ip TEXT, until REAL, body TEXT NOT NULL);
 """
+# Days a decision is kept once it no longer matters (a ban over, a hold ended): the audit
+# log's reach. Allowlist and node decisions always matter: they are kept.
+DECISION_RETENTION = 30 * 86400.0
 
 
 _STATEMENTS = {  # journal entry -> the table it changes, and how
@@ -218,6 +238,14 @@ _STATEMENTS = {  # journal entry -> the table it changes, and how
     "forget": ("seen", "DELETE FROM seen WHERE id = ?"),
     "origin": ("bans", "INSERT OR REPLACE INTO bans VALUES (?, ?, ?, ?, ?)"),
     "drop": ("bans", "DELETE FROM bans WHERE jail = ? AND ip = ? AND node = ?"),
+    "decision": ("decisions", "INSERT OR IGNORE INTO decisions VALUES (NULL, ?, ?, ?, ?, ?, ?)"),
+    # An operator's ban lifted before its time: it matters no longer.
+    "ended": (
+        "decisions",
+        "UPDATE decisions SET until = ?3 WHERE verb = 'ban' AND jail = ?1 AND ip = ?2 "
+        "AND (until IS NULL OR until > ?3)",
+    ),
+    "meta": ("meta", "INSERT OR REPLACE INTO meta VALUES (?, ?)"),
 }
 
 
@@ -291,7 +319,12 @@ class StateStore:
         """The journal as few statements: changes to each table keep their order, runs of
         the same statement go in one executemany (the tables don't depend on each other,
         and the transaction makes the whole batch one change)."""
-        runs: dict[str, list[tuple[str, list[tuple]]]] = {"seen": [], "bans": []}
+        runs: dict[str, list[tuple[str, list[tuple]]]] = {
+            "seen": [],
+            "bans": [],
+            "decisions": [],
+            "meta": [],
+        }
         sequence = None  # only the last one of a batch needs writing
         for change in journal:
             what = change[0]
@@ -301,6 +334,11 @@ class StateStore:
             if what == "origin":
                 event, node, expiry = change[1:]
                 row = (event.jail, event.ip, node, event.encode().decode(), expiry)
+            elif what == "decision":
+                decision = change[1]
+                body = decision.encode().decode()
+                until = decision.until()
+                row = (decision.id, decision.verb, decision.jail, decision.ip, until, body)
             else:
                 row = change[1:]
             table, statement = _STATEMENTS[what]
@@ -308,10 +346,30 @@ class StateStore:
                 runs[table][-1][1].append(row)
             else:
                 runs[table].append((statement, [row]))
-        for statement, rows in runs["seen"] + runs["bans"]:
+        for statement, rows in runs["seen"] + runs["bans"] + runs["decisions"] + runs["meta"]:
             self.db.executemany(statement, rows)
         if sequence is not None:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('sequence', ?)", (str(sequence),))
+
+    def decisions(self, since: int = 0, limit: int | None = None) -> list[tuple[int, Decision]]:
+        """The operators' decisions after log row `since`, in the order they were taken."""
+        rows = self.db.execute(
+            "SELECT row, body FROM decisions WHERE row > ? ORDER BY row LIMIT ?",
+            (since, -1 if limit is None else limit),
+        )
+        return [(row, Decision.decode(body.encode())) for row, body in rows]
+
+    def prune_decisions(self, now: float, retention: float = DECISION_RETENTION) -> int:
+        """Forget the decisions that stopped mattering `retention` seconds ago."""
+        with self.db:
+            done = self.db.execute(
+                "DELETE FROM decisions WHERE until IS NOT NULL AND until < ?", (now - retention,)
+            )
+        return done.rowcount
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
 
     def close(self) -> None:
         self.db.close()

@@ -4,7 +4,10 @@ what the cluster bans.
 `Subscriber` is one poll loop over one SUB socket (`updates`) and one DEALER
 (`snapshots`) per hub, plus fail2ban's socket. Each hub's stream rules live in its
 `sync.HubSync` core, what the jails must hold and the applying in `jails.LocalJails`:
-this module moves bytes between them and logs what they report.
+this module moves bytes between them and logs what they report. On its snapshot socket
+the subscriber also tells each hub where it stands (its presence), and hears the
+operators' holds there, which `holds.LocalHolds` turns into lifts and ignoreip entries
+of the node's own jails.
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ from pathlib import Path
 
 import zmq
 
-from . import protocol
+from . import __version__, protocol
+from .addresses import Allowlist
 from .config import Config, ConfigError, load_config
 from .control import ControlSocket
 from .fail2ban_client import Fail2banClient, Fail2banError
 from .handshake import HandshakeWatch, KeyCheck, key_problem, log_key_change
+from .holds import HoldPlan, LocalHolds
 from .jails import HandUnbans, LocalJails, LocalPolicy
 from .keys import Security
 from .metrics import counter, gauge, histogram
-from .protocol import BanEvent, ProtocolError
+from .protocol import BanEvent, Hold, Presence, ProtocolError
 from .reload import LOGLEVEL, node_keys, plan_reload, set_loglevel
+from .roster import PRESENCE_INTERVAL
 from .runtime import (
     NOTICE,
     RateLimitedLog,
@@ -69,6 +75,10 @@ LIVE_KEYS = frozenset(
         ("subscriber", "resync_interval"),
     }
 )
+# The ignoreip entries this node's subscriber added for the operators' holds, kept across
+# its restarts so that only those are ever taken out again.
+HOLDS_FILE = "subscriber-holds.json"
+HOLDS_RETRY = 2.0  # seconds before fail2ban is asked again when it failed to do the holds
 
 
 class HubLink:
@@ -88,6 +98,8 @@ class HubLink:
         self.updates_watch = HandshakeWatch(self.updates)
         self.snapshots = self._snapshot_socket()
         self.snapshots_watch = HandshakeWatch(self.snapshots)
+        self.next_presence = 0.0  # when to tell the hub where this node stands
+        self.takes_presence = False  # the hub said so in a snapshot: hubs before it do not
 
     def _updates_socket(self) -> zmq.Socket:
         sock = self.context.socket(zmq.SUB)
@@ -202,6 +214,13 @@ class Subscriber:
         self.next_resync = now + self.resync_interval
         self.next_expiry = now  # when held bans of young hubs are next checked
         self.started = now
+        self.holds_path = config.state_path(HOLDS_FILE)
+        self.holds = LocalHolds(policy.local_jails(), load_added(self.holds_path))
+        self.holds_due = bool(self.holds.added)  # a previous run's entries: check them
+        self.next_holds = 0.0  # time.monotonic() of the next try
+        self.hold_wake: float | None = None  # unix time a hold ends
+        self.local_jails: list[str] = []  # fail2ban's jails, as the presence tells the hubs
+        self.next_jails = now
         self.control = control_path and ControlSocket(
             self.context, control_path, self.status, self.reload
         )
@@ -263,6 +282,7 @@ class Subscriber:
             if now >= self.next_resync:
                 self.next_resync = now + self.resync_interval
                 self.jails.reread()
+                self.holds_due = self.holds_due or bool(self.holds.holds() or self.holds.added)
             if self.jails.pending and now >= self.jails.next_retry:
                 self.jails.reconcile([link.sync.view for link in self.links if link.sync.synced])
             if self.jails.hand_unbans_changed:
@@ -275,7 +295,89 @@ class Subscriber:
                         self.hand_unbans_file,
                         error,
                     )
+            if self.hold_wake is not None and time.time() >= self.hold_wake:
+                self.holds_due = True
+            if self.holds_due and now >= self.next_holds:
+                self.apply_holds(now)
+            if now >= self.next_jails:
+                self.read_jails(now)
+            for link in self.links:
+                if link.takes_presence and now >= link.next_presence:
+                    self.send_presence(link, now)
         self.close()
+
+    def read_jails(self, now: float) -> None:
+        """fail2ban's jails, for the hubs' list of the cluster's jails."""
+        try:
+            self.local_jails = self.jails.fail2ban.jails()
+        except (Fail2banError, OSError):
+            self.next_jails = now + HOLDS_RETRY
+            return
+        self.next_jails = now + self.resync_interval
+
+    def send_presence(self, link: HubLink, now: float) -> None:
+        """Where this node stands in the hub's stream, and which holds of it it has."""
+        sync = link.sync
+        presence = Presence(
+            sync.state_id,
+            sync.sequence,
+            sync.synced,
+            __version__,
+            tuple(self.local_jails),
+            self.holds.digest(link.publish_endpoint),
+        )
+        try_send_frames(link.snapshots, protocol.encode_presence(presence))
+        link.next_presence = now + PRESENCE_INTERVAL
+
+    def apply_holds(self, now: float) -> None:
+        """Make the node's own jails do what the holds say: ignore the held addresses, lift
+        the unbanned ones once, let ended holds go. What was done is remembered even if
+        fail2ban fails half way; the rest is tried again."""
+        fail2ban = self.jails.fail2ban
+        done = HoldPlan()
+        try:
+            jails = fail2ban.jails()
+            own = [jail for jail in jails if jail not in self.holds.sync_jails]
+            ignored = {jail: set(fail2ban.ignored(jail)) for jail in own}
+            plan = self.holds.plan(time.time(), jails, ignored)
+            done.forget = plan.forget
+            for jail, ip in plan.ignore:
+                fail2ban.ignore(jail, ip)
+                done.ignore.append((jail, ip))
+                log.log(NOTICE, "[%s] Ignore %s: an operator holds it", jail, ip)
+            for targets, hold in plan.lift:
+                for jail in targets:
+                    self.lift(jail, hold)
+                done.lift.append((targets, hold))
+            for jail, ip in plan.unignore:
+                fail2ban.unignore(jail, ip)
+                done.unignore.append((jail, ip))
+                log.log(NOTICE, "[%s] Ignore %s no more: the operator's hold is over", jail, ip)
+        except (Fail2banError, OSError) as error:
+            self.refusals.warning("holds", "cannot apply the operators' holds: %s", error)
+            self.next_holds = now + HOLDS_RETRY
+        else:
+            self.holds_due = False
+        before = {jail: set(ips) for jail, ips in self.holds.added.items()}
+        self.holds.done(done)
+        self.hold_wake = self.holds.next_change(time.time())
+        if self.holds.added != before:
+            save_added(self.holds_path, self.holds.added)
+
+    def lift(self, jail: str, hold: Hold) -> None:
+        """An operator's unban in one of the node's own jails: every ban it overlaps."""
+        lifting = Allowlist([ipaddress.ip_network(hold.ip, strict=False)])
+        covered = []
+        for ip in self.jails.fail2ban.banned(jail):
+            try:
+                if lifting.covers(ip):
+                    covered.append(ip)
+            except ValueError:
+                continue  # not an address: nothing an unban of ours names
+        if covered:
+            self.jails.fail2ban.unban(jail, covered)
+        for ip in covered:
+            log.log(NOTICE, "[%s] Unban %s: an operator lifted it", jail, ip)
 
     def _timeout_ms(self) -> int:
         now = time.monotonic()
@@ -353,6 +455,9 @@ class Subscriber:
 
     def handle_snapshot(self, link: HubLink, now: float) -> None:
         for frames in drain(link.snapshots, 1000, max_frames=5):  # a part has 4
+            if protocol.is_holds(frames):
+                self.take_holds(link, frames)
+                continue
             try:
                 part = protocol.decode_snapshot_part(frames, protocol.WIRE_LIMITS)
             except ProtocolError as error:
@@ -364,7 +469,21 @@ class Subscriber:
                     error,
                 )
                 continue
+            if part.presence and not link.takes_presence:
+                link.takes_presence = True
+                link.next_presence = 0.0  # at once: the hub learns the node is here
             self.follow(link, link.sync.on_snapshot_part(part, now))
+
+    def take_holds(self, link: HubLink, frames: list[bytes]) -> None:
+        try:
+            _, holds = protocol.decode_holds(frames)
+        except ProtocolError as error:
+            self.refused += 1
+            self.refusals.warning("holds", "ignored the holds from the hub: %s", error)
+            return
+        if self.holds.on_holds(link.publish_endpoint, holds):
+            self.holds_due = True
+            self.next_holds = 0.0
 
     def follow(self, link: HubLink, outcome: Outcome) -> None:
         """Do what the hub's core decided: tell the jails, log, move the sockets."""
@@ -414,6 +533,9 @@ class Subscriber:
             "Unbans applied": self.jails.unbanned,
             "Snapshots received": snapshots,
             "Messages refused": self.refused,
+            "Operators' holds": sum(
+                1 for hold in self.holds.holds().values() if hold.until > time.time()
+            ),
             "Hubs": {
                 link.publish_endpoint: {
                     "synced": link.sync.synced,
@@ -603,6 +725,31 @@ def _some(addresses: list[str], shown: int = 5) -> str:
     """A few addresses of a long list, for `status`."""
     more = len(addresses) - shown
     return ", ".join(addresses[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+def load_added(path: Path) -> dict[str, set[str]]:
+    """The ignoreip entries a previous run added, {} when there is no (readable) file."""
+    try:
+        data = json.loads(path.read_text())
+        return {str(jail): {str(ip) for ip in ips} for jail, ips in data.items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError, TypeError) as error:
+        log.warning("ignored %s: %s", path, error)
+        return {}
+
+
+def save_added(path: Path, added: dict[str, set[str]]) -> None:
+    """Written whole or not at all, readable by its owner only."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.new")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump({jail: sorted(ips) for jail, ips in sorted(added.items())}, handle)
+        os.replace(temporary, path)
+    except OSError as error:
+        log.error("cannot write %s: %s", path, error)
 
 
 def _epoch(moment: float | None, now: float) -> float | None:

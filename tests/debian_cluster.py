@@ -23,7 +23,8 @@ must move that table into the hub's folder, as the hub's, and give back to it a
 secret key made root's.
 
 node1's fail2ban bans an address after failed ssh logins; node2's sync jail must
-then hold it, and lose it once node1 lifts the ban. Last, `apt-get purge` on the hub
+then hold it, and lose it once node1 lifts the ban; banned again, the installed
+`f2bzmq-cluster` lists it and lifts it on both nodes. Last, `apt-get purge` on the hub
 must remove its databases and logs and keep its keys, and the installed demo
 (`python3 -m f2bzmq demo`) must run on node1. Prints one JSON line of results;
 exits non-zero, with the servers' logs on stderr, when something fails.
@@ -186,7 +187,7 @@ def check_package(root: Path) -> dict:
     enabled = list(root.glob("etc/systemd/system/*.wants/fail2ban-[mps]*.service"))
     if enabled:
         raise Failed(f"the package enabled units itself: {enabled}")
-    for program in ("f2bzmq-monitor", "f2bzmq-publisher", "f2bzmq-subscriber"):
+    for program in ("f2bzmq-monitor", "f2bzmq-publisher", "f2bzmq-subscriber", "f2bzmq-cluster"):
         chroot(root, program, "--version")
         if not (root / f"usr/share/man/man1/{program}.1.gz").is_file():
             raise Failed(f"no manual page for {program}")
@@ -349,6 +350,28 @@ def attack(node: Server, tries: int = 3) -> None:
     node.write("/var/log/auth.log", lines, append=True)
 
 
+def console(hub: Server, node1: Server, node2: Server) -> dict:
+    """The console installed: root's admin key made on the hub, the ban listed with its
+    origin, then lifted with one command from node1's sshd jail and node2's sync jail."""
+    hub.run("f2bzmq-cluster", "keygen")
+    attack(node1, tries=4)
+    timings = {
+        "node2 banned again": wait_for(
+            "node2's sync jail bans it again", lambda: ATTACKER in node2.banned("cluster")
+        )
+    }
+    listed = json.loads(hub.run("f2bzmq-cluster", "bans", "--json").stdout)
+    origins = [(o["node"], o["source"]) for ban in listed for o in ban["origins"]]
+    if origins != [("node1", "report")]:
+        raise Failed(f"f2bzmq-cluster bans: {listed}")
+    hub.run("f2bzmq-cluster", "unban", ATTACKER, "--hold", "10m", "--reason", "test")
+    timings["lifted by the console"] = wait_for(
+        "node1's sshd jail and node2's sync jail lift it",
+        lambda: ATTACKER not in node1.banned("sshd") + node2.banned("cluster"),
+    )
+    return timings
+
+
 def purge(server: Server) -> None:
     """apt-get purge removes the databases and logs, and keeps the keys and the user."""
     server.run("apt-get", "purge", "-y", "-q", "f2bzmq")
@@ -407,6 +430,7 @@ def scenario(base: Path, work: Path) -> dict:
         timings["node2 unbanned"] = wait_for(
             "node2's sync jail lifts it", lambda: ATTACKER not in node2.banned("cluster")
         )
+        timings.update(console(hub, node1, node2))
         for node in nodes:
             node.run("f2bzmq-monitor", "stop")
             node.run("f2bzmq-subscriber", "stop")

@@ -51,3 +51,27 @@ def test_pages_render_without_a_warning(tmp_path):
             check=False,
         )
         assert done.returncode == 0 and done.stderr == "", (page.name, done.stderr)
+
+
+def test_the_console_has_a_page_with_every_command_and_option():
+    from f2bzmq.console import COMMANDS, build_parser
+
+    generator = load_generator()
+    page = generator.console_manpage()
+    assert page.startswith(".TH F2BZMQ-CLUSTER 1 ")
+    assert page.split(".SH NAME\n", 1)[1].startswith("f2bzmq\\-cluster \\- ")
+    for command in COMMANDS:
+        assert f"\\fBf2bzmq\\-cluster {command}" in page, command
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command")
+    options = {
+        option
+        for sub in [parser, *commands.choices.values()]
+        for action in sub._actions
+        for option in action.option_strings
+    }
+    assert {"--json", "--hub", "--hold", "--fingerprint", "--hub-key", "--all-jails"} <= options
+    for option in options:
+        assert generator.bold(option) in page, option
+    for section in ("SYNOPSIS", "DESCRIPTION", "COMMANDS", "OPTIONS", "FILES", "EXIT STATUS"):
+        assert f".SH {section}\n" in page
