@@ -57,11 +57,20 @@ def key_problem(state: str, public_key: str | None, node: str) -> str | None:
     if state == REFUSED:
         return (
             f"the hub refuses this node's key {public_key}: put {node}.key in keys_dir/nodes/ "
-            "on every hub and reload them (SIGHUP)"
+            f"on every hub and reload them (SIGHUP), or `f2bzmq-cluster nodes accept {node}`"
         )
     if state == FAILED:
         return "the hub ends every handshake: is keys_dir/hub.key the hubs' public key?"
     return None
+
+
+def pending_problem(fingerprint: str, public_key: str | None, node: str) -> str:
+    """What `status` says while a hub holds this node's key as asking to join."""
+    return (
+        f"the hub does not accept this node's key {public_key} yet ({fingerprint}): "
+        f"`f2bzmq-cluster nodes accept {node}` after comparing the fingerprint, or put "
+        f"{node}.key in keys_dir/nodes/ on every hub and reload them"
+    )
 
 
 def log_key_change(logger: logging.Logger, hub: str, state: str, security: Security) -> None:

@@ -33,7 +33,7 @@ from .delivery import (
     Row,
 )
 from .fail2ban_client import Fail2banClient, Fail2banError
-from .handshake import HandshakeWatch, KeyCheck, key_problem, log_key_change
+from .handshake import HandshakeWatch, KeyCheck, key_problem, log_key_change, pending_problem
 from .health import logpath_problems
 from .keys import Security
 from .metrics import DelayHistogram, counter, gauge, histogram
@@ -485,6 +485,8 @@ class Monitor:
         now = time.time()
         for hub in self.hubs:
             problem = key_problem(hub.key.state, self.security.public_key, self.node)
+            if hub.pending is not None:
+                problem = pending_problem(hub.pending, self.security.public_key, self.node)
             if problem is not None:
                 found.append(f"{hub.endpoint}: {problem}")
             silent_since = hub.last_ack or now - (time.monotonic() - self.started)

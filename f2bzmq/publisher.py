@@ -365,7 +365,6 @@ class Publisher:
         oversized = False
         for frames in drain(self.collector, DRAIN_LIMIT, copy=False, max_frames=MAX_REPORT_FRAMES):
             oversized = oversized or len(frames) == MAX_REPORT_FRAMES
-            self.last_heard = now
             peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
             address = frames[-1].get("Peer-Address") or ""
             # Who the authenticator let in (None without keys): a node, an admin, a peer
@@ -385,6 +384,8 @@ class Publisher:
             if protocol.is_admin(body):
                 requests.append((peer, body, kind, name))
                 continue
+            if kind == "node":  # not a peer hub's pull, an operator or a stranger
+                self.last_heard = now
             if protocol.is_hello(body):
                 replies.append([peer, *self.handle_hello(body, user, address, now)])
                 continue

@@ -19,9 +19,18 @@ def auth(tmp_path):
     context = zmq.Context()
     authenticator = NodeAuthenticator(context, keys / "nodes", load_public(keys / "hub.key"))
     authenticator.reload()
-    authenticator.refused = frozenset({b"0" * 40})
+    authenticator.removed = frozenset({b"0" * 40})
     yield authenticator, keys
     context.term()
+
+
+def zap(authenticator, domain: str, key: bytes) -> tuple[bool, str]:
+    """The authenticator's answer to a CURVE handshake with `key` on a socket of `domain`:
+    whether it gets in, and its User-Id."""
+    request = [b"1.0", b"7", domain.encode(), b"127.0.0.1", b"", b"CURVE", z85.decode(key)]
+    reply = authenticator.answer(request)
+    assert reply[:2] == [b"1.0", b"7"]
+    return reply[2] == b"200", reply[4].decode()
 
 
 @pytest.mark.parametrize(
@@ -43,11 +52,12 @@ def test_who_gets_in_where_and_who_they_are(auth, who, report, elsewhere, user, 
         "stranger": lambda: STRANGER,
         "removed": lambda: b"0" * 40,
     }[who]()
-    assert authenticator.callback(REPORT_DOMAIN, key) == report
-    assert authenticator.callback("*", key) == elsewhere
-    assert (key in authenticator.refusals) == (not elsewhere)
+    admitted, named = zap(authenticator, REPORT_DOMAIN, key)
+    assert admitted == report
+    assert zap(authenticator, "", key)[0] == elsewhere
+    assert (key in authenticator.refused_lately) == (not elsewhere)
     if user is not None:
-        assert authenticator.curve_user_id(z85.decode(key)) == user
+        assert named == user
         assert authenticator.identify(user) == identity
 
 
@@ -59,7 +69,7 @@ def test_accepted_or_withdrawn_since_the_connection_was_made(auth):
     authenticator.nodes = {}
     authenticator.names = set()
     assert authenticator.identify("node1") == ("withdrawn", "node1")
-    authenticator.refused = frozenset({STRANGER})
+    authenticator.removed = frozenset({STRANGER})
     assert authenticator.identify(pending) == ("withdrawn", STRANGER.decode())
     authenticator.admins = {}
     assert authenticator.identify("admin:alice") == ("withdrawn", "alice")
@@ -70,8 +80,7 @@ def test_an_admin_key_dropped_into_admins_works_at_its_first_connection(auth):
     public, _ = keygen("bob", keys / "admins")
     bob = load_public(public)
     authenticator.admins_read = 0.0  # the last read is older than ADMINS_REREAD
-    assert authenticator.callback(REPORT_DOMAIN, bob)
-    assert authenticator.curve_user_id(z85.decode(bob)) == "admin:bob"
+    assert zap(authenticator, REPORT_DOMAIN, bob) == (True, "admin:bob")
 
 
 def test_a_fingerprint_is_what_ssh_shows():
