@@ -19,12 +19,13 @@ import os
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Union
 
+from .escalation import DEFAULT_FORMULA, Increment, check_formula, parse_factor, parse_multipliers
 from .oldkeys import rename_old_keys
-from .protocol import NetworkLimits, ProtocolError, check_name
+from .protocol import CLUSTER, NetworkLimits, ProtocolError, check_name
 
 DEFAULT_PATHS = ("/etc/fail2ban-cluster/fail2ban-cluster.conf", "fail2ban-cluster.conf")
 MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path less its terminating NUL
@@ -48,7 +49,12 @@ def _name(value: str) -> str:
 
 
 def _node(value: str) -> str:
-    return _name(value or socket.gethostname().split(".")[0])
+    name = _name(value or socket.gethostname().split(".")[0])
+    if name == CLUSTER:
+        raise ValueError(
+            f"{CLUSTER!r} names the bans the hubs decide themselves: give this server another name"
+        )
+    return name
 
 
 def _number(kind: type, low: float, high: float) -> Callable[[str], float]:
@@ -190,6 +196,11 @@ def _duration(kind: type, low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
+def _optional_duration(value: str) -> int | None:
+    """A time in fail2ban's format, or empty for none (bantime.maxtime, bantime.rndtime)."""
+    return None if not value else _duration(int, 1, 2**31 - 1)(value)
+
+
 def _bool(value: str) -> bool:
     lowered = value.lower()
     if lowered in ("1", "yes", "true", "on"):
@@ -314,10 +325,16 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
-def _key(default: str, parse: Callable[[str], Any]) -> Any:
+def _key(default: str, parse: Callable[[str], Any], name: str | None = None) -> Any:
     """A key of fail2ban-cluster.conf: its default as the shipped file writes it, and the
-    parser that turns a value into the attribute (or raises ValueError saying why not)."""
-    return field(metadata={"default": default, "parse": parse})
+    parser that turns a value into the attribute (or raises ValueError saying why not);
+    `name` when the key's name is not the attribute's (fail2ban's "bantime.increment")."""
+    return field(metadata={"default": default, "parse": parse, "name": name})
+
+
+def key_name(key: Any) -> str:
+    """The name a key has in the file."""
+    return key.metadata["name"] or key.name
 
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -356,6 +373,7 @@ class MonitorSettings:
     in_flight: int = _key("100", _number(int, 1, 100000))
     outbox_max: int = _key("100000", _number(int, 100, 10**8))
     start_at: str = _key("end", _choice("end", "beginning"))
+    failure_window: float = _key("0.025", _duration(float, 0, 60))
     metrics: tuple[str, int] | None = _key("", _listen)
 
 
@@ -373,6 +391,7 @@ class PublisherSettings:
     rate_burst: int = _key("10000", _number(int, 1, 10**7))
     allow_foreign_unban: bool = _key("false", _bool)
     rebuild_window: float = _key("5m", _duration(float, 0, 86400))
+    dbpurgeage: float = _key("1d", _duration(float, 60, 2**31 - 1))
     legacy_report_bind: list[str] = _key("", _endpoints)
     legacy_publish_bind: list[str] = _key("", _endpoints)
     legacy_token: str = _key("", _legacy_token)
@@ -390,17 +409,50 @@ class SubscriberSettings:
     metrics: tuple[str, int] | None = _key("", _listen)
 
 
+@dataclass(frozen=True)
+class ClusterJail:
+    """[detect:NAME]: a cluster jail, which counts the failures the nodes' fail2ban find in
+    its local jails, cluster-wide, and bans on every node what passes its threshold, with
+    fail2ban's keys and meanings; [detect] holds the defaults of every one."""
+
+    enabled: bool = _key("false", _bool)
+    jails: list[str] = _key("", _jail_names)  # the local jails it counts; empty: its own name
+    maxretry: int = _key("5", _number(int, 1, 10**6))
+    findtime: int = _key("10m", _duration(int, 1, 2**31 - 1))
+    bantime: int = _key("10m", _duration(int, -1, 2**31 - 1))
+    min_nodes: int = _key("2", _number(int, 1, 10**4))
+    increment: bool = _key("false", _bool, "bantime.increment")
+    factor: float = _key("1", parse_factor, "bantime.factor")
+    formula: str = _key(DEFAULT_FORMULA, check_formula, "bantime.formula")
+    multipliers: tuple[int, ...] = _key("", parse_multipliers, "bantime.multipliers")
+    maxtime: int | None = _key("", _optional_duration, "bantime.maxtime")
+    rndtime: int | None = _key("", _optional_duration, "bantime.rndtime")
+    overalljails: bool = _key("false", _bool, "bantime.overalljails")
+
+    def bantime_increment(self) -> Increment:
+        return Increment(
+            self.increment,
+            self.factor,
+            self.multipliers,
+            self.maxtime,
+            self.rndtime,
+            self.overalljails,
+        )
+
+
 SECTIONS = {
     "general": GeneralSettings,
     "monitor": MonitorSettings,
     "publisher": PublisherSettings,
     "subscriber": SubscriberSettings,
+    "detect": ClusterJail,
 }
+CLUSTER_JAIL = "detect:"  # a cluster jail's section: [detect:sshd]
 
 # (section, key) -> (default, parser), in the order of the classes above. The shipped
-# fail2ban-cluster.conf documents each.
+# fail2ban-cluster.conf documents each; a [detect:NAME] section takes [detect]'s keys.
 SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], Any]]] = {
-    (section, key.name): (key.metadata["default"], key.metadata["parse"])
+    (section, key_name(key)): (key.metadata["default"], key.metadata["parse"])
     for section, settings in SECTIONS.items()
     for key in fields(settings)
 }
@@ -416,6 +468,8 @@ class Config:
     monitor: MonitorSettings
     publisher: PublisherSettings
     subscriber: SubscriberSettings
+    detect: ClusterJail  # the defaults of the cluster jails
+    cluster_jails: dict[str, ClusterJail] = field(default_factory=dict)  # [detect:NAME]s, enabled
     warnings: tuple[str, ...] = ()  # deprecated keys read; the daemon logs them at start
 
     def section(self, name: str) -> Any:
@@ -450,6 +504,11 @@ class Config:
     def sync_jails(self) -> set[str]:
         """Local jails the subscriber writes into: the monitor must not report them back."""
         return {self.general.sync_jail, *self.general.jail_map.values()}
+
+    def detect_jails(self) -> dict[str, str]:
+        """Local jail -> the cluster jail that counts its failures: the monitor reports the
+        failures of these jails only."""
+        return {local: name for name, jail in self.cluster_jails.items() for local in jail.jails}
 
 
 def tcp_endpoint(host: str, port: int) -> str:
@@ -516,29 +575,74 @@ def build_config(
     raw = dict(raw)
     sections = {}
     for section, settings in SECTIONS.items():
-        values = {}
-        for key in fields(settings):
-            value, where = raw.pop((section, key.name), (key.metadata["default"], None))
-            where = where or _where(path, section, key.name)
-            try:
-                if _HASH_COMMENT.search(value):
-                    raise ValueError(
-                        "'#' starts a comment only at the start of a line; "
-                        "put the comment on a line of its own or after ' ;', as in fail2ban"
-                    )
-                parsed = key.metadata["parse"](value.strip())
-                if (section, key.name) in PATH_KEYS:
-                    parsed = str(Path(path).resolve().parent / parsed)
-                if (section, key.name) == ("general", "run_dir"):
-                    _check_run_dir(parsed)
-            except ValueError as error:
-                raise ConfigError(f"{where}: {error}") from None
-            values[key.name] = parsed
-        sections[section] = settings(**values)
+        sections[section] = _section(raw, path, section, settings)
+    names = sorted({section for section, _ in raw if section.startswith(CLUSTER_JAIL)})
+    cluster_jails = {}
+    for section in names:
+        jail = _section(raw, path, section, ClusterJail, inherit=sections["detect"])
+        if jail.enabled:
+            name = section[len(CLUSTER_JAIL) :]
+            cluster_jails[name] = replace(jail, jails=jail.jails or [name])
     if raw:
         _, where = next(iter(raw.values()))
         raise ConfigError(f"{where}: unknown key")
-    return Config(path, warnings=warnings, **sections)
+    _check_cluster_jails(cluster_jails, sections["general"], path)
+    return Config(path, warnings=warnings, cluster_jails=cluster_jails, **sections)
+
+
+def _section(
+    raw: dict[tuple[str, str], tuple[str, str]],
+    path: str,
+    section: str,
+    settings: type,
+    inherit: Any = None,
+) -> Any:
+    """One section's settings, taking its keys out of `raw`: the value set in the section,
+    else `inherit`'s (the [detect] defaults of a cluster jail), else the default."""
+    values = {}
+    for key in fields(settings):
+        name = key_name(key)
+        if (section, name) not in raw and inherit is not None:
+            values[key.name] = getattr(inherit, key.name)
+            continue
+        value, where = raw.pop((section, name), (key.metadata["default"], None))
+        where = where or _where(path, section, name)
+        try:
+            if _HASH_COMMENT.search(value):
+                raise ValueError(
+                    "'#' starts a comment only at the start of a line; "
+                    "put the comment on a line of its own or after ' ;', as in fail2ban"
+                )
+            parsed = key.metadata["parse"](value.strip())
+            if (section, name) in PATH_KEYS:
+                parsed = str(Path(path).resolve().parent / parsed)
+            if (section, name) == ("general", "run_dir"):
+                _check_run_dir(parsed)
+        except ValueError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        values[key.name] = parsed
+    return settings(**values)
+
+
+def _check_cluster_jails(
+    cluster_jails: dict[str, ClusterJail], general: GeneralSettings, path: str
+) -> None:
+    """A local jail feeds one cluster jail at most, and never a sync jail (its bans come
+    from the cluster)."""
+    fed: dict[str, str] = {}
+    sync = {general.sync_jail, *general.jail_map.values()}
+    for name, jail in cluster_jails.items():
+        where = _where(path, CLUSTER_JAIL + name, "jails")
+        for local in jail.jails:
+            if local in sync:
+                raise ConfigError(
+                    f"{where}: {local} is a sync jail: its bans come from the cluster"
+                )
+            if local in fed:
+                raise ConfigError(
+                    f"{where}: {local} is counted by [{CLUSTER_JAIL}{fed[local]}] already"
+                )
+            fed[local] = name
 
 
 def config_from(values: dict[str, dict[str, str]], path: str = "fail2ban-cluster.conf") -> Config:
@@ -587,8 +691,15 @@ def _read_ini(file: str) -> dict[tuple[str, str], str]:
     known_sections = {section for section, _ in SCHEMA}
     found = {}
     for section in parser.sections():
-        if section not in known_sections:
+        if section.startswith(CLUSTER_JAIL):
+            try:
+                _name(section[len(CLUSTER_JAIL) :])
+            except ValueError as error:
+                raise ConfigError(f"{file}: [{section}]: the cluster jail's name {error}") from None
+        elif section not in known_sections:
             raise ConfigError(f"{file}: [{section}]: unknown section")
         for key, value in parser.items(section):
+            if section.startswith(CLUSTER_JAIL) and (CLUSTER_JAIL[:-1], key) not in SCHEMA:
+                raise ConfigError(f"{_where(file, section, key)}: unknown key")
             found[(section, key)] = value
     return found
