@@ -6,7 +6,7 @@ import pytest
 
 from f2bzmq.delivery import FRESH, REREPORT, reports
 from f2bzmq.outbox import Outbox
-from f2bzmq.protocol import MAX_REPORT, BanEvent
+from f2bzmq.protocol import MAX_REPORT, BanEvent, FailureCount, FailureReport
 
 HUBS = ["tcp://10.0.0.1:5690", "tcp://10.0.0.2:5690"]
 
@@ -142,3 +142,19 @@ def test_an_outbox_from_before_the_lanes_keeps_its_events(tmp_path):
     outbox = Outbox(path, HUBS)
     assert [body for _, _, body in outbox.pending(HUBS[0], 10)] == [waiting.encode()]
     assert outbox.pending(HUBS[0], 10, lane=REREPORT) == []
+
+
+def test_trim_drops_failure_reports_before_any_ban_or_unban(tmp_path):
+    outbox = Outbox(tmp_path / "o.sqlite3", HUBS)
+    failures = [
+        FailureReport.new("node1", [FailureCount("sshd", f"192.0.2.{i}", 1, 1.0, 1.0)])
+        for i in range(3)
+    ]
+    ban, unban = event("198.51.100.1"), event("198.51.100.2", "unban")
+    outbox.add([failures[0], ban, failures[1], unban, failures[2]])
+    assert outbox.trim(3) == 2
+    left = [body for _, _, body in outbox.pending(HUBS[0], 100)]
+    assert left == [ban.encode(), unban.encode(), failures[2].encode()]
+    assert outbox.trim(2) == 1
+    assert outbox.trim(1) == 1
+    assert [body for _, _, body in outbox.pending(HUBS[0], 100)] == [ban.encode()]
