@@ -2,7 +2,8 @@
 
 `LocalPolicy`, `desired_bans`, `wants_address` and `BatchSizer` are pure rules;
 `LocalJails` compares the jails with the synced hubs' views and applies the difference
-through fail2ban's socket, many addresses per banip/unbanip command.
+through fail2ban's socket, many addresses per banip/unbanip command, and gives the
+cluster's own bans their time (`bantimes`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterable
 
 from . import protocol
 from .addresses import Allowlist
+from .bantimes import BanTimes, cluster_bantimes, lengthen_to
 from .fail2ban_client import Fail2banClient, Fail2banError
 from .metrics import DelayHistogram
 from .protocol import BanEvent
@@ -126,6 +128,7 @@ class LocalJails:
         self.error: str | None = None  # why the last call failed, until one succeeds
         self.banned = 0
         self.unbanned = 0
+        self.bantimes = BanTimes()  # the times fail2ban was given for the cluster's own bans
         self.origin_times: dict[str, float] = {}  # ip -> its update's origin time, until applied
         self.apply_delays = DelayHistogram()  # the origin's Ban line -> fail2ban's banip returned
 
@@ -163,6 +166,7 @@ class LocalJails:
             for jail, (add, remove) in self.plan(synced).items():
                 self._apply(jail, add, ban=True)
                 self._apply(jail, remove, ban=False)
+            self._give_bantimes(synced)
         except (Fail2banError, OSError) as error:
             if self.error is None:
                 log.error("fail2ban is not reachable: %s; retrying", error)
@@ -198,6 +202,33 @@ class LocalJails:
             if want != (ip in self.applied[jail]):
                 plan.setdefault(jail, ([], []))[0 if want else 1].append(ip)
         return plan
+
+    def _give_bantimes(self, synced: list[ClusterView]) -> None:
+        """The cluster's own bans among those compared get their time in fail2ban (see
+        bantimes.py): the jail's bantime borrowed, the addresses named again, given back."""
+        applied = self.applied
+
+        def held(jail: str, ip: str) -> bool:
+            return ip in applied[jail]
+
+        self.bantimes.keep(held)
+        if self.touched is None:
+            bans = (event for view in synced for event in view.bans.values())
+        else:
+            touched = self.touched
+            bans = (view.bans[key] for view in synced for key in touched if key in view.bans)
+        wanted = cluster_bantimes(bans, self.policy.local_jail, self.policy.wants)
+        for jail, groups in self.bantimes.plan(wanted, held).items():
+            configured = self.fail2ban.bantime(jail)
+            try:
+                for bantime, ips in groups.items():
+                    for step in lengthen_to(bantime):
+                        self.fail2ban.set_bantime(jail, step)
+                        self.fail2ban.ban(jail, ips)
+                    self.bantimes.gave(jail, ips, bantime)
+                    log.info("[%s] %d cluster bans for %s s", jail, len(ips), bantime)
+            finally:
+                self.fail2ban.set_bantime(jail, configured)
 
     def _apply(self, jail: str, addresses: list[str], ban: bool) -> None:
         start = 0
