@@ -129,6 +129,11 @@ class LocalJails:
         self.banned = 0
         self.unbanned = 0
         self.bantimes = BanTimes()  # the times fail2ban was given for the cluster's own bans
+        # Each local jail's own bantime, given back after one is borrowed; read again with
+        # the jails (a reload may have changed it), but not while it may still be lent out:
+        # a borrow whose giving back failed (fail2ban busy or gone) is given back next time.
+        self.configured_bantimes: dict[str, int] = {}
+        self.lent: set[str] = set()
         self.origin_times: dict[str, float] = {}  # ip -> its update's origin time, until applied
         self.apply_delays = DelayHistogram()  # the origin's Ban line -> fail2ban's banip returned
 
@@ -161,6 +166,11 @@ class LocalJails:
             if self.applied is None:
                 self.applied = {
                     jail: set(self.fail2ban.banned(jail)) for jail in self.policy.local_jails()
+                }
+                self.configured_bantimes = {
+                    jail: bantime
+                    for jail, bantime in self.configured_bantimes.items()
+                    if jail in self.lent
                 }
                 self.touched = None
             for jail, (add, remove) in self.plan(synced).items():
@@ -211,6 +221,9 @@ class LocalJails:
         def held(jail: str, ip: str) -> bool:
             return ip in applied[jail]
 
+        for jail in sorted(self.lent):  # a borrow that could not be given back before
+            self.fail2ban.set_bantime(jail, self.configured_bantimes[jail])
+            self.lent.discard(jail)
         self.bantimes.keep(held)
         if self.touched is None:
             bans = (event for view in synced for event in view.bans.values())
@@ -219,7 +232,10 @@ class LocalJails:
             bans = (view.bans[key] for view in synced for key in touched if key in view.bans)
         wanted = cluster_bantimes(bans, self.policy.local_jail, self.policy.wants)
         for jail, groups in self.bantimes.plan(wanted, held).items():
-            configured = self.fail2ban.bantime(jail)
+            configured = self.configured_bantimes.get(jail)
+            if configured is None:
+                configured = self.configured_bantimes[jail] = self.fail2ban.bantime(jail)
+            self.lent.add(jail)
             try:
                 for bantime, ips in groups.items():
                     for step in lengthen_to(bantime):
@@ -229,6 +245,7 @@ class LocalJails:
                     log.info("[%s] %d cluster bans for %s s", jail, len(ips), bantime)
             finally:
                 self.fail2ban.set_bantime(jail, configured)
+            self.lent.discard(jail)
 
     def _apply(self, jail: str, addresses: list[str], ban: bool) -> None:
         start = 0

@@ -6,6 +6,7 @@ import ipaddress
 import re
 
 from f2bzmq.bantimes import BanTimes, cluster_bantimes, longer
+from f2bzmq.fail2ban_client import Fail2banError
 from f2bzmq.jails import LocalJails, LocalPolicy
 from f2bzmq.lab import Fail2banServer, run_command
 from f2bzmq.protocol import BAN, CLUSTER, PERMANENT, UNBAN, BanEvent
@@ -91,3 +92,57 @@ def test_the_local_fail2ban_holds_each_cluster_ban_for_its_time_and_the_others_f
         jails.reconcile([view])
         assert with_time(server) == {"192.0.2.1": 1200, "192.0.2.2": -1, "192.0.2.3": 4800}
         assert "Increase Ban" not in server.log.read_text()
+
+
+class Flaky:
+    """fail2ban as LocalJails uses it, whose answers fail while `down` is set."""
+
+    socket_path = "fail2ban.sock"
+
+    def __init__(self) -> None:
+        self.bantimes = {"cluster": 86400}
+        self.banned_now: set[str] = set()
+        self.down = False
+
+    def _answer(self) -> None:
+        if self.down:
+            raise Fail2banError("fail2ban is busy")
+
+    def banned(self, jail: str) -> list[str]:
+        self._answer()
+        return sorted(self.banned_now)
+
+    def ban(self, jail: str, ips: list[str]) -> int:
+        self._answer()
+        self.banned_now.update(ips)
+        if self.bantimes[jail] == 1200:
+            self.down = True  # it stops answering while the bantime is lent out
+        return len(ips)
+
+    def unban(self, jail: str, ips: list[str]) -> int:
+        self._answer()
+        return 0
+
+    def bantime(self, jail: str) -> int:
+        self._answer()
+        return self.bantimes[jail]
+
+    def set_bantime(self, jail: str, seconds: int) -> int:
+        self._answer()
+        self.bantimes[jail] = seconds
+        return seconds
+
+
+def test_a_bantime_that_could_not_be_given_back_is_given_back_next_time():
+    fail2ban = Flaky()
+    policy = LocalPolicy("node2", "cluster", {}, [])
+    jails = LocalJails(policy, fail2ban, batch_size=100)
+    view = ClusterView()
+    event = ban("192.0.2.1")
+    view.apply(event)
+    jails.take_update(event)
+    jails.reconcile([view])
+    assert jails.error == "fail2ban is busy" and fail2ban.bantimes["cluster"] == 1200
+    fail2ban.down = False
+    jails.reconcile([view])  # reads the jails again, the lent bantime is not mistaken for its own
+    assert fail2ban.bantimes["cluster"] == 86400 and jails.error is None
