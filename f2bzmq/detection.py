@@ -22,8 +22,9 @@ database, in the same transaction as the ban table.
 from __future__ import annotations
 
 import hashlib
+import math
 import sqlite3
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -35,7 +36,6 @@ from .protocol import (
     CLUSTER,
     PERMANENT,
     BanEvent,
-    FailureCount,
     FailureReport,
     ProtocolError,
     decode_object,
@@ -124,42 +124,45 @@ class Episode:
 
 
 class Tally:
-    """The failures of one address within findtime: per node, (time, count) in log order."""
+    """The failures of one address within findtime, (last, count, first, node) in the order
+    counted, and their sums. An attack counts a failure each, mostly of addresses seen once:
+    made and added to cheaply."""
 
-    __slots__ = ("per_node", "total", "newest")
+    __slots__ = ("entries", "total", "nodes", "newest", "oldest")
 
-    def __init__(self) -> None:
-        self.per_node: dict[str, deque[tuple[float, int, float]]] = {}  # (last, count, first)
-        self.total = 0
-        self.newest = 0.0
+    def __init__(self, node: str, last: float, count: int, first: float) -> None:
+        self.entries = [(last, count, first, node)]
+        self.total = count
+        self.nodes = {node: count}  # failures counted per node
+        self.newest = self.oldest = last
 
     def add(self, node: str, last: float, count: int, first: float) -> None:
-        self.per_node.setdefault(node, deque()).append((last, count, first))
+        before = self.entries[-1]
+        if before[3] == node and before[0] == last:  # the same node, the same second
+            self.entries[-1] = (last, before[1] + count, min(first, before[2]), node)
+        else:
+            self.entries.append((last, count, first, node))
         self.total += count
-        self.newest = max(self.newest, last)
+        self.nodes[node] = self.nodes.get(node, 0) + count
+        if last > self.newest:
+            self.newest = last
+        elif last < self.oldest:
+            self.oldest = last
 
     def prune(self, before: float) -> None:
         """Forget the failures found before `before`."""
-        for node, failures in list(self.per_node.items()):
-            while failures and failures[0][0] < before:
-                self.total -= failures.popleft()[1]
-            if not failures:
-                del self.per_node[node]
-
-    def by_node(self) -> dict[str, int]:
-        return {node: sum(count for _, count, _ in found) for node, found in self.per_node.items()}
+        if self.oldest >= before:
+            return
+        self.entries = [entry for entry in self.entries if entry[0] >= before]
+        self.total, self.nodes = 0, {}
+        for _, count, _, node in self.entries:
+            self.total += count
+            self.nodes[node] = self.nodes.get(node, 0) + count
+        self.oldest = min((entry[0] for entry in self.entries), default=math.inf)
 
     def span(self) -> tuple[float, float]:
         """The first and the last failure's time."""
-        found = [item for failures in self.per_node.values() for item in failures]
-        return min(first for _, _, first in found), max(last for last, _, _ in found)
-
-
-def _found(item: FailureCount, now: float) -> tuple[int, float, float]:
-    """An item's count and times, none later than `now` (a node's clock may run ahead: fail2ban
-    also takes a failure from the future as one of now)."""
-    last = min(item.last, now)
-    return item.failures, min(item.first, last), last
+        return min(entry[2] for entry in self.entries), self.newest
 
 
 class Detection:
@@ -218,11 +221,14 @@ class Detection:
         self.journal.append(("report", report, now))
         self.counters["reports"] += 1
         decisions = []
-        for item in report.failures:
-            name = self.local.get(item.jail)
-            if name is None or (exempt is not None and exempt(item.ip)):
+        local, node = self.local, report.node
+        for jail, ip, count, first, last in report.failures:  # a failure each in an attack
+            name = local.get(jail)
+            if name is None or (exempt is not None and exempt(ip)):
                 continue
-            decision = self._count(name, report.node, item.ip, _found(item, now), now)
+            if last > now:  # a node's clock ahead: fail2ban takes such a failure as of now
+                last, first = now, min(first, now)
+            decision = self._count(name, node, ip, count, first, last, now)
             if decision is not None:
                 decisions.append(decision)
         return decisions
@@ -231,39 +237,42 @@ class Detection:
         """A failure report stored before a restart: counted again, deciding nothing (what
         it decided then is in the history)."""
         self.seen[report.id] = taken_at
-        for item in report.failures:
-            name = self.local.get(item.jail)
+        for jail, ip, count, first, last in report.failures:
+            name = self.local.get(jail)
             if name is not None:
-                self._count(name, report.node, item.ip, _found(item, taken_at), now, False)
+                last = min(last, taken_at)
+                self._count(name, report.node, ip, count, min(first, last), last, now, False)
 
     def _count(
         self,
         name: str,
         node: str,
         ip: str,
-        found: tuple[int, float, float],
+        count: int,
+        first: float,
+        last: float,
         now: float,
         decide: bool = True,
     ) -> Decision | None:
-        count, first, last = found
         jail = self.jails[name]
         if last < now - jail.findtime:
             return None
         key = (name, ip)
-        episode = self._episode(key, now)
-        if episode is not None and episode.banned_at(last):
-            return None  # found while banned or before the ban: that ban has them
+        if key in self.history:  # rare: an address banned before
+            episode = self._episode(key, now)
+            if episode is not None and episode.banned_at(last):
+                return None  # found while banned or before the ban: that ban has them
         self.counters["failures"] += count
         tally = self.watched.get(key)
         if tally is None:
-            tally = self.watched[key] = Tally()
+            tally = self.watched[key] = Tally(node, last, count, first)
             if len(self.watched) > MAX_WATCHED:
                 self.watched.popitem(last=False)
         else:
             self.watched.move_to_end(key)
-        tally.add(node, last, count, first)
-        tally.prune(now - jail.findtime)
-        if not decide or tally.total < jail.maxretry or len(tally.per_node) < jail.min_nodes:
+            tally.add(node, last, count, first)
+            tally.prune(now - jail.findtime)
+        if not decide or tally.total < jail.maxretry or len(tally.nodes) < jail.min_nodes:
             return None
         del self.watched[key]
         earlier = self._earlier(name, ip, now)
@@ -274,7 +283,9 @@ class Detection:
         bantime = self.increments[name].bantime(jail.bantime, earlier, rnd)
         self._record(key, end, bantime)
         self.counters["detections"] += 1
-        return Decision(decision_id_, name, ip, end, bantime, number, tally.by_node(), end - start)
+        return Decision(
+            decision_id_, name, ip, end, bantime, number, dict(tally.nodes), end - start
+        )
 
     def on_ban(self, event: BanEvent, now: float) -> Decision | None:
         """A node's own ban of a local jail a cluster jail counts, taken into the ban table:
