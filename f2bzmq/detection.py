@@ -41,8 +41,12 @@ from .protocol import (
     decode_object,
 )
 
-MAX_WATCHED = 200_000  # addresses with failures counted at once; past it the stalest go
-MAX_HISTORY = 500_000  # (cluster jail, address) ban histories kept; past it the oldest go
+# Bounds for an attack from a large botnet: beyond them the oldest go first.
+MAX_WATCHED = 100_000  # addresses with failures counted at once (about 300 bytes each)
+MAX_HISTORY = 200_000  # (cluster jail, address) ban histories (about 200 bytes each)
+# Failure reports kept (to replay at start, and to know one sent again): 50 nodes under an
+# attack make 2,000 a second, of about 1 kB; findtime's worth would be gigabytes.
+MAX_REPORTS = 100_000
 SKEW = 5.0  # seconds a node's clock may run ahead of the hub's before its times are clamped
 
 
@@ -339,10 +343,13 @@ class Detection:
                 break
             del self.watched[key]
         before = now - self.longest - SKEW
-        if self.seen and next(iter(self.seen.values())) < before:
-            while self.seen and next(iter(self.seen.values())) < before:
+        if self.seen and (len(self.seen) > MAX_REPORTS or next(iter(self.seen.values())) < before):
+            while self.seen and (
+                len(self.seen) > MAX_REPORTS or next(iter(self.seen.values())) < before
+            ):
                 self.seen.popitem(last=False)
-            self.journal.append(("forget reports", before))
+            # The rows of the reports still remembered stay, and the ones after them.
+            self.journal.append(("forget reports", next(iter(self.seen.values()), now)))
         while self.history:
             key, episode = next(iter(self.history.items()))
             if episode.last >= now - self.history_age or episode.banned_at(now):
@@ -434,6 +441,7 @@ class DetectionStore:
     def write(self, journal: Iterable[tuple]) -> None:
         """The detection's changes, inside the caller's transaction."""
         reports, history, forget = [], {}, []
+        forget_before = None  # reports taken before this go, once the new ones are in
         for change in journal:
             what = change[0]
             if what == "report":
@@ -446,8 +454,10 @@ class DetectionStore:
                 history.pop(change[1], None)
                 forget.append(change[1])
             else:  # "forget reports"
-                self.db.execute("DELETE FROM failure_reports WHERE at < ?", (change[1],))
+                forget_before = change[1]
         self.db.executemany("INSERT OR IGNORE INTO failure_reports VALUES (?, ?, ?)", reports)
+        if forget_before is not None:
+            self.db.execute("DELETE FROM failure_reports WHERE at < ?", (forget_before,))
         self.db.executemany("DELETE FROM ban_history WHERE jail = ? AND ip = ?", forget)
         self.db.executemany(
             "INSERT OR REPLACE INTO ban_history VALUES (?, ?, ?, ?, ?)", history.values()

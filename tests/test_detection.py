@@ -344,6 +344,19 @@ def test_the_store_forgets_reports_past_findtime(tmp_path):
     assert db.execute("SELECT COUNT(*) FROM failure_reports").fetchone() == (0,)
 
 
+def test_the_reports_kept_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr("f2bzmq.detection.MAX_REPORTS", 3)
+    db = sqlite3.connect(tmp_path / "hub.sqlite3", isolation_level=None)
+    store = DetectionStore(db)
+    hub = detection()
+    for n in range(5):
+        hub.on_failures(report("n1", (f"198.51.100.{n}", 1, T + n)), T + n)
+    hub.expire(T + 5)
+    stored(hub, db, store)
+    assert len(hub.seen) == 3
+    assert db.execute("SELECT COUNT(*) FROM failure_reports").fetchone() == (3,)
+
+
 def test_decision_ids_differ_by_jail_address_number_and_time():
     ids = {
         decision_id("sshd", IP, 1, T),
