@@ -201,6 +201,14 @@ def _optional_duration(value: str) -> int | None:
     return None if not value else _duration(int, 1, 2**31 - 1)(value)
 
 
+def _bantime(value: str) -> int:
+    """A cluster ban's time: seconds in fail2ban's format, or -1 for permanent."""
+    seconds = _duration(int, -1, 2**31 - 1)(value)
+    if seconds == 0:
+        raise ValueError("must be at least 1 second, or -1 for permanent")
+    return seconds
+
+
 def _bool(value: str) -> bool:
     lowered = value.lower()
     if lowered in ("1", "yes", "true", "on"):
@@ -419,7 +427,7 @@ class ClusterJail:
     jails: list[str] = _key("", _jail_names)  # the local jails it counts; empty: its own name
     maxretry: int = _key("5", _number(int, 1, 10**6))
     findtime: int = _key("10m", _duration(int, 1, 2**31 - 1))
-    bantime: int = _key("10m", _duration(int, -1, 2**31 - 1))
+    bantime: int = _key("10m", _bantime)
     min_nodes: int = _key("2", _number(int, 1, 10**4))
     increment: bool = _key("false", _bool, "bantime.increment")
     factor: float = _key("1", parse_factor, "bantime.factor")

@@ -427,6 +427,7 @@ def test_a_drop_in_can_turn_a_cluster_jail_on_and_the_local_file_off(tmp_path):
     "text, error",
     [
         ("[detect:sshd]\nmaxretry = 0\n", "[detect:sshd] maxretry: 0 is out of range"),
+        ("[detect:sshd]\nbantime = 0\n", "[detect:sshd] bantime: must be at least 1 second"),
         ("[detect:sshd]\nfindtime = soon\n", "[detect:sshd] findtime: 'soon' is not a time"),
         ("[detect:sshd]\nmaxtries = 3\n", "[detect:sshd] maxtries: unknown key"),
         ("[detect:ss hd]\nenabled = true\n", "[detect:ss hd]: the cluster jail's name must be"),
