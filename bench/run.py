@@ -1,7 +1,7 @@
 """The whole benchmark suite in one command: every table, and one JSON file with every figure.
 
 Runs each benchmark of this folder as its own process (propagation, throughput,
-footprint, scale, hostile, and burst when present), with its full settings, or with
+footprint, scale, hostile, detection, and burst when present), with its full settings, or with
 `--quick` a small version of each that runs in a minute or two (what CI runs to
 keep them working). Each prints its table as it finishes; the JSON file holds the
 machine and each benchmark's figures, or why it failed.
@@ -41,6 +41,20 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
     "scale": (
         [],
         ["--nodes", "3,6", "--count", "10", "--interval", "0.02", "--events", "600"],
+    ),
+    # Cluster jails: 50 nodes' failures into one hub, and the failure that passes the
+    # threshold to the ban on every node.
+    "detection": (
+        [],
+        [
+            *("--nodes", "5", "--rate", "200", "--seconds", "2", "--naive-seconds", "1"),
+            *("--count", "10", "--monitor-rate", "200", "--monitor-seconds", "1"),
+        ],
+    ),
+    # The same latency with sync jails without an action: f2bzmq's share of the way.
+    "detection-no-action": (
+        ["--parts", "latency", "--action", "none"],
+        ["--parts", "latency", "--action", "none", "--count", "10"],
     ),
     "burst": ([], ["--count", "100", "--nodes", "1", "--actions", "dummy"]),
     # One node applying: what one server gets when it does not share the two cores of
@@ -93,6 +107,21 @@ def headline(name: str, result: dict) -> str:
     """One line of the figures that matter most, for the summary."""
     if "error" in result:
         return result["error"]
+    if name.startswith("detection"):
+        parts = []
+        if "ingest" in result:
+            ingest = result["ingest"]
+            parts.append(
+                f"{ingest['offered_per_s']:.0f} failures/s offered, "
+                f"{ingest['acked_per_s_while_sending']:.0f}/s ACKed, "
+                f"ACK p99 {ingest['ack_ms']['p99']:.0f} ms"
+            )
+        if "latency" in result:
+            listed = result["latency"]["listed_ms"]
+            parts.append(f"listed p50 {listed['p50']:.1f} ms p99 {listed['p99']:.1f} ms")
+        if "monitor" in result:
+            parts.append(f"monitor {result['monitor']['cpu_percent_per_1000']:.1f} % per 1,000/s")
+        return "; ".join(parts)
     if name.startswith("propagation"):
         listed, applied = result["listed_ms"], result["applied_ms"]
         return (

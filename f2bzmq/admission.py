@@ -4,7 +4,9 @@ A report comes in as its frames with the name of the key that sent it (or an old
 monitor's request with its address) and the time; out come the replies to send and
 the updates to broadcast. In between: the wire's checks, the hub's own rules (a key
 speaks for its own node only, a withdrawn key for nobody, the allowlist is never
-banned), each sender's rate limit, then the ban table. Nothing here touches a socket
+banned), each sender's rate limit, then the ban table. Failure reports go to the cluster
+jails (`detection`), and the bans they decide, like the longer bans a node's ban gets from
+its address's history, pass the same rules into the same table. Nothing here touches a socket
 or the disk: the publisher stores the table before it sends a reply, so an ACK still
 means stored, and every rule is tested without a process.
 """
@@ -18,10 +20,11 @@ from collections.abc import Iterable
 from . import legacy, protocol
 from .addresses import SPECIAL_PURPOSE, Allowlist, special_purpose
 from .config import Config, HubAllowlist
+from .detection import Decision, Detection
 from .holds import Holds
 from .keys import ADMIN_USER, HUB
 from .metrics import DelayHistogram
-from .protocol import BanEvent, ProtocolError
+from .protocol import CLUSTER, BanEvent, FailureReport, ProtocolError
 from .ratelimit import TokenBuckets
 from .runtime import RateLimitedLog, clock
 from .state import BanTable, Outcome, Update
@@ -62,8 +65,9 @@ class TryLater(ProtocolError):
 class Admission:
     """The hub's rules for every reported event, and what it counts of them."""
 
-    def __init__(self, config: Config, table: BanTable) -> None:
+    def __init__(self, config: Config, table: BanTable, detection: Detection | None = None) -> None:
         self.table = table  # the cluster's bans: where an admitted event goes
+        self.detection = detection  # the cluster jails; None when none is configured
         self.networks = config.network_limits()  # how wide a banned network may be
         # Never banned, whoever asks: the configured networks, the operators' (`operated`,
         # which the shell sets from their decisions), and if the setting says so the
@@ -117,7 +121,12 @@ class Admission:
         keep = self.reserve if protocol.is_rereport(frames) else 0.0
         for body in bodies:
             try:
-                event = BanEvent.decode(body, self.networks)
+                event = protocol.decode_body(body, self.networks)
+                if isinstance(event, FailureReport):
+                    counted, decided = self._count(event, user, now)
+                    acks.append(protocol.ack_body(event.id, counted))
+                    updates.extend(decided)
+                    continue
                 self._authorize(event, user, now)
                 outcome, update = self._admit(event, user or event.node, now, keep)
             except ProtocolError as error:
@@ -126,6 +135,7 @@ class Admission:
             acks.append(protocol.ack_body(event.id, outcome.value))
             if update is not None:
                 updates.append(update)
+            updates.extend(self._follow(event, outcome, now))
         return protocol.encode_replies(acks, naks), updates
 
     def handle_legacy(
@@ -213,17 +223,72 @@ class Admission:
                 return f"{ip} {verb} {whose}{which}"
         return f"{ip} is in the hub's allowlist"
 
-    def _authorize(self, event: BanEvent, user: str | None, now: float) -> None:
-        """Who may report what: raise ProtocolError saying why not."""
+    def _count(
+        self, report: FailureReport, user: str | None, now: float
+    ) -> tuple[str, list[Update]]:
+        """A failure report into the cluster jails: the ACK's outcome, and the bans decided."""
+        self._authorize_node(report.node, user)
+        if self.unavailable is not None:
+            raise TryLater(self.unavailable)
+        self.last_report[report.node] = now
+        if self.detection is None:
+            return "ignored", []  # no cluster jail here: the monitor drops it all the same
+        decisions = self.detection.on_failures(report, now, self.allowlist.covers)
+        if decisions is None:
+            return Outcome.DUPLICATE.value, []
+        return "counted", [
+            update for decision in decisions for update in self.decide(decision, now)
+        ]
+
+    def _follow(self, event: BanEvent, outcome: Outcome, now: float) -> list[Update]:
+        """What a node's ban or unban, taken into the table, means to the cluster jails: the
+        longer ban its address's history asks for; failures counted again once it is lifted."""
+        if self.detection is None or not self.detection.counts(event.jail):
+            return []
+        if event.action == protocol.BAN:
+            if outcome in (Outcome.BANNED, Outcome.EXTENDED):
+                decision = self.detection.on_ban(event, now)
+                if decision is not None:
+                    return self.decide(decision, now)
+        elif outcome is Outcome.UNBANNED:
+            keys = self.detection.table_keys(event.jail, event.ip)
+            if not any(key in self.table.bans for key in keys):
+                self.detection.on_lifted(event.jail, event.ip, now)
+        return []
+
+    def decide(self, decision: Decision, now: float) -> list[Update]:
+        """A ban the cluster decided, by the hub's rules into the table."""
+        event = decision.event()
+        try:
+            self._authorize(event, None, now, decided=True)
+        except ProtocolError as error:
+            self.refusals.warning(
+                f"decision {decision.jail}", "%s: not banned: %s", decision.describe(), error
+            )
+            return []
+        return self.table.take_decision(event, now, decision.describe())
+
+    def _authorize_node(self, node: str, user: str | None) -> None:
+        """Whether `user`'s key may speak for `node`: raise ProtocolError saying why not."""
+        if node == CLUSTER:
+            raise ProtocolError(f"{CLUSTER!r} names the cluster's own bans, never a node")
+        if protocol.is_operator_origin(node):
+            raise ProtocolError("names starting with 'operator.' are the operators'")
         if user is not None:
             if user == HUB or user.startswith(ADMIN_USER):
                 raise ProtocolError("only node keys report bans")
             if user not in self.authorized:
                 raise ProtocolError("this node's key has been withdrawn")
-            if event.node != user:
-                raise ProtocolError(f"node {event.node!r} reported with the key of {user!r}")
-        if protocol.is_operator_origin(event.node):
-            raise ProtocolError("names starting with 'operator.' are the operators'")
+            if node != user:
+                raise ProtocolError(f"node {node!r} reported with the key of {user!r}")
+
+    def _authorize(
+        self, event: BanEvent, user: str | None, now: float, decided: bool = False
+    ) -> None:
+        """Who may report what (`decided`: the cluster's own ban, which no node reports):
+        raise ProtocolError saying why not."""
+        if not decided:
+            self._authorize_node(event.node, user)
         if event.action == protocol.BAN:
             if self.allowlist.covers(event.ip):
                 raise ProtocolError(self._never_banned(event.ip))

@@ -20,13 +20,15 @@ import os
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Union
 
 from .addresses import SPECIAL_PURPOSE
+from .escalation import DEFAULT_FORMULA, Increment, check_formula, parse_factor, parse_multipliers
 from .oldkeys import rename_old_keys
 from .protocol import (
+    CLUSTER,
     MAX_OPERATOR,
     WIRE_LIMITS,
     NetworkLimits,
@@ -62,7 +64,12 @@ def _name(value: str) -> str:
 
 
 def _node(value: str) -> str:
-    return _name(value or socket.gethostname().split(".")[0])
+    name = _name(value or socket.gethostname().split(".")[0])
+    if name == CLUSTER:
+        raise ValueError(
+            f"{CLUSTER!r} names the bans the hubs decide themselves: give this server another name"
+        )
+    return name
 
 
 def _operator(value: str) -> str:
@@ -210,6 +217,19 @@ def _duration(kind: type, low: float, high: float) -> Callable[[str], float]:
         return total
 
     return parse
+
+
+def _optional_duration(value: str) -> int | None:
+    """A time in fail2ban's format, or empty for none (bantime.maxtime, bantime.rndtime)."""
+    return None if not value else _duration(int, 1, 2**31 - 1)(value)
+
+
+def _bantime(value: str) -> int:
+    """A cluster ban's time: seconds in fail2ban's format, or -1 for permanent."""
+    seconds = _duration(int, -1, 2**31 - 1)(value)
+    if seconds == 0:
+        raise ValueError("must be at least 1 second, or -1 for permanent")
+    return seconds
 
 
 def _bool(value: str) -> bool:
@@ -363,10 +383,16 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
-def _key(default: str, parse: Callable[[str], Any]) -> Any:
+def _key(default: str, parse: Callable[[str], Any], name: str | None = None) -> Any:
     """A key of fail2ban-cluster.conf: its default as the shipped file writes it, and the
-    parser that turns a value into the attribute (or raises ValueError saying why not)."""
-    return field(metadata={"default": default, "parse": parse})
+    parser that turns a value into the attribute (or raises ValueError saying why not);
+    `name` when the key's name is not the attribute's (fail2ban's "bantime.increment")."""
+    return field(metadata={"default": default, "parse": parse, "name": name})
+
+
+def key_name(key: Any) -> str:
+    """The name a key has in the file."""
+    return key.metadata["name"] or key.name
 
 
 @dataclass(frozen=True)
@@ -402,6 +428,7 @@ class MonitorSettings:
     in_flight: int = _key("100", _number(int, 1, 100000))
     outbox_max: int = _key("100000", _number(int, 100, 10**8))
     start_at: str = _key("end", _choice("end", "beginning"))
+    failure_window: float = _key("0.025", _duration(float, 0, 60))
     metrics: tuple[str, int] | None = _key("", _listen)
 
 
@@ -424,6 +451,7 @@ class PublisherSettings:
     # The hub's own folders (it runs as its own user); empty: "publisher" in [general]'s.
     state_dir: str = _key("", _folder)
     run_dir: str = _key("", _folder)
+    dbpurgeage: float = _key("1d", _duration(float, 60, 2**31 - 1))
     legacy_report_bind: list[str] = _key("", _endpoints)
     legacy_publish_bind: list[str] = _key("", _endpoints)
     legacy_token: str = _key("", _legacy_token)
@@ -451,18 +479,51 @@ class ConsoleSettings:
     admin: str = _key("", _operator)
 
 
+@dataclass(frozen=True)
+class ClusterJail:
+    """[detect:NAME]: a cluster jail, which counts the failures the nodes' fail2ban find in
+    its local jails, cluster-wide, and bans on every node what passes its threshold, with
+    fail2ban's keys and meanings; [detect] holds the defaults of every one."""
+
+    enabled: bool = _key("false", _bool)
+    jails: list[str] = _key("", _jail_names)  # the local jails it counts; empty: its own name
+    maxretry: int = _key("5", _number(int, 1, 10**6))
+    findtime: int = _key("10m", _duration(int, 1, 2**31 - 1))
+    bantime: int = _key("10m", _bantime)
+    min_nodes: int = _key("2", _number(int, 1, 10**4))
+    increment: bool = _key("false", _bool, "bantime.increment")
+    factor: float = _key("1", parse_factor, "bantime.factor")
+    formula: str = _key(DEFAULT_FORMULA, check_formula, "bantime.formula")
+    multipliers: tuple[int, ...] = _key("", parse_multipliers, "bantime.multipliers")
+    maxtime: int | None = _key("", _optional_duration, "bantime.maxtime")
+    rndtime: int | None = _key("", _optional_duration, "bantime.rndtime")
+    overalljails: bool = _key("false", _bool, "bantime.overalljails")
+
+    def bantime_increment(self) -> Increment:
+        return Increment(
+            self.increment,
+            self.factor,
+            self.multipliers,
+            self.maxtime,
+            self.rndtime,
+            self.overalljails,
+        )
+
+
 SECTIONS = {
     "general": GeneralSettings,
     "monitor": MonitorSettings,
     "publisher": PublisherSettings,
     "subscriber": SubscriberSettings,
     "console": ConsoleSettings,
+    "detect": ClusterJail,
 }
+CLUSTER_JAIL = "detect:"  # a cluster jail's section: [detect:sshd]
 
 # (section, key) -> (default, parser), in the order of the classes above. The shipped
-# fail2ban-cluster.conf documents each.
+# fail2ban-cluster.conf documents each; a [detect:NAME] section takes [detect]'s keys.
 SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], Any]]] = {
-    (section, key.name): (key.metadata["default"], key.metadata["parse"])
+    (section, key_name(key)): (key.metadata["default"], key.metadata["parse"])
     for section, settings in SECTIONS.items()
     for key in fields(settings)
 }
@@ -479,6 +540,8 @@ class Config:
     publisher: PublisherSettings
     subscriber: SubscriberSettings
     console: ConsoleSettings
+    detect: ClusterJail  # the defaults of the cluster jails
+    cluster_jails: dict[str, ClusterJail] = field(default_factory=dict)  # [detect:NAME]s, enabled
     warnings: tuple[str, ...] = ()  # deprecated keys read; the daemon logs them at start
 
     def section(self, name: str) -> Any:
@@ -519,6 +582,11 @@ class Config:
     def sync_jails(self) -> set[str]:
         """Local jails the subscriber writes into: the monitor must not report them back."""
         return {self.general.sync_jail, *self.general.jail_map.values()}
+
+    def detect_jails(self) -> dict[str, str]:
+        """Local jail -> the cluster jail that counts its failures: the monitor reports the
+        failures of these jails only."""
+        return {local: name for name, jail in self.cluster_jails.items() for local in jail.jails}
 
 
 def tcp_endpoint(host: str, port: int) -> str:
@@ -587,30 +655,75 @@ def build_config(
     raw = dict(raw)
     sections = {}
     for section, settings in SECTIONS.items():
-        values = {}
-        for key in fields(settings):
-            value, where = raw.pop((section, key.name), (key.metadata["default"], None))
-            where = where or _where(path, section, key.name)
-            try:
-                if _HASH_COMMENT.search(value):
-                    raise ValueError(
-                        "'#' starts a comment only at the start of a line; "
-                        "put the comment on a line of its own or after ' ;', as in fail2ban"
-                    )
-                parsed = key.metadata["parse"](value.strip())
-                if (section, key.name) in PATH_KEYS and parsed:
-                    parsed = str(Path(path).resolve().parent / parsed)
-                if key.name == "run_dir" and parsed:
-                    _check_run_dir(parsed, section)
-            except ValueError as error:
-                raise ConfigError(f"{where}: {error}") from None
-            values[key.name] = parsed
-        sections[section] = settings(**values)
+        sections[section] = _section(raw, path, section, settings)
     sections["publisher"] = _hub_folders(sections["general"], sections["publisher"])
+    names = sorted({section for section, _ in raw if section.startswith(CLUSTER_JAIL)})
+    cluster_jails = {}
+    for section in names:
+        jail = _section(raw, path, section, ClusterJail, inherit=sections["detect"])
+        if jail.enabled:
+            name = section[len(CLUSTER_JAIL) :]
+            cluster_jails[name] = replace(jail, jails=jail.jails or [name])
     if raw:
         _, where = next(iter(raw.values()))
         raise ConfigError(f"{where}: unknown key")
-    return Config(path, warnings=warnings, **sections)
+    _check_cluster_jails(cluster_jails, sections["general"], path)
+    return Config(path, warnings=warnings, cluster_jails=cluster_jails, **sections)
+
+
+def _section(
+    raw: dict[tuple[str, str], tuple[str, str]],
+    path: str,
+    section: str,
+    settings: type,
+    inherit: Any = None,
+) -> Any:
+    """One section's settings, taking its keys out of `raw`: the value set in the section,
+    else `inherit`'s (the [detect] defaults of a cluster jail), else the default."""
+    values = {}
+    for key in fields(settings):
+        name = key_name(key)
+        if (section, name) not in raw and inherit is not None:
+            values[key.name] = getattr(inherit, key.name)
+            continue
+        value, where = raw.pop((section, name), (key.metadata["default"], None))
+        where = where or _where(path, section, name)
+        try:
+            if _HASH_COMMENT.search(value):
+                raise ValueError(
+                    "'#' starts a comment only at the start of a line; "
+                    "put the comment on a line of its own or after ' ;', as in fail2ban"
+                )
+            parsed = key.metadata["parse"](value.strip())
+            if (section, name) in PATH_KEYS and parsed:
+                parsed = str(Path(path).resolve().parent / parsed)
+            if key.name == "run_dir" and parsed:
+                _check_run_dir(parsed, section)
+        except ValueError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        values[key.name] = parsed
+    return settings(**values)
+
+
+def _check_cluster_jails(
+    cluster_jails: dict[str, ClusterJail], general: GeneralSettings, path: str
+) -> None:
+    """A local jail feeds one cluster jail at most, and never a sync jail (its bans come
+    from the cluster)."""
+    fed: dict[str, str] = {}
+    sync = {general.sync_jail, *general.jail_map.values()}
+    for name, jail in cluster_jails.items():
+        where = _where(path, CLUSTER_JAIL + name, "jails")
+        for local in jail.jails:
+            if local in sync:
+                raise ConfigError(
+                    f"{where}: {local} is a sync jail: its bans come from the cluster"
+                )
+            if local in fed:
+                raise ConfigError(
+                    f"{where}: {local} is counted by [{CLUSTER_JAIL}{fed[local]}] already"
+                )
+            fed[local] = name
 
 
 def config_from(values: dict[str, dict[str, str]], path: str = "fail2ban-cluster.conf") -> Config:
@@ -670,8 +783,15 @@ def _read_ini(file: str) -> dict[tuple[str, str], str]:
     known_sections = {section for section, _ in SCHEMA}
     found = {}
     for section in parser.sections():
-        if section not in known_sections:
+        if section.startswith(CLUSTER_JAIL):
+            try:
+                _name(section[len(CLUSTER_JAIL) :])
+            except ValueError as error:
+                raise ConfigError(f"{file}: [{section}]: the cluster jail's name {error}") from None
+        elif section not in known_sections:
             raise ConfigError(f"{file}: [{section}]: unknown section")
         for key, value in parser.items(section):
+            if section.startswith(CLUSTER_JAIL) and (CLUSTER_JAIL[:-1], key) not in SCHEMA:
+                raise ConfigError(f"{_where(file, section, key)}: unknown key")
             found[(section, key)] = value
     return found

@@ -260,6 +260,10 @@ class Fail2banClient:
         """The jail's ban time in seconds; -1 means permanent."""
         return parse_int(self.command("get", jail, "bantime"))
 
+    def set_bantime(self, jail: str, seconds: int) -> int:
+        """Set the jail's ban time (-1: permanent); fail2ban answers with the new one."""
+        return parse_int(self.command("set", jail, "bantime", str(int(seconds))))
+
     def jails(self) -> list[str]:
         """The names of the running jails."""
         return parse_jail_list(self.command("status"))

@@ -3,7 +3,7 @@
 `LocalPolicy`, `desired_bans`, `wants_address`, `removed_by_hand`, `HandUnbans` and
 `BatchSizer` are pure rules; `LocalJails` compares the jails with the synced hubs' views
 and applies the difference through fail2ban's socket, many addresses per banip/unbanip
-command.
+command, and gives the cluster's own bans their time (`bantimes`).
 
 A ban lifted by hand on this node (`fail2ban-client set cluster unbanip IP`, the habit
 of every fail2ban user) is never put back behind the operator's back: when the jail is
@@ -25,6 +25,7 @@ from typing import Union
 
 from . import protocol
 from .addresses import Allowlist, special_purpose
+from .bantimes import BanTimes, cluster_bantimes, lengthen_to
 from .fail2ban_client import Fail2banClient, Fail2banError
 from .metrics import DelayHistogram
 from .protocol import ANY_NETWORK, BanEvent, NetworkLimits, ProtocolError
@@ -288,7 +289,7 @@ class LocalJails:
         # reread() asked for a new reading: what it holds then is compared with it.
         self.before: dict[str, set[str]] | None = None
         self.ends: dict[str, dict[str, float | None]] = {}  # jail -> address -> ban's end
-        self.bantimes: dict[str, int] = {}  # jail -> its bantime, for the bans applied
+        self.jail_bantimes: dict[str, int] = {}  # jail -> its bantime, for the bans applied
         self.read_from: int | None = None  # the fail2ban-server process of the last reading
         self.hand_unbans = HandUnbans()
         self.hand_unbans_changed = False  # for the shell to store them
@@ -301,6 +302,12 @@ class LocalJails:
         self.error: str | None = None  # why the last call failed, until one succeeds
         self.banned = 0
         self.unbanned = 0
+        self.bantimes = BanTimes()  # the times fail2ban was given for the cluster's own bans
+        # Each local jail's own bantime, given back after one is borrowed; read again with
+        # the jails (a reload may have changed it), but not while it may still be lent out:
+        # a borrow whose giving back failed (fail2ban busy or gone) is given back next time.
+        self.configured_bantimes: dict[str, int] = {}
+        self.lent: set[str] = set()
         self.origin_times: dict[str, float] = {}  # ip -> its update's origin time, until applied
         self.apply_delays = DelayHistogram()  # the origin's Ban line -> fail2ban's banip returned
         self.unhonoured: set[str] = set()  # ignoreip entries said to be no address, once each
@@ -338,9 +345,15 @@ class LocalJails:
         try:
             if self.applied is None:
                 self.read_jails(synced)
+                self.configured_bantimes = {
+                    jail: bantime
+                    for jail, bantime in self.configured_bantimes.items()
+                    if jail in self.lent
+                }
             for jail, (add, remove) in self.plan(synced).items():
                 self._apply(jail, add, ban=True)
                 self._apply(jail, remove, ban=False)
+            self._give_bantimes(synced)
         except (Fail2banError, OSError) as error:
             self.unreachable(str(error))
             self.applied = None  # fail2ban may have restarted: read its jails again
@@ -396,7 +409,7 @@ class LocalJails:
             ends[jail] = {
                 ip: None if bantime < 0 else start + bantime for ip, start, bantime in bans
             }
-            self.bantimes[jail] = self.fail2ban.bantime(jail)
+            self.jail_bantimes[jail] = self.fail2ban.bantime(jail)
             self._read_ignoreip(jail)
         same_server = self.read_from is not None and self.read_from == self.fail2ban.server_pid
         if self.before is not None and same_server:
@@ -454,6 +467,42 @@ class LocalJails:
                 plan.setdefault(jail, ([], []))[0 if want else 1].append(ip)
         return plan
 
+    def _give_bantimes(self, synced: list[ClusterView]) -> None:
+        """The cluster's own bans among those compared get their time in fail2ban (see
+        bantimes.py): the jail's bantime borrowed, the addresses named again, given back."""
+        applied = self.applied
+
+        def held(jail: str, ip: str) -> bool:
+            return ip in applied[jail]
+
+        for jail in sorted(self.lent):  # a borrow that could not be given back before
+            self.fail2ban.set_bantime(jail, self.configured_bantimes[jail])
+            self.lent.discard(jail)
+        self.bantimes.keep(held)
+        if self.touched is None:
+            bans = (event for view in synced for event in view.bans.values())
+        else:
+            touched = self.touched
+            bans = (view.bans[key] for view in synced for key in touched if key in view.bans)
+        wanted = cluster_bantimes(bans, self.policy.local_jail, self.policy.wants)
+        for jail, groups in self.bantimes.plan(wanted, held).items():
+            configured = self.configured_bantimes.get(jail)
+            if configured is None:
+                configured = self.configured_bantimes[jail] = self.fail2ban.bantime(jail)
+            self.lent.add(jail)
+            try:
+                for bantime, ips in groups.items():
+                    for step in lengthen_to(bantime):
+                        self.fail2ban.set_bantime(jail, step)
+                        self.fail2ban.ban(jail, ips)
+                    self.bantimes.gave(jail, ips, bantime)
+                    end = None if bantime < 0 else time.time() + bantime
+                    self.ends.setdefault(jail, {}).update(dict.fromkeys(ips, end))
+                    log.info("[%s] %d cluster bans for %s s", jail, len(ips), bantime)
+            finally:
+                self.fail2ban.set_bantime(jail, configured)
+            self.lent.discard(jail)
+
     def _apply(self, jail: str, addresses: list[str], ban: bool) -> None:
         start = 0
         while start < len(addresses):
@@ -470,7 +519,7 @@ class LocalJails:
                 self.applied[jail].update(batch)
                 self.banned += len(batch)
                 now = time.time()
-                bantime = self.bantimes.get(jail, -1)
+                bantime = self.jail_bantimes.get(jail, -1)
                 end = None if bantime < 0 else now + bantime
                 self.ends.setdefault(jail, {}).update(dict.fromkeys(batch, end))
                 for ip in batch:

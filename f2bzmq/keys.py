@@ -32,7 +32,7 @@ import zmq
 import zmq.auth
 
 from .health import RefusedKeys
-from .protocol import ProtocolError, check_name, check_operator, is_operator_origin
+from .protocol import CLUSTER, ProtocolError, check_name, check_operator, is_operator_origin
 from .runtime import RateLimitedLog
 
 log = logging.getLogger("f2bzmq.keys")
@@ -72,6 +72,8 @@ def keygen(name: str, directory: str | os.PathLike) -> tuple[Path, Path]:
     """Write NAME.key (public, 0644) and NAME.key_secret (0600); refuse to overwrite."""
     require_curve()
     check_name(name, "key name")
+    if name == CLUSTER:
+        raise ProtocolError(f"{CLUSTER!r} names the bans the hubs decide themselves, never a node")
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"

@@ -22,6 +22,7 @@ class Kind(str, Enum):
     """What a fail2ban.log line says happened."""
 
     BAN = "ban"
+    FOUND = "found"  # a failure: what the cluster's detection counts
     RESTORE_BAN = "restore_ban"
     UNBAN = "unban"
     REPEAL_BAN = "repeal_ban"
@@ -45,7 +46,9 @@ class LogRecord:
     kind: Kind
     jail: str | None = None
     ip: str | None = None
-    time: float | None = None  # from the line's own timestamp; None in the syslog form
+    # From the line's own timestamp (None in the syslog form); a failure's is the failure's
+    # own time, which the line names.
+    time: float | None = None
     bantime: int | None = None  # seconds, -1 permanent; only Increase Ban says it
 
 
@@ -58,6 +61,14 @@ _LEVEL = r"(?:(?:NOTICE|INFO|WARNING|WARN|ERROR|DEBUG|CRITICAL|HEAVYDEBUG)\s+)?"
 _HEAD = r"(?:^|\s|:)" + _LEVEL + _JAIL + r"\s+"
 
 _JAIL_LINES: list[tuple[Kind, re.Pattern[str]]] = [
+    # "[sshd] Found 192.0.2.7 - 2026-11-23 10:13:40": first, the most frequent line of an
+    # attack. Not "Found 192.0.2.7, bad - …", which an earlier failure's ban count adds.
+    (
+        Kind.FOUND,
+        re.compile(
+            _HEAD + r"Found\s+" + _ADDR + r" - (?P<when>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\s*$"
+        ),
+    ),
     (Kind.BAN, re.compile(_HEAD + r"Ban\s+" + _ADDR + r"\s*$")),
     (Kind.RESTORE_BAN, re.compile(_HEAD + r"Restore Ban\s+" + _ADDR + r"\s*$")),
     (Kind.UNBAN, re.compile(_HEAD + r"Unban\s+" + _ADDR + r"\s*$")),
@@ -93,6 +104,10 @@ def parse_line(line: str) -> LogRecord | None:
         bantime = _span_seconds(match.group("span")) if kind is Kind.INCREASE_BAN else None
         if kind is Kind.INCREASE_BAN and bantime is None:
             return None
+        if kind is Kind.FOUND:
+            stamp = _local_seconds(match.group("when"))
+            if stamp is None:
+                return None
         return LogRecord(kind, match.group("jail"), ip, stamp, bantime)
     match = _JAIL_STATE.search(line)
     if match is not None:
@@ -182,15 +197,23 @@ class BanReporter:
     stopped or started). Each ends at the next sign of life.
     """
 
-    def __init__(self, ignore_jails: Collection[str] = ()) -> None:
+    def __init__(
+        self, ignore_jails: Collection[str] = (), detect_jails: Collection[str] = ()
+    ) -> None:
         self.ignore_jails = frozenset(ignore_jails)
+        # Jails whose failures a cluster jail counts; the others' are never reported.
+        self.detect_jails = frozenset(detect_jails)
         self.server_stopping = False  # between "Shutdown in progress" and the next start
         self.flushing: set[str] = set()  # jails whose Unban lines come from a flush
         self.some_jail_stopping = False  # a log file was removed: a jail may be stopping
 
     def feed(self, record: LogRecord) -> LogRecord | None:
-        """Take one record in log order; return it (as BAN or UNBAN) when it must be reported."""
+        """Take one record in log order; return it (as BAN, UNBAN or FOUND) when it must be
+        reported."""
         kind = record.kind
+        if kind is Kind.FOUND:
+            # Says nothing about a flush or a stop: fail2ban finds failures while it bans.
+            return record if record.jail in self.detect_jails else None
         if kind is Kind.SERVER_STOPPING:
             self.server_stopping = True
             return None

@@ -202,6 +202,7 @@ class Monitor:
             retry = self.reporting.retry_at is not None and now >= self.reporting.retry_at
             if self.wakeup.read_fd in ready or written in ready or retry:
                 self.reporting.read(self.send_pending)
+            self.reporting.store_failures(self.send_pending)
             if self.control and self.control.socket in ready:
                 self.control.handle()
             for hub in self.hubs:
@@ -229,6 +230,7 @@ class Monitor:
         deadlines.append(self.reporting.retry_at)
         keepalive = self.notifier.wait(now)
         deadlines.append(None if keepalive is None else now + keepalive)
+        deadlines.append(self.reporting.failures_deadline())
         deadline = min([now + SAFETY_CHECK, *(d for d in deadlines if d is not None)])
         return max(1, int((deadline - now) * 1000) + 1)
 
@@ -443,6 +445,7 @@ class Monitor:
             "fail2ban writes to": self.log_target or "unknown (fail2ban not reachable)",
             "Log position": position,
             "Events reported": self.reporting.reported,
+            "Failures reported": self.reporting.failures_reported,
             "Events ACKed": self.counters["acked"],
             "Events refused": self.counters["refused"],
             "Outbox depth": self.outbox.depth(),
@@ -461,6 +464,10 @@ class Monitor:
             "problems": self.problems(waiting),
             "metrics": {
                 "events_reported": counter("events read from the log", self.reporting.reported),
+                "failures_reported": counter(
+                    "failures found in jails a cluster jail counts, reported",
+                    self.reporting.failures_reported,
+                ),
                 "events_acked": counter("hub ACKs received", self.counters["acked"]),
                 "events_refused": counter("events a hub refused", self.counters["refused"]),
                 "outbox_depth": gauge("events waiting for a hub", waiting, "hub"),

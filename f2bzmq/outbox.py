@@ -19,7 +19,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from .delivery import FRESH, REREPORT
-from .protocol import BanEvent
+from .protocol import BanEvent, FailureReport
 from .runtime import bound_wal, empty_wal, private_database, rollback
 
 _SCHEMA = """
@@ -96,15 +96,15 @@ class Outbox:
             empty_wal(self.db)
             self.written = False
 
-    def add(self, events: Sequence[BanEvent], position: str | None = None) -> None:
-        """Store new events (and the log position after them) in one transaction, in the
-        fresh lane; a re-report about the same address waiting for a hub is stale now."""
+    def add(self, events: Sequence[BanEvent | FailureReport], position: str | None = None) -> None:
+        """Store new events and failure reports (and the log position after them) in one
+        transaction, in the fresh lane; a re-report about the same address waiting for a hub
+        is stale now."""
         rows = [(e.id, t, e.encode()) for e in events for t in self.targets]
+        stale = [(subject(e),) for e in events if isinstance(e, BanEvent)]
         with self._writing():
-            if events:
-                self.db.executemany(
-                    "DELETE FROM outbox WHERE subject = ?", [(subject(e),) for e in events]
-                )
+            if stale:
+                self.db.executemany("DELETE FROM outbox WHERE subject = ?", stale)
             self.db.executemany(
                 "INSERT OR IGNORE INTO outbox (id, target, body) VALUES (?, ?, ?)", rows
             )
@@ -142,17 +142,23 @@ class Outbox:
 
     def trim(self, limit: int) -> int:
         """Keep at most `limit` events: drop re-reports first (fail2ban can tell them again),
-        then the oldest unbans, then the oldest bans.
+        then the oldest failure reports, then the oldest unbans, then the oldest bans.
 
-        An unban lost costs little (the hub lifts the ban when its time is up); a ban
-        lost leaves an attacker free elsewhere. Returns how many events were dropped.
+        Failures only matter within a cluster jail's findtime, which a backlog this deep has
+        outlasted; an unban lost costs little (the hub lifts the ban when its time is up); a
+        ban lost leaves an attacker free elsewhere. Returns how many events were dropped.
         """
         excess = self.depth() - limit
         if excess <= 0:
             return 0
         dropped = 0
         with self._writing():
-            for lane, action in ((REREPORT, b""), (FRESH, b'"action":"unban"'), (FRESH, b"")):
+            for lane, action in (
+                (REREPORT, b""),
+                (FRESH, b'"failures":'),
+                (FRESH, b'"action":"unban"'),
+                (FRESH, b""),
+            ):
                 if dropped >= excess:
                     break
                 ids = [

@@ -20,6 +20,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .addresses import plain_ipv4
 
@@ -55,8 +56,19 @@ HOLDS = b"holds"  # hub -> subscriber on the snapshot socket: the operators' lif
 BAN = "ban"
 UNBAN = "unban"
 PERMANENT = -1
+# The origin of the bans the hubs decide themselves (cluster-wide failure counts, escalated
+# ban times): an ordinary node name on the wire, so subscribers of every release take these
+# bans like any other, and one that no node may have (the configuration, keygen and the hub
+# refuse it), so every node applies them, the ones that saw the failures too.
+CLUSTER = "cluster"
 
 MAX_BODY = 4096  # bytes of one event's JSON; a real event is about 250
+# A failure report (see FailureReport) counts up to MAX_FAILURE_ITEMS (jail, address) pairs
+# of one node in one body of up to MAX_FAILURE_BODY bytes: an attack's lines go to the hubs
+# as few bodies, which the hub decodes and stores as one each.
+MAX_FAILURE_ITEMS = 100
+MAX_FAILURE_BODY = 24 * 1024  # the longest names and addresses: 17 kB
+MAX_FAILURES = 10**6  # failures one item may count
 # Events per update message, all in one frame (a JSON array): the hub's fan-out (a copy
 # and, with CURVE, an encryption per frame and subscriber connection) and the nodes'
 # receiving are paid per frame, so a burst goes out in few of them.
@@ -271,10 +283,98 @@ def canonical_address(value: object, networks: NetworkLimits = NetworkLimits()) 
     return str(network)
 
 
+class FailureCount(NamedTuple):
+    """How often a node's fail2ban found one address failing in one of its jails, and the
+    times of the first and the last of those failures (fail2ban's "Found" lines)."""
+
+    jail: str
+    ip: str
+    failures: int
+    first: float
+    last: float
+
+
+@dataclass(frozen=True)
+class FailureReport:
+    """A node's failure counts of a short while, for the hubs' cluster-wide detection: a body
+    of its own kind in a report, with an id of its own, ACKed like an event. A hub older than
+    this kind refuses it (an unknown field) and the monitor drops it, as it should.
+
+    Wire: {"id": 32 hex, "node": name, "failures": [[jail, ip, count, first, last], …]}."""
+
+    id: str
+    node: str
+    failures: tuple[FailureCount, ...]
+    wire: bytes | None = field(default=None, compare=False, repr=False)  # as received
+
+    @classmethod
+    def new(cls, node: str, failures: Iterable[FailureCount]) -> FailureReport:
+        return cls(uuid.uuid4().hex, node, tuple(failures))
+
+    def encode(self) -> bytes:
+        if self.wire is not None:
+            return self.wire
+        items = [list(item) for item in self.failures]
+        return encode_object({"id": self.id, "node": self.node, "failures": items})
+
+    @classmethod
+    def from_object(cls, body: dict, networks: NetworkLimits = NetworkLimits()) -> FailureReport:
+        unknown = set(body) - {"id", "node", "failures"}
+        if unknown:
+            raise ProtocolError(f"unknown field {sorted(unknown)[0]!r}")
+        event_id, items = body.get("id"), body.get("failures")
+        if not isinstance(event_id, str) or not _ID.fullmatch(event_id):
+            raise ProtocolError("id must be 32 lowercase hex digits")
+        node = check_name(body.get("node"), "node")
+        if not isinstance(items, list) or not 1 <= len(items) <= MAX_FAILURE_ITEMS:
+            raise ProtocolError(f"failures must be a list of 1-{MAX_FAILURE_ITEMS} items")
+        return cls(event_id, node, tuple(_failure_count(item, networks) for item in items))
+
+    def total(self) -> int:
+        return sum(item.failures for item in self.failures)
+
+
+def _failure_count(item: object, networks: NetworkLimits) -> FailureCount:
+    """One [jail, ip, count, first, last] item, checked like an event's fields. An attack
+    is a failure each: the common case (int or float times, a jail name seen before) costs
+    a few type checks."""
+    if type(item) is not list or len(item) != 5:
+        raise ProtocolError("a failure is [jail, ip, count, first, last]")
+    jail, ip, count, first, last = item
+    if jail not in _JAILS_SEEN:
+        check_name(jail, "jail")
+        if len(_JAILS_SEEN) < 1000:
+            _JAILS_SEEN.add(jail)
+    if type(count) is not int or not 1 <= count <= MAX_FAILURES:
+        raise ProtocolError(f"a failure count must be 1-{MAX_FAILURES}")
+    if type(first) not in (int, float) or type(last) not in (int, float):
+        raise ProtocolError("a failure's times must be numbers")
+    if not 0 < first <= last < 2**33:
+        if first > last:
+            raise ProtocolError("a failure's first time is after its last")
+        raise ProtocolError("a failure's time is out of range")
+    return FailureCount(jail, canonical_address(ip, networks), count, float(first), float(last))
+
+
+_JAILS_SEEN: set[str] = set()  # valid jail names met in failure reports, for the check above
+
+
+def decode_body(data: bytes, networks: NetworkLimits = NetworkLimits()) -> BanEvent | FailureReport:
+    """One body of a report: a ban event, or a failure report (it has "failures")."""
+    body = decode_object(data, MAX_FAILURE_BODY)
+    if "failures" in body:
+        report = FailureReport.from_object(body, networks)
+        object.__setattr__(report, "wire", bytes(data))  # the hub stores it as it came
+        return report
+    if len(data) > MAX_BODY:
+        raise ProtocolError(f"body is larger than {MAX_BODY} bytes")
+    return BanEvent._from_object(body, networks)  # its canonical encoding, not these bytes
+
+
 def peek_id(data: bytes) -> str:
     """The id of a body that failed validation, if it has a well-formed one, for the NAK."""
     try:
-        body = decode_object(data, MAX_BODY)
+        body = decode_object(data, MAX_FAILURE_BODY)
     except ProtocolError:
         return ""
     event_id = body.get("id")

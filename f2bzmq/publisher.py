@@ -4,7 +4,8 @@ One poll loop over three sockets, after zguide's Clone server: `collector`
 (ROUTER) takes events and answers ACK/NAK, `broadcaster` (PUB) sends updates and
 heartbeats, `snapshots` (ROUTER) hands the whole table to subscribers that
 (re)connect or saw a gap. `legacy` adds fail2ban-zmq-tools' format when configured.
-What to make of a report is the admission core's to say (`admission.py`), whether the
+What to make of a report is the admission core's to say (`admission.py`), with the
+cluster jails' counts (`detection.py`), whether the
 state is young and who hands it over the rebuild core's (`rebuild.py`); this shell moves
 the bytes, stores each batch before it answers, and keeps the timers. A batch it can't
 store (a full disk) is answered with retry NAKs: the monitors keep those events.
@@ -36,6 +37,7 @@ from .config import Config, ConfigError, load_config
 from .control import ControlSocket
 from .decisions import Applied, Operators
 from .desk import Desk, HubView
+from .detection import Detection, DetectionStore
 from .health import (
     Descriptors,
     DiskSpace,
@@ -116,6 +118,7 @@ STORE_RETRY = 2.0
 TIDY_INTERVAL = 5.0  # seconds between checks that the store's write-ahead log can be emptied
 PRUNE_INTERVAL = 3600.0  # seconds between two prunings of the operators' decisions
 CUT_OFF_DELAY = 0.2  # seconds the answer to a removal has to leave before every link is cut
+FORGET_INTERVAL = 5.0  # seconds between sweeps of the cluster jails' stale counts
 
 
 class Publisher:
@@ -161,6 +164,10 @@ class Publisher:
         self.started = time.time()
         self.last_heard: float | None = None  # the last message of any node's monitor
         self.security = Security.for_role(config, "publisher")
+        # The cluster jails' counts and ban histories, in the ban table's database.
+        self.detection_store = DetectionStore(self.store.db)
+        self.detection = self.load_detection()
+        self.admission.detection = self.detection
         # Two I/O threads: a stranger's CURVE handshakes (a few scalar multiplications
         # each, before the authenticator can say no) then hold up only part of the nodes'
         # traffic, and the fan-out to many subscribers uses both cores.
@@ -208,6 +215,7 @@ class Publisher:
         self.next_hugz = 0.0
         self.next_tidy = 0.0
         self.notifier = Notifier()  # systemd's, when the daemon runs under its unit
+        self.next_forget = 0.0
 
     def load_table(self):
         table = self.store.load(self.config.node, self.config.publisher.default_bantime, 86400.0)
@@ -228,6 +236,24 @@ class Publisher:
         self.admission.holds = operators.holds
         self.admission.set_operated(operators.allowlist)
         return operators
+
+    def load_detection(self) -> Detection | None:
+        """The cluster jails, with the counts and histories stored; None without any."""
+        if not self.config.cluster_jails:
+            return None
+        settings = self.config.publisher
+        secret = b"" if self.security.insecure else self.security.own.secret
+        detection = Detection(
+            self.config.cluster_jails, settings.default_bantime, settings.dbpurgeage, secret
+        )
+        replayed = self.detection_store.load(detection, time.time())
+        log.info(
+            "cluster jails %s: %d failure reports within findtime counted again, %d ban histories",
+            ", ".join(sorted(detection.jails)),
+            replayed,
+            len(detection.history),
+        )
+        return detection
 
     def bind_sockets(self, patience: float = 0.0) -> None:
         bind = functools.partial(hub_socket, self.context, self.security, patience=patience)
@@ -296,6 +322,7 @@ class Publisher:
         it does)."""
         timers = [self.next_hugz, self.table.next_expiry() or now + 3600]
         timers += [t for t in (self.rebuild.until, self.handover.next_deadline()) if t]
+        timers += [t for t in (self.replication.next_deadline(), self.cut_off_at) if t]
         if self.admission.unavailable is not None:
             timers.append(self.store_retry)
         keepalive = self.notifier.wait(time.monotonic())
@@ -346,6 +373,11 @@ class Publisher:
         if self.admission.unavailable is not None and now >= self.store_retry:
             self.admission.unavailable = None  # the next batch tries the store again
         self.flush_ttl(now)
+        if self.detection is not None and now >= self.next_forget:
+            self.next_forget = now + FORGET_INTERVAL
+            self.detection.expire(now)
+            if self.detection.journal and self.admission.unavailable is None:
+                self.commit()
         self.grow_up(self.rebuild.on_tick(now))
         if now >= self.next_hugz:
             self.send_hugz(now)
@@ -564,7 +596,12 @@ class Publisher:
         self.broadcast(updates)  # before the log lines: the nodes wait, the log doesn't
         for update in updates:
             # Logged only now that it is stored: a crash can't leave a ban in the log twice.
-            log.log(NOTICE, "%s%s", update.event.describe(), note)
+            if update.note is None:
+                log.log(NOTICE, "%s%s", update.event.describe(), note)
+            elif update.note:  # the cluster's own ban, in its own words
+                log.log(NOTICE, "%s", update.note)
+            else:  # the unban that makes room for it in the stream
+                log.debug("%s: the cluster's ban takes its place", update.event.describe())
         return stored
 
     def answer_peer(self, reply: list[bytes]) -> None:
@@ -578,8 +615,13 @@ class Publisher:
         """Store the table's changes; False when the store failed, and then the table is
         what the store holds (the changes are undone) and reports get retry NAKs for a
         while. Logged when it starts failing and when it works again, not for each batch."""
+        detection = self.detection
+        also = None
+        if detection is not None and detection.journal:
+            journal = detection.journal
+            also = functools.partial(self.detection_store.write, journal)
         try:
-            self.store.commit(self.table)
+            self.store.commit(self.table, also)
         except sqlite3.Error as error:
             reason = f"the hub cannot store events now: {error}"
             if self.store_error is None:
@@ -593,11 +635,14 @@ class Publisher:
             self.store_error = str(error)
             self.admission.unavailable = reason
             self.store_retry = time.time() + STORE_RETRY
-            # The table has no undo: take it back as the store has it.
+            # The table has no undo: take it back as the store has it, the counts too.
             self.table = self.admission.table = self.load_table()
             self.operators = self.load_operators()
             self.desk = Desk(self.table, self.operators, self.roster)
+            self.detection = self.admission.detection = self.load_detection()
             return False
+        if also is not None:
+            journal.clear()
         if self.store_error is not None:
             log.log(NOTICE, "the ban table %s can be written again", self.store.path)
             self.store_error = None
@@ -912,6 +957,7 @@ class Publisher:
             "File descriptors": f"{descriptors.used} of {descriptors.limit or 'unlimited'}",
             "Operators' holds": len(self.operators.holds.current(now)),
             "Nodes asking to join": len(self.roster.pending),
+            **self.detection_status(),
             "problems": self.problems(now, descriptors, space),
             "metrics": {
                 "sequence": gauge("sequence number of the last update", self.table.sequence),
@@ -939,7 +985,41 @@ class Publisher:
                 "accept_delay_seconds": histogram(
                     "origin's Ban line -> stored by the hub", self.admission.accept_delays
                 ),
+                **self.detection_metrics(),
             },
+        }
+
+    def detection_status(self) -> dict:
+        if self.detection is None:
+            return {}
+        counted = self.detection.status()
+        return {
+            "Cluster jails": ", ".join(sorted(self.detection.jails)),
+            "Failure reports received": counted["reports"],
+            "Failures counted": counted["failures"],
+            "Addresses watched": counted["watched"],
+            "Cluster detections": counted["detections"],
+            "Escalations": counted["escalations"],
+            "Ban histories": counted["history"],
+        }
+
+    def detection_metrics(self) -> dict:
+        if self.detection is None:
+            return {}
+        counted = self.detection.status()
+        return {
+            "failure_reports": counter("failure reports taken", counted["reports"]),
+            "failures_counted": counter("failures counted in a cluster jail", counted["failures"]),
+            "addresses_watched": gauge(
+                "addresses with failures within findtime", counted["watched"]
+            ),
+            "cluster_detections": counter(
+                "bans decided by cluster-wide failure counts", counted["detections"]
+            ),
+            "escalations": counter(
+                "node bans lengthened by their address's ban history", counted["escalations"]
+            ),
+            "ban_histories": gauge("addresses with a ban history", counted["history"]),
         }
 
     def refused_keys(self) -> RefusedKeys | None:

@@ -1,9 +1,11 @@
 """What the node's fail2ban did, as events in the monitor's outbox.
 
 New lines of fail2ban.log become events, stored in one commit with the log position
-after them; after a rotation every ban fail2ban holds is stored again, in case lines
-were lost, and so it is for a hub that lost its state. Sending the outbox to the hubs
-is the monitor's part.
+after them. The failures fail2ban finds in the jails a cluster jail counts wait a moment
+in the failure window and go as failure reports, with the log position after them: while
+they wait, the position stored stays before their lines. After a rotation every ban
+fail2ban holds is stored again, in case lines were lost, and so it is for a hub that lost
+its state. Sending the outbox to the hubs is the monitor's part.
 
 When the outbox can't be written (a full disk), the events of the lines read wait in
 memory and no more lines are read: once a write works again, the monitor goes on where
@@ -22,9 +24,10 @@ from typing import Callable
 from . import protocol
 from .config import Config
 from .fail2ban_client import Fail2banClient, Fail2banError
+from .failwindow import FailureWindow
 from .logparse import BanReporter, Kind, LogRecord
 from .outbox import Outbox
-from .protocol import BanEvent, ProtocolError
+from .protocol import BanEvent, FailureReport, ProtocolError
 from .runtime import NOTICE, RateLimitedLog, batched_logging
 from .tail import LogFollower, LogPosition
 
@@ -42,7 +45,11 @@ class LogReporter:
         self.outbox = outbox
         self.outbox_max = config.monitor.outbox_max
         self.networks = config.network_limits()
-        self.judge = BanReporter(set(config.monitor.ignore_jails) | config.sync_jails())
+        self.judge = BanReporter(
+            set(config.monitor.ignore_jails) | config.sync_jails(), config.detect_jails()
+        )
+        self.failures = FailureWindow(config.monitor.failure_window)
+        self.failures_reported = 0  # failures stored in failure reports since start
         self.fail2ban = Fail2banClient(
             config.general.fail2ban_socket,
             client_program=config.general.fail2ban_client,
@@ -59,7 +66,7 @@ class LogReporter:
         self.refusals = RateLimitedLog(log)
         self.reported = 0  # events stored since start
         # Events read, and the log position after them, that the outbox could not store yet.
-        self.unstored: tuple[list[BanEvent], str] | None = None
+        self.unstored: tuple[list[BanEvent | FailureReport], str] | None = None
         self.retry_at: float | None = None  # when to try storing again (time.monotonic())
         # Called after each thousand lines: reading a long backlog is not being stuck.
         self.progress: Callable[[], None] = lambda: None
@@ -73,10 +80,17 @@ class LogReporter:
         for _ in range(10000):
             self.progress()
             lines = self.follower.read_lines()
-            records = self.judge.feed_lines(lines)
-            events = [self.make_event(record) for record in records]
-            events = [event for event in events if event is not None]
-            if (lines or events) and not self.store(
+            events = []
+            for record in self.judge.feed_lines(lines):
+                if record.kind is Kind.FOUND:
+                    self.failures.add(record.jail, record.ip, record.time or time.time())
+                    continue
+                event = self.make_event(record)
+                if event is not None:
+                    events.append(event)
+            # While failures wait in their window, the position stored stays before them.
+            waiting = self.failures.counts and not self.failures.due(time.monotonic())
+            if (events or (lines and not waiting)) and not self.store(
                 events, self.follower.position().to_json(), stored
             ):
                 return
@@ -90,23 +104,44 @@ class LogReporter:
                 return  # the rotation is seen again at the next read
             self.rotations_seen = self.follower.rotations
 
-    def store(self, events: list[BanEvent], position: str, stored: Callable[[], None]) -> bool:
-        """Events with the log position after them into the outbox; False (and they wait
-        here) when it can't be written."""
+    def store_failures(self, stored: Callable[[], None]) -> None:
+        """The failure window is due: its reports into the outbox with the log position."""
+        if self.unstored is None and self.failures.due(time.monotonic()):
+            self.store([], self.follower.position().to_json(), stored)
+
+    def failures_deadline(self) -> float | None:
+        """When store_failures() has something to do (monotonic), or None."""
+        return None if self.unstored is not None else self.failures.deadline()
+
+    def store(
+        self, items: list[BanEvent | FailureReport], position: str, stored: Callable[[], None]
+    ) -> bool:
+        """Events, and every failure waiting in the window, with the log position after
+        them into the outbox; False (and they wait here) when it can't be written."""
+        reports = [
+            FailureReport.new(self.node, counts) for counts in self.failures.take(time.monotonic())
+        ]
+        # The failures first: fail2ban logs them before the ban they lead to, and the hub
+        # counts a failure found once the address is banned for nothing.
+        items = reports + items
         try:
-            self.outbox.add(events, position)
+            self.outbox.add(items, position)
         except sqlite3.Error:
-            self.unstored = (events, position)
+            self.unstored = (items, position)
             self.retry_at = time.monotonic() + STORE_RETRY
             return False
         self.unstored = None
-        if events:
+        if items:
             stored()  # first: the rest is bookkeeping
             self.trim_outbox()
         with batched_logging():  # a line per event, written at once
-            for event in events:
-                log.log(NOTICE, "%s: queued for the cluster", event.describe())
-        self.reported += len(events)
+            for item in items:
+                if isinstance(item, FailureReport):
+                    self.failures_reported += item.total()
+                    log.debug("failures queued for the cluster: %s", describe_failures(item))
+                else:
+                    log.log(NOTICE, "%s: queued for the cluster", item.describe())
+                    self.reported += 1
         return True
 
     def report_current_bans(
@@ -188,3 +223,10 @@ class LogReporter:
     def close(self) -> None:
         self.follower.stop()
         self.fail2ban.close()
+
+
+def describe_failures(report: FailureReport, most: int = 5) -> str:
+    """'[sshd] 192.0.2.7 x3, [sshd] 198.51.100.4 x1' (the first few of a report)."""
+    shown = [f"[{item.jail}] {item.ip} x{item.failures}" for item in report.failures[:most]]
+    more = len(report.failures) - most
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")

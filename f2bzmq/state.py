@@ -12,11 +12,11 @@ import itertools
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .protocol import ANY_NETWORK, BAN, UNBAN, BanEvent, Decision
+from .protocol import ANY_NETWORK, BAN, CLUSTER, UNBAN, BanEvent, Decision
 from .runtime import bound_wal, empty_wal, private_database, rollback
 
 # Event ids the table remembers, to know a resent event: a monitor resends only what a hub
@@ -43,6 +43,8 @@ class Update:
 
     seq: int
     event: BanEvent
+    # What the hub's log says of it instead of the event's own words; "" for nothing.
+    note: str | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -156,6 +158,30 @@ class BanTable:
         for node in list(active.origins)[:-1]:
             self._lift(key, node, event)
         return self._lift(key, next(iter(active.origins)), event)[1]
+
+    def take_decision(self, event: BanEvent, now: float, note: str) -> list[Update]:
+        """A ban the cluster decided (origin CLUSTER, see detection.py), with the hub's log
+        line for it. Where a node's ban holds the address, the cluster's joins it as an origin
+        and takes its place in the stream and in snapshots, as an unban and a ban in one
+        update, so that every node holds it, the banning node too (its subscriber skips its
+        own node's bans) and subscribers of every release alike."""
+        key = (event.jail, event.ip)
+        active = self.bans.get(key)
+        if active is None or active.event.node == CLUSTER or event.id in self.seen:
+            _, update = self.apply(event, now)
+            return [] if update is None else [Update(update.seq, update.event, note)]
+        expiry = event.expiry(self.default_bantime)
+        if expiry is not None and expiry <= now:
+            return []
+        self.seen[event.id] = now
+        self.journal.append(("seen", event.id, now))
+        active.event = event
+        self._set_origin(key, CLUSTER, expiry)
+        # Every origin's row names the ban that started it; the cluster's is the one loaded.
+        self.journal.append(("origin", event, CLUSTER, expiry))
+        unban = BanEvent.new(self.publisher, event.jail, UNBAN, event.ip, now, networks=ANY_NETWORK)
+        unbanned, banned = self._broadcast(unban), self._broadcast(event)
+        return [Update(unbanned.seq, unban, ""), Update(banned.seq, event, note)]
 
     def expire(self, now: float) -> list[Update]:
         """Drop origins whose ban time is up; broadcast an unban where none is left."""
@@ -276,9 +302,11 @@ class StateStore:
         rows = self.db.execute("SELECT jail, ip, node, event, expiry FROM bans ORDER BY rowid")
         for jail, ip, node, text, expiry in rows:
             active = table.bans.get((jail, ip))
-            if active is None:
+            if active is None or node == CLUSTER:  # the cluster's ban stands for the others
                 event = BanEvent.decode(text.encode(), ANY_NETWORK)
-                active = table.bans[(jail, ip)] = ActiveBan(event)
+                if active is None:
+                    active = table.bans[(jail, ip)] = ActiveBan(event)
+                active.event = event
             table._set_origin((jail, ip), node, expiry)
         table.seen = dict(self.db.execute("SELECT id, at FROM seen ORDER BY at"))
         return table
@@ -295,14 +323,17 @@ class StateStore:
         else:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('young_until', ?)", (repr(until),))
 
-    def commit(self, table: BanTable) -> None:
-        """Persist every change since the last commit, atomically."""
-        if not table.journal:
+    def commit(self, table: BanTable, also: Callable[[], None] | None = None) -> None:
+        """Persist every change since the last commit, atomically; `also` writes other
+        changes of the same batch (the cluster jails' counts) in the same transaction."""
+        if not table.journal and also is None:
             return
         try:
             with self.db:
                 self.db.execute("BEGIN")
                 self._write(table.journal)
+                if also is not None:
+                    also()
         except sqlite3.Error:
             rollback(self.db)  # a COMMIT that failed (a full disk) may leave it open
             raise

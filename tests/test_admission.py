@@ -8,8 +8,18 @@ import pytest
 from f2bzmq import protocol
 from f2bzmq.admission import Admission
 from f2bzmq.config import config_from
+from f2bzmq.detection import Detection
 from f2bzmq.legacy import LEGACY_NAK
-from f2bzmq.protocol import BAN, EVENT, PROTOCOL, UNBAN, BanEvent
+from f2bzmq.protocol import (
+    BAN,
+    CLUSTER,
+    EVENT,
+    PROTOCOL,
+    UNBAN,
+    BanEvent,
+    FailureCount,
+    FailureReport,
+)
 from f2bzmq.state import BanTable
 
 NOW = 1_795_000_000.0
@@ -392,3 +402,102 @@ def test_a_hub_that_cannot_store_asks_for_every_event_again_later():
 
 def rereport(*bodies: bytes) -> list[bytes]:
     return [PROTOCOL, protocol.REREPORT, *bodies]
+
+
+# Cluster jails: failure reports in, the bans they decide out, by the same rules.
+
+
+def detecting_hub(**detect: str) -> Admission:
+    """A hub with the cluster jail [detect:sshd] (these keys, the rest at their defaults)."""
+    config = config_from(
+        {
+            "publisher": {"allowlist": "127.0.0.0/8 10.9.0.0/16"},
+            "detect:sshd": {"enabled": "true", **detect},
+        }
+    )
+    table = BanTable("hub", 600)
+    detection = Detection(config.cluster_jails, 600, config.publisher.dbpurgeage)
+    admission = Admission(config, table, detection)
+    admission.authorized = frozenset({"node1", "node2", "node3"})
+    return admission
+
+
+def failures(node="node1", ip="192.0.2.7", count=2, when=NOW, jail="sshd") -> bytes:
+    return FailureReport.new(node, [FailureCount(jail, ip, count, when, when)]).encode()
+
+
+def test_failure_reports_are_counted_and_the_ban_they_decide_is_broadcast():
+    admission = detecting_hub()
+    first = failures("node1", count=3)
+    assert judge(admission, report(first), "node1") == ([(event_id(first), "ACK", "counted")], [])
+    assert judge(admission, report(first), "node1")[0] == [(event_id(first), "ACK", "duplicate")]
+    said, updates = judge(admission, report(failures("node2")), "node2")
+    assert said[0][1:] == ("ACK", "counted") and updates == [(1, "192.0.2.7")]
+    (active,) = admission.table.bans.values()
+    assert (active.event.node, active.event.bantime) == (CLUSTER, 600)
+
+
+@pytest.mark.parametrize(
+    "body, user, reason",
+    [
+        (failures("node2"), "node1", "node 'node2' reported with the key of 'node1'"),
+        (failures(CLUSTER), None, "'cluster' names the cluster's own bans, never a node"),
+        (
+            failures("node1", ip="0.0.0.0/0"),
+            "node1",
+            "network 0.0.0.0/0 is wider than the allowed /24",
+        ),
+    ],
+)
+def test_failure_reports_are_held_to_the_nodes_rules(body, user, reason):
+    said, updates = judge(detecting_hub(), report(body), user)
+    assert said == [(event_id(body), "NAK", reason, False)] and updates == []
+
+
+def test_no_node_may_report_a_ban_in_the_clusters_name():
+    body = ban(node=CLUSTER)
+    said, _ = judge(hub(authorized=(CLUSTER,)), report(body), None)
+    assert said == [
+        (event_id(body), "NAK", "'cluster' names the cluster's own bans, never a node", False)
+    ]
+
+
+def test_failures_of_allowlisted_addresses_count_for_nothing():
+    admission = detecting_hub()
+    for node in ("node1", "node2", "node3"):
+        judge(admission, report(failures(node, ip="10.9.0.5", count=5)), node)
+    assert admission.table.bans == {} and admission.detection.status()["failures"] == 0
+
+
+def test_a_hub_without_cluster_jails_acks_failure_reports_and_counts_nothing():
+    body = failures()
+    assert judge(hub(), report(body)) == ([(event_id(body), "ACK", "ignored")], [])
+
+
+def test_a_nodes_ban_of_an_address_banned_before_gets_the_clusters_longer_ban():
+    admission = detecting_hub(**{"bantime.increment": "true"})
+    earlier = NOW - 5000
+    judge(admission, report(ban("192.0.2.7", "node1", when=earlier)), "node1", earlier)
+    judge(
+        admission, report(ban("192.0.2.7", "node1", UNBAN, earlier + 600)), "node1", earlier + 600
+    )
+    said, updates = judge(admission, report(ban("192.0.2.7", "node2")), "node2")
+    assert said[0][1:] == ("ACK", "banned")
+    # node2's own ban, then the cluster's twice as long in its place: an unban and a ban.
+    assert updates == [(3, "192.0.2.7"), (4, "192.0.2.7"), (5, "192.0.2.7")]
+    active = admission.table.bans[("sshd", "192.0.2.7")]
+    assert (active.event.node, active.event.bantime) == (CLUSTER, 1200)
+    assert admission.detection.status()["escalations"] == 1
+
+
+def test_a_node_unbanning_early_lets_the_failures_count_again():
+    admission = detecting_hub()
+    judge(admission, report(ban("192.0.2.7", "node1")), "node1")
+    judge(admission, report(failures("node2", count=5)), "node2")
+    assert admission.detection.status()["failures"] == 0  # found while banned
+    judge(admission, report(ban("192.0.2.7", "node1", UNBAN, when=NOW + 10)), "node1", NOW + 10)
+    judge(admission, report(failures("node2", count=3, when=NOW + 20)), "node2", NOW + 20)
+    _, updates = judge(
+        admission, report(failures("node3", count=2, when=NOW + 21)), "node3", NOW + 21
+    )
+    assert updates == [(3, "192.0.2.7")]

@@ -17,7 +17,7 @@ BENCH = ROOT / "bench"
 
 
 def suite_names() -> list[str]:
-    names = ["propagation", "throughput", "footprint", "scale", "hostile"]
+    names = ["propagation", "throughput", "footprint", "scale", "hostile", "detection"]
     # The burst benchmark runs fail2ban in network namespaces: root and iproute2 only.
     if (BENCH / "burst.py").exists() and os.geteuid() == 0 and shutil.which("ip"):
         names.append("burst")
@@ -82,6 +82,16 @@ def test_quick_suite_runs_and_its_counts_add_up(tmp_path):
         if name != "quiet":
             assert 0 < figures["rss_before_mb"] <= figures["rss_peak_mb"], name
             assert figures["sent"] > 0, name
+    detection = results["detection"]
+    ingest = detection["ingest"]
+    assert ingest["failures"] > 0 and int(ingest["failures_counted"]) >= ingest["failures"]
+    assert ingest["naive"]["failures"] > 0
+    sane_spread(ingest["ack_ms"], ingest["reports"])
+    latency = detection["latency"]
+    for figures in ("decided_ms", "banned_ms", "listed_ms"):
+        sane_spread(latency[figures], 10)
+    assert latency["naive_local_bans"] == 0
+    assert detection["monitor"]["lines"] > 0 and detection["monitor"]["reports_acked"] > 0
 
     sizes = results["scale"]["sizes"]
     assert [size["nodes"] for size in sizes] == [3, 6]

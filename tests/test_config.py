@@ -7,11 +7,22 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from f2bzmq.config import SCHEMA, ConfigError, _read_ini, config_files, load_config, seconds
+from f2bzmq.config import (
+    SCHEMA,
+    ConfigError,
+    _read_ini,
+    config_files,
+    key_name,
+    load_config,
+    seconds,
+)
+from f2bzmq.keys import keygen
+from f2bzmq.protocol import ProtocolError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "fail2ban-cluster.conf"
 
@@ -195,26 +206,40 @@ def test_what_is_not_a_time(text, error):
         seconds(text)
 
 
-TIME_KEYS = [key for key in SCHEMA if re.search(r"time|interval", key[1])]
+TIME_KEYS = [key for key in SCHEMA if re.search(r"(time|timeout|interval|window|age)$", key[1])]
 
 
 def test_the_time_keys_are_the_ones_expected():
     assert TIME_KEYS == [
         ("monitor", "ack_timeout"),
+        ("monitor", "failure_window"),
         ("publisher", "default_bantime"),
         ("publisher", "heartbeat_interval"),
+        ("publisher", "rebuild_window"),
+        ("publisher", "dbpurgeage"),
         ("subscriber", "heartbeat_timeout"),
         ("subscriber", "resync_interval"),
+        ("detect", "findtime"),
+        ("detect", "bantime"),
+        ("detect", "bantime.maxtime"),
+        ("detect", "bantime.rndtime"),
     ]
+
+
+def setting(settings: object, key: str) -> object:
+    """A setting by the name the file gives its key ("bantime.maxtime")."""
+    (found,) = [f for f in fields(settings) if key_name(f) == key]
+    return getattr(settings, found.name)
 
 
 @pytest.mark.parametrize("section, key", TIME_KEYS, ids=[key for _, key in TIME_KEYS])
 @pytest.mark.parametrize("text", ["1m", "60s", "1 min", "30s 30s", "0.5m + 30"])
 def test_every_time_key_takes_fail2bans_units(tmp_path, section, key, text):
     config = load_config(write(tmp_path, f"[{section}]\n{key} = {text}\n"))
-    value = getattr(config.section(section), key)
+    value = setting(config.section(section), key)
     assert value == 60
-    assert type(value) is type(getattr(load_config(str(SHIPPED)).section(section), key))
+    shipped = setting(load_config(str(SHIPPED)).section(section), key)
+    assert type(value) is type(shipped if shipped is not None else 60)
 
 
 def test_a_permanent_default_bantime(tmp_path):
@@ -364,3 +389,91 @@ def test_a_mistake_in_a_drop_in_names_the_drop_in(tmp_path):
         str(raised.value)
         == f"{drop_in}: [monitor] ack_timeout: 'soon' is not a time (e.g. 600, 10m, 1h, 1d, 1w)"
     )
+
+
+# Cluster jails: [detect:NAME] sections, fail2ban's keys, [detect] their defaults.
+
+
+def test_a_cluster_jail_takes_fail2bans_keys_and_the_detect_defaults(tmp_path):
+    config = load_config(
+        write(
+            tmp_path,
+            "[detect]\nfindtime = 1h\nbantime.increment = true\n"
+            "[detect:sshd]\nenabled = true\nmaxretry = 8\n"
+            "[detect:web]\nenabled = true\njails = nginx-http-auth, nginx-botsearch\n"
+            "bantime = 1d\nbantime.multipliers = 1 2 4\nbantime.maxtime = 1w\n"
+            "[detect:off]\nmaxretry = 3\n",
+        )
+    )
+    sshd, web = config.cluster_jails["sshd"], config.cluster_jails["web"]
+    assert sorted(config.cluster_jails) == ["sshd", "web"]  # [detect:off] is not enabled
+    assert (sshd.jails, sshd.maxretry, sshd.findtime, sshd.bantime, sshd.min_nodes) == (
+        ["sshd"],
+        8,
+        3600,
+        600,
+        2,
+    )
+    assert web.jails == ["nginx-http-auth", "nginx-botsearch"] and web.findtime == 3600
+    increment = web.bantime_increment()
+    assert (increment.enabled, increment.multipliers, increment.maxtime) == (
+        True,
+        (1, 2, 4),
+        604800,
+    )
+    assert config.detect_jails() == {
+        "sshd": "sshd",
+        "nginx-http-auth": "web",
+        "nginx-botsearch": "web",
+    }
+    assert load_config(str(SHIPPED)).cluster_jails == {}
+
+
+def test_a_drop_in_can_turn_a_cluster_jail_on_and_the_local_file_off(tmp_path):
+    path = write(tmp_path, "[detect:sshd]\nmaxretry = 6\n")
+    (tmp_path / "fail2ban-cluster.d").mkdir()
+    write(tmp_path, "[detect:sshd]\nenabled = true\n", "fail2ban-cluster.d/detect.conf")
+    assert load_config(path).cluster_jails["sshd"].maxretry == 6
+    write(tmp_path, "[detect:sshd]\nenabled = false\n", "fail2ban-cluster.local")
+    assert load_config(path).cluster_jails == {}
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("[detect:sshd]\nmaxretry = 0\n", "[detect:sshd] maxretry: 0 is out of range"),
+        ("[detect:sshd]\nbantime = 0\n", "[detect:sshd] bantime: must be at least 1 second"),
+        ("[detect:sshd]\nfindtime = soon\n", "[detect:sshd] findtime: 'soon' is not a time"),
+        ("[detect:sshd]\nmaxtries = 3\n", "[detect:sshd] maxtries: unknown key"),
+        ("[detect:ss hd]\nenabled = true\n", "[detect:ss hd]: the cluster jail's name must be"),
+        (
+            "[detect]\nbantime.factor = 2.0 / 2.885385\n",
+            "[detect] bantime.factor: '2.0 / 2.885385'",
+        ),
+        (
+            "[detect:sshd]\nbantime.formula = ban.Time * math.exp(float(ban.Count+1))\n",
+            "[detect:sshd] bantime.formula: only fail2ban's default formula is taken",
+        ),
+        ("[detect:sshd]\nbantime.multipliers = 1 2 x\n", "[detect:sshd] bantime.multipliers: 'x'"),
+        (
+            "[detect:sshd]\nenabled = true\n[detect:ssh2]\nenabled = true\njails = sshd\n",
+            "[detect:sshd] jails: sshd is counted by [detect:ssh2] already",
+        ),
+        (
+            "[detect:cluster]\nenabled = true\n",
+            "[detect:cluster] jails: cluster is a sync jail: its bans come from the cluster",
+        ),
+        ("[general]\nnode = cluster\n", "[general] node: 'cluster' names the bans the hubs decide"),
+    ],
+)
+def test_cluster_jail_mistakes_name_file_section_and_key(tmp_path, text, error):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert str(raised.value).startswith(f"{path}: {error}")
+
+
+def test_no_node_key_can_have_the_reserved_name(tmp_path):
+    with pytest.raises(ProtocolError, match="'cluster' names the bans the hubs decide"):
+        keygen("cluster", tmp_path / "keys")
+    assert not (tmp_path / "keys").exists()

@@ -258,3 +258,65 @@ def test_is_address_agrees_with_ipaddress_on_what_the_line_pattern_lets_through(
         except ValueError:
             expected = False
         assert is_address(text) is expected, text
+
+
+# Failures: fail2ban 1.0.2's filter logs each at INFO as "[jail] Found ip - failure time".
+FOUND = "2026-11-23 10:13:41,002 fail2ban.filter         [17048]: INFO    "
+
+
+@pytest.mark.parametrize(
+    "message, ip",
+    [
+        ("[sshd] Found 192.0.2.7 - 2026-11-23 10:13:39", "192.0.2.7"),
+        ("[sshd] Found 2001:db8::7 - 2026-11-23 10:13:39", "2001:db8::7"),
+    ],
+)
+def test_a_failure_line_carries_the_failures_own_time(message, ip):
+    record = parse_line(FOUND + message)
+    expected = time.mktime(time.strptime("2026-11-23 10:13:39", "%Y-%m-%d %H:%M:%S"))
+    assert record == LogRecord(Kind.FOUND, "sshd", ip, expected)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        # The observer's line for an address banned before: the same failure again.
+        "[sshd] Found 192.0.2.7, bad - 2026-11-23 10:13:39, 1 # -> 3, Ban",
+        "[sshd] Found 192.0.2.7 - yesterday",
+        "[sshd] Found 192.0.2.777 - 2026-11-23 10:13:39",
+        "[sshd] Found a match but no valid date/time found for 'x'",
+        "[sshd] Ignore 192.0.2.7 by ip",
+    ],
+)
+def test_lines_that_are_not_failures(message):
+    record = parse_line(FOUND + message)
+    assert record is None or record.kind is not Kind.FOUND
+
+
+def test_failures_are_reported_only_for_the_jails_a_cluster_jail_counts():
+    reporter = BanReporter(ignore_jails={"cluster"}, detect_jails={"sshd"})
+    lines = [
+        FOUND + "[sshd] Found 192.0.2.7 - 2026-11-23 10:13:39",
+        FOUND + "[nginx] Found 192.0.2.8 - 2026-11-23 10:13:39",
+        line("[sshd] Ban 192.0.2.7"),
+    ]
+    assert [(r.kind.value, r.jail, r.ip) for r in reporter.feed_lines(lines)] == [
+        ("found", "sshd", "192.0.2.7"),
+        ("ban", "sshd", "192.0.2.7"),
+    ]
+    assert BanReporter().feed_lines(lines[:2]) == []
+
+
+def test_a_failure_during_a_flush_does_not_end_the_flush():
+    reporter = BanReporter(detect_jails={"sshd"})
+    kinds = [
+        r.kind
+        for r in reporter.feed_lines(
+            [
+                line("[sshd] Flush ticket(s) with dummy"),
+                FOUND + "[sshd] Found 192.0.2.7 - 2026-11-23 10:13:39",
+                line("[sshd] Unban 192.0.2.9"),
+            ]
+        )
+    ]
+    assert kinds == [Kind.FOUND]

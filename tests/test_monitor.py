@@ -212,3 +212,57 @@ def test_lines_the_outbox_cannot_store_wait_in_memory_and_go_in_once_it_can(tmp_
     finally:
         reporter.close()
         outbox.close()
+
+
+def found_line(ip: str) -> str:
+    found = f"[sshd] Found {ip} - 2026-11-23 10:13:39"
+    return f"{PREFIX[:24]}fail2ban.filter         [17048]: INFO    {found}\n"
+
+
+def test_failures_of_a_cluster_jail_go_in_reports_with_the_log_position_after_them(tmp_path):
+    """A hundred failure lines of three addresses are three counts in one report; while
+    they wait in their window the stored position stays before them; a ban stored takes
+    them along."""
+    fail2ban_log = tmp_path / "fail2ban.log"
+    fail2ban_log.write_text("")
+    config = config_from(
+        {
+            "general": {"node": "node1", "insecure": "true"},
+            "monitor": {"logpath": str(fail2ban_log), "start_at": "beginning"},
+            "detect:sshd": {"enabled": "true"},
+        }
+    )
+    outbox = Outbox(tmp_path / "monitor.sqlite3", ["tcp://127.0.0.1:5690"])
+    reporter = LogReporter(config, outbox, lambda: None)
+    target = "tcp://127.0.0.1:5690"
+
+    def bodies() -> list[dict]:
+        return [json.loads(body) for _, _, body in outbox.pending(target, 1000)]
+
+    try:
+        with fail2ban_log.open("a") as log:
+            log.write("".join(found_line(f"192.0.2.{n % 3}") for n in range(100)))
+            log.write(f"{PREFIX}NOTICE  [nginx] Found 192.0.2.9 - 2026-11-23 10:13:39\n")
+        reporter.read(lambda: None)  # the first failures after a quiet while: at once
+        (report,) = bodies()
+        assert sorted((jail, ip, count) for jail, ip, count, _, _ in report["failures"]) == [
+            ("sshd", "192.0.2.0", 34),
+            ("sshd", "192.0.2.1", 33),
+            ("sshd", "192.0.2.2", 33),
+        ]
+        stored_at = outbox.position()
+        with fail2ban_log.open("a") as log:
+            log.write(found_line("192.0.2.5"))
+        reporter.read(lambda: None)  # within the interval: waits, and so does the position
+        assert len(bodies()) == 1 and outbox.position() == stored_at
+        assert reporter.failures_deadline() is not None
+        with fail2ban_log.open("a") as log:
+            log.write(ban_line("198.51.100.1"))
+        reporter.read(lambda: None)  # a ban goes at once, the waiting failure with it
+        kinds = ["failures" if "failures" in body else body["action"] for body in bodies()]
+        assert kinds == ["failures", "failures", "ban"]
+        assert outbox.position() != stored_at and reporter.failures_deadline() is None
+        assert reporter.failures_reported == 101 and reporter.reported == 1
+    finally:
+        reporter.close()
+        outbox.close()

@@ -6,7 +6,7 @@ import pytest
 
 from f2bzmq.delivery import FRESH, REREPORT, reports
 from f2bzmq.outbox import Outbox
-from f2bzmq.protocol import MAX_REPORT, BanEvent
+from f2bzmq.protocol import MAX_REPORT, BanEvent, FailureCount, FailureReport
 
 HUBS = ["tcp://10.0.0.1:5690", "tcp://10.0.0.2:5690"]
 
@@ -154,3 +154,19 @@ def test_the_outbox_is_readable_by_its_owner_only(tmp_path):
     assert [file.name for file in files] == ["o.sqlite3", "o.sqlite3-shm", "o.sqlite3-wal"]
     assert {file.stat().st_mode & 0o777 for file in files} == {0o600}
     outbox.close()
+
+
+def test_trim_drops_failure_reports_before_any_ban_or_unban(tmp_path):
+    outbox = Outbox(tmp_path / "o.sqlite3", HUBS)
+    failures = [
+        FailureReport.new("node1", [FailureCount("sshd", f"192.0.2.{i}", 1, 1.0, 1.0)])
+        for i in range(3)
+    ]
+    ban, unban = event("198.51.100.1"), event("198.51.100.2", "unban")
+    outbox.add([failures[0], ban, failures[1], unban, failures[2]])
+    assert outbox.trim(3) == 2
+    left = [body for _, _, body in outbox.pending(HUBS[0], 100)]
+    assert left == [ban.encode(), unban.encode(), failures[2].encode()]
+    assert outbox.trim(2) == 1
+    assert outbox.trim(1) == 1
+    assert [body for _, _, body in outbox.pending(HUBS[0], 100)] == [ban.encode()]

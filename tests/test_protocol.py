@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import zlib
 
 import pytest
@@ -441,3 +442,79 @@ def test_a_young_state_says_so_in_every_header_and_older_decoders_read_on(packed
     assert not protocol.decode_snapshot_part(part).young
     odd = [stream, protocol.HUGZ, b'{"publisher": "%s", "seq": 1, "young": 1}' % STATE.encode()]
     assert not protocol.decode_stream(odd, stream=stream).young  # only true means young
+
+
+# Failure reports: a body of their own kind in a report, for the cluster jails.
+
+
+def failure_body(**changes) -> bytes:
+    body = {
+        "id": "0123456789abcdef0123456789abcdef",
+        "node": "node1",
+        "failures": [["sshd", "192.0.2.7", 3, 1795000000, 1795000002.5]],
+    }
+    body.update(changes)
+    return json.dumps({k: v for k, v in body.items() if v is not ...}).encode()
+
+
+def test_a_failure_report_round_trips_and_keeps_the_bytes_it_came_in():
+    counts = [protocol.FailureCount("sshd", "2001:DB8::7", 2, 1795000000.0, 1795000001.0)]
+    report = protocol.FailureReport.new("web1", counts)
+    decoded = protocol.decode_body(report.encode())
+    assert decoded == protocol.FailureReport(
+        report.id, "web1", (counts[0]._replace(ip="2001:db8::7"),)
+    )
+    assert decoded.total() == 2
+    data = failure_body()
+    assert protocol.decode_body(data).encode() == data
+    assert protocol.decode_body(event_body()) == BanEvent.decode(event_body())
+
+
+def test_a_report_of_the_most_failures_with_the_longest_names_fits_a_body_and_a_report():
+    address = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+    counts = [
+        protocol.FailureCount("j" * 64, address, 10**6, 1795000000.123456, 1795000001.123456)
+        for _ in range(protocol.MAX_FAILURE_ITEMS)
+    ]
+    data = protocol.FailureReport.new("n" * 64, counts).encode()
+    assert len(data) <= protocol.MAX_FAILURE_BODY <= protocol.MAX_REPORT
+    assert len(protocol.decode_body(data).failures) == protocol.MAX_FAILURE_ITEMS
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        ({"extra": 1}, "unknown field 'extra'"),
+        ({"node": "no de"}, "node must be"),
+        ({"id": "x"}, "id must be"),
+        ({"failures": []}, "failures must be a list of 1-100"),
+        ({"failures": [["sshd", "192.0.2.7", 1, 1, 1]] * 101}, "failures must be a list"),
+        ({"failures": [["sshd", "192.0.2.7", 1, 1]]}, "a failure is [jail, ip, count"),
+        ({"failures": [["../x", "192.0.2.7", 1, 1, 1]]}, "jail must be"),
+        ({"failures": [["sshd", "192.0.2.7; id", 1, 1, 1]]}, "is not an address"),
+        ({"failures": [["sshd", "0.0.0.0/0", 1, 1, 1]]}, "wider than the allowed /24"),
+        ({"failures": [["sshd", "192.0.2.7", 0, 1, 1]]}, "count must be 1-1000000"),
+        ({"failures": [["sshd", "192.0.2.7", True, 1, 1]]}, "count must be 1-1000000"),
+        ({"failures": [["sshd", "192.0.2.7", 1.5, 1, 1]]}, "count must be 1-1000000"),
+        ({"failures": [["sshd", "192.0.2.7", 1, "1", 1]]}, "times must be numbers"),
+        ({"failures": [["sshd", "192.0.2.7", 1, -1, 1]]}, "time is out of range"),
+        ({"failures": [["sshd", "192.0.2.7", 1, 5, 4]]}, "first time is after its last"),
+    ],
+)
+def test_failure_reports_are_refused_with_a_reason(changes, reason):
+    with pytest.raises(ProtocolError, match=re.escape(reason)):
+        protocol.decode_body(failure_body(**changes))
+
+
+def test_an_event_body_is_no_longer_than_before_and_a_failure_body_may_be():
+    big_event = event_body(jail="j" * 64, padding="x" * 5000)
+    with pytest.raises(ProtocolError, match="larger than 4096"):
+        protocol.decode_body(big_event)
+    with pytest.raises(ProtocolError, match="larger than 24576"):
+        protocol.decode_body(b" " * 30000)
+    assert protocol.peek_id(failure_body(failures="x" * 6000)) == "0123456789abcdef0123456789abcdef"
+
+
+def test_a_hub_before_failure_reports_refuses_them_as_an_unknown_field():
+    with pytest.raises(ProtocolError, match="unknown field 'failures'"):
+        BanEvent.decode(failure_body())

@@ -3,7 +3,7 @@
 import random
 import sqlite3
 
-from f2bzmq.protocol import BAN, UNBAN, BanEvent
+from f2bzmq.protocol import BAN, CLUSTER, UNBAN, BanEvent
 from f2bzmq.state import BanTable, Outcome, StateStore
 
 NOW = 1_795_000_000.0
@@ -272,3 +272,47 @@ def test_a_commit_the_disk_refuses_leaves_the_store_as_it_was(tmp_path):
     reloaded.apply(ev("node1", BAN, ip="198.51.100.1"), NOW)
     store.commit(reloaded)
     assert len(store.load("hub", 600, 86400).bans) == 2
+
+
+def cluster_ban(ip="192.0.2.10", bantime=2400, when=NOW, jail="sshd"):
+    event = BanEvent.new(CLUSTER, jail, BAN, ip, when, bantime)
+    return event
+
+
+def test_a_cluster_ban_of_a_new_address_is_an_ordinary_broadcast_with_its_log_line():
+    table = BanTable("hub", 600)
+    (update,) = table.take_decision(cluster_ban(), NOW, "[sshd] Ban 192.0.2.10 (cluster: …)")
+    assert (update.seq, update.event.node, update.note) == (
+        1,
+        CLUSTER,
+        "[sshd] Ban 192.0.2.10 (cluster: …)",
+    )
+    assert table.take_decision(cluster_ban(), NOW, "again") == []  # another id, same ban: no news
+
+
+def test_a_cluster_ban_takes_the_place_of_a_nodes_ban_in_the_stream_and_in_snapshots(tmp_path):
+    """node1's own ban is not applied on node1 (its subscriber skips its own node): the
+    cluster's longer ban, which every node must hold, goes out as an unban and a ban."""
+    store = StateStore(tmp_path / "state.sqlite3")
+    table = store.load("hub", 600, 86400)
+    table.apply(ev("node1", BAN), NOW)
+    decided = cluster_ban()
+    unban, ban = table.take_decision(decided, NOW + 1, "note")
+    assert (unban.seq, unban.event.action, unban.note) == (2, UNBAN, "")
+    assert (ban.seq, ban.event, ban.note) == (3, decided, "note")
+    assert table.snapshot() == (3, [decided])
+    assert table.bans[("sshd", "192.0.2.10")].origins == {"node1": NOW + 600, CLUSTER: NOW + 2400}
+    store.commit(table)
+    again = StateStore(tmp_path / "state.sqlite3").load("hub", 600, 86400)
+    assert again.snapshot() == (3, [decided])
+    # node1's ban ends first: the cluster's stays, and nothing is broadcast.
+    assert table.expire(NOW + 601) == []
+    assert [u.event.action for u in table.expire(NOW + 2401)] == [UNBAN]
+
+
+def test_a_nodes_unban_lifts_its_own_ban_not_the_clusters():
+    table = BanTable("hub", 600)
+    table.apply(ev("node1", BAN), NOW)
+    table.take_decision(cluster_ban(), NOW, "note")
+    assert table.apply(ev("node1", UNBAN), NOW + 5) == (Outcome.EXTENDED, None)
+    assert ("sshd", "192.0.2.10") in table.bans

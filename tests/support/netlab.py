@@ -42,6 +42,10 @@ GREETING = "f2bzmq-lab"
 LISTENER_LIFETIME = 600
 SSHD_BANTIME = 600
 SYNC_BANTIME = 86400
+# The test cluster's stand-in sshd and attacker (docker/): every login fails and is logged
+# as sshd logs it, with the client's real address; a client that sends nothing is not.
+DOCKER = Path(__file__).resolve().parent.parent.parent / "docker"
+SSH_BANNER = "SSH-2.0-"
 
 # Arguments: port, greeting, lifetime in seconds.
 LISTENER = """
@@ -88,6 +92,16 @@ while True:
         break
     time.sleep(0.02)
 print(json.dumps({"settled": settled, "since": since, "reachable": states}), flush=True)
+"""
+
+
+# The stand-in sshd in this process, which ends by itself after its lifetime (argv[1]) like
+# the listener; the rest of argv is its own.
+BOUNDED_SSHD = f"""
+import os, runpy, sys, threading
+threading.Timer(float(sys.argv[1]), os._exit, (0,)).start()
+sys.argv = [{str(DOCKER / "fake_sshd.py")!r}, *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
@@ -139,10 +153,22 @@ class NetnsCluster:
     when the block failed.
     """
 
-    def __init__(self, root: Path, action: str, port: int = LISTEN_PORT) -> None:
+    def __init__(
+        self,
+        root: Path,
+        action: str,
+        port: int = LISTEN_PORT,
+        sshd: bool = False,
+        sshd_maxretry: int = 2,
+        **sections: dict[str, str],
+    ) -> None:
+        """`sshd`: each node's listener is the stand-in sshd, whose failed logins go to the
+        node's auth log; `sections`: configuration sections, as for Cluster."""
         self.root = Path(root)
         self.action = action
         self.port = port
+        self.sshd = sshd
+        self.greeting = SSH_BANNER if sshd else GREETING
         self._namespaces = Namespaces()
         self.namespaces: dict[str, str] = {}
         self.listeners: dict[str, subprocess.Popen] = {}
@@ -152,7 +178,9 @@ class NetnsCluster:
             fail2ban=lambda node: {
                 "jails": jails_with(action, port),
                 "netns": self._namespaces.prefix + node,
+                "sshd_maxretry": sshd_maxretry,
             },
+            **sections,
         )
 
     def __enter__(self) -> NetnsCluster:
@@ -203,13 +231,15 @@ class NetnsCluster:
                 raise RuntimeError(f"fail2ban-server {node} (pid {pid}) is not in its namespace")
 
     def _start_listener(self, node: str) -> None:
+        if self.sshd:
+            auth_log = str(self.cluster[node].fail2ban.auth_log)
+            arguments = ["--port", str(self.port), "--log", auth_log]
+            program = ["-c", BOUNDED_SSHD, str(LISTENER_LIFETIME), *arguments]
+        else:
+            program = ["-c", LISTENER, str(self.port), GREETING, str(LISTENER_LIFETIME)]
         with (self.root / f"{node}-listener.out").open("ab") as output:
             self.listeners[node] = subprocess.Popen(
-                [
-                    *self.exec_in(node),
-                    *(sys.executable, "-c", LISTENER, str(self.port), GREETING),
-                    str(LISTENER_LIFETIME),
-                ],
+                [*self.exec_in(node), sys.executable, *program],
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
@@ -243,7 +273,7 @@ class NetnsCluster:
         targets = nodes if nodes is not None else NODES
         command = [
             *self.exec_in(source),
-            *(sys.executable, "-c", PROBE, json.dumps(targets), str(self.port), GREETING),
+            *(sys.executable, "-c", PROBE, json.dumps(targets), str(self.port), self.greeting),
             *("open" if reachable else "blocked", str(timeout)),
         ]
         # Unbuffered: readline() must not swallow the result that communicate() reads.
@@ -268,6 +298,14 @@ class NetnsCluster:
         if probe.returncode != 0:
             raise RuntimeError(f"the probe in {source} failed: {errors.decode().strip()}")
         return Watch(**json.loads(output))
+
+    def fail_logins(self, node: str, tries: int) -> None:
+        """The attacker fails `tries` logins on a node's stand-in sshd (`sshd=True`)."""
+        run_command(
+            *self.exec_in("attacker"),
+            *(sys.executable, str(DOCKER / "attacker.py"), "--port", str(self.port)),
+            *("attack", NODES[node], "--tries", str(tries)),
+        )
 
     def answers_inside(self, node: str) -> bool:
         """The node's listener still accepts from its own namespace (nothing bans loopback)."""
