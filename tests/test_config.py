@@ -190,6 +190,7 @@ def test_the_time_keys_are_the_ones_expected():
         ("publisher", "heartbeat_interval"),
         ("subscriber", "heartbeat_timeout"),
         ("subscriber", "resync_interval"),
+        ("relay", "heartbeat_timeout"),
     ]
 
 
