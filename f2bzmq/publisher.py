@@ -56,6 +56,7 @@ _STREAMS = ((False, protocol.MAX_UPDATE_EVENTS), (True, protocol.MAX_PACKED_EVEN
 # every event gets a retry NAK, and each failed attempt costs a reload of the table.
 STORE_RETRY = 2.0
 TIDY_INTERVAL = 5.0  # seconds between checks that the store's write-ahead log can be emptied
+BACKLOG = 4096  # connections a bound socket lets wait for libzmq to accept them
 
 
 class Publisher:
@@ -509,6 +510,10 @@ def hub_socket(
     """A bound hub socket; `patience` seconds of retries while a closed one frees its port."""
     sock = context.socket(kind)
     sock.linger = 1000
+    # Connections waiting to be accepted: after a restart every node reconnects at once,
+    # and past libzmq's default of 100 the kernel drops them, each to retry 1, 3, 7 s
+    # later. The kernel caps it at net.core.somaxconn.
+    sock.backlog = BACKLOG
     security.server(sock)
     if kind == zmq.PUB:
         # PUB drops silently past the high-water mark; sequence numbers make a
