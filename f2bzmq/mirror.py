@@ -5,7 +5,9 @@ answers its region's snapshot requests from that copy, so that a hub's restart c
 hub one snapshot per relay instead of one per node. `Mirror` holds the rules:
 
 - the copy is *whole* while the hub's stream is followed in order: a snapshot taken, no
-  gap, no new state and no silence since (each of those asks the hub for a new snapshot);
+  gap, no new state and no silence since (each of those asks the hub for a new snapshot),
+  and the hub heard within half the heartbeat timeout: a node that asks because the hub
+  went silent must not get the relay's stale word for it;
 - a request is answered only from a whole copy; until then it waits, and a request that
   waited longer than a subscriber waits for its answer (`sync.SNAPSHOT_TIMEOUT`) is
   dropped: that subscriber has asked again on a new socket;
@@ -41,11 +43,16 @@ class Mirror:
         self.broken_since: float | None = now  # since when the copy is not whole, if it is not
         self._parts: list[list[bytes]] | None = None  # the answer, while the copy is unchanged
 
-    @property
-    def whole(self) -> bool:
-        """The copy is the hub's table at its sequence: it may be handed out."""
+    def whole(self, now: float) -> bool:
+        """The copy is the hub's table at its sequence, and the hub said so lately: it may
+        be handed out."""
         sync = self.sync
-        return sync.synced and sync.snapshot_asked is None and sync.state_id is not None
+        return (
+            sync.synced
+            and sync.snapshot_asked is None
+            and sync.state_id is not None
+            and now - sync.heard <= sync.heartbeat_timeout / 2
+        )
 
     # The hub's stream: HubSync decides, the copy's answer is encoded again when it changed.
 
@@ -81,7 +88,7 @@ class Mirror:
     def _follow(self, outcome: Outcome, now: float) -> Outcome:
         if outcome.applied or outcome.replaced or outcome.dropped:
             self._parts = None
-        if self.whole:
+        if self.whole(now):
             self.broken_since = None
         elif self.broken_since is None:
             self.broken_since = now
@@ -92,7 +99,7 @@ class Mirror:
     def on_request(self, peer: bytes, now: float) -> list[bytes]:
         """A node asks for the table: the peers to answer now (this one, if the copy is
         whole); otherwise it waits for `due`."""
-        if self.whole:
+        if self.whole(now):
             self.served += 1
             return [peer]
         if peer not in self.waiting and len(self.waiting) >= MAX_WAITING:
@@ -101,9 +108,9 @@ class Mirror:
         self.waiting[peer] = now  # asked again on the same socket: the later one counts
         return []
 
-    def due(self) -> list[bytes]:
+    def due(self, now: float) -> list[bytes]:
         """The waiting peers to answer now that the copy is whole (none while it is not)."""
-        if not self.whole or not self.waiting:
+        if not self.waiting or not self.whole(now):
             return []
         peers = list(self.waiting)
         self.waiting.clear()

@@ -77,10 +77,7 @@ class Relay:
         # The authenticator must run before the first bind, on the sockets' context.
         self.auth = self.server_security.authenticator(self.context)
         try:
-            bind = functools.partial(hub_socket, self.context, self.server_security)
-            binds = config.relay_binds
-            self.stream = bind(config.relay.send_hwm, 0.0, zmq.PUB, binds("publish_port"))
-            self.snapshots = bind(config.relay.send_hwm, 0.0, zmq.ROUTER, binds("snapshot_port"))
+            self.bind_sockets()
         except BaseException:
             if self.auth is not None:
                 self.auth.stop()
@@ -96,6 +93,37 @@ class Relay:
         self.control = control_path and ControlSocket(self.context, control_path, self.status)
         self.wakeup = Wakeup()
         self.signals = StopSignals(self.wakeup)
+
+    def bind_sockets(self, patience: float = 0.0) -> None:
+        """The downstream PUB and ROUTER; `patience`: seconds a closed one may take to
+        free its port."""
+        bind = functools.partial(
+            hub_socket, self.context, self.server_security, self.config.relay.send_hwm, patience
+        )
+        self.stream = bind(zmq.PUB, self.config.relay_binds("publish_port"))
+        self.snapshots = bind(zmq.ROUTER, self.config.relay_binds("snapshot_port"))
+
+    def reload_keys(self) -> None:
+        """SIGHUP: read nodes/ again; if a key went away, cut every node's connection so
+        that it can't stay (the others reconnect by themselves)."""
+        if self.auth is None:
+            log.info("SIGHUP: insecure mode, no keys to reload")
+            return
+        before = set(self.auth.names)
+        count = self.auth.reload()
+        removed = before - self.auth.names
+        log.log(NOTICE, "reloaded node keys: %d accepted", count)
+        if not removed:
+            return
+        log.log(NOTICE, "keys withdrawn for %s: reconnecting everyone", ", ".join(sorted(removed)))
+        self.forwarder.stop()
+        self.poller.unregister(self.snapshots)
+        for sock in (self.stream, self.snapshots):
+            sock.close(linger=0)
+        self.bind_sockets(patience=10.0)
+        self.poller.register(self.snapshots, zmq.POLLIN)
+        self.forwarder.downstream = self.stream
+        self.forwarder.start()
 
     def _greeter_socket(self) -> zmq.Socket:
         sock = self.context.socket(zmq.DEALER)
@@ -115,7 +143,7 @@ class Relay:
             " ".join(self.config.relay_binds("snapshot_port")),
         )
         self.forwarder.start()
-        poller = zmq.Poller()
+        self.poller = poller = zmq.Poller()
         poller.register(self.wakeup.read_fd, zmq.POLLIN)
         poller.register(self.snapshots, zmq.POLLIN)
         poller.register(self.greeter, zmq.POLLIN)
@@ -128,6 +156,10 @@ class Relay:
             ready = dict(poller.poll(self._timeout_ms()))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
+            if self.signals.reload:
+                self.signals.reload = False
+                self.reload_keys()
+                continue
             if self.control and self.control.socket in ready:
                 self.control.handle()
             now = time.monotonic()
@@ -141,7 +173,7 @@ class Relay:
             if self.snapshots in ready:
                 self.handle_requests(now)
             self.follow(self.mirror.on_tick(now))
-            self.answer(self.mirror.due())
+            self.answer(self.mirror.due(now))
             self.say_hello(now)
             for old, new in zip(before, (*self.link.sockets(), self.greeter)):
                 if new is not old:
@@ -195,8 +227,9 @@ class Relay:
         self.link.execute(outcome)
         if outcome.reconnect_updates:
             self.forwarder.renew()
-        if self.said_whole != self.mirror.whole:
-            self.said_whole = self.mirror.whole
+        whole = self.mirror.whole(time.monotonic())
+        if self.said_whole != whole:
+            self.said_whole = whole
             if not self.said_whole:
                 log.info("the copy of %s is not whole: snapshot requests wait", self.upstream)
                 return
@@ -280,7 +313,7 @@ class Relay:
             "role": "relay",
             "node": self.config.node,
             "Following": self.upstream,
-            "Copy": "whole" if mirror.whole else "not whole: snapshot requests wait",
+            "Copy": "whole" if mirror.whole(now) else "not whole: snapshot requests wait",
             "Hub state": f"{sync.state_id[:8]}{' (young)' if sync.young else ''}"
             if sync.state_id
             else "not known yet",
@@ -295,7 +328,9 @@ class Relay:
             "Messages refused": self.refused,
             "problems": self.problems(now),
             "metrics": {
-                "synced": gauge("1 when the copy of the hub's table is whole", int(mirror.whole)),
+                "synced": gauge(
+                    "1 when the copy of the hub's table is whole", int(mirror.whole(now))
+                ),
                 "sequence": gauge("sequence number of the copy", sync.sequence),
                 "bans": gauge("bans in the copy", bans),
                 "snapshots_received": counter("snapshots from the hub", sync.snapshots_received),

@@ -26,7 +26,7 @@ def step(core: Mirror, given: tuple, now: float) -> list[str]:
     else:
         feed(core, given, now)
         answered = []
-    return [peer.decode() for peer in answered + core.due()]
+    return [peer.decode() for peer in answered + core.due(now)]
 
 
 # name: steps of (now, input, peers answered, whole after)
@@ -71,6 +71,12 @@ SCENARIOS = {
         (8, ("hugz", OLD, 2), [], False),
         (8.5, ("part", OLD, 2, 1, 2), ["a"], True),
     ],
+    "a copy the hub has not confirmed for half the timeout waits for its next word": [
+        *SYNCED,
+        (3.1, ("ask", "a"), [], False),
+        (3.5, ("hugz", OLD, 2), ["a"], True),
+        (6.1, ("tick",), [], False),
+    ],
     "a new state: requests wait for its snapshot": [
         *SYNCED,
         (1, ("hugz", NEW, 0, YOUNG), [], False),
@@ -98,7 +104,7 @@ SCENARIOS = {
 def test_when_requests_are_answered(name):
     core = Mirror(TIMEOUT, 0)
     for now, given, answered, whole in SCENARIOS[name]:
-        assert (step(core, given, now), core.whole) == (answered, whole), (now, given)
+        assert (step(core, given, now), core.whole(now)) == (answered, whole), (now, given)
 
 
 def test_requests_dropped_are_counted_and_answers_too():
@@ -118,7 +124,7 @@ def test_at_most_max_waiting_requests_wait(monkeypatch):
         core.on_request(peer, 1)
     assert list(core.waiting) == [b"a", b"b"] and core.dropped == 1
     feed(core, ("part", OLD, 2, 1, 2), 2)
-    assert core.due() == [b"a", b"b"]
+    assert core.due(2) == [b"a", b"b"]
 
 
 def test_broken_since_says_how_long_the_copy_is_not_whole():
@@ -170,7 +176,7 @@ def test_a_young_states_answer_holds_its_bans_only_and_says_it_is_young():
         {"2"},
     )
     feed(core, ("hugz", NEW, 1), 2)  # rebuilt: the hub's table is asked for again
-    assert not core.whole
+    assert not core.whole(2)
     feed(core, ("part", NEW, 1, 2), 2.5)
     assert answer(core) == ([{"publisher": NEW, "seq": 1, "part": 0, "last": True}], {"2"})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -126,7 +127,12 @@ def test_the_relay_forwards_the_hubs_bytes_and_hands_out_its_table(hub, keys, re
     try:
         for client in (direct, relayed):
             client.updates.setsockopt(zmq.SUBSCRIBE, protocol.PACKED)  # both streams
-            assert client.updates.recv_multipart()[1] == protocol.HUGZ
+            # Both subscriptions are in place once a heartbeat of each stream came.
+            heard = set()
+            while heard != {protocol.PROTOCOL, protocol.PACKED}:
+                frames = client.updates.recv_multipart()
+                assert frames[1] == protocol.HUGZ
+                heard.add(frames[0])
         assert direct.report(ban("192.0.2.1").encode())[0] == protocol.ACK
         # The update in both streams and the heartbeats after it: the same bytes, in order.
         expected = next_messages(direct, 4)
@@ -290,6 +296,22 @@ def test_nothing_a_node_sends_a_relay_goes_to_the_hub(hub, keys, relay):
             assert direct.snapshot()[0]["seq"] == 0
         finally:
             direct.close()
+    finally:
+        node2.close()
+
+
+def test_a_key_withdrawn_from_a_relay_is_shut_out_on_sighup(hub, keys, relay):
+    node2 = NodeClient(hub.ports, keys, "node2", address=relay.address)
+    node2.updates.rcvtimeo = SILENCE
+    try:
+        assert node2.updates.recv_multipart()[1] == protocol.HUGZ
+        (relay.keys_dir / "nodes" / "node2.key").unlink()
+        relay.process.process.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "keys withdrawn for node2" in relay.log_text(), 15, 0.05)
+        with pytest.raises(zmq.Again):
+            for _ in range(100):  # what was queued before the cut, then nothing
+                node2.updates.recv_multipart()
+        assert relay.status()["Copy"] == "whole"
     finally:
         node2.close()
 

@@ -59,7 +59,10 @@ class LabRelay:
         except ControlError:
             return False
 
-    def log(self) -> str:
+    def log_text(self) -> str:
         path = self.directory / "relay.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return tail(text + self.process.log_text(), 40)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def log(self) -> str:
+        """The end of its log and output, for an assertion's message."""
+        return tail(self.log_text() + self.process.log_text(), 40)
