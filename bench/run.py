@@ -1,8 +1,8 @@
 """The whole benchmark suite in one command: every table, and one JSON file with every figure.
 
 Runs each benchmark of this folder as its own process (propagation, throughput,
-footprint, scale, hostile, detection, and burst when present), with its full settings, or with
-`--quick` a small version of each that runs in a minute or two (what CI runs to
+footprint, scale, hostile, detection, fanout, and burst when present), with its full
+settings, or with `--quick` a small version of each that runs in a minute or two (what CI runs to
 keep them working). Each prints its table as it finishes; the JSON file holds the
 machine and each benchmark's figures, or why it failed.
 
@@ -55,6 +55,14 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
     "detection-no-action": (
         ["--parts", "latency", "--action", "none"],
         ["--parts", "latency", "--action", "none", "--count", "10"],
+    ),
+    # 1,000 subscribers on the hub, then through 4 relays, each beside its floor (10,000
+    # need `fanout.py --setups 10000:10,10000:0` and 21,024 open files for the hub).
+    # Quick: 20 subscribers, on the hub and through 2 relays.
+    "fanout": (
+        ["--setups", "1000:0,1000:4"],
+        ["--setups", "20:0,20:2", "--table", "100", "--bans", "10", "--interval", "0.05"]
+        + ["--heartbeat-timeout", "2", "--down", "3"],
     ),
     "burst": ([], ["--count", "100", "--nodes", "1", "--actions", "dummy"]),
     # One node applying: what one server gets when it does not share the two cores of
@@ -163,6 +171,15 @@ def headline(name: str, result: dict) -> str:
             f"{size['nodes']} nodes: {size['delivered_events_per_s']:.0f} ev/s,"
             f" p50 {size['propagation_listed_ms']['p50']:.1f} ms"
             for size in result["sizes"]
+        )
+    if name == "fanout":
+        setups = [found["f2bzmq"] for found in result["setups"]]
+        return "; ".join(
+            f"{setup['subscribers']:,} via "
+            + (f"{setup['relays']} relays" if setup["relays"] else "the hub")
+            + f": p99 to all {setup['propagation']['last_ms']['p99']:.1f} ms,"
+            f" all resynced {setup['resync_s']['max']:.1f} s"
+            for setup in setups
         )
     return "done"
 

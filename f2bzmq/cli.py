@@ -21,6 +21,11 @@ ROLES = {
         "Apply the cluster's bans to this node's fail2ban, in its sync jail, "
         "through fail2ban's own socket."
     ),
+    "relay": (
+        "Forward one hub's update stream to a region's subscribers and answer their "
+        "snapshot requests from a copy of its ban table, so the hub serves a few relays "
+        "instead of every node."
+    ),
 }
 
 VERBS = {
@@ -94,6 +99,10 @@ def factory(role: str):
         from .publisher import Publisher
 
         return Publisher
+    if role == "relay":
+        from .relay import Relay
+
+        return Relay
     from .subscriber import Subscriber
 
     return Subscriber
@@ -121,7 +130,7 @@ def main(role: str, argv: list[str] | None = None) -> int:
 def umbrella_main(argv: list[str]) -> int:
     """`python3 -m f2bzmq ROLE …`, `python3 -m f2bzmq cluster …` or `python3 -m f2bzmq demo`."""
     usage = (
-        "usage: python3 -m f2bzmq {monitor|publisher|subscriber} [-c PATH] COMMAND\n"
+        "usage: python3 -m f2bzmq {monitor|publisher|subscriber|relay} [-c PATH] COMMAND\n"
         "       python3 -m f2bzmq cluster [-c PATH] COMMAND …   (the cluster console)\n"
         "       python3 -m f2bzmq keygen NAME [--dir DIR]\n"
         "       python3 -m f2bzmq demo"
@@ -166,3 +175,7 @@ def cluster_main() -> None:
     from .console import main as console_main
 
     sys.exit(console_main())
+
+
+def relay_main() -> None:
+    sys.exit(main("relay"))

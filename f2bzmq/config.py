@@ -266,6 +266,26 @@ def _hosts(value: str) -> list[str]:
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
+def _followed(value: str) -> list[str]:
+    """Hosts to follow instead of [general] hubs; empty: the hubs."""
+    if not value.strip():
+        return []
+    hosts = _hosts(value)
+    if "*" in hosts:
+        raise ValueError("'*' is not a host to follow")
+    return hosts
+
+
+def _one_host(value: str) -> str:
+    """One host name or address; empty: the first of [general] hubs."""
+    if not value:
+        return ""
+    hosts = _hosts(value)
+    if len(hosts) != 1 or hosts[0] == "*":
+        raise ValueError("names one hub or relay to follow, not several")
+    return hosts[0]
+
+
 def _networks(value: str) -> list[Network]:
     networks = []
     for word in _words(value):
@@ -469,6 +489,20 @@ class SubscriberSettings:
     batch_size: int = _key("2000", _number(int, 1, 10000))
     heartbeat_timeout: float = _key("5", _duration(float, 0.1, 3600))
     resync_interval: float = _key("5m", _duration(float, 1, 86400))
+    follow: list[str] = _key("", _followed)
+    follow_key: str = _key("hub", _name)
+    metrics: tuple[str, int] | None = _key("", _listen)
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """[relay]: forwarding one hub's update stream to a region's subscribers, with snapshots."""
+
+    follow: str = _key("", _one_host)
+    bind: list[str] = _key("127.0.0.1", _hosts)
+    server_key: str = _key("hub", _name)
+    heartbeat_timeout: float = _key("5", _duration(float, 0.1, 3600))
+    send_hwm: int = _key("1000", _number(int, 10, 10**7))
     metrics: tuple[str, int] | None = _key("", _listen)
 
 
@@ -517,6 +551,7 @@ SECTIONS = {
     "subscriber": SubscriberSettings,
     "console": ConsoleSettings,
     "detect": ClusterJail,
+    "relay": RelaySettings,
 }
 CLUSTER_JAIL = "detect:"  # a cluster jail's section: [detect:sshd]
 
@@ -541,6 +576,7 @@ class Config:
     subscriber: SubscriberSettings
     console: ConsoleSettings
     detect: ClusterJail  # the defaults of the cluster jails
+    relay: RelaySettings
     cluster_jails: dict[str, ClusterJail] = field(default_factory=dict)  # [detect:NAME]s, enabled
     warnings: tuple[str, ...] = ()  # deprecated keys read; the daemon logs them at start
 
@@ -552,10 +588,22 @@ class Config:
     def node(self) -> str:
         return self.general.node
 
-    def endpoints(self, port_key: str) -> list[str]:
-        """tcp:// endpoints of every hub for one of the three ports."""
+    def endpoints(self, port_key: str, hosts: list[str] | None = None) -> list[str]:
+        """tcp:// endpoints of every hub (or of `hosts`) for one of the three ports."""
         port = getattr(self.general, port_key)
-        return [tcp_endpoint(host, port) for host in self.general.hubs]
+        return [tcp_endpoint(host, port) for host in hosts or self.general.hubs]
+
+    def followed(self) -> list[str]:
+        """The hosts whose update streams the subscriber follows: relays, or the hubs."""
+        return self.subscriber.follow or self.general.hubs
+
+    def relayed(self) -> str:
+        """The hub (or relay) whose stream the relay forwards: its own, or the first hub."""
+        return self.relay.follow or self.general.hubs[0]
+
+    def relay_binds(self, port_key: str) -> list[str]:
+        port = getattr(self.general, port_key)
+        return [tcp_endpoint(host, port) for host in self.relay.bind]
 
     def binds(self, port_key: str) -> list[str]:
         port = getattr(self.general, port_key)

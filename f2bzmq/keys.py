@@ -367,7 +367,17 @@ class NodeAuthenticator(threading.Thread):
 class Security:
     """How a role's sockets are secured: CURVE with this server's keys, or plain TCP if insecure."""
 
-    def __init__(self, keys_dir: str | os.PathLike, node: str, role: str, insecure: bool) -> None:
+    def __init__(
+        self,
+        keys_dir: str | os.PathLike,
+        node: str,
+        role: str,
+        insecure: bool,
+        server_key: str = HUB,
+    ) -> None:
+        """`server_key`: the key pair a server holds (keys_dir/NAME.key_secret) and the public
+        key a client checks the server with (keys_dir/NAME.key): the hubs' by default; a relay
+        may serve with a key of its own that its nodes check it with."""
         self.insecure = insecure
         self.node = node
         self.nodes_dir = Path(keys_dir) / "nodes"
@@ -382,19 +392,20 @@ class Security:
             return
         require_curve()
         keys = Path(keys_dir)
-        if role == "publisher":
-            self.own = load_secret(keys / f"{HUB}.key_secret")
+        if role in ("publisher", "relay"):
+            self.own = load_secret(keys / f"{server_key}.key_secret")
             self.hub_public = self.own.public  # a hub asks its peers for their tables
             authorized_nodes(self.nodes_dir)  # refuse to start without the directory
         else:
             self.own = load_secret(keys / f"{node}.key_secret")
-            self.hub_public = load_public(keys / f"{HUB}.key")
+            self.hub_public = load_public(keys / f"{server_key}.key")
         self.public_key = self.own.public.decode()
 
     @classmethod
-    def for_role(cls, config, role: str) -> Security:
+    def for_role(cls, config, role: str, server_key: str = HUB) -> Security:
         """From [general] keys_dir and insecure; raises KeyFileError saying what to fix."""
-        return cls(config.general.keys_dir, config.node, role, config.general.insecure)
+        general = config.general
+        return cls(general.keys_dir, config.node, role, general.insecure, server_key)
 
     def server(self, sock: zmq.Socket, domain: str = "") -> None:
         """A hub socket: encrypted, and open only to clients the authenticator accepts for

@@ -95,7 +95,7 @@ REPLY_BACKLOG_TOTAL = 64 * 1024 * 1024  # all peers together
 REQUEST_HWM = 100
 HANDSHAKE_IVL = 10_000  # ms a connection has to finish its handshake
 MIN_FILE_LIMIT = 8192  # open files below which the hub warns at start
-LISTEN_BACKLOG = 1024  # connections the kernel queues until libzmq accepts them (100)
+LISTEN_BACKLOG = 4096  # connections the kernel queues until libzmq accepts them (libzmq: 100)
 MAX_SUBSCRIPTION = 1024  # bytes of a subscription a PUB takes; a node subscribes to 9
 # Snapshot parts queued per peer (each up to SNAPSHOT_EVENTS events, about 130 kB): the
 # rest of a snapshot is sent as the peer reads, so one that does not read holds this many.

@@ -201,13 +201,17 @@ class Subscriber:
         self.heartbeat_timeout = config.subscriber.heartbeat_timeout
         self.refusals = RateLimitedLog(log)
         self.refused = 0  # hub messages that failed to decode
-        self.security = security = Security.for_role(config, "subscriber")
+        # The hubs, or the relays this node follows instead ([subscriber] follow).
+        security = Security.for_role(config, "subscriber", config.subscriber.follow_key)
+        self.security = security
+        followed = config.followed()
         self.context = zmq.Context()
         now = time.monotonic()
         self.links = [
             HubLink(self.context, publish, snapshot, security, HubSync(self.heartbeat_timeout, now))
             for publish, snapshot in zip(
-                config.endpoints("publish_port"), config.endpoints("snapshot_port")
+                config.endpoints("publish_port", followed),
+                config.endpoints("snapshot_port", followed),
             )
         ]
         self.resync_interval = config.subscriber.resync_interval

@@ -43,7 +43,7 @@ from pathlib import Path
 
 ATTACKER = "198.51.100.7"
 CONF_DIR = Path("etc/fail2ban-cluster")
-UNITS = ("fail2ban-monitor", "fail2ban-publisher", "fail2ban-subscriber")
+UNITS = ("fail2ban-monitor", "fail2ban-publisher", "fail2ban-subscriber", "fail2ban-relay")
 HUB_UNIT = "/lib/systemd/system/fail2ban-publisher.service"
 STATE = "/var/lib/fail2ban-cluster"
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
@@ -184,10 +184,11 @@ def check_package(root: Path) -> dict:
     ):
         if f" {conffile} " not in conffiles:
             raise Failed(f"{conffile} is not a conffile: {conffiles}")
-    enabled = list(root.glob("etc/systemd/system/*.wants/fail2ban-[mps]*.service"))
+    enabled = list(root.glob("etc/systemd/system/*.wants/fail2ban-[mprs]*.service"))
     if enabled:
         raise Failed(f"the package enabled units itself: {enabled}")
-    for program in ("f2bzmq-monitor", "f2bzmq-publisher", "f2bzmq-subscriber", "f2bzmq-cluster"):
+    programs = ("monitor", "publisher", "subscriber", "relay", "cluster")
+    for program in (f"f2bzmq-{name}" for name in programs):
         chroot(root, program, "--version")
         if not (root / f"usr/share/man/man1/{program}.1.gz").is_file():
             raise Failed(f"no manual page for {program}")

@@ -17,7 +17,7 @@ BENCH = ROOT / "bench"
 
 
 def suite_names() -> list[str]:
-    names = ["propagation", "throughput", "footprint", "scale", "hostile", "detection"]
+    names = ["propagation", "throughput", "footprint", "scale", "hostile", "detection", "fanout"]
     # The burst benchmark runs fail2ban in network namespaces: root and iproute2 only.
     if (BENCH / "burst.py").exists() and os.geteuid() == 0 and shutil.which("ip"):
         names.append("burst")
@@ -98,3 +98,14 @@ def test_quick_suite_runs_and_its_counts_add_up(tmp_path):
     for size in sizes:
         assert size["zero_loss"] is True, size["loss"]
         sane_spread(size["propagation_listed_ms"], results["scale"]["bans"])
+
+    setups = results["fanout"]["setups"]
+    assert [(s["f2bzmq"]["subscribers"], s["f2bzmq"]["relays"]) for s in setups] == [
+        (20, 0),
+        (20, 2),
+    ]
+    for found in setups:
+        for run in found.values():  # f2bzmq's daemons, and the floor's bare servers
+            assert run["propagation"]["missing"] == 0
+            sane_spread(run["propagation"]["last_ms"], results["fanout"]["bans"])
+            sane_spread(run["resync_s"], 20)  # every subscriber synced again

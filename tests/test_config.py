@@ -223,6 +223,7 @@ def test_the_time_keys_are_the_ones_expected():
         ("detect", "bantime"),
         ("detect", "bantime.maxtime"),
         ("detect", "bantime.rndtime"),
+        ("relay", "heartbeat_timeout"),
     ]
 
 

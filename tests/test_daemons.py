@@ -61,7 +61,7 @@ def config(tmp_path):
 
 
 def test_help_explains_every_command():
-    for role in ("monitor", "publisher", "subscriber"):
+    for role in ("monitor", "publisher", "subscriber", "relay"):
         done = subprocess.run(
             [sys.executable, str(REPO / f"fail2ban-{role}.py"), "--help"],
             capture_output=True,

@@ -1,0 +1,372 @@
+"""The relay: one hub's update stream and table for a region's subscribers, so the hub
+serves a few relays instead of every node.
+
+Upstream a relay is a node: its own key in the hub's nodes/, a SUB and a snapshot DEALER
+following the hub's stream (`subscriber.HubLink` and `mirror.Mirror`, whose HubSync tells
+when its copy is whole), and hellos to the hub's report port, so a hub that lost its
+state counts the relay among the nodes that have rebuilt it (a relay holds no bans of its
+own). Downstream it is a hub: a PUB fed by ZeroMQ's own proxy (`forwarder.Forwarder`),
+which passes the hub's messages on byte for byte, and a ROUTER that answers snapshot
+requests from the copy; both with the hub's key pair (or the relay's own, `server_key`),
+open only to the node keys in the relay's own keys_dir/nodes/.
+
+The relay's heartbeats are the hub's, forwarded: when the hub is silent, so is the relay,
+and its nodes see the silence or the new state themselves. Requests that come while the
+copy is not whole wait until it is (a hub's restart: the relay's nodes all ask at once,
+and the relay asks the hub once).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+
+import zmq
+
+from . import protocol
+from .config import Config
+from .control import ControlSocket
+from .delivery import Greeting
+from .forwarder import Forwarder
+from .keys import Security
+from .metrics import counter, gauge
+from .mirror import Mirror
+from .protocol import ANY_NETWORK, ProtocolError
+from .publisher import hub_socket
+from .runtime import (
+    NOTICE,
+    RateLimitedLog,
+    StopSignals,
+    Wakeup,
+    clock,
+    drain,
+    log_problems,
+    send_frames,
+    try_send_frames,
+)
+from .subscriber import HubLink, log_notice
+from .sync import SNAPSHOT_TIMEOUT, Outcome
+
+log = logging.getLogger("f2bzmq.relay")
+
+
+class Relay:
+    """The relay's reactor: the hub's stream followed and forwarded, snapshots answered."""
+
+    def __init__(self, config: Config, control_path: Path | None = None) -> None:
+        self.config = config
+        self.heartbeat_timeout = config.relay.heartbeat_timeout
+        upstream = [config.relayed()]
+        publish, snapshot, report = (
+            config.endpoints(port, upstream)[0]
+            for port in ("publish_port", "snapshot_port", "report_port")
+        )
+        self.upstream = publish
+        self.report_endpoint = report
+        self.refusals = RateLimitedLog(log)
+        self.refused = 0  # messages from the hub that failed to decode, and bad requests
+        # Upstream a node (its key, the hub's public key), downstream a hub.
+        self.client_security = Security.for_role(config, "subscriber")
+        self.server_security = Security.for_role(config, "relay", config.relay.server_key)
+        self.context = zmq.Context()
+        now = time.monotonic()
+        self.started = now
+        self.mirror = Mirror(self.heartbeat_timeout, now)
+        # The authenticator must run before the first bind, on the sockets' context.
+        self.auth = self.server_security.authenticator(self.context)
+        try:
+            self.bind_sockets()
+        except BaseException:
+            if self.auth is not None:
+                self.auth.stop()
+            self.context.destroy(linger=0)
+            raise
+        self.link = HubLink(self.context, publish, snapshot, self.client_security, self.mirror.sync)
+        self.forwarder = Forwarder(self.context, publish, self.client_security, self.stream)
+        self.greeting = Greeting(None)  # what the hub's welcomes said of its state
+        self.greeter = self._greeter_socket()
+        self.answered_frames: list[list] = []  # the parts of the copy, as frames to share
+        self.answered_parts: list[list[bytes]] | None = None
+        self.said_whole = False  # the log says the copy is whole
+        self.control = control_path and ControlSocket(self.context, control_path, self.status)
+        self.wakeup = Wakeup()
+        self.signals = StopSignals(self.wakeup)
+
+    def bind_sockets(self, patience: float = 0.0) -> None:
+        """The downstream PUB and ROUTER; `patience`: seconds a closed one may take to
+        free its port."""
+        bind = functools.partial(hub_socket, self.context, self.server_security, patience=patience)
+        hwm = self.config.relay.send_hwm
+        self.stream = bind(zmq.PUB, self.config.relay_binds("publish_port"), hwm)
+        self.snapshots = bind(zmq.ROUTER, self.config.relay_binds("snapshot_port"), hwm)
+
+    def reload_keys(self) -> None:
+        """SIGHUP: read nodes/ again; if a key went away, cut every node's connection so
+        that it can't stay (the others reconnect by themselves)."""
+        if self.auth is None:
+            log.info("SIGHUP: insecure mode, no keys to reload")
+            return
+        before = dict(self.auth.nodes)
+        count = self.auth.reload()
+        # A replaced key counts: a connection made with the old one must not outlive it.
+        removed = {name for key, name in before.items() if self.auth.nodes.get(key) != name}
+        log.log(NOTICE, "reloaded node keys: %d accepted", count)
+        if not removed:
+            return
+        log.log(NOTICE, "keys withdrawn for %s: reconnecting everyone", ", ".join(sorted(removed)))
+        self.forwarder.stop()
+        self.poller.unregister(self.snapshots)
+        for sock in (self.stream, self.snapshots):
+            sock.close(linger=0)
+        self.bind_sockets(patience=10.0)
+        self.poller.register(self.snapshots, zmq.POLLIN)
+        self.forwarder.downstream = self.stream
+        self.forwarder.start()
+
+    def _greeter_socket(self) -> zmq.Socket:
+        sock = self.context.socket(zmq.DEALER)
+        self.client_security.client(sock)
+        sock.maxmsgsize = protocol.MAX_HUB_FRAME
+        sock.linger = 0
+        sock.connect(self.report_endpoint)
+        return sock
+
+    def run(self) -> None:
+        log.log(
+            NOTICE,
+            "relay %s started: following %s; updates on %s, snapshots on %s",
+            self.config.node,
+            self.upstream,
+            " ".join(self.config.relay_binds("publish_port")),
+            " ".join(self.config.relay_binds("snapshot_port")),
+        )
+        self.forwarder.start()
+        self.poller = poller = zmq.Poller()
+        poller.register(self.wakeup.read_fd, zmq.POLLIN)
+        poller.register(self.snapshots, zmq.POLLIN)
+        poller.register(self.greeter, zmq.POLLIN)
+        if self.control:
+            poller.register(self.control.socket, zmq.POLLIN)
+        for sock in self.link.sockets():
+            poller.register(sock, zmq.POLLIN)
+        self.follow(self.mirror.start(time.monotonic()))
+        while not self.signals.stopping:
+            ready = dict(poller.poll(self._timeout_ms()))
+            if self.wakeup.read_fd in ready:
+                self.wakeup.drain()
+            if self.signals.reload:
+                self.signals.reload = False
+                self.reload_keys()
+                continue
+            if self.control and self.control.socket in ready:
+                self.control.handle()
+            now = time.monotonic()
+            before = (*self.link.sockets(), self.greeter)
+            if self.link.updates in ready:
+                self.handle_updates(now)
+            if self.link.snapshots in ready:
+                self.handle_snapshot(now)
+            if self.greeter in ready:
+                self.handle_welcome(now)
+            if self.snapshots in ready:
+                self.handle_requests(now)
+            self.follow(self.mirror.on_tick(now))
+            self.answer(self.mirror.due(now))
+            self.say_hello(now)
+            for old, new in zip(before, (*self.link.sockets(), self.greeter)):
+                if new is not old:
+                    poller.unregister(old)
+                    poller.register(new, zmq.POLLIN)
+        self.close()
+
+    def _timeout_ms(self) -> int:
+        wait = min(
+            self.heartbeat_timeout / 2, 1.0, self.greeting.next_deadline() - time.monotonic()
+        )
+        return max(1, int(wait * 1000))
+
+    # Upstream: the hub's stream and snapshots, into the copy.
+
+    def handle_updates(self, now: float) -> None:
+        """Every waiting message, each whole or not at all; the forwarder passed it on already."""
+        for frames in drain(self.link.updates, 10000, max_frames=5):
+            try:
+                # The nodes check the network limits: the copy holds what the hub holds.
+                message = protocol.decode_stream(frames, ANY_NETWORK)
+            except ProtocolError as error:
+                self.refused += 1
+                self.refusals.warning("update", "ignored a message from the hub: %s", error)
+                continue
+            if message.heartbeat:
+                outcome = self.mirror.on_heartbeat(
+                    message.publisher, message.seq, now, message.young
+                )
+            else:
+                outcome = self.mirror.on_update(
+                    message.publisher, message.seq, message.events, now, message.young
+                )
+            self.follow(outcome)
+
+    def handle_snapshot(self, now: float) -> None:
+        for frames in drain(self.link.snapshots, 1000, max_frames=5):
+            try:
+                part = protocol.decode_snapshot_part(frames, ANY_NETWORK)
+            except ProtocolError as error:
+                self.refused += 1
+                self.refusals.warning("snapshot", "ignored a snapshot part: %s", error)
+                continue
+            self.follow(self.mirror.on_snapshot_part(part, now))
+
+    def follow(self, outcome: Outcome) -> None:
+        """Do what the copy's core decided: log, move the sockets (the forwarder's SUB with
+        the copy's, when the hub went silent or sent a frame too large)."""
+        for notice in outcome.notices:
+            log_notice(notice, self.link, self.refusals)
+        self.link.execute(outcome)
+        if outcome.reconnect_updates:
+            self.forwarder.renew()
+        whole = self.mirror.whole(time.monotonic())
+        if self.said_whole != whole:
+            self.said_whole = whole
+            if not self.said_whole:
+                log.info("the copy of %s is not whole: snapshot requests wait", self.upstream)
+                return
+            log.log(
+                NOTICE,
+                "the copy of %s is whole: %d bans at sequence %d%s",
+                self.upstream,
+                len(self.mirror.table()),
+                self.mirror.sync.sequence,
+                f"; answering {len(self.mirror.waiting)} waiting requests"
+                if self.mirror.waiting
+                else "",
+            )
+
+    def handle_welcome(self, now: float) -> None:
+        """The hub's answer to a hello: a relay reports no bans, so any state it names is
+        one this relay has nothing more to report to (a young hub need not wait for it)."""
+        for frames in drain(self.greeter, 100, max_frames=3):
+            if not protocol.is_welcome(frames):
+                continue  # a NAK of a hello: the hub says why in its own log
+            try:
+                welcome = protocol.decode_welcome(frames)
+            except ProtocolError as error:
+                self.refusals.warning("welcome", "ignored a welcome: %s", error)
+                continue
+            if self.greeting.on_welcome(welcome, now) is not None:
+                self.greeting.reported(welcome.publisher)
+                if welcome.young:
+                    self.greeting.hello_soon()
+
+    def say_hello(self, now: float) -> None:
+        if not self.greeting.hello_due(now):
+            return
+        if self.greeting.sent_at is not None:
+            # Unanswered: a refused handshake leaves a DEALER that never reconnects.
+            self.greeter.close()
+            self.greeter = self._greeter_socket()
+        try_send_frames(self.greeter, protocol.encode_hello(self.greeting.known))
+        self.greeting.hello_sent(now)
+
+    # Downstream: the region's snapshot requests.
+
+    def handle_requests(self, now: float) -> None:
+        peers = []
+        for frames in drain(self.snapshots, 1000, max_frames=8):
+            peer, body = frames[0], frames[1:]
+            try:
+                protocol.decode_snapshot_request(body)
+            except ProtocolError as error:
+                self.refused += 1
+                self.refusals.warning("request", "refused a snapshot request: %s", error)
+                continue
+            peers += self.mirror.on_request(peer, now)
+        self.answer(peers)
+
+    def answer(self, peers: list[bytes]) -> None:
+        """The copy to each peer. Its parts are encoded once, and each large frame is shared
+        by every send (libzmq counts references): only the encryption is per node."""
+        if not peers:
+            return
+        parts = self.mirror.parts()
+        if parts is not self.answered_parts:
+            self.answered_parts = parts
+            self.answered_frames = [[*part[:-1], zmq.Frame(part[-1])] for part in parts]
+        for peer in peers:
+            for part in self.answered_frames:
+                send_frames(self.snapshots, [peer, *part])
+        log.debug(
+            "sent %d snapshots of %d parts at sequence %d",
+            len(peers),
+            len(parts),
+            self.mirror.sync.sequence,
+        )
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        mirror, sync = self.mirror, self.mirror.sync
+        forwarded = self.forwarder.statistics()
+        bans = len(mirror.table())
+        return {
+            "role": "relay",
+            "node": self.config.node,
+            "Following": self.upstream,
+            "Copy": "whole" if mirror.whole(now) else "not whole: snapshot requests wait",
+            "Hub state": f"{sync.state_id[:8]}{' (young)' if sync.young else ''}"
+            if sync.state_id
+            else "not known yet",
+            "Sequence number": sync.sequence,
+            "Currently banned": bans,
+            "Last heard": f"{now - sync.heard:.1f} s ago",
+            "Snapshots received": sync.snapshots_received,
+            "Snapshots served": mirror.served,
+            "Requests waiting": len(mirror.waiting),
+            "Requests dropped": mirror.dropped,
+            "Frames forwarded": forwarded["messages"],
+            "Messages refused": self.refused,
+            "problems": self.problems(now),
+            "metrics": {
+                "synced": gauge(
+                    "1 when the copy of the hub's table is whole", int(mirror.whole(now))
+                ),
+                "sequence": gauge("sequence number of the copy", sync.sequence),
+                "bans": gauge("bans in the copy", bans),
+                "snapshots_received": counter("snapshots from the hub", sync.snapshots_received),
+                "snapshots_served": counter("snapshots handed out", mirror.served),
+                "requests_waiting": gauge("snapshot requests waiting", len(mirror.waiting)),
+                "requests_dropped": counter("snapshot requests given up", mirror.dropped),
+                "forwarded_frames": counter("frames forwarded", forwarded["messages"]),
+                "forwarded_bytes": counter("bytes forwarded", forwarded["bytes"]),
+                "messages_refused": counter("messages refused", self.refused),
+            },
+        }
+
+    def problems(self, now: float) -> list[str]:
+        """What makes the relay unhealthy: a copy not whole for long, or no forwarding."""
+        found = []
+        broken = self.mirror.broken_since
+        if broken is not None and now - broken > self.heartbeat_timeout + SNAPSHOT_TIMEOUT:
+            found.append(
+                f"the copy of {self.upstream} has not been whole for {now - broken:.0f} s "
+                f"(last heard {clock(time.time() - (now - self.mirror.sync.heard))}): "
+                "snapshot requests wait"
+            )
+        if not self.forwarder.alive:
+            found.append(f"the forwarder of {self.upstream} stopped: {self.forwarder.error}")
+        return found + log_problems()
+
+    def close(self) -> None:
+        self.forwarder.stop()
+        self.link.close()
+        self.greeter.close()
+        self.stream.close()
+        self.snapshots.close()
+        if self.control:
+            self.control.close()
+        if self.auth is not None:
+            self.auth.stop()  # its ZAP socket would keep the context from terminating
+        self.context.term()
+        self.wakeup.close()
+        log.log(NOTICE, "relay %s stopped", self.config.node)
