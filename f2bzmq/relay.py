@@ -46,6 +46,7 @@ from .runtime import (
     send_frames,
     try_send_frames,
 )
+from .sdnotify import Notifier
 from .subscriber import HubLink, log_notice
 from .sync import SNAPSHOT_TIMEOUT, Outcome
 
@@ -90,7 +91,10 @@ class Relay:
         self.answered_frames: list[list] = []  # the parts of the copy, as frames to share
         self.answered_parts: list[list[bytes]] | None = None
         self.said_whole = False  # the log says the copy is whole
-        self.control = control_path and ControlSocket(self.context, control_path, self.status)
+        self.control = control_path and ControlSocket(
+            self.context, control_path, self.status, self.reload
+        )
+        self.notifier = Notifier()  # systemd's, when the daemon runs under its unit
         self.wakeup = Wakeup()
         self.signals = StopSignals(self.wakeup)
 
@@ -152,13 +156,15 @@ class Relay:
         for sock in self.link.sockets():
             poller.register(sock, zmq.POLLIN)
         self.follow(self.mirror.start(time.monotonic()))
+        self.notifier.ready(f"following {self.upstream}")
         while not self.signals.stopping:
+            self.notifier.tick(time.monotonic())
             ready = dict(poller.poll(self._timeout_ms()))
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
             if self.signals.reload:
                 self.signals.reload = False
-                self.reload_keys()
+                self.reload()
                 continue
             if self.control and self.control.socket in ready:
                 self.control.handle()
@@ -182,10 +188,21 @@ class Relay:
         self.close()
 
     def _timeout_ms(self) -> int:
-        wait = min(
-            self.heartbeat_timeout / 2, 1.0, self.greeting.next_deadline() - time.monotonic()
-        )
+        now = time.monotonic()
+        wait = min(self.heartbeat_timeout / 2, 1.0, self.greeting.next_deadline() - now)
+        keepalive = self.notifier.wait(now)
+        if keepalive is not None:
+            wait = min(wait, keepalive)
         return max(1, int(wait * 1000))
+
+    def reload(self) -> dict:
+        """SIGHUP or `relay reload`: the keys of the nodes it admits read again. Its other
+        settings and its own keys are held by its sockets: they take a restart."""
+        self.reload_keys()
+        keys = "none (insecure = true)"
+        if self.auth is not None:
+            keys = f"{len(self.auth.names)} node keys accepted"
+        return {"Applied": "the nodes' keys", "Needs a restart": "any other change", "Keys": keys}
 
     # Upstream: the hub's stream and snapshots, into the copy.
 
@@ -358,6 +375,7 @@ class Relay:
         return found + log_problems()
 
     def close(self) -> None:
+        self.notifier.stopping()
         self.forwarder.stop()
         self.link.close()
         self.greeter.close()
@@ -369,4 +387,5 @@ class Relay:
             self.auth.stop()  # its ZAP socket would keep the context from terminating
         self.context.term()
         self.wakeup.close()
+        self.notifier.close()
         log.log(NOTICE, "relay %s stopped", self.config.node)

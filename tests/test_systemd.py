@@ -51,6 +51,7 @@ def test_there_is_a_unit_per_role():
     assert [unit.name for unit in UNITS] == [
         "fail2ban-monitor.service",
         "fail2ban-publisher.service",
+        "fail2ban-relay.service",
         "fail2ban-subscriber.service",
     ]
 
