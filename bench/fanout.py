@@ -69,7 +69,7 @@ from f2bzmq import protocol
 from f2bzmq.keys import HUB, Security
 from f2bzmq.lab import Hub, free_ports, make_keys, tail, wait_until
 from f2bzmq.protocol import BanEvent, SnapshotPart
-from f2bzmq.publisher import BACKLOG
+from f2bzmq.publisher import LISTEN_BACKLOG as BACKLOG
 from f2bzmq.subscriber import HubLink
 from f2bzmq.sync import HubSync
 from tests.support.nodeclient import NodeClient

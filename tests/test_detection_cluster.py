@@ -127,7 +127,11 @@ def test_the_third_ban_of_an_address_is_escalated_on_every_node(tmp_path):
         wait_banned_everywhere(cluster, ATTACKER)
         assert [with_time(node, ATTACKER) for node in every] == [16, 16, 16]
         hub = status(cluster.hub.config)
-        assert (hub["Cluster detections"], hub["Escalations"]) == ("2", "1"), hub
+        # Three bans, each made longer than the one before it: the cluster's (detections)
+        # or a node's own lengthened (escalations). Which one made the third depends on
+        # whether a node's own sshd, on a busy host, counted 3 failures within its 3 s.
+        counted = int(hub["Cluster detections"]), int(hub["Escalations"])
+        assert counted[0] >= 1 and counted[1] >= 1 and sum(counted) == 3, hub
         assert re.search(
             rf"\[sshd\] Ban {ATTACKER} \(cluster: .*; ban 3, 16s\)", cluster.hub.log_text()
         )
