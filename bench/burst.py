@@ -51,6 +51,9 @@ REPORTER = "node1"  # the node whose reports are injected; its own subscriber ig
 BANTIME = 86400
 COMMAND_BATCH = 1000  # addresses per `set cluster banip` of the floor
 WINDOW = 500  # events sent before their ACKs are read, so no reply is ever dropped
+# The hub's settings that differ from the shipped defaults: the injected reports are never
+# told to wait (the table says so).
+HUB_SETTINGS = {"rate_limit": "1000000", "rate_burst": "1000000", "rate_peak": "1000000"}
 
 # action name -> (the jail's action line, the nft table and set holding its bans, or None)
 ACTIONS: dict[str, tuple[Callable[[Fail2banServer], str], tuple[str, str] | None]] = {
@@ -169,7 +172,7 @@ def cluster_run(root: Path, action: str, args: argparse.Namespace) -> dict:
             size=args.nodes + 1,
             fail2ban=lambda node: {"jails": sync_jail(action), "netns": namespaces.add(node)},
             general={"loglevel": "INFO"},
-            publisher={"rate_limit": "1000000", "rate_burst": "1000000", "rate_peak": "1000000"},
+            publisher=HUB_SETTINGS,
         )
         with cluster:
             for node in cluster.nodes.values():
@@ -377,6 +380,10 @@ def main() -> int:
         f" {COMMAND_BATCH} straight into a fresh fail2ban with that action."
         f"\nnaive: one fail2ban-client process per address, timed on {args.sample} addresses"
         f" and extrapolated to {args.count}."
+        f"\nthe hub's settings off the shipped defaults:"
+        f" {', '.join(f'{key} {value}' for key, value in HUB_SETTINGS.items())};"
+        f" the injected reports keep {WINDOW} events in flight; the lab's timers"
+        " (heartbeat_interval 0.5, ack_timeout 2, heartbeat_timeout 3, start_at beginning)"
     )
     result = {"count": args.count, "nodes": args.nodes, "sample": args.sample, "actions": results}
     report("burst", result, text, args.json)

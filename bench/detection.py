@@ -516,6 +516,8 @@ def text(result: dict) -> str:
             f" {mon['cpu_percent_per_1000']:.1f} % of a core per 1,000 failures/s"
             f" ({mon['reports_acked']} reports ACKed); the same lines in a jail no cluster"
             f" jail counts: {mon['baseline_cpu_percent_per_1000']:.1f} %"
+            "\nsettings off the shipped defaults: [detect:sshd] enabled; the hub's"
+            " rebuild_window 0 (not young: the monitor adopts its state without a fail2ban)"
         )
     return "\n\n".join(parts)
 
