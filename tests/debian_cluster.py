@@ -202,7 +202,7 @@ def configure(hub: Server, nodes: list[Server]) -> None:
     owner = owner_of(hub, f"/{CONF_DIR}/keys/hub.key_secret")
     if owner != "_f2bzmq 600":
         raise Failed(f"keygen hub made the secret {owner}, not the publisher's user's")
-    (keys / "nodes").mkdir()
+    (keys / "nodes").mkdir(exist_ok=True)  # the package makes it, for the hub's user
     hub.write(
         f"/{CONF_DIR}/fail2ban-cluster.local",
         "[general]\nnode = hub\nhubs = 127.0.0.1   ; the publisher's address\n"

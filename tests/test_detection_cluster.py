@@ -133,7 +133,7 @@ def test_the_third_ban_of_an_address_is_escalated_on_every_node(tmp_path):
         counted = int(hub["Cluster detections"]), int(hub["Escalations"])
         assert counted[0] >= 1 and counted[1] >= 1 and sum(counted) == 3, hub
         assert re.search(
-            rf"\[sshd\] Ban {ATTACKER} \(cluster: .*; ban 3, 16s\)", cluster.hub.log_text()
+            rf"\[sshd\] Ban {ATTACKER} \(cluster: .*ban 3, 16s", cluster.hub.log_text()
         )
 
 
@@ -153,9 +153,11 @@ def test_two_hubs_one_killed_mid_attack_ban_once_everywhere(tmp_path):
         wait_banned_everywhere(cluster, ATTACKER)
 
         hub1.publisher.start()
-        decided = f"[sshd] Ban {ATTACKER} (cluster: 6 failures from node1, node2, node3"
-        assert wait_until(lambda: decided in hub1.log_text(), 30), hub1.log_text()[-2000:]
-        assert decided in hub2.log_text()
+        # 5 or 6: node3's two failures may reach a hub in one report or in two, and the
+        # hub decides at the fifth. The ban event is the same either way (checked below).
+        decided = rf"\[sshd\] Ban {ATTACKER} \(cluster: [56] failures from node1, node2, node3"
+        assert wait_until(lambda: re.search(decided, hub1.log_text()), 30), hub1.log_text()[-2000:]
+        assert re.search(decided, hub2.log_text())
         cluster.wait_ready()
         # The same decision on both hubs: the same ban event, id and all.
         snapshots = []
