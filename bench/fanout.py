@@ -93,11 +93,19 @@ TICK = 0.25
 SETUP_TIMEOUT = 300.0  # seconds for every subscriber to be synced at the start
 RESYNC_TIMEOUT = 180.0  # seconds every subscriber has to be synced again after the restart
 ARRIVAL_TIMEOUT = 60.0  # seconds the last ban has to reach every subscriber
+# libzmq sockets of a simulated subscriber, as of the real one's HubLink: its SUB and its
+# DEALER, and for each a handshake monitor, two PAIRs (libzmq's, which sends the events,
+# and the link's, which reads them). A renewal closes a socket and its monitor's and opens
+# three more at once; the closed ones count against the context's max_sockets until
+# libzmq's reaper frees them, so the budget is twice what a subscriber holds.
+SOCKETS_PER_SUBSCRIBER = 6
+SOCKETS_SPARE = 64
 # Descriptors: a server holds two connections per follower (its PUB's and ROUTER's); a
-# simulated subscriber two connections and its two sockets' mailboxes; and room for
-# the rest (libraries, logs, the sockets a reconnect closes before libzmq reaps them).
+# simulated subscriber two connections and a mailbox (an eventfd) per socket, twice for
+# the sockets a renewal closes before libzmq reaps them; and room for the rest
+# (libraries, logs, the processes' pipes).
 FILES_PER_FOLLOWER = 2
-FILES_PER_SUBSCRIBER = 4
+FILES_PER_SUBSCRIBER = 2 + 2 * SOCKETS_PER_SUBSCRIBER
 FILES_SPARE = 1024
 # A placeholder for each event of an update: the cores' view needs one, the bench checks
 # no event (the subscribers' CPU would be the figure otherwise).
@@ -171,7 +179,9 @@ class Followers:
     """
 
     def __init__(self, context, names, endpoints, keys_dir, heartbeat_timeout, conn) -> None:
-        context.max_sockets = 4 * len(names) + 64  # closed sockets count until reaped
+        # Past the context's max_sockets, libzmq refuses a new socket with EMFILE ("Too
+        # many open files") however many descriptors are free.
+        context.max_sockets = 2 * SOCKETS_PER_SUBSCRIBER * len(names) + SOCKETS_SPARE
         self.conn = conn
         now = time.monotonic()
         self.followers = []
@@ -238,6 +248,8 @@ class Followers:
                 self.read_updates(follower, wall, now)
             elif sock is link.snapshots:
                 self.read_snapshot(follower, wall, now)
+            elif sock is link.updates_watch.socket or sock is link.snapshots_watch.socket:
+                link.handshakes()  # as the subscriber's loop: a refusal renews at the next ask
             else:
                 return  # replaced meanwhile
 
