@@ -170,8 +170,15 @@ class Admission:
         return report.echo, update
 
     def legacy_ready_at(self, peer: str, now: float) -> float:
-        """When an old monitor at `peer`, held back by its rate limit, may be heard again."""
+        """When an old monitor at `peer`, held back by its rate limit or by a store that
+        fails, may be heard again."""
+        if self.unavailable is not None:
+            return now + legacy.STORE_WAIT
         return self.legacy_buckets.ready_at(legacy_sender(peer), now)
+
+    def never_banned(self, ip: str) -> str | None:
+        """Why no ban may name `ip` (the allowlist and all it learned), or None."""
+        return self._never_banned(ip) if self.allowlist.covers(ip) else None
 
     def set_allowlist(self, setting: HubAllowlist) -> None:
         """[publisher] allowlist, at start and when a reload reads it again; the shell then
@@ -230,7 +237,10 @@ class Admission:
         self._authorize_node(report.node, user)
         if self.unavailable is not None:
             raise TryLater(self.unavailable)
-        self.last_report[report.node] = now
+        last = self.last_report
+        last[report.node] = now
+        if len(last) > MAX_NODES:
+            self._forget_a_name()
         if self.detection is None:
             return "ignored", []  # no cluster jail here: the monitor drops it all the same
         decisions = self.detection.on_failures(report, now, self.allowlist.covers)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .addresses import Allowlist
@@ -73,6 +73,9 @@ class Operators:
         self.known: set[str] = set()  # ids of the decisions in the log
         self.bans: dict[tuple[str, str], Decision] = {}  # (jail, address) -> operator's ban
         self.allowlist = Allowlist(self.configured)  # both lists together
+        # Why the hub never bans an address (its learned allowlist: special-purpose
+        # ranges, the hubs', the nodes'), None if it may: the shell sets it.
+        self.never_banned: Callable[[str], str | None] = lambda ip: None
 
     # Requests: check them, make decisions.
 
@@ -111,6 +114,9 @@ class Operators:
     def check_bannable(self, jail: str, ip: str, now: float) -> None:
         if self.allowlist.covers(ip):
             raise DecisionError(f"{ip} is in the hub's allowlist")
+        reason = self.never_banned(ip)
+        if reason is not None:
+            raise DecisionError(reason)
         held = self.holds.holding(jail, ip, now)
         if held is not None:
             hold, operator = held
@@ -225,6 +231,13 @@ class Operators:
             if self.bans.pop(key, None) is not None:
                 self.table.journal.append(("ended", ban_jail, ip, decision.time))
         return applied
+
+    def set_configured(
+        self, allowlist: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    ) -> None:
+        """[publisher] allowlist read again (a reload)."""
+        self.configured = list(allowlist)
+        self._renew_allowlist()
 
     def _renew_allowlist(self) -> None:
         added = [ipaddress.ip_network(ip, strict=False) for ip in self.added]

@@ -235,6 +235,7 @@ class Publisher:
         operators.restore((decision for _, decision in self.store.decisions()), time.time())
         self.admission.holds = operators.holds
         self.admission.set_operated(operators.allowlist)
+        operators.never_banned = self.admission.never_banned
         return operators
 
     def load_detection(self) -> Detection | None:
@@ -320,7 +321,9 @@ class Publisher:
         state, a peer hub's answer due, trying the store again, a held old report's turn,
         or soon while a snapshot or replies wait for a peer to read (its queue empties as
         it does)."""
-        timers = [self.next_hugz, self.table.next_expiry() or now + 3600]
+        # An expiry waits while the store fails (flush_ttl does nothing then).
+        expiry = self.table.next_expiry() if self.admission.unavailable is None else None
+        timers = [self.next_hugz, expiry or now + 3600]
         timers += [t for t in (self.rebuild.until, self.handover.next_deadline()) if t]
         timers += [t for t in (self.replication.next_deadline(), self.cut_off_at) if t]
         if self.admission.unavailable is not None:
@@ -409,12 +412,21 @@ class Publisher:
             else:
                 user = frames[-1].get("User-Id")  # an admin's or a hub's: admission refuses
             taken += 1
+            share = shares[peer] = shares.get(peer, 0) + 1
             if kind == "pending":
                 if protocol.is_hello(body):
-                    replies.append([peer, *self.handle_join(body, name, address, now)])
+                    # Answered at once or not at all: a stranger's reply never waits in
+                    # the backlog the nodes' ACKs share.
+                    send_or_drop(
+                        self.collector, [peer, *self.handle_join(body, name, address, now)]
+                    )
+                if taken >= DRAIN_LIMIT or share > FAIR_SHARE:
+                    break
                 continue  # a stranger hears nothing else, not even a NAK
             if protocol.is_admin(body):
                 requests.append((peer, body, kind, name))
+                if taken >= DRAIN_LIMIT or share > FAIR_SHARE:
+                    break
                 continue
             if kind == "node":  # not a peer hub's pull, an operator or a stranger
                 self.last_heard = now
@@ -426,7 +438,7 @@ class Publisher:
             updates.extend(changes)
             events = max(1, len(body) - 2)
             taken += events - 1  # the message itself is counted above
-            share = shares[peer] = shares.get(peer, 0) + events
+            share = shares[peer] = share + events - 1
             if taken >= DRAIN_LIMIT or share > FAIR_SHARE:
                 # The rest waits for the next pass: a pass stays short, and one peer's
                 # reports (a flood, even refused) never make the others wait a long one.
@@ -542,6 +554,12 @@ class Publisher:
                 self.delete_node_key(done.remove, decision.key)
         if allowlist:
             self.admission.set_operated(self.operators.allowlist)
+        detection = self.detection
+        lifted = {key for _, done in applied for key in done.lifted}
+        for jail, ip in lifted if detection is not None else ():
+            keys = detection.table_keys(jail, ip) if detection.counts(jail) else []
+            if keys and not any(key in self.table.bans for key in keys):
+                detection.on_lifted(jail, ip, now)  # failures count again from now
         if holds:
             self.push_holds(now)
         if any(done.accept or done.remove for _, done in applied):
@@ -741,6 +759,10 @@ class Publisher:
         set_loglevel(self.config.general.loglevel)
         self.heartbeat_interval = settings.heartbeat_interval
         self.admission.set_allowlist(settings.allowlist)
+        self.operators.set_configured(settings.allowlist.networks)
+        self.admission.set_operated(self.operators.allowlist)
+        # The hubs' names resolved again (a blocking look-up: here only, not per decision).
+        self.hub_addresses = resolve(hub_hosts(self.config))
         self.learn_addresses()
         self.table.allow_foreign_unban = settings.allow_foreign_unban
         if self.auth is not None:
@@ -757,7 +779,6 @@ class Publisher:
         answer has left when `answering` an operator. A replaced key counts: its name is
         accepted still, but a connection made with the old key must not outlive it (the
         User-Id names the node, not the key)."""
-        self.hub_addresses = resolve(hub_hosts(self.config))
         self.learn_addresses()
         if self.auth is None:
             log.info("SIGHUP: insecure mode, no keys to reload")

@@ -30,6 +30,7 @@ from .config import Config
 from .control import ControlSocket
 from .delivery import Greeting
 from .forwarder import Forwarder
+from .handshake import key_problem, log_key_change
 from .keys import Security
 from .metrics import counter, gauge
 from .mirror import Mirror
@@ -170,6 +171,11 @@ class Relay:
                 self.control.handle()
             now = time.monotonic()
             before = (*self.link.sockets(), self.greeter)
+            link = self.link
+            if link.updates_watch.socket in ready or link.snapshots_watch.socket in ready:
+                # Read, or they stay readable and the poll never waits again.
+                for state in link.handshakes():
+                    log_key_change(log, self.upstream, state, self.client_security)
             if self.link.updates in ready:
                 self.handle_updates(now)
             if self.link.snapshots in ready:
@@ -227,7 +233,8 @@ class Relay:
             self.follow(outcome)
 
     def handle_snapshot(self, now: float) -> None:
-        for frames in drain(self.link.snapshots, 1000, max_frames=5):
+        sock = self.link.snapshots
+        for frames in drain(sock, 1000, max_frames=5):
             try:
                 part = protocol.decode_snapshot_part(frames, ANY_NETWORK)
             except ProtocolError as error:
@@ -235,6 +242,8 @@ class Relay:
                 self.refusals.warning("snapshot", "ignored a snapshot part: %s", error)
                 continue
             self.follow(self.mirror.on_snapshot_part(part, now))
+            if self.link.snapshots is not sock:  # a part was missing: a new socket asks again
+                break
 
     def follow(self, outcome: Outcome) -> None:
         """Do what the copy's core decided: log, move the sockets (the forwarder's SUB with
@@ -372,6 +381,10 @@ class Relay:
             )
         if not self.forwarder.alive:
             found.append(f"the forwarder of {self.upstream} stopped: {self.forwarder.error}")
+        security = self.client_security
+        problem = key_problem(self.link.key.state, security.public_key, security.node)
+        if problem is not None:
+            found.append(f"{self.upstream}: {problem}")
         return found + log_problems()
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .protocol import ANY_NETWORK, BAN, CLUSTER, UNBAN, BanEvent, Decision
+from .protocol import ANY_NETWORK, BAN, CLUSTER, UNBAN, BanEvent, Decision, is_operator_origin
 from .runtime import bound_wal, empty_wal, private_database, rollback
 
 # Event ids the table remembers, to know a resent event: a monitor resends only what a hub
@@ -131,7 +131,11 @@ class BanTable:
         if event.node in active.origins:
             self._remember(event.id, now)
             return self._lift(key, event.node, event)
-        lifted = [node for node in active.origins if node not in protected]
+        lifted = [
+            node
+            for node in active.origins
+            if node not in protected and node != CLUSTER and not is_operator_origin(node)
+        ]
         if not self.allow_foreign_unban or not lifted:
             return Outcome.REDUNDANT, None
         self._remember(event.id, now)

@@ -458,7 +458,8 @@ class Subscriber:
             self.follow(link, outcome)
 
     def handle_snapshot(self, link: HubLink, now: float) -> None:
-        for frames in drain(link.snapshots, 1000, max_frames=5):  # a part has 4
+        sock = link.snapshots
+        for frames in drain(sock, 1000, max_frames=5):  # a part has 4
             if protocol.is_holds(frames):
                 self.take_holds(link, frames)
                 continue
@@ -477,6 +478,8 @@ class Subscriber:
                 link.takes_presence = True
                 link.next_presence = 0.0  # at once: the hub learns the node is here
             self.follow(link, link.sync.on_snapshot_part(part, now))
+            if link.snapshots is not sock:  # a part was missing: a new socket asks again
+                break
 
     def take_holds(self, link: HubLink, frames: list[bytes]) -> None:
         try:

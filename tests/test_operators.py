@@ -50,6 +50,23 @@ def test_an_operators_ban_is_an_origin_of_its_own_and_broadcast_once():
     assert ("decision", decisions[0]) in operators.table.journal
 
 
+def test_an_operators_ban_meets_what_the_hub_learned_it_must_never_ban():
+    """The hub's allowlist beyond its configured networks (special-purpose ranges, hubs,
+    nodes' addresses), which the shell hands over as `never_banned`: an operator's ban and
+    a peer hub's decision of one are refused like a node's report."""
+    operators = hub()
+    learned = {"10.0.0.5": "10.0.0.5 is the address of node web2"}
+    operators.never_banned = learned.get
+    decisions, refused = operators.make_bans(
+        "alice", [("10.0.0.5", None), ("198.51.100.1", None)], "cluster", "", JAILS, NOW
+    )
+    assert [d.ip for d in decisions] == ["198.51.100.1"]
+    assert refused == [("10.0.0.5", "10.0.0.5 is the address of node web2")]
+    peer = Decision.new("bob", "ban", NOW, jail="cluster", ip="10.0.0.5", bantime=600)
+    assert operators.apply(peer, NOW).outcome.startswith("refused: 10.0.0.5 is the address")
+    assert ("cluster", "10.0.0.5") not in operators.table.bans
+
+
 @pytest.mark.parametrize(
     "ip, jail, refusal",
     [

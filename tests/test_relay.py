@@ -7,11 +7,13 @@ key it admits."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -361,3 +363,19 @@ def test_status_and_metrics_like_the_other_roles(tmp_path, hub, keys):
             assert line in scraped
     finally:
         relay.process.stop()
+
+
+def test_an_idle_relay_waits_in_its_poll(relay):
+    """Its sockets' handshake monitors are read: an unread one stays readable, and the
+    relay's loop would spin on a core instead of waiting for the next message."""
+    pid = relay.process.process.pid
+
+    def cpu_seconds() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = cpu_seconds()
+    time.sleep(3)
+    # Heartbeats and a few wake-ups a second: hundredths of a second. A spinning loop
+    # takes all three.
+    assert cpu_seconds() - before < 0.5

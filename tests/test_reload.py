@@ -6,9 +6,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from f2bzmq import protocol
 from f2bzmq.config import config_from
-from f2bzmq.lab import Cluster
+from f2bzmq.lab import Cluster, make_keys
+from f2bzmq.protocol import BanEvent
 from f2bzmq.reload import plan_reload
+from tests.support.hub import running_hub
+from tests.support.nodeclient import NodeClient
 
 LIVE = frozenset({("general", "loglevel"), ("subscriber", "allowlist")})
 
@@ -63,3 +67,32 @@ def test_a_subscriber_reloaded_with_a_wider_allowlist_lifts_what_it_now_covers(t
         assert "`- Keys: unchanged" in done.stdout.splitlines()
         node2.fail2ban.wait_banned("cluster", attacker, present=False, timeout=10)
         assert attacker in node1.fail2ban.banned("sshd")  # node1's own ban is node1's
+
+
+def test_a_hub_reloaded_without_a_network_in_its_allowlist_bans_it_again(tmp_path):
+    """The allowlist a reload reads replaces the configured one in every rule that uses
+    it: a node's report, and the operators' decisions, which keep only their own entries."""
+    keys = make_keys(tmp_path / "keys", ["node1"])
+    listed = "127.0.0.0/8 ::1/128 special-purpose hubs nodes 198.51.100.0/24"
+    with running_hub(tmp_path, keys, publisher={"allowlist": listed}) as hub:
+        node = NodeClient(hub.ports, keys)
+        try:
+            event = BanEvent.new("node1", "sshd", "ban", "198.51.100.7", bantime=600)
+            kind, body = node.report(event.encode())
+            assert kind == protocol.NAK and "in the hub's allowlist" in body["reason"]
+            hub.config.with_suffix(".local").write_text(
+                "[publisher]\nallowlist = 127.0.0.0/8 ::1/128 special-purpose hubs nodes\n"
+            )
+            done = subprocess.run(
+                [sys.executable, "-m", "f2bzmq", "publisher", "-c", str(hub.config), "reload"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            assert "|- Applied: [publisher] allowlist" in done.stdout.splitlines()
+            event = BanEvent.new("node1", "sshd", "ban", "198.51.100.7", bantime=600)
+            assert node.report(event.encode())[0] == protocol.ACK
+        finally:
+            node.close()

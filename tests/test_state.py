@@ -147,6 +147,19 @@ def test_a_foreign_unban_leaves_protected_origins_banned():
     assert outcome is Outcome.UNBANNED
 
 
+def test_a_foreign_unban_never_lifts_the_clusters_or_an_operators_ban():
+    """allow_foreign_unban lets nodes lift each other's bans; a cluster jail's decision and
+    an operator's ban are lifted by their own means (expiry, `unban`), never by a node."""
+    table = BanTable("hub", 600)
+    table.allow_foreign_unban = True
+    table.apply(ev("cluster", BAN), NOW)
+    table.apply(ev("operator.alice", BAN), NOW)
+    table.apply(ev("node1", BAN), NOW)
+    assert table.apply(ev("node2", UNBAN), NOW) == (Outcome.EXTENDED, None)
+    assert sorted(table.bans[("sshd", "192.0.2.10")].origins) == ["cluster", "operator.alice"]
+    assert table.apply(ev("node2", UNBAN), NOW) == (Outcome.REDUNDANT, None)
+
+
 def test_only_events_that_change_the_table_are_remembered():
     table = BanTable("hub", 600)
     first = ev("node1", BAN)
