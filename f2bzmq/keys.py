@@ -46,7 +46,6 @@ ADMIN_USER = "admin:"  # User-Id of an admin key: admin:NAME (no node name has a
 KEY_USER = "key:"  # User-Id of a key the hub does not know yet: key:Z85
 # The report port's ZAP domain: the only socket open to admin keys and to unknown keys.
 REPORT_DOMAIN = "report"
-ADMINS_REREAD = 1.0  # seconds: admins/ is read again for an unknown key at most this often
 MAX_REFUSALS = 100  # keys refused lately that the hub remembers, for `nodes pending`
 
 
@@ -222,7 +221,7 @@ class NodeAuthenticator(threading.Thread):
         self.nodes: dict[bytes, str] = {}  # z85 public key -> node name
         self.names: set[str] = set()
         self.admins: dict[bytes, str] = {}  # z85 public key -> operator name
-        self.admins_read = 0.0  # time.monotonic() of the last read of admins/
+        self.admins_read: int | None = None  # admins/'s mtime (ns) when last read
         self.removed: frozenset[bytes] = frozenset()  # keys of nodes an operator removed
         # z85 key -> (when last refused, how often), the latest last: for the operators.
         self.refused_lately: dict[bytes, tuple[float, int]] = {}
@@ -270,8 +269,11 @@ class NodeAuthenticator(threading.Thread):
         return len(nodes)
 
     def read_admins(self) -> None:
+        try:  # before the read: a key added meanwhile changes it again
+            self.admins_read = os.stat(self.admins_dir).st_mtime_ns
+        except OSError:
+            self.admins_read = None
         self.admins = authorized_admins(self.admins_dir)
-        self.admins_read = time.monotonic()
 
     def node_addresses(self) -> dict[str, tuple[str, ...]]:
         """Where each node has connected from, the latest MAX_NODE_ADDRESSES each."""
@@ -309,7 +311,7 @@ class NodeAuthenticator(threading.Thread):
         if key and key == self.hub_key:
             return [b"1.0", request_id, b"200", b"OK", HUB.encode(), b""]
         if key and domain == REPORT_DOMAIN.encode() and key not in self.removed:
-            if key not in self.admins and time.monotonic() - self.admins_read >= ADMINS_REREAD:
+            if key not in self.admins and self._admins_changed():
                 self.read_admins()  # an admin key dropped into admins/ works at once
             admin = self.admins.get(key)
             user = ADMIN_USER + admin if admin is not None else KEY_USER + key.decode()
@@ -326,6 +328,14 @@ class NodeAuthenticator(threading.Thread):
         if key:
             self._note_refusal(key)
         return [b"1.0", request_id, b"400", b"unknown key", b"", b""]
+
+    def _admins_changed(self) -> bool:
+        """Whether admins/ changed since it was read (a key added or removed): a stat per
+        unknown key, the folder read again only then."""
+        try:
+            return os.stat(self.admins_dir).st_mtime_ns != self.admins_read
+        except OSError:
+            return self.admins_read is not None
 
     def _note_refusal(self, key: bytes) -> None:
         """Remembered for the operators (a bounded few): dict operations, safe across the
