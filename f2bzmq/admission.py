@@ -243,7 +243,12 @@ class Admission:
             self._forget_a_name()
         if self.detection is None:
             return "ignored", []  # no cluster jail here: the monitor drops it all the same
-        decisions = self.detection.on_failures(report, now, self.allowlist.covers)
+        holds, allowlist = self.holds, self.allowlist
+
+        def exempt(jail: str, ip: str) -> bool:
+            return allowlist.covers(ip) or holds.holding(jail, ip, now) is not None
+
+        decisions = self.detection.on_failures(report, now, exempt)
         if decisions is None:
             return Outcome.DUPLICATE.value, []
         return "counted", [

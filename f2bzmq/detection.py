@@ -214,10 +214,11 @@ class Detection:
         return [(name, ip), *((local, ip) for local in self.jails[name].jails if local != name)]
 
     def on_failures(
-        self, report: FailureReport, now: float, exempt: Callable[[str], bool] | None = None
+        self, report: FailureReport, now: float, exempt: Callable[[str, str], bool] | None = None
     ) -> list[Decision] | None:
         """Count a node's failure report; the bans it decides, or None if it was taken before.
-        `exempt(ip)`: addresses never banned (the hub's allowlist), not even counted."""
+        `exempt(jail, ip)`: what the cluster jail may not ban (the hub's allowlist, an
+        operator's hold), not even counted: a ban refused must not lengthen the next one."""
         if report.id in self.seen:
             self.counters["duplicates"] += 1
             return None
@@ -228,7 +229,7 @@ class Detection:
         local, node = self.local, report.node
         for jail, ip, count, first, last in report.failures:  # a failure each in an attack
             name = local.get(jail)
-            if name is None or (exempt is not None and exempt(ip)):
+            if name is None or (exempt is not None and exempt(name, ip)):
                 continue
             if last > now:  # a node's clock ahead: fail2ban takes such a failure as of now
                 last, first = now, min(first, now)

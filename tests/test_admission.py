@@ -17,6 +17,7 @@ from f2bzmq.protocol import (
     PROTOCOL,
     UNBAN,
     BanEvent,
+    Decision,
     FailureCount,
     FailureReport,
 )
@@ -467,6 +468,17 @@ def test_failures_of_allowlisted_addresses_count_for_nothing():
     for node in ("node1", "node2", "node3"):
         judge(admission, report(failures(node, ip="10.9.0.5", count=5)), node)
     assert admission.table.bans == {} and admission.detection.status()["failures"] == 0
+
+
+def test_failures_of_an_address_an_operator_holds_count_for_nothing():
+    """A ban the hold would refuse is no ban: counted, it would lengthen the next one."""
+    admission = detecting_hub()
+    hold = Decision.new("alice", "unban", NOW - 1, ip="192.0.2.7", hold=3600)
+    admission.holds.add(hold)
+    for node in ("node1", "node2", "node3"):
+        judge(admission, report(failures(node, count=5)), node)
+    assert admission.table.bans == {} and admission.detection.status()["failures"] == 0
+    assert not admission.detection.history
 
 
 def test_a_hub_without_cluster_jails_acks_failure_reports_and_counts_nothing():
