@@ -206,6 +206,30 @@ def test_a_flooding_node_is_told_to_retry_later_and_the_others_are_not():
     assert [said[0][1] for said in later] == ["ACK", "NAK"]
 
 
+def test_at_the_shipped_limits_a_real_attack_goes_through_paced_and_a_flood_then_waits():
+    """The README's promise, at the defaults (rate_burst 20,000, rate_peak 2,000/s,
+    rate_limit 50/s): one node's 20,000 new bans are taken at 2,000 a second, so an
+    attack of 10,000 is in within 5 s; past the burst the node is held to 50 a second."""
+    admission = hub()
+    addresses = (f"100.{64 + n // 65536}.{(n >> 8) & 255}.{n & 255}" for n in range(40_000))
+
+    def offer(count: int, second: int) -> int:
+        """Offer `count` new bans in reports of 100 at NOW + second; how many are taken."""
+        taken = 0
+        for _ in range(count // 100):
+            bodies = [ban(next(addresses)) for _ in range(100)]
+            said, _ = judge(admission, report(*bodies), now=NOW + second)
+            taken += sum(answer[1] == "ACK" for answer in said)
+        return taken
+
+    assert [offer(3000, second) for second in range(10)] == [2000] * 10
+    assert admission.table.sequence == 20_000
+    assert offer(3000, 10) == 500  # what 10 s at 50 a second gave back
+    assert offer(1000, 11) == 50
+    node2 = [judge(admission, report(ban("203.0.113.1", "node2")), "node2", NOW + 11)]
+    assert node2[0][0][0][1] == "ACK"  # the others are not held back
+
+
 def test_an_event_the_rules_refuse_costs_no_token():
     """The bucket pays for what may reach the table: a node refused by a rule is not
     throttled on top of it."""
