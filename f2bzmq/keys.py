@@ -436,6 +436,16 @@ class Security:
         sock.curve_publickey = self.own.public
         sock.curve_serverkey = self.hub_public
 
+    def dealer(self, context: zmq.Context, endpoint: str, max_frame: int) -> zmq.Socket:
+        """A client DEALER to a hub's `endpoint`, secured, dropped at once on close, taking
+        frames of `max_frame` bytes at most."""
+        sock = context.socket(zmq.DEALER)
+        self.client(sock)
+        sock.linger = 0
+        sock.maxmsgsize = max_frame
+        sock.connect(endpoint)
+        return sock
+
     def authenticator(self, context: zmq.Context) -> NodeAuthenticator | None:
         """Started before any bind: a CURVE server with no authenticator accepts any key."""
         if self.insecure:

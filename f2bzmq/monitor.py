@@ -21,7 +21,7 @@ from pathlib import Path
 import zmq
 
 from . import __version__, protocol
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
 from .control import ControlSocket
 from .delivery import (
     ADOPT,
@@ -39,7 +39,7 @@ from .keys import Security
 from .metrics import DelayHistogram, counter, gauge, histogram
 from .outbox import Outbox
 from .protocol import Answer, ProtocolError, Welcome
-from .reload import LOGLEVEL, node_keys, plan_reload, set_loglevel
+from .reload import LOGLEVEL, node_keys, reread
 from .reporting import STORE_RETRY, LogReporter
 from .runtime import (
     NOTICE,
@@ -378,12 +378,9 @@ class Monitor:
     def reload(self) -> dict:
         """SIGHUP or `monitor reload`: the configuration and keys read again."""
         try:
-            read = load_config(self.config.path)
+            self.config, reloaded = reread(self.config, "monitor", LIVE_KEYS, log)
         except ConfigError as error:
-            log.error("reload: %s; the running settings stay", error)
             return {"failed": str(error)}
-        self.config, reloaded = plan_reload(self.config, read, "monitor", LIVE_KEYS)
-        set_loglevel(self.config.general.loglevel)
         self.reporting.outbox_max = self.config.monitor.outbox_max
         ignored = set(self.config.monitor.ignore_jails) | self.config.sync_jails()
         self.reporting.judge.ignore_jails = frozenset(ignored)

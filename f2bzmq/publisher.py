@@ -33,7 +33,7 @@ import zmq
 
 from . import protocol
 from .admission import Admission
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
 from .control import ControlSocket
 from .decisions import Applied, Operators
 from .desk import Desk, HubView
@@ -53,7 +53,7 @@ from .legacy import LegacyEndpoints
 from .metrics import counter, gauge, histogram
 from .protocol import Decision, ProtocolError
 from .rebuild import Handed, Handover, Rebuild
-from .reload import LOGLEVEL, plan_reload, set_loglevel
+from .reload import LOGLEVEL, reread
 from .replication import PULL_ROWS, Cursor, Replication, log_answer
 from .roster import Roster
 from .runtime import (
@@ -699,11 +699,7 @@ class Publisher:
             if old is not None:
                 self.poller.unregister(old)
                 old.close(linger=0)
-            sock = self.context.socket(zmq.DEALER)
-            self.security.client(sock)
-            sock.linger = 0
-            sock.maxmsgsize = protocol.MAX_NODE_FRAME
-            sock.connect(peer)
+            sock = self.security.dealer(self.context, peer, protocol.MAX_NODE_FRAME)
             try_send_frames(sock, protocol.encode_snapshot_request())
             self.peer_sockets[peer] = sock
             self.poller.register(sock, zmq.POLLIN)
@@ -750,13 +746,10 @@ class Publisher:
     def reload(self) -> dict:
         """SIGHUP or `publisher reload`: the configuration and node keys read again."""
         try:
-            read = load_config(self.config.path)
+            self.config, reloaded = reread(self.config, "publisher", LIVE_KEYS, log)
         except ConfigError as error:
-            log.error("reload: %s; the running settings stay", error)
             return {"failed": str(error)}
-        self.config, reloaded = plan_reload(self.config, read, "publisher", LIVE_KEYS)
         settings = self.config.publisher
-        set_loglevel(self.config.general.loglevel)
         self.heartbeat_interval = settings.heartbeat_interval
         self.admission.set_allowlist(settings.allowlist)
         self.operators.set_configured(settings.allowlist.networks)
@@ -913,11 +906,7 @@ class Publisher:
                 if sock is not None:
                     self.poller.unregister(sock)
                     sock.close(linger=0)
-                sock = self.context.socket(zmq.DEALER)
-                self.security.client(sock)
-                sock.linger = 0
-                sock.maxmsgsize = protocol.MAX_NODE_FRAME
-                sock.connect(peer)
+                sock = self.security.dealer(self.context, peer, protocol.MAX_NODE_FRAME)
                 self.log_sockets[peer] = sock
                 self.poller.register(sock, zmq.POLLIN)
             try_send_frames(sock, protocol.encode_admin("decisions", since=since))

@@ -131,12 +131,9 @@ class Relay:
         self.forwarder.start()
 
     def _greeter_socket(self) -> zmq.Socket:
-        sock = self.context.socket(zmq.DEALER)
-        self.client_security.client(sock)
-        sock.maxmsgsize = protocol.MAX_HUB_FRAME
-        sock.linger = 0
-        sock.connect(self.report_endpoint)
-        return sock
+        return self.client_security.dealer(
+            self.context, self.report_endpoint, protocol.MAX_HUB_FRAME
+        )
 
     def run(self) -> None:
         log.log(

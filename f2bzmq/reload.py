@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .keys import KeyFileError, Security
 from .protocol import ProtocolError
 
@@ -71,6 +71,22 @@ def plan_reload(
                 reloaded.restart.append((section, key.name))
         sections[section] = dataclasses.replace(old, **taken)
     return dataclasses.replace(running, **sections), reloaded
+
+
+def reread(
+    running: Config, role: str, live: frozenset[tuple[str, str]], logger: logging.Logger
+) -> tuple[Config, Reloaded]:
+    """The running configuration with what `role` may change at once read from its file
+    again (plan_reload), the log level set. A broken file raises ConfigError, logged:
+    the running settings stay."""
+    try:
+        read = load_config(running.path)
+    except ConfigError as error:
+        logger.error("reload: %s; the running settings stay", error)
+        raise
+    config, reloaded = plan_reload(running, read, role, live)
+    set_loglevel(config.general.loglevel)
+    return config, reloaded
 
 
 def set_loglevel(level: int) -> None:

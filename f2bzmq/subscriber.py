@@ -24,7 +24,7 @@ import zmq
 
 from . import __version__, protocol
 from .addresses import Allowlist
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
 from .control import ControlSocket
 from .fail2ban_client import Fail2banClient, Fail2banError
 from .handshake import HandshakeWatch, KeyCheck, key_problem, log_key_change
@@ -33,7 +33,7 @@ from .jails import HandUnbans, LocalJails, LocalPolicy
 from .keys import Security
 from .metrics import counter, gauge, histogram
 from .protocol import BanEvent, Hold, Presence, ProtocolError
-from .reload import LOGLEVEL, node_keys, plan_reload, set_loglevel
+from .reload import LOGLEVEL, node_keys, reread
 from .roster import PRESENCE_INTERVAL
 from .runtime import (
     NOTICE,
@@ -112,12 +112,7 @@ class HubLink:
         return sock
 
     def _snapshot_socket(self) -> zmq.Socket:
-        sock = self.context.socket(zmq.DEALER)
-        self.security.client(sock)
-        sock.maxmsgsize = protocol.MAX_NODE_FRAME
-        sock.linger = 0
-        sock.connect(self.snapshot_endpoint)
-        return sock
+        return self.security.dealer(self.context, self.snapshot_endpoint, protocol.MAX_NODE_FRAME)
 
     def _renew_updates(self) -> None:
         self.updates_watch.close()
@@ -397,13 +392,10 @@ class Subscriber:
         """SIGHUP or `subscriber reload`: the configuration and keys read again. A new
         allowlist is applied to what the jails hold at once."""
         try:
-            read = load_config(self.config.path)
+            self.config, reloaded = reread(self.config, "subscriber", LIVE_KEYS, log)
         except ConfigError as error:
-            log.error("reload: %s; the running settings stay", error)
             return {"failed": str(error)}
-        self.config, reloaded = plan_reload(self.config, read, "subscriber", LIVE_KEYS)
         settings = self.config.subscriber
-        set_loglevel(self.config.general.loglevel)
         self.jails.batches.limit = settings.batch_size
         if settings.resync_interval != self.resync_interval:
             self.resync_interval = settings.resync_interval
