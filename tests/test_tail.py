@@ -6,6 +6,7 @@ import errno
 import gzip
 import logging
 import os
+import re
 import select
 import shlex
 import shutil
@@ -29,6 +30,9 @@ def line(n: int) -> str:
     """A numbered line about as long as fail2ban's."""
     ip = f"10.0.{n // 256}.{n % 256}"
     return f"2024-05-01 12:00:00,000 fail2ban.actions [1]: NOTICE  [sshd] Ban {ip} #{n:06d}"
+
+
+WHOLE = re.compile(r"#\d{6}$")  # a line written whole ends with its six digits
 
 
 def number(text: str) -> int:
@@ -642,7 +646,10 @@ def lines_on_disk(log_path: Path) -> set[int]:
     for path in log_path.parent.glob(log_path.name + "*"):
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt") as log:
-            numbers.update(number(text) for text in log)
+            # copytruncate tears the file under a writer: the NULs of the hole its next
+            # write leaves are no line, nor is a line cut short without its number.
+            texts = (text.strip("\x00\n") for text in log)
+            numbers.update(number(text) for text in texts if WHOLE.search(text))
     return numbers
 
 
