@@ -109,6 +109,7 @@ class RoleControl:
         self.write_pidfile()
         # Under a unit of Type=notify: READY=1 when the loop starts, WATCHDOG=1 from it.
         reactor.notifier = Notifier.from_environment()
+        reactor.garbage.start(time.monotonic())
         try:
             return self.run_reactor(reactor)
         finally:

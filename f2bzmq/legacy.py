@@ -32,7 +32,6 @@ log = logging.getLogger("f2bzmq.legacy")
 LEGACY_NAK = b"NAK"  # the old hub's refusal: no reason, just the word
 MAX_REPORT = 512  # bytes: a token (at most 256), two names of 64, an action and an address
 MAX_FRAME = 4096  # bytes of a frame; a peer that sends more is cut off (no reply at all)
-DRAIN_LIMIT = 1000  # reports taken per commit, as on the native endpoint
 _ACTIONS = {"ban": BAN, "unban": UNBAN}  # the old hub took any case: Ban, Unban, UnBan
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import zmq
 
 from . import __version__, protocol
+from .collection import Collector
 from .config import Config, ConfigError
 from .control import ControlSocket
 from .delivery import (
@@ -161,6 +162,7 @@ class Monitor:
         self.log_target: str | None = None  # None: fail2ban could not be asked
         self.log_warnings: list[str] = []  # the log's problems, as last logged
         self.notifier = Notifier()  # systemd's, when the daemon runs under its unit
+        self.garbage = Collector()  # its full collections: see collection
         self.reporting.progress = lambda: self.notifier.tick(time.monotonic())
 
     def run(self) -> None:
@@ -196,6 +198,7 @@ class Monitor:
             self.send_pending()
             self.say_hello()
             ready = dict(poller.poll(self._timeout_ms()))
+            self.garbage.tick(time.monotonic(), not ready)
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
             now = time.monotonic()

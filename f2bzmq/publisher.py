@@ -31,8 +31,9 @@ from pathlib import Path
 
 import zmq
 
-from . import protocol
+from . import passes, protocol
 from .admission import Admission
+from .collection import Collector
 from .config import Config, ConfigError
 from .control import ControlSocket
 from .decisions import Applied, Operators
@@ -80,12 +81,6 @@ log = logging.getLogger("f2bzmq.publisher")
 # more event is kept of a longer message, so that what is kept is refused whole.
 MAX_REPORT_FRAMES = protocol.MAX_REPORT_EVENTS + 4
 MAX_REQUEST_FRAMES = 8  # of a snapshot request (the identity and three), likewise
-DRAIN_LIMIT = 1000  # events taken per commit (in as many reports): one fsync ACKs them all
-# Events of one peer a pass takes (one full report): libzmq hands out the peers' reports
-# in turn, so the others' are read within the first few; the pass then ends instead of
-# going on with the one peer's (a node flooding, even refused, made node1's reports wait
-# for passes of 20-50 ms; now 2-3 ms).
-FAIR_SHARE = 100
 # Replies libzmq queues per report peer (each up to 100 answers, at most about 21 kB);
 # the hub keeps what does not fit, up to REPLY_BACKLOG bytes a peer, and sends it as the
 # peer reads: an honest burst loses no ACK, a node that never reads holds 6 MB at most.
@@ -215,6 +210,7 @@ class Publisher:
         self.next_hugz = 0.0
         self.next_tidy = 0.0
         self.notifier = Notifier()  # systemd's, when the daemon runs under its unit
+        self.garbage = Collector()  # its full collections: see collection
         self.next_forget = 0.0
 
     def load_table(self):
@@ -297,6 +293,7 @@ class Publisher:
             self.ask_peers(now)
             self.read_peer_logs(now)
             ready = dict(self.poller.poll(self.poll_timeout(now)))
+            self.garbage.tick(time.monotonic(), not ready)
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
             if self.signals.reload:
@@ -395,10 +392,9 @@ class Publisher:
         updates: list[Update] = []
         requests: list[tuple[bytes, list[bytes], str, str]] = []  # admin channel, after these
         now = time.time()
-        taken = 0
-        shares: dict[bytes, int] = {}  # events taken of each peer in this pass
+        turn = passes.Pass()
         oversized = False
-        for frames in drain(self.collector, DRAIN_LIMIT, copy=False, max_frames=MAX_REPORT_FRAMES):
+        for frames in drain(self.collector, passes.LIMIT, copy=False, max_frames=MAX_REPORT_FRAMES):
             oversized = oversized or len(frames) == MAX_REPORT_FRAMES
             peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
             address = frames[-1].get("Peer-Address") or ""
@@ -411,8 +407,6 @@ class Publisher:
                 user = name
             else:
                 user = frames[-1].get("User-Id")  # an admin's or a hub's: admission refuses
-            taken += 1
-            share = shares[peer] = shares.get(peer, 0) + 1
             if kind == "pending":
                 if protocol.is_hello(body):
                     # Answered at once or not at all: a stranger's reply never waits in
@@ -420,29 +414,26 @@ class Publisher:
                     send_or_drop(
                         self.collector, [peer, *self.handle_join(body, name, address, now)]
                     )
-                if taken >= DRAIN_LIMIT or share > FAIR_SHARE:
+                if not turn.take(peer, 1):
                     break
                 continue  # a stranger hears nothing else, not even a NAK
             if protocol.is_admin(body):
                 requests.append((peer, body, kind, name))
-                if taken >= DRAIN_LIMIT or share > FAIR_SHARE:
+                if not turn.take(peer, 1):
                     break
                 continue
             if kind == "node":  # not a peer hub's pull, an operator or a stranger
                 self.last_heard = now
             if protocol.is_hello(body):
                 replies.append([peer, *self.handle_hello(body, user, address, now)])
+                if not turn.take(peer, 1):
+                    break
                 continue
             answers, changes = self.admission.handle_report(body, user, now)
             replies.extend([peer, *answer] for answer in answers)
             updates.extend(changes)
-            events = max(1, len(body) - 2)
-            taken += events - 1  # the message itself is counted above
-            share = shares[peer] = share + events - 1
-            if taken >= DRAIN_LIMIT or share > FAIR_SHARE:
-                # The rest waits for the next pass: a pass stays short, and one peer's
-                # reports (a flood, even refused) never make the others wait a long one.
-                break
+            if not turn.take(peer, len(body) - 2):
+                break  # the rest waits for the next pass: see passes
         self.finish_batch(replies, updates)
         for peer, body, kind, name in requests:
             self.answer_peer([peer, *self.handle_admin(body, kind, name)])

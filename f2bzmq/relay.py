@@ -26,6 +26,7 @@ from pathlib import Path
 import zmq
 
 from . import protocol
+from .collection import Collector
 from .config import Config
 from .control import ControlSocket
 from .delivery import Greeting
@@ -96,6 +97,7 @@ class Relay:
             self.context, control_path, self.status, self.reload
         )
         self.notifier = Notifier()  # systemd's, when the daemon runs under its unit
+        self.garbage = Collector()  # its full collections: see collection
         self.wakeup = Wakeup()
         self.signals = StopSignals(self.wakeup)
 
@@ -158,6 +160,7 @@ class Relay:
         while not self.signals.stopping:
             self.notifier.tick(time.monotonic())
             ready = dict(poller.poll(self._timeout_ms()))
+            self.garbage.tick(time.monotonic(), not ready)
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
             if self.signals.reload:

@@ -24,6 +24,7 @@ import zmq
 
 from . import __version__, protocol
 from .addresses import Allowlist
+from .collection import Collector
 from .config import Config, ConfigError
 from .control import ControlSocket
 from .fail2ban_client import Fail2banClient, Fail2banError
@@ -226,6 +227,7 @@ class Subscriber:
         self.wakeup = Wakeup()
         self.signals = StopSignals(self.wakeup)
         self.notifier = Notifier()  # systemd's, when the daemon runs under its unit
+        self.garbage = Collector()  # its full collections: see collection
         self.jails.progress = lambda: self.notifier.tick(time.monotonic())
 
     def run(self) -> None:
@@ -251,6 +253,7 @@ class Subscriber:
                 self.signals.reload = False
                 self.reload()
             ready = dict(poller.poll(self._timeout_ms()))
+            self.garbage.tick(time.monotonic(), not ready)
             if self.wakeup.read_fd in ready:
                 self.wakeup.drain()
             if self.control and self.control.socket in ready:

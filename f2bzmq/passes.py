@@ -1,0 +1,35 @@
+"""How much of the waiting reports one pass of the hub takes before it commits and answers.
+
+A pass reads reports in the order libzmq hands them out (each peer's in turn), stores
+them with one commit (one fsync ACKs them all), then answers and broadcasts them. Every
+report read in a pass waits for the whole pass, so a pass must stay short even when a
+peer sends as fast as it can, refused or not: it takes at most `limit` events in all,
+and at most `share` of one peer's. libzmq hands out the peers' reports in turn, so the
+others' come in the first few turns, and the pass then ends instead of going on with
+the one peer's (a node flooding, even refused, made node1's reports wait for passes of
+20-50 ms; with the share, 2-3 ms). What a pass leaves waits in libzmq's queues for the
+next one.
+"""
+
+from __future__ import annotations
+
+LIMIT = 1000  # events a pass takes in all
+SHARE = 100  # events a pass takes of one peer's (a full report)
+
+
+class Pass:
+    """One pass: `take()` each message read, and end the pass when it says so."""
+
+    def __init__(self, limit: int = LIMIT, share: int = SHARE) -> None:
+        self.limit = limit
+        self.share = share
+        self.taken = 0
+        self.shares: dict[bytes, int] = {}  # events taken of each peer
+
+    def take(self, peer: bytes, events: int) -> bool:
+        """Count a message of `events` events from `peer` (at least one: a hello or a
+        refused message takes a turn too); False when the pass ends with it."""
+        events = max(1, events)
+        self.taken += events
+        share = self.shares[peer] = self.shares.get(peer, 0) + events
+        return self.taken < self.limit and share <= self.share

@@ -1,0 +1,48 @@
+"""When a pass of the hub's report drain ends: the messages it read in, go on or end."""
+
+import pytest
+
+from f2bzmq.passes import LIMIT, SHARE, Pass
+
+A, B, C = b"node-a", b"node-b", b"node-c"
+
+
+def run(messages: list[tuple[bytes, int]], **limits) -> int:
+    """How many of `messages` (peer, events) a pass reads."""
+    turn = Pass(**limits)
+    for number, (peer, events) in enumerate(messages, 1):
+        if not turn.take(peer, events):
+            return number
+    return len(messages)
+
+
+@pytest.mark.parametrize(
+    ("messages", "limits", "read"),
+    [
+        # One report of a peer, whatever its size up to a share: the pass goes on.
+        ([(A, 1), (B, 1)], {}, 2),
+        ([(A, SHARE), (B, 1)], {}, 2),
+        # A peer past its share ends the pass with that message; the others' come first
+        # in libzmq's turns, so they are in.
+        ([(A, 60), (B, 1), (A, 60), (B, 1)], {}, 3),
+        ([(A, SHARE + 1), (B, 1)], {}, 1),
+        # A hello, a refused message or an empty report still takes a turn.
+        ([(A, 0)] * 150, {"share": 100}, 101),
+        ([(A, 0)] * (SHARE + 50), {}, SHARE + 1),
+        # The pass as a whole: `limit` events, from however many peers.
+        ([(A, 100), (B, 100), (C, 100)], {"limit": 250}, 3),
+        ([(A, 10), (B, 10), (C, 10)], {"limit": 20}, 2),
+        ([(bytes([n % 256, n // 256]), 1) for n in range(LIMIT + 5)], {}, LIMIT),
+    ],
+)
+def test_when_a_pass_ends(messages, limits, read):
+    assert run(messages, **limits) == read
+
+
+def test_shares_are_counted_per_peer():
+    turn = Pass()
+    assert turn.take(A, SHARE)
+    assert turn.take(B, SHARE)  # B's own share, not A's
+    assert not turn.take(A, 1)
+    assert turn.shares == {A: SHARE + 1, B: SHARE}
+    assert turn.taken == 2 * SHARE + 1
