@@ -34,21 +34,29 @@ def due(last: float, now: float, idle: bool, promoted: int) -> bool:
 
 
 class Collector:
-    """The daemon's collections; inert until start() (a reactor run inside tests)."""
+    """The daemon's collections, from start() to stop(); inert outside them."""
 
     def __init__(self) -> None:
         self.started = False
         self.last = 0.0
         self.full = 0  # full collections made since start()
+        self.threshold = gc.get_threshold()  # CPython's, given back by stop()
 
     def start(self, now: float) -> None:
         """Freeze what the daemon holds now, and take the full collections over."""
         gc.collect()
         gc.freeze()
-        young, middle, _ = gc.get_threshold()
+        self.threshold = young, middle, _ = gc.get_threshold()
         gc.set_threshold(young, middle, _NEVER)
         self.started = True
         self.last = now
+
+    def stop(self) -> None:
+        """Give CPython its collections back (a loop run inside another program)."""
+        if self.started:
+            gc.set_threshold(*self.threshold)
+            gc.unfreeze()
+            self.started = False
 
     def tick(self, now: float, idle: bool) -> None:
         """Called once a pass of the daemon's loop; `idle` when its poll found nothing."""

@@ -109,10 +109,11 @@ class RoleControl:
         self.write_pidfile()
         # Under a unit of Type=notify: READY=1 when the loop starts, WATCHDOG=1 from it.
         reactor.notifier = Notifier.from_environment()
-        reactor.garbage.start(time.monotonic())
         try:
+            reactor.garbage.start(time.monotonic())
             return self.run_reactor(reactor)
         finally:
+            reactor.garbage.stop()
             if exporter:
                 exporter.close()
             self.pidfile.unlink(missing_ok=True)

@@ -54,10 +54,13 @@ PROGRAM = textwrap.dedent(
     garbage.tick(1.0, False)  # busy and soon: none
     busy = garbage.full
     garbage.tick(IDLE_EVERY + 1, True)  # idle, and its time: one
+    full, old_after, threshold = garbage.full, gc.get_count()[2], gc.get_threshold()
+    garbage.stop()
     print(json.dumps({
-        "before": before, "frozen": frozen, "threshold": gc.get_threshold(),
+        "stopped": {"threshold": gc.get_threshold(), "frozen": gc.get_freeze_count()},
+        "before": before, "frozen": frozen, "threshold": threshold,
         "automatic": automatic, "promoted": promoted, "busy": busy,
-        "full": garbage.full, "old_after": gc.get_count()[2],
+        "full": full, "old_after": old_after,
     }))
     """
 )
@@ -76,3 +79,5 @@ def test_a_started_collector_takes_the_full_collections_over():
     assert seen["busy"] == 0  # ... nor does the collector while the daemon is busy
     assert seen["full"] == 1  # but does once idle
     assert seen["old_after"] == 0
+    # stop() gives CPython its own collections back, and unfreezes what start() froze.
+    assert seen["stopped"] == {"threshold": seen["before"]["threshold"], "frozen": 0}

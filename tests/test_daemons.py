@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from f2bzmq.collection import Collector
 from f2bzmq.config import config_from, load_config
 from f2bzmq.daemon import EXIT_FAILED, EXIT_NOT_RUNNING, RoleControl
 from f2bzmq.lab import free_ports, make_keys, wait_until, write_config
@@ -260,7 +261,7 @@ class FailingReactor:
     """A role's loop that ends on an error nobody caught, as a full disk once did."""
 
     def __init__(self, config, control_path) -> None:
-        pass
+        self.garbage = Collector()
 
     def run(self) -> None:
         raise sqlite3.OperationalError("database or disk is full")
