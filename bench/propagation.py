@@ -146,11 +146,12 @@ def run(
     subscribers: int = 0,
     directory: str | None = None,
     action: str = "dummy",
+    origin_action: str = "dummy",
 ) -> dict:
     """Ban `count` addresses on node1, `interval` s apart; figures of their way to node2."""
     root = Path(tempfile.mkdtemp(prefix="f2bzmq-propagation-", dir=directory))
     try:
-        return measure(root, count, interval, hold, poll, naive, subscribers, action)
+        return measure(root, count, interval, hold, poll, naive, subscribers, action, origin_action)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -164,11 +165,17 @@ def measure(
     naive: int,
     subscribers: int,
     action: str = "dummy",
+    origin_action: str = "dummy",
 ) -> dict:
+    def jails(server) -> str:
+        return server.default_jails(
+            3600, 86400, SYNC_ACTIONS[action], action=SYNC_ACTIONS[origin_action]
+        )
+
     cluster = Cluster(
         root,
         size=2,
-        fail2ban={"jails": lambda server: server.default_jails(3600, 86400, SYNC_ACTIONS[action])},
+        fail2ban={"jails": jails},
         general={"loglevel": "INFO"},
     )
     simulated = [f"sim{i}" for i in range(1, subscribers + 1)]
@@ -202,6 +209,7 @@ def measure(
         "hold_s": hold,
         "nodes": 2 + subscribers,
         "sync_action": action,
+        "origin_action": origin_action,
         "simulated_subscribers": subscribers,
         "stored_ms": spread(stored_ms),
         "banned_ms": spread(banned_ms),
@@ -299,7 +307,9 @@ def text(result: dict) -> str:
         f"\n{result['bans']} bans {result['interval_s'] * 1000:g} ms apart, each lifted"
         f" {result['hold_s']:g} s after it arrived; {result['nodes']} nodes"
         f" ({result['simulated_subscribers']} of them simulated listeners);"
-        f" node2's sync jail action: {result['sync_action']}"
+        f" node2's sync jail action: {result['sync_action']}; node1's sshd jail action:"
+        f" {result.get('origin_action', 'dummy')} (on this one machine it runs on the cores"
+        " the hub and node2 use)"
         f"\n'listed' polls node2's fail2ban every {poll['interval_ms']:g} ms while a ban is"
         f" awaited ({poll['calls']} calls, {poll['mean_call_ms']:.2f} ms each): resolution"
         f" {poll['interval_ms'] + poll['mean_call_ms']:.1f} ms (fail2ban answers one command"
@@ -324,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         default="dummy",
         help="node2's sync jail action (dummy: a shell per ban; none: fail2ban's list only)",
     )
+    parser.add_argument(
+        "--origin-action",
+        choices=sorted(SYNC_ACTIONS),
+        default="dummy",
+        help="node1's sshd jail action, the one that bans first (dummy: a shell per ban)",
+    )
     parser.add_argument("--dir", help="where the nodes live (default: a temp folder)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
@@ -342,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             args.subscribers,
             args.dir,
             args.action,
+            args.origin_action,
         )
     except BenchError as error:
         print(f"propagation: {error}", file=sys.stderr)

@@ -127,11 +127,15 @@ class Fail2banServer:
             jails(self) if callable(jails) else jails or self.default_jails(bantime, sync_bantime)
         )
 
-    def default_jails(self, bantime: int, sync_bantime: int, sync_action: str = "dummy") -> str:
+    def default_jails(
+        self, bantime: int, sync_bantime: int, sync_action: str = "dummy", action: str = "dummy"
+    ) -> str:
         """sshd watching auth_log, and the sync jail fed only by commands; dummy actions
-        (sync_action "" leaves the sync jail without any: fail2ban only keeps the list)."""
+        (an action "" leaves its jail without any: fail2ban only keeps the list)."""
         if sync_action == "dummy":
             sync_action = f"dummy[target={self.directory / (self.sync_jail + '.dummy')}]"
+        if action == "dummy":
+            action = f"dummy[target={self.directory / 'sshd.dummy'}]"
         return (
             "[DEFAULT]\n"
             "backend = polling\n"
@@ -143,7 +147,7 @@ class Fail2banServer:
             f"maxretry = {self.sshd_maxretry}\n"
             "findtime = 600\n"
             f"bantime = {bantime}\n"
-            f"action = dummy[target={self.directory / 'sshd.dummy'}]\n"
+            f"action = {action}\n"
             "\n"
             f"[{self.sync_jail}]\n"
             "enabled = true\n"
