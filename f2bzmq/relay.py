@@ -42,6 +42,7 @@ from .runtime import (
     RateLimitedLog,
     StopSignals,
     Wakeup,
+    Watched,
     clock,
     drain,
     log_problems,
@@ -150,12 +151,12 @@ class Relay:
         self.poller = poller = zmq.Poller()
         poller.register(self.wakeup.read_fd, zmq.POLLIN)
         poller.register(self.snapshots, zmq.POLLIN)
-        poller.register(self.greeter, zmq.POLLIN)
         if self.control:
             poller.register(self.control.socket, zmq.POLLIN)
-        for sock in self.link.sockets():
-            poller.register(sock, zmq.POLLIN)
+        # The link may replace a socket (and the greeter) wherever an outcome is followed.
+        watched = Watched(poller, lambda: (*self.link.sockets(), self.greeter))
         self.follow(self.mirror.start(time.monotonic()))
+        watched.update()
         self.notifier.ready(f"following {self.upstream}")
         while not self.signals.stopping:
             self.notifier.tick(time.monotonic())
@@ -170,7 +171,6 @@ class Relay:
             if self.control and self.control.socket in ready:
                 self.control.handle()
             now = time.monotonic()
-            before = (*self.link.sockets(), self.greeter)
             link = self.link
             if link.updates_watch.socket in ready or link.snapshots_watch.socket in ready:
                 # Read, or they stay readable and the poll never waits again.
@@ -187,10 +187,7 @@ class Relay:
             self.follow(self.mirror.on_tick(now))
             self.answer(self.mirror.due(now))
             self.say_hello(now)
-            for old, new in zip(before, (*self.link.sockets(), self.greeter)):
-                if new is not old:
-                    poller.unregister(old)
-                    poller.register(new, zmq.POLLIN)
+            watched.update()
         self.close()
 
     def _timeout_ms(self) -> int:

@@ -83,6 +83,27 @@ def send_frames(sock: zmq.Socket, frames: list) -> None:
     send(frames[-1])
 
 
+class Watched:
+    """Sockets a poller watches that their owner may replace (a link renews a DEALER the
+    hub refused, and its handshake monitor with it): `update()` after anything that may
+    have replaced one, wherever that was, swaps it in the poller."""
+
+    def __init__(self, poller: zmq.Poller, sockets: Callable[[], tuple[zmq.Socket, ...]]) -> None:
+        self.poller = poller
+        self.sockets = sockets
+        self.watched = sockets()
+        for sock in self.watched:
+            poller.register(sock, zmq.POLLIN)
+
+    def update(self) -> None:
+        now = self.sockets()
+        for old, new in zip(self.watched, now):
+            if new is not old:
+                self.poller.unregister(old)
+                self.poller.register(new, zmq.POLLIN)
+        self.watched = now
+
+
 def try_send_frames(sock: zmq.Socket, frames: list) -> bool:
     """send_frames without blocking: False, and nothing sent, when the socket can't queue.
     A DEALER whose hub refused its CURVE handshake has no pipe left (libzmq does not

@@ -41,6 +41,7 @@ from .runtime import (
     RateLimitedLog,
     StopSignals,
     Wakeup,
+    Watched,
     clock,
     drain,
     log_problems,
@@ -242,10 +243,11 @@ class Subscriber:
         poller.register(self.wakeup.read_fd, zmq.POLLIN)
         if self.control:
             poller.register(self.control.socket, zmq.POLLIN)
-        for link in self.links:
-            for sock in link.sockets():
-                poller.register(sock, zmq.POLLIN)
+        # A link may replace a socket anywhere its core's outcome is followed.
+        watched = [Watched(poller, link.sockets) for link in self.links]
+        for link, sockets in zip(self.links, watched):
             self.follow(link, link.sync.start(time.monotonic()))
+            sockets.update()
         self.notifier.ready()
         while not self.signals.stopping:
             self.notifier.tick(time.monotonic())
@@ -260,7 +262,6 @@ class Subscriber:
                 self.control.handle()
             now = time.monotonic()
             for link in self.links:
-                before = link.sockets()
                 if link.updates_watch.socket in ready or link.snapshots_watch.socket in ready:
                     for state in link.handshakes():
                         log_key_change(log, link.publish_endpoint, state, self.security)
@@ -269,15 +270,13 @@ class Subscriber:
                 if link.snapshots in ready:
                     self.handle_snapshot(link, now)
                 self.follow(link, link.sync.on_tick(now))
-                for old, new in zip(before, link.sockets()):
-                    if new is not old:
-                        poller.unregister(old)
-                        poller.register(new, zmq.POLLIN)
             if now >= self.next_expiry:
                 self.next_expiry = now + 1.0
                 for link in self.links:
                     if link.sync.held:
                         self.follow(link, link.sync.expire_held(time.time()))
+            for sockets in watched:
+                sockets.update()
             if now >= self.next_ping:
                 self.ping_fail2ban()
                 self.next_ping = time.monotonic() + PING_INTERVAL
