@@ -302,14 +302,15 @@ def text(result: dict) -> str:
         figures = result[key]
         rows.append([label, figures["p50"], figures["p90"], figures["p99"], figures["max"]])
     poll = result["poll"]
+    origin = result.get("origin_action", "dummy")
+    shared = " (on this one machine its shell runs on the cores the hub and node2 need)"
     out = table(["what", "p50", "p90", "p99", "max"], rows)
     out += (
         f"\n{result['bans']} bans {result['interval_s'] * 1000:g} ms apart, each lifted"
         f" {result['hold_s']:g} s after it arrived; {result['nodes']} nodes"
         f" ({result['simulated_subscribers']} of them simulated listeners);"
         f" node2's sync jail action: {result['sync_action']}; node1's sshd jail action:"
-        f" {result.get('origin_action', 'dummy')} (on this one machine it runs on the cores"
-        " the hub and node2 use)"
+        f" {origin}{shared if origin == 'dummy' else ''}"
         f"\n'listed' polls node2's fail2ban every {poll['interval_ms']:g} ms while a ban is"
         f" awaited ({poll['calls']} calls, {poll['mean_call_ms']:.2f} ms each): resolution"
         f" {poll['interval_ms'] + poll['mean_call_ms']:.1f} ms (fail2ban answers one command"
