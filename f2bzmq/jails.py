@@ -309,6 +309,7 @@ class LocalJails:
         self.configured_bantimes: dict[str, int] = {}
         self.lent: set[str] = set()
         self.origin_times: dict[str, float] = {}  # ip -> its update's origin time, until applied
+        self.since = time.time()  # bans made before: their delay says how long we were away
         self.apply_delays = DelayHistogram()  # the origin's Ban line -> fail2ban's banip returned
         self.unhonoured: set[str] = set()  # ignoreip entries said to be no address, once each
         # Called after each command: applying a burst takes many, and the daemon is not stuck.
@@ -321,6 +322,17 @@ class LocalJails:
         if event.action == protocol.BAN and len(self.origin_times) < MAX_TRACKED:
             self.origin_times.setdefault(event.ip, event.time)
         self.pending = True
+
+    def take_arrival(self, event: BanEvent) -> None:
+        """A ban a snapshot holds: if this subscriber missed its update (a gap, a hub's
+        restart) its delay counts like an update's, as long as it was made since the
+        subscriber started; the jails are compared whole anyway (compare_all)."""
+        if (
+            event.action == protocol.BAN
+            and event.time >= self.since
+            and len(self.origin_times) < MAX_TRACKED
+        ):
+            self.origin_times.setdefault(event.ip, event.time)
 
     def compare_all(self) -> None:
         """The next reconcile compares every ban, not only the ones updates touched."""

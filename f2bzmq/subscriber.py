@@ -498,6 +498,7 @@ class Subscriber:
         if outcome.replaced:
             for event in link.sync.view.bans.values():
                 self.log_refusal(event)
+                self.jails.take_arrival(event)
             self.jails.compare_all()
             self.jails.pending = True
         elif outcome.left_out:

@@ -16,6 +16,7 @@ from f2bzmq.jails import (
     FIRST_BATCH,
     BatchSizer,
     HandUnbans,
+    LocalJails,
     LocalPolicy,
     cluster_bans,
     desired_bans,
@@ -287,3 +288,23 @@ def test_the_cluster_bans_of_an_address_are_those_the_policy_puts_into_that_jail
         "sshd"
     ]
     assert [event.jail for event in cluster_bans(views, rules, "cluster", "192.0.2.1")] == ["nginx"]
+
+
+def test_a_ban_a_snapshot_brought_counts_its_delay_if_made_since_the_start(tmp_path):
+    """A subscriber that missed an update (a gap, a hub's restart) gets the ban from a
+    snapshot: how late it came is a delay like any other. A ban made before the
+    subscriber started is not: its age says how long the node was away."""
+    policy = LocalPolicy("node2", "cluster", {}, [])
+    with Fail2banServer(tmp_path, "node2") as server, server.client() as client:
+        jails = LocalJails(policy, client, batch_size=100)
+        view = ClusterView()
+        old = BanEvent.new("node1", "sshd", "ban", "192.0.2.8", jails.since - 3600)
+        missed = BanEvent.new("node1", "sshd", "ban", "192.0.2.9", jails.since + 0.01)
+        for event in (old, missed):
+            view.apply(event)
+            jails.take_arrival(event)
+        jails.compare_all()
+        jails.reconcile([view])
+        assert sorted(client.banned("cluster")) == ["192.0.2.8", "192.0.2.9"]
+        assert jails.apply_delays.count == 1
+        assert 0 <= jails.apply_delays.sum < 60
