@@ -54,6 +54,7 @@ from common import (
     table,
     thread_cpu_seconds,
 )
+from throughput import node_socket
 
 from f2bzmq import protocol
 from f2bzmq.keys import HUB
@@ -71,16 +72,6 @@ SETTLE = 2.0  # seconds after a flood before the next, for the hub to close what
 
 
 # --- attackers, each in a process of its own --------------------------------------------------
-
-
-def node_socket(context: zmq.Context, kind: int, keys: Path, name: str) -> zmq.Socket:
-    sock = context.socket(kind)
-    sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(
-        keys / f"{name}.key_secret"
-    )
-    sock.curve_serverkey = zmq.auth.load_certificate(keys / f"{HUB}.key")[0]
-    sock.linger = 0
-    return sock
 
 
 def attack(name: str, spec: dict, stop, done) -> None:

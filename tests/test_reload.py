@@ -17,6 +17,19 @@ from tests.support.nodeclient import NodeClient
 LIVE = frozenset({("general", "loglevel"), ("subscriber", "allowlist")})
 
 
+def reload(role: str, config) -> list[str]:
+    """`ROLE -c CONFIG reload`, which must succeed: the lines it printed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "f2bzmq", role, "-c", str(config), "reload"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
 def test_a_reload_takes_the_live_keys_of_its_sections_and_names_the_others():
     running = config_from({"general": {"node": "web1"}})
     read = config_from(
@@ -55,16 +68,9 @@ def test_a_subscriber_reloaded_with_a_wider_allowlist_lifts_what_it_now_covers(t
         node2.config.with_suffix(".local").write_text(
             f"[subscriber]\nallowlist = 127.0.0.0/8 ::1/128 {attacker}\n"
         )
-        done = subprocess.run(
-            [sys.executable, "-m", "f2bzmq", "subscriber", "-c", str(node2.config), "reload"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        assert "|- Applied: [subscriber] allowlist" in done.stdout.splitlines()
-        assert "`- Keys: unchanged" in done.stdout.splitlines()
+        said = reload("subscriber", node2.config)
+        assert "|- Applied: [subscriber] allowlist" in said
+        assert "`- Keys: unchanged" in said
         node2.fail2ban.wait_banned("cluster", attacker, present=False, timeout=10)
         assert attacker in node1.fail2ban.banned("sshd")  # node1's own ban is node1's
 
@@ -83,15 +89,7 @@ def test_a_hub_reloaded_without_a_network_in_its_allowlist_bans_it_again(tmp_pat
             hub.config.with_suffix(".local").write_text(
                 "[publisher]\nallowlist = 127.0.0.0/8 ::1/128 special-purpose hubs nodes\n"
             )
-            done = subprocess.run(
-                [sys.executable, "-m", "f2bzmq", "publisher", "-c", str(hub.config), "reload"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-            assert done.returncode == 0, done.stderr
-            assert "|- Applied: [publisher] allowlist" in done.stdout.splitlines()
+            assert "|- Applied: [publisher] allowlist" in reload("publisher", hub.config)
             event = BanEvent.new("node1", "sshd", "ban", "198.51.100.7", bantime=600)
             assert node.report(event.encode())[0] == protocol.ACK
         finally:
