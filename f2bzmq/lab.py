@@ -56,6 +56,16 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
         time.sleep(interval)
 
 
+def stays(condition: Callable[[], bool], seconds: float, interval: float = 0.2) -> bool:
+    """condition() holds every time it is looked at for `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not condition():
+            return False
+        time.sleep(interval)
+    return True
+
+
 def process_alive(pid: int) -> bool:
     """True while pid runs; a zombie counts as gone, since nobody may reap a daemon's child."""
     try:

@@ -371,7 +371,7 @@ class Publisher:
             self.next_prune = now + PRUNE_INTERVAL
             self.prune_decisions(now)
         if self.admission.unavailable is not None and now >= self.store_retry:
-            self.admission.unavailable = None  # the next batch tries the store again
+            self.retry_store(now)
         self.flush_ttl(now)
         if self.detection is not None and now >= self.next_forget:
             self.next_forget = now + FORGET_INTERVAL
@@ -630,20 +630,9 @@ class Publisher:
             journal = detection.journal
             also = functools.partial(self.detection_store.write, journal)
         try:
-            self.store.commit(self.table, also)
+            wrote = self.store.commit(self.table, also)
         except sqlite3.Error as error:
-            reason = f"the hub cannot store events now: {error}"
-            if self.store_error is None:
-                log.error(
-                    "cannot write the ban table %s: %s; reports get retry NAKs (their "
-                    "monitors keep them) until it can, trying every %g s",
-                    self.store.path,
-                    error,
-                    STORE_RETRY,
-                )
-            self.store_error = str(error)
-            self.admission.unavailable = reason
-            self.store_retry = time.time() + STORE_RETRY
+            self.store_failed(error)
             # The table has no undo: take it back as the store has it, the counts too.
             self.table = self.admission.table = self.load_table()
             self.operators = self.load_operators()
@@ -652,10 +641,39 @@ class Publisher:
             return False
         if also is not None:
             journal.clear()
+        if wrote:  # a batch with nothing to write says nothing of the store
+            self.store_works()
+        return True
+
+    def store_failed(self, error: sqlite3.Error) -> None:
+        """Reports get retry NAKs until a write works again, tried every STORE_RETRY s."""
+        if self.store_error is None:
+            log.error(
+                "cannot write the ban table %s: %s; reports get retry NAKs (their "
+                "monitors keep them) until it can, trying every %g s",
+                self.store.path,
+                error,
+                STORE_RETRY,
+            )
+        self.store_error = str(error)
+        self.admission.unavailable = f"the hub cannot store events now: {error}"
+        self.store_retry = time.time() + STORE_RETRY
+
+    def store_works(self) -> None:
         if self.store_error is not None:
             log.log(NOTICE, "the ban table %s can be written again", self.store.path)
             self.store_error = None
-        return True
+        self.admission.unavailable = None
+
+    def retry_store(self, now: float) -> None:
+        """Reports are taken again once a write of the store's own works (if a batch
+        tried instead, each failure would cost a reload of the table)."""
+        try:
+            self.store.probe(now)
+        except sqlite3.Error as error:
+            self.store_failed(error)
+            return
+        self.store_works()
 
     def retry_later(self, reply: list[bytes]) -> list[bytes]:
         """A reply to a batch that was not stored: its ACKs become retry NAKs (refusals

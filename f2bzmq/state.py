@@ -327,11 +327,12 @@ class StateStore:
         else:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('young_until', ?)", (repr(until),))
 
-    def commit(self, table: BanTable, also: Callable[[], None] | None = None) -> None:
+    def commit(self, table: BanTable, also: Callable[[], None] | None = None) -> bool:
         """Persist every change since the last commit, atomically; `also` writes other
-        changes of the same batch (the cluster jails' counts) in the same transaction."""
+        changes of the same batch (the cluster jails' counts) in the same transaction.
+        False when there was nothing to write (and so nothing was tried)."""
         if not table.journal and also is None:
-            return
+            return False
         try:
             with self.db:
                 self.db.execute("BEGIN")
@@ -342,6 +343,19 @@ class StateStore:
             rollback(self.db)  # a COMMIT that failed (a full disk) may leave it open
             raise
         table.journal.clear()
+        self.written = True
+        return True
+
+    def probe(self, now: float) -> None:
+        """Write one row of its own: raises sqlite3.Error while the store can't be written.
+        (A row that changes: SQLite writes nothing for an update to the same value.)"""
+        try:
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('probed', ?)", (repr(now),))
+        except sqlite3.Error:
+            rollback(self.db)
+            raise
         self.written = True
 
     def tidy(self) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from f2bzmq.control import ControlError, ask
-from f2bzmq.lab import Cluster, Node, RoleProcess, wait_until
+from f2bzmq.lab import Cluster, Node, RoleProcess, stays, wait_until
 from tests.support import disk
 from tests.support.state import outbox_depth
 from tests.test_faults import STEP_TIMEOUT, attackers, jail_set, quiet_jails, wait_converged
@@ -110,6 +110,9 @@ def test_a_hub_with_a_full_disk_keeps_running_says_so_and_takes_the_bans_afterwa
         table = "cannot write the ban table " + str(state / "publisher.sqlite3")
         assert wait_until(lambda: table in problems(hub.publisher), STEP_TIMEOUT, 0.2)
         assert "database or disk is full" in problems(hub.publisher)
+        # node1 sends them again after each retry NAK (1 s) and the hub tries its store
+        # again every 2 s: the problem stays while the disk is full.
+        assert stays(lambda: table in problems(hub.publisher), 5), status(hub.publisher)
         # The hub refuses what it can't store with a retry NAK: node1 keeps it.
         assert outbox_depth(node1) == len(during)
         assert not set(during) & jail_set(cluster["node2"], "cluster")

@@ -77,6 +77,17 @@ def test_permanent_bans_never_expire_and_unknown_bantime_uses_the_default():
     assert [e.ip for e in table.snapshot()[1]] == ["192.0.2.1"]
 
 
+def test_a_commit_says_whether_it_wrote_and_a_probe_always_writes(tmp_path):
+    store = StateStore(tmp_path / "state.sqlite3")
+    table = store.load("hub", 600, 86400)
+    assert store.commit(table) is False  # nothing to write: says nothing of the store
+    table.apply(ev("node1", BAN, ip="192.0.2.1"), NOW)
+    assert store.commit(table) is True
+    store.probe(NOW)
+    store.probe(NOW + 1)
+    assert store.meta("probed") == repr(NOW + 1)
+
+
 def test_store_keeps_everything_that_was_committed(tmp_path):
     store = StateStore(tmp_path / "state.sqlite3")
     table = store.load("hub", 600, 86400)

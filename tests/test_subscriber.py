@@ -18,7 +18,7 @@ import zmq
 
 from f2bzmq import protocol
 from f2bzmq.config import config_from
-from f2bzmq.lab import Cluster, Fail2banServer, free_ports, run_command, wait_until
+from f2bzmq.lab import Cluster, Fail2banServer, free_ports, run_command, stays, wait_until
 from f2bzmq.protocol import BanEvent
 from f2bzmq.subscriber import Subscriber
 
@@ -323,16 +323,6 @@ def subscriber_status(node) -> subprocess.CompletedProcess:
         timeout=30,
         check=False,
     )
-
-
-def stays(condition: Callable[[], bool], seconds: float) -> bool:
-    """condition() holds every time it is looked at for `seconds`."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not condition():
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def test_a_ban_lifted_by_hand_stays_lifted_until_the_cluster_bans_it_anew(tmp_path: Path) -> None:
