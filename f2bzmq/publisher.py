@@ -593,16 +593,18 @@ class Publisher:
         updates: list[Update],
         note: str = "",
     ) -> bool:
-        """Commit a drained batch, then ACK it and broadcast what changed: ACK means stored.
+        """Commit a drained batch, then broadcast what changed and ACK it: ACK means stored.
         A batch that can't be stored is not in the table either: its events are refused
         for now, and their monitors send them again. False then."""
         stored = self.commit()
         if not stored:
             replies = [self.retry_later(reply) for reply in replies]
             updates = []
+        # The nodes wait for the broadcast, a monitor's ACK only frees its outbox; the log
+        # lines come last, as nobody waits for them.
+        self.broadcast(updates)
         for reply in replies:
             self.answer_peer(reply)
-        self.broadcast(updates)  # before the log lines: the nodes wait, the log doesn't
         for update in updates:
             # Logged only now that it is stored: a crash can't leave a ban in the log twice.
             if update.note is None:
