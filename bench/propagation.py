@@ -17,7 +17,9 @@ ban ends, so the jails stay small, the unbans travel the same way, and node2's
 sync jail must be empty at the end. SUBSCRIBERS adds simulated nodes listening to
 the hub (the fan-out of a bigger cluster; see scale.py). In the same run it times
 the naive way of applying one ban on another server: one `fail2ban-client set
-cluster banip IP` process per address.
+cluster banip IP` process per address; and the floor of the apply step, node2's
+fail2ban alone: one `set cluster banip IP` on a connection kept open (what the
+subscriber sends), FLOOR of them INTERVAL apart, with the same action.
 
     python3 bench/propagation.py --count 1000 --interval 0.05 --json result.json
 
@@ -147,11 +149,14 @@ def run(
     directory: str | None = None,
     action: str = "dummy",
     origin_action: str = "dummy",
+    floor: int = 200,
 ) -> dict:
     """Ban `count` addresses on node1, `interval` s apart; figures of their way to node2."""
     root = Path(tempfile.mkdtemp(prefix="f2bzmq-propagation-", dir=directory))
     try:
-        return measure(root, count, interval, hold, poll, naive, subscribers, action, origin_action)
+        return measure(
+            root, count, interval, hold, poll, naive, subscribers, action, origin_action, floor
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -166,6 +171,7 @@ def measure(
     subscribers: int,
     action: str = "dummy",
     origin_action: str = "dummy",
+    floor: int = 200,
 ) -> dict:
     def jails(server) -> str:
         return server.default_jails(
@@ -197,6 +203,7 @@ def measure(
         if missing:
             raise BenchError(f"{len(missing)} bans left no log line, e.g. {missing[0]}")
         naive_ms = naive_bans(node2, naive)
+        floor_ms = floor_bans(node2, floor, interval)
     seen = result.pop("seen")
     stored_ms = [(stored[ip] - origin[ip]) * 1000 for ip in ips]
     banned_ms = [(banned[ip] - origin[ip]) * 1000 for ip in ips]
@@ -217,6 +224,7 @@ def measure(
         "applied_ms": spread(applied_ms),
         **result,
         "naive_fail2ban_client_ms": naive_spread,
+        "floor_banip_ms": spread(floor_ms),
         "speedup_vs_naive": naive_spread["p50"] / max(spread(applied_ms)["p50"], 1e-9),
     }
 
@@ -289,6 +297,21 @@ def naive_bans(node, runs: int) -> list[float]:
     return times
 
 
+def floor_bans(node, runs: int, interval: float) -> list[float]:
+    """Milliseconds of one `set cluster banip IP` each on an open connection to node's
+    fail2ban, `interval` apart as in the run (each lifted after, untimed)."""
+    times = []
+    with Fail2banClient(str(node.fail2ban.socket)) as client:
+        for number in range(runs):
+            ip = f"198.19.{2 + number // 250}.{number % 250 + 1}"
+            time.sleep(interval)
+            started = time.perf_counter()
+            client.ban(SYNC_JAIL, [ip])
+            times.append((time.perf_counter() - started) * 1000)
+            client.unban(SYNC_JAIL, [ip])
+    return times
+
+
 def text(result: dict) -> str:
     """The table of one run."""
     rows = []
@@ -298,6 +321,7 @@ def text(result: dict) -> str:
         ("f2bzmq: node1 Ban line -> listed on node2 (ms)", "listed_ms"),
         ("f2bzmq: node1 Ban line -> banip returned on node2 (ms)", "applied_ms"),
         ("naive: one fail2ban-client process per ban (ms)", "naive_fail2ban_client_ms"),
+        ("floor: node2's fail2ban alone, banip on an open connection (ms)", "floor_banip_ms"),
     ):
         figures = result[key]
         rows.append([label, figures["p50"], figures["p90"], figures["p99"], figures["max"]])
@@ -317,6 +341,9 @@ def text(result: dict) -> str:
         f" at a time: a poll waits for a ban's action); log stamps have 1 ms"
         f"\nthe naive figure is the apply step alone; naive / f2bzmq p50:"
         f" {result['speedup_vs_naive']:.1f}x"
+        f"\nthe floor is the apply step's own cost in fail2ban; banip returned p50 minus"
+        f" floor p50: {result['applied_ms']['p50'] - result['floor_banip_ms']['p50']:.1f} ms"
+        " (derived: roughly f2bzmq's share of the way)"
     )
     return out
 
@@ -328,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=float, default=1.0, help="seconds before node1 unbans")
     parser.add_argument("--poll", type=float, default=0.001, help="seconds between polls")
     parser.add_argument("--naive", type=int, default=20, help="fail2ban-client runs to time")
+    parser.add_argument("--floor", type=int, default=200, help="banip calls of the floor")
     parser.add_argument("--subscribers", type=int, default=0, help="simulated extra nodes")
     parser.add_argument(
         "--action",
@@ -346,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.count <= 60000 or args.naive < 1 or not 0 <= args.subscribers <= 1000:
         parser.error("--count must be 1..60000, --naive at least 1, --subscribers 0..1000")
+    if not 1 <= args.floor <= 10000:
+        parser.error("--floor must be 1..10000")
     if args.interval < 0 or args.hold < 0 or args.poll <= 0:
         parser.error("--interval and --hold must be >= 0, --poll > 0")
     stop_on_sigterm()
@@ -360,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             args.dir,
             args.action,
             args.origin_action,
+            args.floor,
         )
     except BenchError as error:
         print(f"propagation: {error}", file=sys.stderr)

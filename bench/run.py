@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 
 # name -> (arguments of the full run, arguments of the quick run); the script is the name
 # up to a "-": "propagation-no-action" is propagation.py again, with other arguments.
-QUICK_PROPAGATION = ["--count", "30", "--interval", "0.02", "--naive", "5"]
+QUICK_PROPAGATION = ["--count", "30", "--interval", "0.02", "--naive", "5", "--floor", "10"]
 SUITE: dict[str, tuple[list[str], list[str]]] = {
     "propagation": ([], QUICK_PROPAGATION),
     # The same with a sync jail that has no action: f2bzmq's share of the way, without
@@ -144,6 +144,7 @@ def headline(name: str, result: dict) -> str:
             f"node2's Ban line p50 {banned['p50']:.1f} ms p99 {banned['p99']:.1f} ms;"
             f" listed p50 {listed['p50']:.1f} ms p99 {listed['p99']:.1f} ms;"
             f" applied p50 {applied['p50']:.1f} ms p99 {applied['p99']:.1f} ms"
+            f" (floor, fail2ban's banip alone: p50 {result['floor_banip_ms']['p50']:.1f} ms)"
         )
     if name == "throughput":
         return (

@@ -35,7 +35,7 @@ def run(
     sizes = []
     for size in nodes:
         latency = propagation.run(
-            count, interval, naive=1, subscribers=max(0, size - 2), directory=directory
+            count, interval, naive=1, subscribers=max(0, size - 2), directory=directory, floor=1
         )
         rate = throughput.run(
             max(events, size), monitors=size, subscribers=size, naive=1, directory=directory

@@ -57,6 +57,7 @@ def test_quick_suite_runs_and_its_counts_add_up(tmp_path):
     assert propagation["unbans_arrived"] is True
     assert propagation["poll"]["calls"] >= 1
     sane_spread(propagation["naive_fail2ban_client_ms"], 5)
+    sane_spread(propagation["floor_banip_ms"], 10)
 
     throughput = results["throughput"]
     assert throughput["zero_loss"] is True, throughput["loss"]
