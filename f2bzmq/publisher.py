@@ -387,26 +387,49 @@ class Publisher:
                 self.store.tidy()
 
     def handle_reports(self) -> None:
-        """Take the waiting reports, commit them in one transaction, then answer and broadcast."""
-        replies: list[list[bytes]] = []
-        updates: list[Update] = []
-        requests: list[tuple[bytes, list[bytes], str, str]] = []  # admin channel, after these
-        now = time.time()
+        """Take the waiting reports (see passes), then store, broadcast and answer them:
+        the light peers' batch first, then the others'."""
         turn = passes.Pass()
+        messages: list[tuple[bytes, list[bytes], zmq.Frame]] = []
         oversized = False
         for frames in drain(self.collector, passes.LIMIT, copy=False, max_frames=MAX_REPORT_FRAMES):
             oversized = oversized or len(frames) == MAX_REPORT_FRAMES
             peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
-            address = frames[-1].get("Peer-Address") or ""
+            messages.append((peer, body, frames[-1]))
+            # A hello, an admin request or a refused message takes a turn too.
+            one = protocol.is_hello(body) or protocol.is_admin(body)
+            if not turn.take(peer, 1 if one else len(body) - 2):
+                break  # the rest waits for the next pass
+        requests: list[tuple[bytes, list[bytes], str, str]] = []  # admin channel, after these
+        for batch in turn.split([peer for peer, _, _ in messages]):
+            if batch:
+                self.take_reports([messages[index] for index in batch], requests)
+        for peer, body, kind, name in requests:
+            self.answer_peer([peer, *self.handle_admin(body, kind, name)])
+        if oversized:
+            release_memory()  # what libzmq held of a message too long to be a report
+
+    def take_reports(
+        self,
+        messages: list[tuple[bytes, list[bytes], zmq.Frame]],
+        requests: list[tuple[bytes, list[bytes], str, str]],
+    ) -> None:
+        """One batch of a pass: its reports into the table, committed in one transaction,
+        then broadcast and answered; its admin requests added to `requests`."""
+        replies: list[list[bytes]] = []
+        updates: list[Update] = []
+        now = time.time()
+        for peer, body, last in messages:
+            address = last.get("Peer-Address") or ""
             # Who the authenticator let in (None without keys): a node, an admin, a peer
             # hub, a key asking to join; `user` is what admission knows it by.
-            kind, name = self.identify(frames[-1])
+            kind, name = self.identify(last)
             if self.auth is None:
                 user = None
             elif kind in ("node", "withdrawn"):
                 user = name
             else:
-                user = frames[-1].get("User-Id")  # an admin's or a hub's: admission refuses
+                user = last.get("User-Id")  # an admin's or a hub's: admission refuses
             if kind == "pending":
                 if protocol.is_hello(body):
                     # Answered at once or not at all: a stranger's reply never waits in
@@ -414,31 +437,19 @@ class Publisher:
                     send_or_drop(
                         self.collector, [peer, *self.handle_join(body, name, address, now)]
                     )
-                if not turn.take(peer, 1):
-                    break
                 continue  # a stranger hears nothing else, not even a NAK
             if protocol.is_admin(body):
                 requests.append((peer, body, kind, name))
-                if not turn.take(peer, 1):
-                    break
                 continue
             if kind == "node":  # not a peer hub's pull, an operator or a stranger
                 self.last_heard = now
             if protocol.is_hello(body):
                 replies.append([peer, *self.handle_hello(body, user, address, now)])
-                if not turn.take(peer, 1):
-                    break
                 continue
             answers, changes = self.admission.handle_report(body, user, now)
             replies.extend([peer, *answer] for answer in answers)
             updates.extend(changes)
-            if not turn.take(peer, len(body) - 2):
-                break  # the rest waits for the next pass: see passes
         self.finish_batch(replies, updates)
-        for peer, body, kind, name in requests:
-            self.answer_peer([peer, *self.handle_admin(body, kind, name)])
-        if oversized:
-            release_memory()  # what libzmq held of a message too long to be a report
 
     def identify(self, frame: zmq.Frame) -> tuple[str, str]:
         """(kind, name) of a message's sender, see NodeAuthenticator.identify; without keys

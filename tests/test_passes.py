@@ -2,7 +2,7 @@
 
 import pytest
 
-from f2bzmq.passes import LIMIT, SHARE, Pass
+from f2bzmq.passes import LIGHT, LIMIT, SHARE, Pass
 
 A, B, C = b"node-a", b"node-b", b"node-c"
 
@@ -46,3 +46,24 @@ def test_shares_are_counted_per_peer():
     assert not turn.take(A, 1)
     assert turn.shares == {A: SHARE + 1, B: SHARE}
     assert turn.taken == 2 * SHARE + 1
+
+
+@pytest.mark.parametrize(
+    ("messages", "first", "then"),
+    [
+        # Nothing heavy, or nothing light: one batch, in the order read.
+        ([(A, 1), (B, 1)], [0, 1], []),
+        ([(A, SHARE)], [], [0]),
+        # A flooding peer's report waits for the light ones read after it.
+        ([(A, SHARE), (B, 1), (C, LIGHT)], [1, 2], [0]),
+        ([(A, LIGHT + 1), (B, 1)], [1], [0]),
+        # A peer's messages stay together, in order, in the batch its total puts it in.
+        ([(A, LIGHT), (B, 1), (A, 1)], [1], [0, 2]),
+        ([(A, 2), (B, SHARE), (A, 2)], [0, 2], [1]),
+    ],
+)
+def test_light_peers_go_first(messages, first, then):
+    turn = Pass()
+    for peer, events in messages:
+        assert turn.take(peer, events)
+    assert turn.split([peer for peer, _ in messages]) == (first, then)
