@@ -29,7 +29,7 @@ from .bantimes import BanTimes, cluster_bantimes, lengthen_to
 from .fail2ban_client import Fail2banClient, Fail2banError
 from .metrics import DelayHistogram
 from .protocol import ANY_NETWORK, BanEvent, NetworkLimits, ProtocolError
-from .runtime import NOTICE, batched_logging
+from .runtime import NOTICE, log_lines
 from .sync import ClusterView
 
 log = logging.getLogger(__name__)
@@ -545,9 +545,7 @@ class LocalJails:
                 for ip in batch:
                     ends.pop(ip, None)
             verb = "Ban" if ban else "Unban"
-            with batched_logging():  # a line per address, written at once
-                for ip in batch:
-                    log.log(NOTICE, "[%s] %s %s", jail, verb, ip)
+            log_lines(log, NOTICE, [f"[{jail}] {verb} {ip}" for ip in batch])
 
     def sizes(self) -> dict[str, int]:
         """Local jail -> addresses it holds, as far as this node knows."""

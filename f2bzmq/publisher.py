@@ -65,6 +65,7 @@ from .runtime import (
     batched_logging,
     clock,
     drain,
+    log_lines,
     log_problems,
     raise_file_limit,
     release_memory,
@@ -616,14 +617,16 @@ class Publisher:
         self.broadcast(updates)
         for reply in replies:
             self.answer_peer(reply)
+        # Logged only now that it is stored: a crash can't leave a ban in the log twice.
+        lines = []
         for update in updates:
-            # Logged only now that it is stored: a crash can't leave a ban in the log twice.
             if update.note is None:
-                log.log(NOTICE, "%s%s", update.event.describe(), note)
+                lines.append(update.event.describe() + note)
             elif update.note:  # the cluster's own ban, in its own words
-                log.log(NOTICE, "%s", update.note)
+                lines.append(update.note)
             else:  # the unban that makes room for it in the stream
                 log.debug("%s: the cluster's ban takes its place", update.event.describe())
+        log_lines(log, NOTICE, lines)
         return stored
 
     def answer_peer(self, reply: list[bytes]) -> None:

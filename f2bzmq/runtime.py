@@ -13,7 +13,7 @@ import sqlite3
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import zmq
@@ -231,7 +231,68 @@ def _narrow(fd: int, mode: int) -> None:
             os.fchmod(fd, current & mode)
 
 
-class BatchedFileHandler(logging.handlers.WatchedFileHandler):
+PLACEHOLDER = "\0"  # where the message goes in a line formatted once for many
+
+
+class LinesWriter:
+    """What a handler that writes to a stream needs for `log_lines`: many lines of one
+    record's level and time stamp, formatted once, in one write."""
+
+    def emit_lines(self, record: logging.LogRecord, messages: Sequence[str]) -> None:
+        line = self.format(record)  # record.msg is the placeholder: where a message goes
+        if PLACEHOLDER not in line:  # a format without the message: a record each
+            for message in messages:
+                self.handle(_with_message(record, message))
+            return
+        head, tail = line.split(PLACEHOLDER, 1)
+        end = tail + self.terminator
+        with self.lock:
+            self.write_lines("".join([head + message + end for message in messages]), record)
+
+    def write_lines(self, text: str, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(text)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+class LinesStreamHandler(LinesWriter, logging.StreamHandler):
+    """stderr (the journal under systemd), with `log_lines`."""
+
+
+def _with_message(record: logging.LogRecord, message: str) -> logging.LogRecord:
+    copy = logging.makeLogRecord(record.__dict__)
+    copy.msg, copy.args = message, ()
+    return copy
+
+
+def log_lines(logger: logging.Logger, level: int, messages: Sequence[str]) -> None:
+    """A line per message at `level`, as logger.log(level, "%s", message) would write
+    each, for the cost of one record: the lines share its time stamp. (A record per ban
+    was a fifth of the hub's time per event.) A handler that can't write lines at once
+    (syslog) gets a record per line."""
+    if not messages or not logger.isEnabledFor(level):
+        return
+    record = logger.makeRecord(logger.name, level, "(lines)", 0, PLACEHOLDER, (), None)
+    if not logger.filter(record):
+        return
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if level < handler.level or not handler.filter(record):
+                continue
+            if isinstance(handler, LinesWriter):
+                handler.emit_lines(record, messages)
+            else:
+                for message in messages:
+                    handler.handle(_with_message(record, message))
+        current = current.parent if current.propagate else None
+
+
+class BatchedFileHandler(LinesWriter, logging.handlers.WatchedFileHandler):
     """A log file that logrotate may move (like WatchedFileHandler), written in batches.
 
     Every daemon logs a line per ban; writing and flushing each line, and checking with
@@ -276,6 +337,24 @@ class BatchedFileHandler(logging.handlers.WatchedFileHandler):
 
     def handleError(self, record: logging.LogRecord) -> None:
         self._lose(sys.exc_info()[1])
+
+    def write_lines(self, text: str, record: logging.LogRecord) -> None:
+        try:
+            if not self.batching:
+                self.reopenIfNeeded()
+            if self.stream is None:
+                self.stream = self._open()
+            self.stream.write(text)
+            if self.batching:
+                return  # end_batch() flushes
+            logging.StreamHandler.flush(self)
+        except RecursionError:
+            raise
+        except Exception as error:
+            self._lose(error, lines=text.count(self.terminator))
+            return
+        if self.failure is not None:
+            self._say_lost()
 
     def flush(self) -> None:
         if self.batching:
@@ -385,7 +464,7 @@ def setup_logging(role: str, target: str, level: int, foreground: bool) -> None:
     if target == "AUTO":
         target = "STDERR" if foreground else f"/var/log/fail2ban-cluster/{role}.log"
     if target == "STDERR":
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler: logging.Handler = LinesStreamHandler(sys.stderr)
         fmt = f"%(asctime)s {name:<20} [%(process)d]: %(levelname)-7s %(message)s"
     elif target == "SYSLOG":
         handler = logging.handlers.SysLogHandler("/dev/log")
