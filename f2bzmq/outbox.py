@@ -41,6 +41,10 @@ CREATE INDEX IF NOT EXISTS outbox_subject ON outbox (subject) WHERE subject IS N
 """
 
 
+# Free pages (4 kB each: 1 MiB) past which an outbox that has sent everything is compacted.
+SHRINK_PAGES = 256
+
+
 def subject(event: BanEvent) -> str:
     return f"{event.jail} {event.ip}"
 
@@ -91,10 +95,16 @@ class Outbox:
         self.written = True
 
     def tidy(self) -> None:
-        """Once every event is out, give back the write-ahead log's space."""
+        """Once every event is out, give back the write-ahead log's space, and the file's
+        own once a backlog has come and gone (a hub away for hours: SQLite keeps the
+        pages its rows held for reuse, megabytes for good unless compacted)."""
         if self.written and not self.depth():
             empty_wal(self.db)
             self.written = False
+            if self.db.execute("PRAGMA freelist_count").fetchone()[0] > SHRINK_PAGES:
+                with contextlib.suppress(sqlite3.Error):  # no room to copy it: next backlog
+                    self.db.execute("VACUUM")
+                empty_wal(self.db)
 
     def add(self, events: Sequence[BanEvent | FailureReport], position: str | None = None) -> None:
         """Store new events and failure reports (and the log position after them) in one

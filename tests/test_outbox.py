@@ -170,3 +170,22 @@ def test_trim_drops_failure_reports_before_any_ban_or_unban(tmp_path):
     assert outbox.trim(2) == 1
     assert outbox.trim(1) == 1
     assert [body for _, _, body in outbox.pending(HUBS[0], 100)] == [ban.encode()]
+
+
+def test_once_a_backlog_is_out_the_file_gives_its_space_back(tmp_path):
+    path = tmp_path / "o.sqlite3"
+    outbox = Outbox(path, HUBS)
+    events = [event(f"10.0.{n // 250}.{n % 250 + 1}") for n in range(5000)]
+    outbox.add(events, position='{"offset": 5000}')
+    outbox.tidy()  # events still wait: nothing to give back
+    full = path.stat().st_size
+    assert full > 2_000_000
+    for hub in HUBS:
+        assert outbox.ack(hub, [e.id for e in events]) == len(events)
+    outbox.tidy()
+    assert path.stat().st_size < full / 10
+    wal = tmp_path / "o.sqlite3-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    assert outbox.position() == '{"offset": 5000}'
+    outbox.add([event("192.0.2.1")])
+    assert outbox.depth() == 1
