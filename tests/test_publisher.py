@@ -308,3 +308,34 @@ def test_a_built_hub_gives_its_core_the_node_keys_it_reads_again(tmp_path, own_s
         assert hub.admission.authorized == {"node2"}
     finally:
         hub.close()
+
+
+def test_a_pass_stores_the_light_reports_before_a_flooding_nodes(tmp_path, own_signals):
+    """node web1 sends 100 events, web2 one, both waiting when the pass starts: web2's ban
+    is stored, broadcast and ACKed first, with a commit of its own (see passes)."""
+    ports = free_ports(3)
+    hub = built_hub(tmp_path, ports)
+    context = zmq.Context()
+    flooding, light = context.socket(zmq.DEALER), context.socket(zmq.DEALER)
+    try:
+        for dealer in (flooding, light):  # web1 connects and sends first: read first
+            dealer.linger = 0
+            dealer.connect(f"tcp://127.0.0.1:{ports[0]}")
+        many = [ban(f"198.51.100.{n}", node="web1") for n in range(1, 101)]
+        flooding.send_multipart(protocol.encode_report(event.encode() for event in many))
+        assert hub.collector.poll(5000)
+        light.send_multipart(protocol.encode_report([ban("203.0.113.7", node="web2").encode()]))
+        time.sleep(0.5)  # both in the hub's queue before its pass
+        hub.handle_reports()
+        for dealer in (flooding, light):
+            assert dealer.poll(5000)
+            (answer, *_), _ = protocol.decode_reply(dealer.recv_multipart())
+            assert answer.stored
+        with contextlib.closing(sqlite3.connect(tmp_path / "state" / "publisher.sqlite3")) as db:
+            order = [node for (node,) in db.execute("SELECT node FROM bans ORDER BY rowid")]
+        assert order == ["web2"] + ["web1"] * 100
+    finally:
+        flooding.close()
+        light.close()
+        context.term()
+        hub.close()
