@@ -303,7 +303,7 @@ def floor_bans(node, runs: int, interval: float) -> list[float]:
     times = []
     with Fail2banClient(str(node.fail2ban.socket)) as client:
         for number in range(runs):
-            ip = f"198.19.{2 + number // 250}.{number % 250 + 1}"
+            ip = f"198.19.{128 + number // 250}.{number % 250 + 1}"  # above the naive run's
             time.sleep(interval)
             started = time.perf_counter()
             client.ban(SYNC_JAIL, [ip])
@@ -374,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.count <= 60000 or args.naive < 1 or not 0 <= args.subscribers <= 1000:
         parser.error("--count must be 1..60000, --naive at least 1, --subscribers 0..1000")
-    if not 1 <= args.floor <= 10000:
-        parser.error("--floor must be 1..10000")
+    if not 1 <= args.floor <= 10000 or args.naive > 30000:
+        parser.error("--floor must be 1..10000, --naive at most 30000")
     if args.interval < 0 or args.hold < 0 or args.poll <= 0:
         parser.error("--interval and --hold must be >= 0, --poll > 0")
     stop_on_sigterm()

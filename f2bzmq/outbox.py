@@ -102,8 +102,10 @@ class Outbox:
             empty_wal(self.db)
             self.written = False
             if self.db.execute("PRAGMA freelist_count").fetchone()[0] > SHRINK_PAGES:
-                with contextlib.suppress(sqlite3.Error):  # no room to copy it: next backlog
+                try:
                     self.db.execute("VACUUM")
+                except sqlite3.Error:  # no room for the copy: after the next backlog
+                    rollback(self.db)
                 empty_wal(self.db)
 
     def add(self, events: Sequence[BanEvent | FailureReport], position: str | None = None) -> None:

@@ -23,25 +23,35 @@ from collections.abc import Sequence
 LIMIT = 1000  # events a pass takes in all
 SHARE = 100  # events a pass takes of one peer's (a full report)
 LIGHT = 10  # events of one peer's in a pass up to which its reports go first
+# Bytes a pass holds at most: it reads every message before handling any (for the light
+# peers' turn), and 1,000 messages of two 64-kB frames would be 128 MB. A pass of 1,000
+# events in full reports is about 200 kB.
+BYTES = 4 << 20
 
 
 class Pass:
     """One pass: `take()` each message read, and end the pass when it says so."""
 
-    def __init__(self, limit: int = LIMIT, share: int = SHARE, light: int = LIGHT) -> None:
+    def __init__(
+        self, limit: int = LIMIT, share: int = SHARE, light: int = LIGHT, size: int = BYTES
+    ) -> None:
         self.limit = limit
         self.share = share
         self.light = light
+        self.size = size
         self.taken = 0
+        self.held = 0  # bytes of the messages taken
         self.shares: dict[bytes, int] = {}  # events taken of each peer
 
-    def take(self, peer: bytes, events: int) -> bool:
-        """Count a message of `events` events from `peer` (at least one: a hello or a
-        refused message takes a turn too); False when the pass ends with it."""
+    def take(self, peer: bytes, events: int, size: int = 0) -> bool:
+        """Count a message of `events` events and `size` bytes from `peer` (at least one
+        event: a hello or a refused message takes a turn too); False when the pass ends
+        with it."""
         events = max(1, events)
         self.taken += events
+        self.held += size
         share = self.shares[peer] = self.shares.get(peer, 0) + events
-        return self.taken < self.limit and share <= self.share
+        return self.taken < self.limit and share <= self.share and self.held < self.size
 
     def split(self, peers: Sequence[bytes]) -> tuple[list[int], list[int]]:
         """The messages read (by their peers, in order) as two batches of indexes, each

@@ -391,18 +391,22 @@ class Publisher:
         """Take the waiting reports (see passes), then store, broadcast and answer them:
         the light peers' batch first, then the others'."""
         turn = passes.Pass()
-        messages: list[tuple[bytes, list[bytes], zmq.Frame]] = []
+        messages: list[tuple[bytes, list[bytes], str | None, str]] = []
         oversized = False
         for frames in drain(self.collector, passes.LIMIT, copy=False, max_frames=MAX_REPORT_FRAMES):
             oversized = oversized or len(frames) == MAX_REPORT_FRAMES
             peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
-            messages.append((peer, body, frames[-1]))
-            # A hello, an admin request or a refused message takes a turn too.
+            last = frames[-1]  # the sender's key and address; the frames themselves go
+            user_id = last.get("User-Id") if self.auth is not None else None
+            messages.append((peer, body, user_id, last.get("Peer-Address") or ""))
+            # A hello or an admin request takes a turn; a report counts its events (a
+            # message refused whole counts one).
             one = protocol.is_hello(body) or protocol.is_admin(body)
-            if not turn.take(peer, 1 if one else len(body) - 2):
+            size = sum(map(len, body))
+            if not turn.take(peer, 1 if one else len(body) - 2, size):
                 break  # the rest waits for the next pass
         requests: list[tuple[bytes, list[bytes], str, str]] = []  # admin channel, after these
-        for batch in turn.split([peer for peer, _, _ in messages]):
+        for batch in turn.split([message[0] for message in messages]):
             if batch:
                 self.take_reports([messages[index] for index in batch], requests)
         for peer, body, kind, name in requests:
@@ -412,7 +416,7 @@ class Publisher:
 
     def take_reports(
         self,
-        messages: list[tuple[bytes, list[bytes], zmq.Frame]],
+        messages: list[tuple[bytes, list[bytes], str | None, str]],
         requests: list[tuple[bytes, list[bytes], str, str]],
     ) -> None:
         """One batch of a pass: its reports into the table, committed in one transaction,
@@ -420,17 +424,16 @@ class Publisher:
         replies: list[list[bytes]] = []
         updates: list[Update] = []
         now = time.time()
-        for peer, body, last in messages:
-            address = last.get("Peer-Address") or ""
+        for peer, body, user_id, address in messages:
             # Who the authenticator let in (None without keys): a node, an admin, a peer
             # hub, a key asking to join; `user` is what admission knows it by.
-            kind, name = self.identify(last)
+            kind, name = self.identify_user(user_id)
             if self.auth is None:
                 user = None
             elif kind in ("node", "withdrawn"):
                 user = name
             else:
-                user = last.get("User-Id")  # an admin's or a hub's: admission refuses
+                user = user_id  # an admin's or a hub's: admission refuses
             if kind == "pending":
                 if protocol.is_hello(body):
                     # Answered at once or not at all: a stranger's reply never waits in
@@ -455,9 +458,13 @@ class Publisher:
     def identify(self, frame: zmq.Frame) -> tuple[str, str]:
         """(kind, name) of a message's sender, see NodeAuthenticator.identify; without keys
         every peer is a node whose name is the one its events give."""
+        return self.identify_user(frame.get("User-Id") if self.auth is not None else None)
+
+    def identify_user(self, user_id: str | None) -> tuple[str, str]:
+        """identify() of the User-Id a message's frame gave."""
         if self.auth is None:
             return "node", ""
-        return self.auth.identify(frame.get("User-Id"))
+        return self.auth.identify(user_id)
 
     def handle_hello(
         self, body: list[bytes], user: str | None, address: str, now: float
@@ -683,13 +690,14 @@ class Publisher:
 
     def retry_store(self, now: float) -> None:
         """Reports are taken again once a write of the store's own works (if a batch
-        tried instead, each failure would cost a reload of the table)."""
+        tried instead, each failure would cost a reload of the table). The problem ends
+        only when a batch is stored: a small write may fit where a batch does not."""
         try:
             self.store.probe(now)
         except sqlite3.Error as error:
             self.store_failed(error)
             return
-        self.store_works()
+        self.admission.unavailable = None
 
     def retry_later(self, reply: list[bytes]) -> list[bytes]:
         """A reply to a batch that was not stored: its ACKs become retry NAKs (refusals
@@ -1063,9 +1071,10 @@ class Publisher:
     def problems(self, now: float, descriptors: Descriptors, space: DiskSpace | None) -> list[str]:
         found = []
         if self.store_error is not None:
+            waiting = self.admission.unavailable is not None
             found.append(
                 f"cannot write the ban table {self.store.path}: {self.store_error}; "
-                "reports get retry NAKs until it can"
+                + ("reports get retry NAKs until it can" if waiting else "trying again")
             )
         refused = self.refused_keys()
         silence = self.config.publisher.node_silence

@@ -247,9 +247,10 @@ class LinesWriter:
         head, tail = line.split(PLACEHOLDER, 1)
         end = tail + self.terminator
         with self.lock:
-            self.write_lines("".join([head + message + end for message in messages]), record)
+            text = "".join([head + message + end for message in messages])
+            self.write_lines(text, len(messages), record)
 
-    def write_lines(self, text: str, record: logging.LogRecord) -> None:
+    def write_lines(self, text: str, lines: int, record: logging.LogRecord) -> None:
         try:
             self.stream.write(text)
             self.flush()
@@ -274,7 +275,7 @@ def log_lines(logger: logging.Logger, level: int, messages: Sequence[str]) -> No
     each, for the cost of one record: the lines share its time stamp. (A record per ban
     was a fifth of the hub's time per event.) A handler that can't write lines at once
     (syslog) gets a record per line."""
-    if not messages or not logger.isEnabledFor(level):
+    if not messages or logger.disabled or not logger.isEnabledFor(level):
         return
     record = logger.makeRecord(logger.name, level, "(lines)", 0, PLACEHOLDER, (), None)
     if not logger.filter(record):
@@ -338,7 +339,7 @@ class BatchedFileHandler(LinesWriter, logging.handlers.WatchedFileHandler):
     def handleError(self, record: logging.LogRecord) -> None:
         self._lose(sys.exc_info()[1])
 
-    def write_lines(self, text: str, record: logging.LogRecord) -> None:
+    def write_lines(self, text: str, lines: int, record: logging.LogRecord) -> None:
         try:
             if not self.batching:
                 self.reopenIfNeeded()
@@ -351,7 +352,7 @@ class BatchedFileHandler(LinesWriter, logging.handlers.WatchedFileHandler):
         except RecursionError:
             raise
         except Exception as error:
-            self._lose(error, lines=text.count(self.terminator))
+            self._lose(error, lines=lines)
             return
         if self.failure is not None:
             self._say_lost()

@@ -348,7 +348,9 @@ class StateStore:
 
     def probe(self, now: float) -> None:
         """Write one row of its own: raises sqlite3.Error while the store can't be written.
-        (A row that changes: SQLite writes nothing for an update to the same value.)"""
+        (A row that changes: SQLite writes nothing for an update to the same value; the
+        write-ahead log emptied first: the pages a failed batch left there would take it.)"""
+        empty_wal(self.db)
         try:
             with self.db:
                 self.db.execute("BEGIN")

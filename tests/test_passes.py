@@ -2,7 +2,7 @@
 
 import pytest
 
-from f2bzmq.passes import LIGHT, LIMIT, SHARE, Pass
+from f2bzmq.passes import BYTES, LIGHT, LIMIT, SHARE, Pass
 
 A, B, C = b"node-a", b"node-b", b"node-c"
 
@@ -67,3 +67,17 @@ def test_light_peers_go_first(messages, first, then):
     for peer, events in messages:
         assert turn.take(peer, events)
     assert turn.split([peer for peer, _ in messages]) == (first, then)
+
+
+def test_a_pass_holds_a_bounded_number_of_bytes():
+    """It reads every message before handling one: messages of one event each but large
+    ones (two 64-kB frames) end it once it holds BYTES, whoever sent them."""
+    turn = Pass()
+    peers = [bytes([n]) for n in range(100)]
+    read = 0
+    for peer in peers * 10:
+        read += 1
+        if not turn.take(peer, 1, 2 * 65536):
+            break
+    assert read == BYTES // (2 * 65536) and turn.held >= BYTES
+    assert Pass().take(A, SHARE, 200 * SHARE)  # a full report of 100 events: 20 kB

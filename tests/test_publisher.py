@@ -339,3 +339,51 @@ def test_a_pass_stores_the_light_reports_before_a_flooding_nodes(tmp_path, own_s
         light.close()
         context.term()
         hub.close()
+
+
+def test_a_built_hub_whose_store_is_full_says_so_until_a_batch_is_stored(tmp_path, own_signals):
+    """SQLite's own page limit makes the store full (as a full disk would): the batch gets
+    retry NAKs and the table stays as stored; the hub's own small write at each retry
+    fits where a batch does not, so it lets reports in again but the problem stays until
+    a batch is stored."""
+    ports = free_ports(3)
+    hub = built_hub(tmp_path, ports)
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.linger = 0
+    dealer.connect(f"tcp://127.0.0.1:{ports[0]}")
+
+    def send(events: list[BanEvent]) -> list[tuple[bool, bool]]:
+        dealer.send_multipart(protocol.encode_report(event.encode() for event in events))
+        assert hub.collector.poll(5000)
+        hub.handle_reports()
+        assert dealer.poll(5000)
+        answers, _ = protocol.decode_reply(dealer.recv_multipart())
+        return sorted({(answer.stored, answer.retry) for answer in answers})
+
+    def problem() -> str:
+        return "\n".join(hub.status()["problems"])
+
+    many = [ban(f"198.51.100.{n}", node=f"web{n % 7}") for n in range(1, 101)]
+    try:
+        assert send([ban("192.0.2.1")]) == [(True, False)]
+        (pages,) = hub.store.db.execute("PRAGMA page_count").fetchone()
+        hub.store.db.execute(f"PRAGMA max_page_count = {pages}")
+        assert send(many) == [(False, True)]
+        assert "cannot write the ban table" in problem() and "retry NAKs" in problem()
+        assert stored_bans(tmp_path) == [("node1", "192.0.2.1")]
+        hub.store_retry = 0.0  # its retry is due: the probe's one row fits
+        hub.handle_ready({})
+        assert hub.admission.unavailable is None
+        assert "cannot write the ban table" in problem() and "trying again" in problem()
+        assert send(many) == [(False, True)]  # a batch still does not
+        assert "retry NAKs" in problem()
+        hub.store.db.execute("PRAGMA max_page_count = 1000000")
+        hub.store_retry = 0.0
+        hub.handle_ready({})
+        assert send(many) == [(True, False)]
+        assert problem() == "" and len(stored_bans(tmp_path)) == 101
+    finally:
+        dealer.close()
+        context.term()
+        hub.close()
