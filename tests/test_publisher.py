@@ -247,14 +247,29 @@ def stored_bans(tmp_path) -> list[tuple[str, str]]:
         return sorted(db.execute("SELECT node, ip FROM bans"))
 
 
-def test_a_built_hub_answers_a_batch_once_it_is_stored(tmp_path, own_signals):
+@contextlib.contextmanager
+def hub_and_dealers(tmp_path, count: int = 1):
+    """A built hub and `count` DEALERs connected to its report port, in that order."""
     ports = free_ports(3)
     hub = built_hub(tmp_path, ports)
     context = zmq.Context()
-    dealer = context.socket(zmq.DEALER)
-    dealer.linger = 0
-    dealer.connect(f"tcp://127.0.0.1:{ports[0]}")
+    dealers = []
     try:
+        for _ in range(count):
+            dealer = context.socket(zmq.DEALER)
+            dealer.linger = 0
+            dealer.connect(f"tcp://127.0.0.1:{ports[0]}")
+            dealers.append(dealer)
+        yield hub, dealers
+    finally:
+        for dealer in dealers:
+            dealer.close()
+        context.term()
+        hub.close()
+
+
+def test_a_built_hub_answers_a_batch_once_it_is_stored(tmp_path, own_signals):
+    with hub_and_dealers(tmp_path) as (hub, (dealer,)):
         events = [ban("198.51.100.1"), ban("198.51.100.2", node="web7"), ban("127.0.0.1")]
         dealer.send_multipart(protocol.encode_report(event.encode() for event in events))
         assert hub.collector.poll(5000)
@@ -266,10 +281,6 @@ def test_a_built_hub_answers_a_batch_once_it_is_stored(tmp_path, own_signals):
         ]
         assert stored_bans(tmp_path) == [("node1", "198.51.100.1"), ("web7", "198.51.100.2")]
         assert hub.status()["Events accepted"] == 2 and hub.status()["Updates broadcast"] == 2
-    finally:
-        dealer.close()
-        context.term()
-        hub.close()
 
 
 def test_a_built_hub_takes_old_reports_through_its_core_and_store(tmp_path, own_signals, caplog):
@@ -313,14 +324,8 @@ def test_a_built_hub_gives_its_core_the_node_keys_it_reads_again(tmp_path, own_s
 def test_a_pass_stores_the_light_reports_before_a_flooding_nodes(tmp_path, own_signals):
     """node web1 sends 100 events, web2 one, both waiting when the pass starts: web2's ban
     is stored, broadcast and ACKed first, with a commit of its own (see passes)."""
-    ports = free_ports(3)
-    hub = built_hub(tmp_path, ports)
-    context = zmq.Context()
-    flooding, light = context.socket(zmq.DEALER), context.socket(zmq.DEALER)
-    try:
-        for dealer in (flooding, light):  # web1 connects and sends first: read first
-            dealer.linger = 0
-            dealer.connect(f"tcp://127.0.0.1:{ports[0]}")
+    # web1 connects and sends first: read first
+    with hub_and_dealers(tmp_path, 2) as (hub, (flooding, light)):
         many = [ban(f"198.51.100.{n}", node="web1") for n in range(1, 101)]
         flooding.send_multipart(protocol.encode_report(event.encode() for event in many))
         assert hub.collector.poll(5000)
@@ -334,11 +339,6 @@ def test_a_pass_stores_the_light_reports_before_a_flooding_nodes(tmp_path, own_s
         with contextlib.closing(sqlite3.connect(tmp_path / "state" / "publisher.sqlite3")) as db:
             order = [node for (node,) in db.execute("SELECT node FROM bans ORDER BY rowid")]
         assert order == ["web2"] + ["web1"] * 100
-    finally:
-        flooding.close()
-        light.close()
-        context.term()
-        hub.close()
 
 
 def test_a_built_hub_whose_store_is_full_says_so_until_a_batch_is_stored(tmp_path, own_signals):
@@ -346,12 +346,6 @@ def test_a_built_hub_whose_store_is_full_says_so_until_a_batch_is_stored(tmp_pat
     retry NAKs and the table stays as stored; the hub's own small write at each retry
     fits where a batch does not, so it lets reports in again but the problem stays until
     a batch is stored."""
-    ports = free_ports(3)
-    hub = built_hub(tmp_path, ports)
-    context = zmq.Context()
-    dealer = context.socket(zmq.DEALER)
-    dealer.linger = 0
-    dealer.connect(f"tcp://127.0.0.1:{ports[0]}")
 
     def send(events: list[BanEvent]) -> list[tuple[bool, bool]]:
         dealer.send_multipart(protocol.encode_report(event.encode() for event in events))
@@ -365,7 +359,7 @@ def test_a_built_hub_whose_store_is_full_says_so_until_a_batch_is_stored(tmp_pat
         return "\n".join(hub.status()["problems"])
 
     many = [ban(f"198.51.100.{n}", node=f"web{n % 7}") for n in range(1, 101)]
-    try:
+    with hub_and_dealers(tmp_path) as (hub, (dealer,)):
         assert send([ban("192.0.2.1")]) == [(True, False)]
         (pages,) = hub.store.db.execute("PRAGMA page_count").fetchone()
         hub.store.db.execute(f"PRAGMA max_page_count = {pages}")
@@ -383,7 +377,3 @@ def test_a_built_hub_whose_store_is_full_says_so_until_a_batch_is_stored(tmp_pat
         hub.handle_ready({})
         assert send(many) == [(True, False)]
         assert problem() == "" and len(stored_bans(tmp_path)) == 101
-    finally:
-        dealer.close()
-        context.term()
-        hub.close()
