@@ -319,19 +319,19 @@ class LocalJails:
         """An update changed this ban in a hub's view: reconcile its address."""
         if self.touched is not None:
             self.touched.add((event.jail, event.ip))
-        if event.action == protocol.BAN and len(self.origin_times) < MAX_TRACKED:
-            self.origin_times.setdefault(event.ip, event.time)
+        self._time_apply(event)
         self.pending = True
 
     def take_arrival(self, event: BanEvent) -> None:
         """A ban a snapshot holds: if this subscriber missed its update (a gap, a hub's
         restart) its delay counts like an update's, as long as it was made since the
         subscriber started; the jails are compared whole anyway (compare_all)."""
-        if (
-            event.action == protocol.BAN
-            and event.time >= self.since
-            and len(self.origin_times) < MAX_TRACKED
-        ):
+        if event.time >= self.since:
+            self._time_apply(event)
+
+    def _time_apply(self, event: BanEvent) -> None:
+        """Keep a ban's origin time until it is applied, for the apply-delay histogram."""
+        if event.action == protocol.BAN and len(self.origin_times) < MAX_TRACKED:
             self.origin_times.setdefault(event.ip, event.time)
 
     def compare_all(self) -> None:
