@@ -398,7 +398,7 @@ class Console:
                 n["fingerprint"][:19] + "…",
                 n["address"] or "-",
                 "connected" if n["monitor"] else "-",
-                "connected" if n["subscriber"] else "-",
+                ("relay" if n.get("relay") else "connected") if n["subscriber"] else "-",
                 "yes" if n["synced"] else "no",
                 "-" if n["lag"] is None else str(n["lag"]),
                 _clock(n["last_report"]),

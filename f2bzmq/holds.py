@@ -4,8 +4,9 @@ An operator's unban lifts an address (or a network) in the cluster's table and, 
 node, in the node's own jails, where its fail2ban banned it; with a hold, the hub refuses
 to ban it again and each node's fail2ban ignores it (`ignoreip`) until the hold ends, so
 an address its own jail would catch again stays out too. `Holds` is the hub's list, which
-it sends to every subscriber; `LocalHolds` is what one node does about it. Nothing here
-touches a socket, fail2ban or a clock.
+it sends to every subscriber; `LocalHolds` is what one node does about it; `RelayedHolds`,
+how a relay hands the hub's list on to the subscribers behind it. Nothing here touches a
+socket, fail2ban or a clock.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from .protocol import MAX_HOLDS, Decision, Hold, holds_digest
 # Seconds an unban without a hold stays in the list the nodes get: a subscriber that was
 # reconnecting when it was made still lifts it from its node's jails.
 LIFT_MEMORY = 300.0
+# Subscribers a relay remembers having heard at most (a region's nodes, one snapshot
+# connection each); past it the one heard longest ago is forgotten, and asks again.
+MAX_REGION = 100_000
 
 
 class Holds:
@@ -181,3 +185,43 @@ class LocalHolds:
     def next_change(self, now: float) -> float | None:
         """When a hold ends: its ignoreip entries go then."""
         return min((h.until for h in self.holds().values() if h.until > now), default=None)
+
+
+class RelayedHolds:
+    """What a relay passes on of its hub's holds: the hub's last holds message as it came
+    (the hub's bytes, which a relay never re-encodes), and the region's subscribers heard
+    lately, each by its snapshot connection. A subscriber gets the message when its
+    presence shows it lacks it, and every one heard lately when the hub's list changes:
+    the hub pushes a change to the relay at once, so the region has it at once too.
+    Presences, and the message, are the caller's to validate."""
+
+    def __init__(self, recent: float) -> None:
+        self.recent = recent  # seconds a subscriber counts as heard after its presence
+        self.message: list[bytes] | None = None  # the hub's holds message; None before one
+        self.digest = ""  # of its holds, "" before the first (as a node without holds says)
+        self.count = 0  # holds in it, for status
+        self.heard: dict[bytes, float] = {}  # snapshot connection -> last presence, oldest first
+
+    def on_holds(self, message: list[bytes], digest: str, count: int, now: float) -> list[bytes]:
+        """The hub's whole list: the connections to hand it to (none if it is unchanged)."""
+        if self.message is not None and digest == self.digest:
+            return []
+        self.message, self.digest, self.count = message, digest, count
+        return self.listeners(now)
+
+    def on_presence(self, peer: bytes, digest: str, now: float) -> bool:
+        """A subscriber's presence, with the digest of the holds it has: True when it is to
+        get the hub's message now."""
+        self.heard.pop(peer, None)  # to the end: the order is that of the last presence
+        self.heard[peer] = now
+        while len(self.heard) > MAX_REGION:
+            del self.heard[next(iter(self.heard))]
+        return self.message is not None and digest != self.digest
+
+    def listeners(self, now: float) -> list[bytes]:
+        """The connections of the subscribers heard lately; the others are forgotten."""
+        for peer, when in list(self.heard.items()):
+            if now - when <= self.recent:
+                break
+            del self.heard[peer]  # heard the longest ago first: the rest are more recent
+        return list(self.heard)

@@ -14,7 +14,8 @@ hub one snapshot per relay instead of one per node. `Mirror` holds the rules:
 - an answer is the hub's table as the hub would give it: the hub's state id, sequence
   and young flag, and the hub's bans only (not those HubSync keeps of a state the hub
   lost, which are the subscriber's own to keep);
-- it is encoded once per change of the copy, however many ask.
+- it is encoded once per change of the copy, however many ask; its header says that the
+  relay takes its subscribers' presence (for the hub's holds, `holds.RelayedHolds`).
 
 Nothing here touches a socket or a clock: `now` comes in with every input.
 """
@@ -129,7 +130,7 @@ class Mirror:
             sync = self.sync
             self._parts = list(
                 protocol.encode_snapshot(
-                    sync.state_id or "", sync.sequence, self.table(), sync.young
+                    sync.state_id or "", sync.sequence, self.table(), sync.young, presence=True
                 )
             )
         return self._parts

@@ -1136,6 +1136,8 @@ class Presence:
     version: str | None
     jails: tuple[str, ...]  # the node's fail2ban jails
     holds: str  # the digest of the holds it has of this hub; "" for none
+    # A relay's: it applies no ban, it passes the stream and the holds to its region.
+    relay: bool = False
 
 
 def encode_presence(presence: Presence) -> list[bytes]:
@@ -1147,6 +1149,8 @@ def encode_presence(presence: Presence) -> list[bytes]:
         "jails": list(presence.jails[:MAX_PRESENCE_JAILS]),
         "holds": presence.holds,
     }
+    if presence.relay:
+        body["relay"] = True  # only then: a presence reads as before the key
     return [PROTOCOL, PRESENCE, encode_object(body)]
 
 
@@ -1169,8 +1173,12 @@ def decode_presence(frames: Sequence[bytes]) -> Presence:
     holds = body.get("holds", "")
     if not isinstance(holds, str) or len(holds) > 64:
         raise ProtocolError("a presence's holds must be a digest")
+    relay = body.get("relay", False)
+    if not isinstance(relay, bool):
+        raise ProtocolError("a presence's relay must be true or false")
     names = tuple(check_name(jail, "jail") for jail in jails)
-    return Presence(publisher, seq, synced, _version_or_none(body.get("version")), names, holds)
+    version = _version_or_none(body.get("version"))
+    return Presence(publisher, seq, synced, version, names, holds, relay)
 
 
 # Holds: an operator's unban as the nodes apply it to their own jails.

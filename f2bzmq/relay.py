@@ -10,6 +10,11 @@ which passes the hub's messages on byte for byte, and a ROUTER that answers snap
 requests from the copy; both with the hub's key pair (or the relay's own, `server_key`),
 open only to the node keys in the relay's own keys_dir/nodes/.
 
+The operators' holds take the way a subscriber's presence takes: the relay tells the hub
+where its copy stands (a presence that says it is a relay) and gets the hub's holds on
+its snapshot connection; its own subscribers tell the relay, and get that message,
+unchanged, when they lack it (`holds.RelayedHolds`), or at once when the hub's changes.
+
 The relay's heartbeats are the hub's, forwarded: when the hub is silent, so is the relay,
 and its nodes see the silence or the new state themselves. Requests that come while the
 copy is not whole wait until it is (a hub's restart: the relay's nodes all ask at once,
@@ -25,18 +30,20 @@ from pathlib import Path
 
 import zmq
 
-from . import protocol
+from . import __version__, protocol
 from .collection import Collector
 from .config import Config
 from .control import ControlSocket
 from .delivery import Greeting
 from .forwarder import Forwarder
 from .handshake import key_problem, log_key_change
+from .holds import RelayedHolds
 from .keys import Security
 from .metrics import counter, gauge
 from .mirror import Mirror
-from .protocol import ANY_NETWORK, ProtocolError
-from .publisher import hub_socket
+from .protocol import ANY_NETWORK, Presence, ProtocolError
+from .publisher import hub_socket, send_or_drop
+from .roster import CONNECTED, PRESENCE_INTERVAL
 from .runtime import (
     NOTICE,
     RateLimitedLog,
@@ -78,6 +85,7 @@ class Relay:
         now = time.monotonic()
         self.started = now
         self.mirror = Mirror(self.heartbeat_timeout, now)
+        self.holds = RelayedHolds(CONNECTED)  # the hub's holds, for the region's subscribers
         # The authenticator must run before the first bind, on the sockets' context.
         self.auth = self.server_security.authenticator(self.context)
         try:
@@ -187,6 +195,8 @@ class Relay:
             self.follow(self.mirror.on_tick(now))
             self.answer(self.mirror.due(now))
             self.say_hello(now)
+            if self.link.takes_presence and now >= self.link.next_presence:
+                self.send_presence(now)
             watched.update()
         self.close()
 
@@ -232,15 +242,49 @@ class Relay:
     def handle_snapshot(self, now: float) -> None:
         sock = self.link.snapshots
         for frames in drain(sock, 1000, max_frames=5):
+            if protocol.is_holds(frames):
+                self.take_holds(frames, now)
+                continue
             try:
                 part = protocol.decode_snapshot_part(frames, ANY_NETWORK)
             except ProtocolError as error:
                 self.refused += 1
                 self.refusals.warning("snapshot", "ignored a snapshot part: %s", error)
                 continue
+            if part.presence and not self.link.takes_presence:
+                self.link.takes_presence = True
+                self.link.next_presence = 0.0  # at once: the hub's holds come in answer
             self.follow(self.mirror.on_snapshot_part(part, now))
             if self.link.snapshots is not sock:  # a part was missing: a new socket asks again
                 break
+
+    def take_holds(self, frames: list[bytes], now: float) -> None:
+        """The hub's holds: checked, kept as they came, and handed to the region's
+        subscribers heard lately if they changed."""
+        try:
+            digest, holds = protocol.decode_holds(frames)
+        except ProtocolError as error:
+            self.refused += 1
+            self.refusals.warning("holds", "ignored the holds from the hub: %s", error)
+            return
+        # One copy of the hub's bytes, shared by every send (libzmq counts references): a
+        # node that asks again and again and never reads queues references, not copies.
+        shared = [*frames[:-1], zmq.Frame(frames[-1])]
+        peers = self.holds.on_holds(shared, digest, len(holds), now)
+        if peers:
+            log.info("the hub's holds changed: %d, to %d subscribers", len(holds), len(peers))
+        for peer in peers:
+            send_or_drop(self.snapshots, [peer, *frames])
+
+    def send_presence(self, now: float) -> None:
+        """Where the copy stands, and which of the hub's holds the relay has."""
+        sync = self.mirror.sync
+        whole = self.mirror.whole(now)
+        presence = Presence(
+            sync.state_id, sync.sequence, whole, __version__, (), self.holds.digest, relay=True
+        )
+        try_send_frames(self.link.snapshots, protocol.encode_presence(presence))
+        self.link.next_presence = now + PRESENCE_INTERVAL
 
     def follow(self, outcome: Outcome) -> None:
         """Do what the copy's core decided: log, move the sockets (the forwarder's SUB with
@@ -299,6 +343,9 @@ class Relay:
         peers = []
         for frames in drain(self.snapshots, 1000, max_frames=8):
             peer, body = frames[0], frames[1:]
+            if len(body) > 1 and body[1] == protocol.PRESENCE:
+                self.handle_presence(peer, body, now)
+                continue
             try:
                 protocol.decode_snapshot_request(body)
             except ProtocolError as error:
@@ -307,6 +354,19 @@ class Relay:
                 continue
             peers += self.mirror.on_request(peer, now)
         self.answer(peers)
+
+    def handle_presence(self, peer: bytes, body: list[bytes], now: float) -> None:
+        """A subscriber of the region says where it stands: it gets the hub's holds if it
+        lacks them. Nothing of it goes to the hub."""
+        try:
+            presence = protocol.decode_presence(body)
+        except ProtocolError as error:
+            self.refused += 1
+            self.refusals.warning("presence", "refused a presence: %s", error)
+            return
+        if self.holds.on_presence(peer, presence.holds, now):
+            # Not waited for: a full queue misses it, and the next presence asks again.
+            send_or_drop(self.snapshots, [peer, *self.holds.message])
 
     def answer(self, peers: list[bytes]) -> None:
         """The copy to each peer. Its parts are encoded once, and each large frame is shared
@@ -347,6 +407,8 @@ class Relay:
             "Snapshots served": mirror.served,
             "Requests waiting": len(mirror.waiting),
             "Requests dropped": mirror.dropped,
+            "Operators' holds": self.holds.count,
+            "Subscribers heard": len(self.holds.listeners(now)),
             "Frames forwarded": forwarded["messages"],
             "Messages refused": self.refused,
             "problems": self.problems(now),
@@ -360,6 +422,7 @@ class Relay:
                 "snapshots_served": counter("snapshots handed out", mirror.served),
                 "requests_waiting": gauge("snapshot requests waiting", len(mirror.waiting)),
                 "requests_dropped": counter("snapshot requests given up", mirror.dropped),
+                "holds": gauge("operators' holds passed on", self.holds.count),
                 "forwarded_frames": counter("frames forwarded", forwarded["messages"]),
                 "forwarded_bytes": counter("bytes forwarded", forwarded["bytes"]),
                 "messages_refused": counter("messages refused", self.refused),

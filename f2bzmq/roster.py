@@ -181,6 +181,7 @@ class Roster:
                     "address": heard.address,
                     "monitor": _recent(heard.monitor, now),
                     "subscriber": subscriber,
+                    "relay": bool(presence and presence.relay),
                     "synced": bool(subscriber and follows and presence.synced),
                     "lag": sequence - presence.seq if subscriber and follows else None,
                     "last_report": last_report.get(name),
@@ -190,11 +191,13 @@ class Roster:
         return rows
 
     def applied(self, state: str, now: float) -> dict[str, int]:
-        """Node -> the last sequence of `state` its subscriber applied, of those heard lately."""
+        """Node -> the last sequence of `state` its subscriber applied, of those heard lately
+        (a relay applies none)."""
         return {
             node: heard.presence.seq
             for node, heard in self.heard.items()
             if heard.presence is not None
+            and not heard.presence.relay
             and heard.presence.publisher == state
             and heard.presence.synced
             and _recent(heard.subscriber, now)

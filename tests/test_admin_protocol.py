@@ -158,6 +158,10 @@ def test_presence_round_trips_and_later_keys_are_ignored():
     assert protocol.decode_presence(protocol.encode_presence(before)) == before
     later = b'{"publisher": null, "seq": 0, "synced": false, "more": 1}'
     assert protocol.decode_presence([protocol.PROTOCOL, protocol.PRESENCE, later]) == before
+    # A relay says so; a node's presence reads as before the key, for hubs that predate it.
+    relay = Presence(STATE, 7, True, "0.1.0", (), "", relay=True)
+    assert protocol.decode_presence(protocol.encode_presence(relay)) == relay
+    assert b"relay" not in protocol.encode_presence(presence)[-1]
 
 
 @pytest.mark.parametrize(
@@ -169,6 +173,7 @@ def test_presence_round_trips_and_later_keys_are_ignored():
         (b'{"seq": 1, "synced": true, "jails": ["a b"]}', "jail must be"),
         (b'{"seq": 1, "synced": true, "jails": "sshd"}', "at most 200 jails"),
         (b'{"seq": 1, "synced": true, "holds": 5}', "holds must be a digest"),
+        (b'{"seq": 1, "synced": true, "relay": 1}', "relay must be true or false"),
     ],
 )
 def test_malformed_presence_is_refused(text, reason):

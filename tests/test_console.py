@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from f2bzmq import protocol
 from f2bzmq.keys import keygen, load_public
-from f2bzmq.lab import Cluster, Hub, Node, child_environment, free_ports, make_keys, wait_until
+from f2bzmq.lab import Cluster, Hub, Node, free_ports, make_keys, wait_until
 from f2bzmq.protocol import BanEvent
+from tests.support.console import console, ok
 from tests.support.nodeclient import NodeClient
 
 ADMIN = "alice"
@@ -36,24 +34,6 @@ def site(tmp_path_factory) -> Cluster:
     keygen(ADMIN, cluster.keys_dir / "admins")  # on the hub: admitted at its first request
     with cluster:
         yield cluster
-
-
-def console(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "f2bzmq", "cluster", "-c", str(config), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=child_environment(),
-        check=False,
-    )
-
-
-def ok(config: Path, *args: str, stdin: str | None = None) -> str:
-    done = console(config, *args, stdin=stdin)
-    assert done.returncode == 0, (args, done.stdout, done.stderr)
-    return done.stdout
 
 
 def banned(cluster: Cluster, node: str, jail: str) -> set[str]:

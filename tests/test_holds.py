@@ -1,10 +1,12 @@
 """What a node does about the operators' holds, without fail2ban: ignoreip entries added
-while a hold lasts and taken out after (only its own), each unban lifted once."""
+while a hold lasts and taken out after (only its own), each unban lifted once; and what a
+relay hands on of its hub's holds, and to whom."""
 
 import pytest
 
-from f2bzmq.holds import LocalHolds
-from f2bzmq.protocol import Hold
+from f2bzmq import holds as holds_module
+from f2bzmq.holds import LocalHolds, RelayedHolds
+from f2bzmq.protocol import Hold, encode_holds, holds_digest
 
 NOW = 1_000_000.0
 HELD = Hold("a" * 32, "192.0.2.1", None, NOW - 10, NOW + 60)  # every jail, a minute more
@@ -108,3 +110,52 @@ def test_a_hold_a_hub_ends_early_ends_on_the_node_too():
     assert holds.holds()[HELD.id].until == NOW
     assert not holds.on_holds("hub2", [ended])  # the same list again changes nothing
     assert holds.digest("hub2") and holds.digest("hub3") == ""
+
+
+RECENT = 6.0  # seconds a relay counts a subscriber as heard
+
+
+def relayed(*holds: Hold) -> tuple[list[bytes], str]:
+    """The hub's holds message and its digest."""
+    return encode_holds(list(holds)), holds_digest(list(holds))
+
+
+@pytest.mark.parametrize(
+    "before, presence, gets",
+    [
+        (None, "", False),  # nothing from the hub yet: nothing to hand on
+        ((HELD,), "", True),  # a subscriber without holds gets the hub's
+        ((HELD,), "stale", True),  # one with other holds too
+        ((HELD,), holds_digest([HELD]), False),  # one that has them does not
+        ((), "", False),  # no holds, and the node has none
+        ((), "stale", True),  # an empty list ends the holds the node had
+    ],
+)
+def test_a_relay_hands_the_hubs_holds_to_a_subscriber_that_lacks_them(before, presence, gets):
+    relay = RelayedHolds(RECENT)
+    if before is not None:
+        relay.on_holds(*relayed(*before), len(before), NOW)
+    assert relay.on_presence(b"node2", presence, NOW) is gets
+    assert relay.listeners(NOW) == [b"node2"]
+
+
+def test_a_change_of_the_hubs_holds_goes_to_the_subscribers_heard_lately_once():
+    relay = RelayedHolds(RECENT)
+    relay.on_presence(b"gone", "", NOW - RECENT - 1)
+    relay.on_presence(b"node2", "", NOW - 1)
+    relay.on_presence(b"node3", "", NOW)
+    message, digest = relayed(HELD)
+    assert relay.on_holds(message, digest, 1, NOW) == [b"node2", b"node3"]
+    assert (relay.message, relay.digest, relay.count) == (message, digest, 1)
+    assert relay.on_holds(message, digest, 1, NOW) == []  # the same list again: no one
+    relay.on_presence(b"node2", "", NOW + RECENT)  # heard again: the later time counts
+    assert relay.listeners(NOW + RECENT + 0.5) == [b"node2"]
+    assert relay.on_holds(*relayed(HELD, SSHD), 2, NOW + RECENT + 0.5) == [b"node2"]
+
+
+def test_a_relay_remembers_a_bounded_number_of_subscribers(monkeypatch):
+    monkeypatch.setattr(holds_module, "MAX_REGION", 3)
+    relay = RelayedHolds(RECENT)
+    for number in range(5):
+        relay.on_presence(bytes([number]), "", NOW)
+    assert relay.listeners(NOW) == [b"\x02", b"\x03", b"\x04"]

@@ -153,7 +153,9 @@ def test_the_answer_is_the_hubs_table_as_the_hub_gives_it():
     feed(core, ("start",), 0)
     feed(core, ("part", OLD, 2, 1, 2), 0.5)
     feed(core, ("update", OLD, 3, 3, -1), 1)
-    assert answer(core) == ([{"publisher": OLD, "seq": 4, "part": 0, "last": True}], {"2", "3"})
+    # The hub's header, and the relay's word that it takes presence (for the hub's holds).
+    header = {"publisher": OLD, "seq": 4, "part": 0, "last": True, "presence": True}
+    assert answer(core) == ([header], {"2", "3"})
     assert core.parts() is core.parts()  # encoded once while nothing changes
     first = core.parts()
     feed(core, ("hugz", OLD, 4), 2)
@@ -172,13 +174,14 @@ def test_a_young_states_answer_holds_its_bans_only_and_says_it_is_young():
     feed(core, ("part", NEW, 1, 2, YOUNG), 1.5)
     assert set(core.sync.held) == {("sshd", "192.0.2.1")}
     assert answer(core) == (
-        [{"publisher": NEW, "seq": 1, "part": 0, "last": True, "young": True}],
+        [{"publisher": NEW, "seq": 1, "part": 0, "last": True, "young": True, "presence": True}],
         {"2"},
     )
     feed(core, ("hugz", NEW, 1), 2)  # rebuilt: the hub's table is asked for again
     assert not core.whole(2)
     feed(core, ("part", NEW, 1, 2), 2.5)
-    assert answer(core) == ([{"publisher": NEW, "seq": 1, "part": 0, "last": True}], {"2"})
+    header = {"publisher": NEW, "seq": 1, "part": 0, "last": True, "presence": True}
+    assert answer(core) == ([header], {"2"})
 
 
 def test_a_large_table_goes_in_the_hubs_parts():

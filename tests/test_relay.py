@@ -1,12 +1,13 @@
 """The relay with real daemons: a hub, a relay, and nodes with real fail2ban-servers whose
 subscribers follow the relay. What it forwards is the hub's own bytes, what it hands out
 the hub's table; its nodes converge after the hub restarts (and after it lost its
-state), after the relay restarts, and after a gap; and nobody gets past it without a
-key it admits."""
+state), after the relay restarts, and after a gap; an operator's unban and hold reach
+them as they reach the hub's own nodes; and nobody gets past it without a key it admits."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ from f2bzmq.control import ask
 from f2bzmq.keys import keygen
 from f2bzmq.lab import Node, free_ports, make_keys, run_command, wait_until
 from f2bzmq.protocol import BanEvent
+from tests.support.console import ok
+from tests.support.hub import running_hub
 from tests.support.nodeclient import NodeClient
 from tests.support.relay import LabRelay
 
@@ -145,9 +148,8 @@ def test_the_relay_forwards_the_hubs_bytes_and_hands_out_its_table(hub, keys, re
         # The hub is young (a new state that no node has rebuilt yet): so is the answer.
         header, events = direct.snapshot()
         young = {"part": 0, "last": True, "young": True}
-        # The hub also says that it takes its subscribers' presence; a relay does not.
+        # Both say that they take their subscribers' presence (for the operators' holds).
         assert header == {"publisher": header["publisher"], "seq": 4, **young, "presence": True}
-        del header["presence"]
         assert wait_until(lambda: relayed.snapshot()[0] == header, 5, 0.05)
         assert sorted(e.ip for e in relayed.snapshot()[1]) == sorted(e.ip for e in events)
         assert relay.status()["Frames forwarded"] > 0
@@ -232,6 +234,48 @@ def test_a_node_behind_a_relay_converges_after_a_gap(tmp_path, keys, hub, relay)
             assert served(relay) >= 1
         finally:
             reporter.close()
+
+
+def test_an_operators_unban_and_hold_reach_a_node_behind_a_relay(tmp_path):
+    """node2's own sshd jail bans an address (the cluster has it from node2's monitor); an
+    operator lifts it with a hold. node2's subscriber follows the relay, and hears the
+    hub's holds from it: the ban goes from node2's own jail and its fail2ban ignores the
+    address until the hold ends, as on a node that follows the hub."""
+    keys = make_keys(tmp_path / "keys", ["node1", "node2", "relay1"])
+    keygen("alice", keys / "admins")  # an operator, admitted at the first request
+    attacker = "192.0.2.41"
+    with running_hub(tmp_path, keys, console={"admin": "alice"}) as hub:
+        relay = LabRelay(tmp_path, hub.ports, keys, ["node2"], relay={"heartbeat_timeout": TIMEOUT})
+        try:
+            relay.start()
+            with region(tmp_path, keys, hub, relay) as nodes:
+                node1, node2 = nodes["node1"].fail2ban, nodes["node2"].fail2ban
+                node2.attack(attacker)
+                banned_here = wait_until(lambda: attacker in node2.banned("sshd"), 20)
+                assert banned_here, node2.log.read_text()
+                assert wait_until(lambda: attacker in node1.banned("cluster"), 10), hub.log_text()
+                out = ok(hub.config, "unban", attacker, "--hold", "1h", "--reason", "ours")
+                assert "Lifted 192.0.2.41 in sshd" in out
+
+                def held() -> bool:
+                    with node2.client() as client:
+                        return attacker in client.ignored("sshd")
+
+                assert wait_until(lambda: attacker not in node2.banned("sshd"), 10), relay.log()
+                assert wait_until(held, 10), nodes["node2"].log_text("subscriber")
+                assert attacker not in node1.banned("cluster")
+                assert relay.status()["Operators' holds"] == 1
+                assert relay.status()["Subscribers heard"] == 1
+                # The hub lists the relay as one; it applies no ban of its own.
+                listed = json.loads(ok(hub.config, "nodes", "--json"))
+                rows = {row["node"]: row for row in listed}
+                assert rows["relay1"]["relay"] and rows["relay1"]["synced"], rows
+                assert not rows["node1"]["relay"]
+                # The hold ends: node2's fail2ban has its own say again.
+                ok(hub.config, "unban", attacker, "--hold", "0")
+                assert wait_until(lambda: not held(), 10), nodes["node2"].log_text("subscriber")
+        finally:
+            relay.process.stop()
 
 
 @pytest.mark.parametrize(

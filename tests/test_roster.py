@@ -123,3 +123,18 @@ def test_subscribers_heard_lately_get_pushes_and_their_jails_are_known():
     assert roster.subscribers(NOW) == [("web1", b"one")]
     assert roster.jails() == {"sshd", "cluster"}
     assert roster.applied(STATE, NOW) == {"web1": 1}
+
+
+def test_a_relay_is_listed_as_one_and_applies_no_ban():
+    roster = Roster()
+    relay = Presence(STATE, 12, True, "0.1.0", (), "", relay=True)
+    roster.on_presence("relay1", relay, "10.1.0.7", b"relay", NOW)
+    roster.on_presence("web1", presence(12), "", b"one", NOW)
+    nodes = {KEY1: "relay1", "K2": "web1"}
+    rows = roster.node_rows(nodes, {}, {}, STATE, 12, NOW)
+    assert [(r["node"], r["relay"], r["synced"]) for r in rows] == [
+        ("relay1", True, True),
+        ("web1", False, True),
+    ]
+    assert roster.applied(STATE, NOW) == {"web1": 12}  # "applied by" names nodes only
+    assert roster.subscribers(NOW) == [("relay1", b"relay"), ("web1", b"one")]  # holds go to both
