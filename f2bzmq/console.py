@@ -398,7 +398,7 @@ class Console:
                 n["fingerprint"][:19] + "…",
                 n["address"] or "-",
                 "connected" if n["monitor"] else "-",
-                ("relay" if n.get("relay") else "connected") if n["subscriber"] else "-",
+                _subscriber(n),
                 "yes" if n["synced"] else "no",
                 "-" if n["lag"] is None else str(n["lag"]),
                 _clock(n["last_report"]),
@@ -570,3 +570,12 @@ def _on(result: dict) -> str:
     if not hub:
         return ""
     return f" (hub {hub}, state {str(state)[:8]}, sequence {result.get('sequence')})"
+
+
+def _subscriber(node: dict) -> str:
+    """The SUBSCRIBER column of `nodes`: how this hub hears the node's subscriber."""
+    if not node["subscriber"]:
+        return "-"
+    if node.get("relay"):
+        return "relay"
+    return f"via {node['via']}" if node.get("via") else "connected"

@@ -1138,6 +1138,9 @@ class Presence:
     holds: str  # the digest of the holds it has of this hub; "" for none
     # A relay's: it applies no ban, it passes the stream and the holds to its region.
     relay: bool = False
+    # The node of the relay's region this presence is of, as the relay's key vouches;
+    # None: the sender's own.
+    node: str | None = None
 
 
 def encode_presence(presence: Presence) -> list[bytes]:
@@ -1151,6 +1154,8 @@ def encode_presence(presence: Presence) -> list[bytes]:
     }
     if presence.relay:
         body["relay"] = True  # only then: a presence reads as before the key
+    if presence.node is not None:
+        body["node"] = presence.node
     return [PROTOCOL, PRESENCE, encode_object(body)]
 
 
@@ -1176,9 +1181,12 @@ def decode_presence(frames: Sequence[bytes]) -> Presence:
     relay = body.get("relay", False)
     if not isinstance(relay, bool):
         raise ProtocolError("a presence's relay must be true or false")
+    node = body.get("node")
+    if node is not None:
+        check_name(node, "node")
     names = tuple(check_name(jail, "jail") for jail in jails)
     version = _version_or_none(body.get("version"))
-    return Presence(publisher, seq, synced, version, names, holds, relay)
+    return Presence(publisher, seq, synced, version, names, holds, relay, node)
 
 
 # Holds: an operator's unban as the nodes apply it to their own jails.

@@ -918,6 +918,12 @@ class Publisher:
             return
         if kind != "node" or not node:
             return
+        if presence.node is not None:
+            # A relay's word for a node of its region (that node's key must be one this hub
+            # accepts); `nodes` says which relay told it. The relay passes the holds on.
+            if presence.node != node and presence.node in self.admission.authorized:
+                self.roster.on_relayed(presence.node, presence, node, now)
+            return
         self.roster.on_presence(node, presence, last.get("Peer-Address") or "", peer, now)
         holds = self.operators.holds
         if presence.holds != holds.digest(now):

@@ -14,6 +14,8 @@ The operators' holds take the way a subscriber's presence takes: the relay tells
 where its copy stands (a presence that says it is a relay) and gets the hub's holds on
 its snapshot connection; its own subscribers tell the relay, and get that message,
 unchanged, when they lack it (`holds.RelayedHolds`), or at once when the hub's changes.
+Their presences go on to the hub in the names their keys have here, paced, so that the
+hub's `nodes` knows where they stand.
 
 The relay's heartbeats are the hub's, forwarded: when the hub is silent, so is the relay,
 and its nodes see the silence or the new state themselves. Requests that come while the
@@ -23,6 +25,7 @@ and the relay asks the hub once).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -85,7 +88,8 @@ class Relay:
         now = time.monotonic()
         self.started = now
         self.mirror = Mirror(self.heartbeat_timeout, now)
-        self.holds = RelayedHolds(CONNECTED)  # the hub's holds, for the region's subscribers
+        # The hub's holds, for the region's subscribers; their presences, for the hub.
+        self.holds = RelayedHolds(CONNECTED, PRESENCE_INTERVAL / 2)
         # The authenticator must run before the first bind, on the sockets' context.
         self.auth = self.server_security.authenticator(self.context)
         try:
@@ -341,10 +345,11 @@ class Relay:
 
     def handle_requests(self, now: float) -> None:
         peers = []
-        for frames in drain(self.snapshots, 1000, max_frames=8):
+        for message in drain(self.snapshots, 1000, copy=False, max_frames=8):
+            frames = [frame.bytes for frame in message]
             peer, body = frames[0], frames[1:]
             if len(body) > 1 and body[1] == protocol.PRESENCE:
-                self.handle_presence(peer, body, now)
+                self.handle_presence(peer, body, message[-1], now)
                 continue
             try:
                 protocol.decode_snapshot_request(body)
@@ -355,11 +360,14 @@ class Relay:
             peers += self.mirror.on_request(peer, now)
         self.answer(peers)
 
-    def handle_presence(self, peer: bytes, body: list[bytes], now: float) -> None:
+    def handle_presence(self, peer: bytes, body: list[bytes], last: zmq.Frame, now: float) -> None:
         """A subscriber of the region says where it stands: it gets the hub's holds if it
-        lacks them. Nothing of it goes to the hub."""
+        lacks them, and the hub hears where the node stands, from the relay, in the name
+        its key has here (without keys, no name: the hub hears nothing of it)."""
         try:
             presence = protocol.decode_presence(body)
+            if presence.relay or presence.node is not None:
+                raise ProtocolError("a node's presence speaks for itself")
         except ProtocolError as error:
             self.refused += 1
             self.refusals.warning("presence", "refused a presence: %s", error)
@@ -367,6 +375,12 @@ class Relay:
         if self.holds.on_presence(peer, presence.holds, now):
             # Not waited for: a full queue misses it, and the next presence asks again.
             send_or_drop(self.snapshots, [peer, *self.holds.message])
+        if self.auth is None or not self.link.takes_presence:
+            return
+        kind, node = self.auth.identify(last.get("User-Id"))
+        if kind == "node" and self.holds.pass_on(peer, now):
+            told = dataclasses.replace(presence, node=node)
+            try_send_frames(self.link.snapshots, protocol.encode_presence(told))
 
     def answer(self, peers: list[bytes]) -> None:
         """The copy to each peer. Its parts are encoded once, and each large frame is shared

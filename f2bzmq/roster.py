@@ -49,6 +49,7 @@ class Heard:
     presence: Presence | None = None
     peer: bytes | None = None  # the subscriber's snapshot connection, for pushes
     address: str = ""
+    via: str | None = None  # the relay its subscriber follows, which told its presence
 
 
 @dataclass
@@ -90,8 +91,17 @@ class Roster:
         self, node: str, presence: Presence, address: str, peer: bytes, now: float
     ) -> None:
         heard = self.heard.setdefault(node, Heard())
-        heard.subscriber, heard.presence, heard.peer = now, presence, peer
+        heard.subscriber, heard.presence, heard.peer, heard.via = now, presence, peer, None
         heard.address = address or heard.address
+
+    def on_relayed(self, node: str, presence: Presence, relay: str, now: float) -> None:
+        """A relay tells of `node`'s subscriber, which follows it. What the node told this
+        hub itself lately counts first: a relay's word does not replace it. The node gets
+        the holds from the relay, so none are pushed to it from here."""
+        heard = self.heard.setdefault(node, Heard())
+        if heard.via is None and heard.peer is not None and _recent(heard.subscriber, now):
+            return
+        heard.subscriber, heard.presence, heard.peer, heard.via = now, presence, None, relay
 
     def subscribers(self, now: float) -> list[tuple[str, bytes]]:
         """(node, snapshot connection) of each subscriber heard lately."""
@@ -182,6 +192,7 @@ class Roster:
                     "monitor": _recent(heard.monitor, now),
                     "subscriber": subscriber,
                     "relay": bool(presence and presence.relay),
+                    "via": heard.via if subscriber else None,
                     "synced": bool(subscriber and follows and presence.synced),
                     "lag": sequence - presence.seq if subscriber and follows else None,
                     "last_report": last_report.get(name),

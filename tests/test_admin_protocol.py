@@ -162,6 +162,8 @@ def test_presence_round_trips_and_later_keys_are_ignored():
     relay = Presence(STATE, 7, True, "0.1.0", (), "", relay=True)
     assert protocol.decode_presence(protocol.encode_presence(relay)) == relay
     assert b"relay" not in protocol.encode_presence(presence)[-1]
+    told = Presence(STATE, 7, True, "0.1.0", ("sshd",), "", node="web1")  # a relay's word
+    assert protocol.decode_presence(protocol.encode_presence(told)) == told
 
 
 @pytest.mark.parametrize(
@@ -174,6 +176,7 @@ def test_presence_round_trips_and_later_keys_are_ignored():
         (b'{"seq": 1, "synced": true, "jails": "sshd"}', "at most 200 jails"),
         (b'{"seq": 1, "synced": true, "holds": 5}', "holds must be a digest"),
         (b'{"seq": 1, "synced": true, "relay": 1}', "relay must be true or false"),
+        (b'{"seq": 1, "synced": true, "node": "a b"}', "node must be"),
     ],
 )
 def test_malformed_presence_is_refused(text, reason):

@@ -113,6 +113,7 @@ def test_a_hold_a_hub_ends_early_ends_on_the_node_too():
 
 
 RECENT = 6.0  # seconds a relay counts a subscriber as heard
+PACE = 1.0  # seconds between two presences of one subscriber that a relay passes on
 
 
 def relayed(*holds: Hold) -> tuple[list[bytes], str]:
@@ -132,7 +133,7 @@ def relayed(*holds: Hold) -> tuple[list[bytes], str]:
     ],
 )
 def test_a_relay_hands_the_hubs_holds_to_a_subscriber_that_lacks_them(before, presence, gets):
-    relay = RelayedHolds(RECENT)
+    relay = RelayedHolds(RECENT, PACE)
     if before is not None:
         relay.on_holds(*relayed(*before), len(before), NOW)
     assert relay.on_presence(b"node2", presence, NOW) is gets
@@ -140,7 +141,7 @@ def test_a_relay_hands_the_hubs_holds_to_a_subscriber_that_lacks_them(before, pr
 
 
 def test_a_change_of_the_hubs_holds_goes_to_the_subscribers_heard_lately_once():
-    relay = RelayedHolds(RECENT)
+    relay = RelayedHolds(RECENT, PACE)
     relay.on_presence(b"gone", "", NOW - RECENT - 1)
     relay.on_presence(b"node2", "", NOW - 1)
     relay.on_presence(b"node3", "", NOW)
@@ -155,7 +156,29 @@ def test_a_change_of_the_hubs_holds_goes_to_the_subscribers_heard_lately_once():
 
 def test_a_relay_remembers_a_bounded_number_of_subscribers(monkeypatch):
     monkeypatch.setattr(holds_module, "MAX_REGION", 3)
-    relay = RelayedHolds(RECENT)
+    relay = RelayedHolds(RECENT, PACE)
     for number in range(5):
         relay.on_presence(bytes([number]), "", NOW)
+        relay.pass_on(bytes([number]), NOW)
     assert relay.listeners(NOW) == [b"\x02", b"\x03", b"\x04"]
+    assert set(relay.passed) == {b"\x02", b"\x03", b"\x04"}
+    assert relay.listeners(NOW + RECENT + 1) == [] and relay.passed == {}
+
+
+@pytest.mark.parametrize(
+    "moments, passed",
+    [
+        ([0.0], [True]),
+        ([0.0, 0.5, 1.0], [True, False, True]),  # a presence in a loop: one a PACE
+        ([0.0, 0.1, 0.2, 0.3, 1.2], [True, False, False, False, True]),
+    ],
+)
+def test_a_relay_passes_a_subscribers_presence_on_at_its_pace(moments, passed):
+    relay = RelayedHolds(RECENT, PACE)
+    result = []
+    for moment in moments:
+        relay.on_presence(b"node2", "", NOW + moment)
+        result.append(relay.pass_on(b"node2", NOW + moment))
+    assert result == passed
+    relay.on_presence(b"node3", "", NOW + moments[-1])
+    assert relay.pass_on(b"node3", NOW + moments[-1])  # each subscriber at its own pace

@@ -270,7 +270,10 @@ def test_an_operators_unban_and_hold_reach_a_node_behind_a_relay(tmp_path):
                 listed = json.loads(ok(hub.config, "nodes", "--json"))
                 rows = {row["node"]: row for row in listed}
                 assert rows["relay1"]["relay"] and rows["relay1"]["synced"], rows
-                assert not rows["node1"]["relay"]
+                assert not rows["node1"]["relay"] and rows["node1"]["via"] is None
+                # node2's subscriber, as the relay tells of it.
+                assert (rows["node2"]["via"], rows["node2"]["synced"]) == ("relay1", True), rows
+                assert "via relay1" in ok(hub.config, "nodes")
                 # The hold ends: node2's fail2ban has its own say again.
                 ok(hub.config, "unban", attacker, "--hold", "0")
                 assert wait_until(lambda: not held(), 10), nodes["node2"].log_text("subscriber")
@@ -322,7 +325,8 @@ def test_strangers_can_neither_listen_to_a_relay_nor_reach_the_hub_through_it(
 
 def test_nothing_a_node_sends_a_relay_goes_to_the_hub(hub, keys, relay):
     """The relay's PUB takes no message from its nodes, and its ROUTER answers snapshot
-    requests only: a report, subscriptions or junk from an admitted node stop there."""
+    requests and takes presences only: a report, subscriptions, junk or a presence in
+    another's name from an admitted node stop there."""
     node2 = NodeClient(hub.ports, keys, "node2", address=relay.address)
     try:
         junk = node2.context.socket(zmq.XSUB)
@@ -339,6 +343,11 @@ def test_nothing_a_node_sends_a_relay_goes_to_the_hub(hub, keys, relay):
             dealer.recv_multipart()
         assert node2.snapshot()[0]["seq"] == 0
         assert relay.status()["Messages refused"] == 1
+        # A presence goes on in the name of the key that sent it, never in another's.
+        for claim in ({"node": "node1"}, {"relay": True}):
+            fake = protocol.Presence(None, 0, True, None, (), "", **claim)
+            dealer.send_multipart(protocol.encode_presence(fake))
+        assert wait_until(lambda: relay.status()["Messages refused"] == 3, 5, 0.05)
         direct = NodeClient(hub.ports, keys, "node1")
         try:
             assert direct.snapshot()[0]["seq"] == 0

@@ -138,3 +138,21 @@ def test_a_relay_is_listed_as_one_and_applies_no_ban():
     ]
     assert roster.applied(STATE, NOW) == {"web1": 12}  # "applied by" names nodes only
     assert roster.subscribers(NOW) == [("relay1", b"relay"), ("web1", b"one")]  # holds go to both
+
+
+def test_a_node_behind_a_relay_is_listed_by_the_relays_word():
+    roster = Roster()
+    roster.on_relayed("web2", presence(10), "relay1", NOW)
+    (row,) = roster.node_rows({KEY1: "web2"}, {}, {}, STATE, 12, NOW)
+    assert (row["subscriber"], row["via"], row["synced"], row["lag"]) == (True, "relay1", True, 2)
+    assert roster.applied(STATE, NOW) == {"web2": 10}  # it applies the bans
+    assert roster.subscribers(NOW) == []  # its holds come from the relay
+    # What the node tells this hub itself counts first while it is recent.
+    roster.on_presence("web2", presence(12), "", b"own", NOW)
+    roster.on_relayed("web2", presence(3), "relay1", NOW + 1)
+    (row,) = roster.node_rows({KEY1: "web2"}, {}, {}, STATE, 12, NOW + 1)
+    assert (row["via"], row["lag"]) == (None, 0)
+    roster.on_relayed("web2", presence(11), "relay1", NOW + CONNECTED + 1)
+    (row,) = roster.node_rows({KEY1: "web2"}, {}, {}, STATE, 12, NOW + CONNECTED + 1)
+    assert (row["via"], row["lag"]) == ("relay1", 1)
+    assert roster.subscribers(NOW + CONNECTED + 1) == []
