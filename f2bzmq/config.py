@@ -320,7 +320,7 @@ def _hub_allowlist(value: str) -> HubAllowlist:
     return HubAllowlist(parsed, "special-purpose" in words, "hubs" in words, "nodes" in words)
 
 
-def _jail_names(value: str) -> list[str]:
+def _names(value: str) -> list[str]:
     return [_name(word) for word in _words(value)]
 
 
@@ -443,7 +443,7 @@ class MonitorSettings:
     """[monitor]: following fail2ban.log and reporting to the hubs."""
 
     logpath: str = _key("/var/log/fail2ban.log", _text)
-    ignore_jails: list[str] = _key("", _jail_names)
+    ignore_jails: list[str] = _key("", _names)
     ack_timeout: float = _key("5", _duration(float, 0.1, 3600))
     in_flight: int = _key("100", _number(int, 1, 100000))
     outbox_max: int = _key("100000", _number(int, 100, 10**8))
@@ -468,6 +468,7 @@ class PublisherSettings:
     allow_foreign_unban: bool = _key("false", _bool)
     rebuild_window: float = _key("5m", _duration(float, 0, 86400))
     node_silence: float = _key("1m", _duration(float, 1, 86400))
+    relays: list[str] = _key("", _names)  # node keys whose word for their region's nodes counts
     # The hub's own folders (it runs as its own user); empty: "publisher" in [general]'s.
     state_dir: str = _key("", _folder)
     run_dir: str = _key("", _folder)
@@ -520,7 +521,7 @@ class ClusterJail:
     fail2ban's keys and meanings; [detect] holds the defaults of every one."""
 
     enabled: bool = _key("false", _bool)
-    jails: list[str] = _key("", _jail_names)  # the local jails it counts; empty: its own name
+    jails: list[str] = _key("", _names)  # the local jails it counts; empty: its own name
     maxretry: int = _key("5", _number(int, 1, 10**6))
     findtime: int = _key("10m", _duration(int, 1, 2**31 - 1))
     bantime: int = _key("10m", _bantime)

@@ -193,18 +193,21 @@ class RelayedHolds:
     lately, each by its snapshot connection. A subscriber gets the message when its
     presence shows it lacks it, and every one heard lately when the hub's list changes:
     the hub pushes a change to the relay at once, so the region has it at once too. A
-    subscriber's presence goes on to the hub at most once every `pace` seconds, so a node
-    that sends them in a loop makes the relay send the hub no more than an honest one.
-    Presences, and the message, are the caller's to validate."""
+    node's presence goes on to the hub at most once every `pace` seconds, however many
+    connections it sends them on, so a node that sends them in a loop makes the relay
+    send the hub no more than an honest one. Presences, and the message, are the
+    caller's to validate."""
 
     def __init__(self, recent: float, pace: float) -> None:
         self.recent = recent  # seconds a subscriber counts as heard after its presence
         self.pace = pace
         self.message: list[bytes] | None = None  # the hub's holds message; None before one
-        self.digest = ""  # of its holds, "" before the first (as a node without holds says)
+        # Of its holds. Before the first, no digest at all (an empty list's is ""): the
+        # relay's presence then never matches the hub's, which answers with its list.
+        self.digest = "-"
         self.count = 0  # holds in it, for status
         self.heard: dict[bytes, float] = {}  # snapshot connection -> last presence, oldest first
-        self.passed: dict[bytes, float] = {}  # snapshot connection -> last presence passed on
+        self.passed: dict[str, float] = {}  # node -> last presence passed on, oldest first
 
     def on_holds(self, message: list[bytes], digest: str, count: int, now: float) -> list[bytes]:
         """The hub's whole list: the connections to hand it to (none if it is unchanged)."""
@@ -219,15 +222,18 @@ class RelayedHolds:
         self.heard.pop(peer, None)  # to the end: the order is that of the last presence
         self.heard[peer] = now
         while len(self.heard) > MAX_REGION:
-            self.passed.pop(next(iter(self.heard)), None)
             del self.heard[next(iter(self.heard))]
         return self.message is not None and digest != self.digest
 
-    def pass_on(self, peer: bytes, now: float) -> bool:
-        """Whether the presence just heard from `peer` goes on to the hub."""
-        if now - self.passed.get(peer, -self.pace) < self.pace:
+    def pass_on(self, node: str, now: float) -> bool:
+        """Whether the presence just heard from `node` goes on to the hub."""
+        last = self.passed.pop(node, None)
+        if last is not None and now - last < self.pace:
+            self.passed[node] = last
             return False
-        self.passed[peer] = now
+        self.passed[node] = now
+        while len(self.passed) > MAX_REGION:
+            del self.passed[next(iter(self.passed))]
         return True
 
     def listeners(self, now: float) -> list[bytes]:
@@ -236,5 +242,4 @@ class RelayedHolds:
             if now - when <= self.recent:
                 break
             del self.heard[peer]  # heard the longest ago first: the rest are more recent
-            self.passed.pop(peer, None)
         return list(self.heard)

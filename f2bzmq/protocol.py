@@ -51,6 +51,9 @@ ADMIN = b"admin"  # console -> hub: [PROTOCOL, ADMIN, {"verb": …, …}]
 RESULT = b"result"  # hub -> console: [PROTOCOL, RESULT, {…}], or {"error": "one line"}
 # subscriber -> hub on its snapshot DEALER, every few seconds: where it stands
 PRESENCE = b"presence"
+# relay -> hub on the snapshot socket: a presence of a node behind the relay, in its name.
+# A kind of its own: a hub from before it refuses it instead of reading the relay's own.
+RELAYED = b"relayed"
 HOLDS = b"holds"  # hub -> subscriber on the snapshot socket: the operators' lifts and holds
 
 BAN = "ban"
@@ -1138,8 +1141,7 @@ class Presence:
     holds: str  # the digest of the holds it has of this hub; "" for none
     # A relay's: it applies no ban, it passes the stream and the holds to its region.
     relay: bool = False
-    # The node of the relay's region this presence is of, as the relay's key vouches;
-    # None: the sender's own.
+    # The node behind a relay this presence is of (a RELAYED message); None: the sender's.
     node: str | None = None
 
 
@@ -1154,15 +1156,22 @@ def encode_presence(presence: Presence) -> list[bytes]:
     }
     if presence.relay:
         body["relay"] = True  # only then: a presence reads as before the key
-    if presence.node is not None:
-        body["node"] = presence.node
-    return [PROTOCOL, PRESENCE, encode_object(body)]
+    if presence.node is None:
+        return [PROTOCOL, PRESENCE, encode_object(body)]
+    body["node"] = presence.node
+    return [PROTOCOL, RELAYED, encode_object(body)]
+
+
+def is_presence(frames: Sequence[bytes]) -> bool:
+    """A presence or a relayed one (the frames after the sender's identity)."""
+    return len(frames) > 1 and frames[0] == PROTOCOL and frames[1] in (PRESENCE, RELAYED)
 
 
 def decode_presence(frames: Sequence[bytes]) -> Presence:
-    """Keys this version does not know are ignored, so a later subscriber can say more."""
+    """A presence, or a relayed one (`node` set). Keys this version does not know are
+    ignored, so a later subscriber can say more."""
     kind, rest = split_message(frames)
-    if kind != PRESENCE or len(rest) != 1:
+    if kind not in (PRESENCE, RELAYED) or len(rest) != 1:
         raise ProtocolError("expected a presence with one body")
     body = decode_object(rest[0], MAX_HUB_FRAME)
     publisher, seq, synced = body.get("publisher"), body.get("seq"), body.get("synced")
@@ -1181,9 +1190,7 @@ def decode_presence(frames: Sequence[bytes]) -> Presence:
     relay = body.get("relay", False)
     if not isinstance(relay, bool):
         raise ProtocolError("a presence's relay must be true or false")
-    node = body.get("node")
-    if node is not None:
-        check_name(node, "node")
+    node = check_name(body.get("node"), "node") if kind == RELAYED else None
     names = tuple(check_name(jail, "jail") for jail in jails)
     version = _version_or_none(body.get("version"))
     return Presence(publisher, seq, synced, version, names, holds, relay, node)

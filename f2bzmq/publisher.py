@@ -52,7 +52,7 @@ from .health import (
 from .keys import REPORT_DOMAIN, Security, fingerprint, write_public
 from .legacy import LegacyEndpoints
 from .metrics import counter, gauge, histogram
-from .protocol import Decision, ProtocolError
+from .protocol import Decision, Presence, ProtocolError
 from .rebuild import Handed, Handover, Rebuild
 from .reload import LOGLEVEL, reread
 from .replication import PULL_ROWS, Cursor, Replication, log_answer
@@ -106,6 +106,7 @@ LIVE_KEYS = frozenset(
         ("publisher", "allow_foreign_unban"),
         ("publisher", "heartbeat_interval"),
         ("publisher", "node_silence"),
+        ("publisher", "relays"),
     }
 )
 # Seconds between attempts to store again after the store failed (a full disk): meanwhile
@@ -878,7 +879,7 @@ class Publisher:
         for frames in drain(self.snapshots, 100, copy=False, max_frames=MAX_REQUEST_FRAMES):
             oversized = oversized or len(frames) == MAX_REQUEST_FRAMES
             peer, body = frames[0].bytes, [frame.bytes for frame in frames[1:]]
-            if len(body) > 1 and body[1] == protocol.PRESENCE:
+            if protocol.is_presence(body):
                 self.handle_presence(peer, body, frames[-1], now)
                 continue
             # Without keys every connection counts as a node of its own.
@@ -919,16 +920,28 @@ class Publisher:
         if kind != "node" or not node:
             return
         if presence.node is not None:
-            # A relay's word for a node of its region (that node's key must be one this hub
-            # accepts); `nodes` says which relay told it. The relay passes the holds on.
-            if presence.node != node and presence.node in self.admission.authorized:
-                self.roster.on_relayed(presence.node, presence, node, now)
+            self.take_relayed(node, presence, now)
             return
         self.roster.on_presence(node, presence, last.get("Peer-Address") or "", peer, now)
         holds = self.operators.holds
         if presence.holds != holds.digest(now):
             # Not waited for: a full queue misses these, and the next presence asks again.
             send_or_drop(self.snapshots, [peer, *protocol.encode_holds(holds.current(now))])
+
+    def take_relayed(self, relay: str, presence: Presence, now: float) -> None:
+        """A relay's word for a node behind it: taken from the relays [publisher] relays
+        names only, for a node whose key this hub accepts (made-up names can't grow the
+        roster); `nodes` says which relay told it. The relay passes that node the holds."""
+        if relay not in self.config.publisher.relays:
+            self.refusals.warning(
+                f"relayed {relay}",
+                "ignored where %s says its nodes stand: it is not in [publisher] relays",
+                relay,
+            )
+            return
+        node = presence.node
+        if node != relay and node in self.admission.authorized and not presence.relay:
+            self.roster.on_relayed(node, presence, relay, now)
 
     def push_holds(self, now: float) -> None:
         """Every subscriber heard lately gets the holds at once: an address its node's own

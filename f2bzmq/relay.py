@@ -278,7 +278,7 @@ class Relay:
         if peers:
             log.info("the hub's holds changed: %d, to %d subscribers", len(holds), len(peers))
         for peer in peers:
-            send_or_drop(self.snapshots, [peer, *frames])
+            send_or_drop(self.snapshots, [peer, *shared])
 
     def send_presence(self, now: float) -> None:
         """Where the copy stands, and which of the hub's holds the relay has."""
@@ -348,7 +348,7 @@ class Relay:
         for message in drain(self.snapshots, 1000, copy=False, max_frames=8):
             frames = [frame.bytes for frame in message]
             peer, body = frames[0], frames[1:]
-            if len(body) > 1 and body[1] == protocol.PRESENCE:
+            if protocol.is_presence(body):
                 self.handle_presence(peer, body, message[-1], now)
                 continue
             try:
@@ -366,7 +366,7 @@ class Relay:
         its key has here (without keys, no name: the hub hears nothing of it)."""
         try:
             presence = protocol.decode_presence(body)
-            if presence.relay or presence.node is not None:
+            if presence.node is not None:
                 raise ProtocolError("a node's presence speaks for itself")
         except ProtocolError as error:
             self.refused += 1
@@ -375,10 +375,10 @@ class Relay:
         if self.holds.on_presence(peer, presence.holds, now):
             # Not waited for: a full queue misses it, and the next presence asks again.
             send_or_drop(self.snapshots, [peer, *self.holds.message])
-        if self.auth is None or not self.link.takes_presence:
-            return
+        if self.auth is None or presence.relay or not self.link.takes_presence:
+            return  # a relay that follows this one is no node the hub lists through it
         kind, node = self.auth.identify(last.get("User-Id"))
-        if kind == "node" and self.holds.pass_on(peer, now):
+        if kind == "node" and self.holds.pass_on(node, now):
             told = dataclasses.replace(presence, node=node)
             try_send_frames(self.link.snapshots, protocol.encode_presence(told))
 

@@ -159,10 +159,20 @@ def test_a_relay_remembers_a_bounded_number_of_subscribers(monkeypatch):
     relay = RelayedHolds(RECENT, PACE)
     for number in range(5):
         relay.on_presence(bytes([number]), "", NOW)
-        relay.pass_on(bytes([number]), NOW)
+        relay.pass_on(f"web{number}", NOW)
     assert relay.listeners(NOW) == [b"\x02", b"\x03", b"\x04"]
-    assert set(relay.passed) == {b"\x02", b"\x03", b"\x04"}
-    assert relay.listeners(NOW + RECENT + 1) == [] and relay.passed == {}
+    assert list(relay.passed) == ["web2", "web3", "web4"]
+    assert relay.listeners(NOW + RECENT + 1) == []
+
+
+def test_a_relay_without_the_hubs_holds_yet_asks_for_them_whatever_they_are():
+    """Its presence carries a digest no list has, not the empty list's (""): the hub
+    answers even with no holds, and a subscriber still holding ended ones hears so."""
+    relay = RelayedHolds(RECENT, PACE)
+    assert relay.digest not in ("", holds_digest([HELD]))
+    assert not relay.on_presence(b"node2", "stale", NOW)  # nothing to hand on yet
+    assert relay.on_holds(*relayed(), 0, NOW) == [b"node2"]  # the hub's empty list
+    assert relay.on_presence(b"node2", "stale", NOW)
 
 
 @pytest.mark.parametrize(
@@ -177,8 +187,8 @@ def test_a_relay_passes_a_subscribers_presence_on_at_its_pace(moments, passed):
     relay = RelayedHolds(RECENT, PACE)
     result = []
     for moment in moments:
-        relay.on_presence(b"node2", "", NOW + moment)
-        result.append(relay.pass_on(b"node2", NOW + moment))
+        connection = bytes([len(result)])  # a node asking on a new connection each time
+        relay.on_presence(connection, "", NOW + moment)
+        result.append(relay.pass_on("node2", NOW + moment))
     assert result == passed
-    relay.on_presence(b"node3", "", NOW + moments[-1])
-    assert relay.pass_on(b"node3", NOW + moments[-1])  # each subscriber at its own pace
+    assert relay.pass_on("node3", NOW + moments[-1])  # each node at its own pace
