@@ -722,6 +722,7 @@ class SnapshotPart:
     events: list[BanEvent]
     young: bool = False  # see StreamMessage
     presence: bool = False  # the hub takes PRESENCE messages on its snapshot port
+    relayed: bool = False  # and RELAYED ones (a hub does, a relay does not)
 
 
 def encode_snapshot(
@@ -730,15 +731,17 @@ def encode_snapshot(
     events: Sequence[BanEvent],
     young: bool = False,
     presence: bool = False,
+    relayed: bool = False,
 ) -> Iterator[list]:
     """The parts of a snapshot of `events` at `sequence`; an empty table is one empty part.
     `presence`: the hub says in each header that it takes PRESENCE messages, so a subscriber
-    sends them to no hub before them."""
+    sends them to no hub before them; `relayed`: RELAYED ones too, so a relay sends them to
+    a hub that takes them, and not to another relay."""
     starts = range(0, len(events), SNAPSHOT_EVENTS) or [0]
     for number, start in enumerate(starts):
         last = number == len(starts) - 1
         part = events[start : start + SNAPSHOT_EVENTS]
-        yield encode_snapshot_part(instance, sequence, number, last, part, young, presence)
+        yield encode_snapshot_part(instance, sequence, number, last, part, young, presence, relayed)
 
 
 def encode_snapshot_part(
@@ -749,15 +752,18 @@ def encode_snapshot_part(
     events: Iterable[BanEvent],
     young: bool = False,
     presence: bool = False,
+    relayed: bool = False,
 ) -> list[bytes]:
     """Part `number` of a snapshot at `sequence` (SNAPSHOT_EVENTS events at most), from a
-    hub whose table is still `young` (rebuilt after it lost its state). `presence`: the hub
-    says that it takes PRESENCE messages, so a subscriber sends them to no hub before them."""
+    hub whose table is still `young` (rebuilt after it lost its state). `presence` and
+    `relayed`: see encode_snapshot."""
     header = {"publisher": instance, "seq": sequence, "part": number, "last": last}
     if young:
         header["young"] = True
     if presence:
         header["presence"] = True
+    if relayed:
+        header["relayed"] = True
     return [PROTOCOL, SNAPSHOT, encode_object(header), event_list(events)]
 
 
@@ -776,8 +782,8 @@ def decode_snapshot_part(
         raise ProtocolError("snapshot header lacks part or last")
     items = decode_list(rest[1], MAX_NODE_FRAME)
     events = [BanEvent.from_object(item, networks) for item in items]
-    takes = header.get("presence") is True
-    return SnapshotPart(publisher, sequence, number, last, events, _young(header), takes)
+    takes, relayed = header.get("presence") is True, header.get("relayed") is True
+    return SnapshotPart(publisher, sequence, number, last, events, _young(header), takes, relayed)
 
 
 # The admin channel: operators' requests and the hub's results, on the report port. The

@@ -133,6 +133,7 @@ class Publisher:
         self.admission = Admission(config, self.table)  # what every report is judged by
         self.operators = self.load_operators()  # the operators' decisions: holds, allowlist
         self.roster = Roster()  # nodes asking to join, and what each accepted node says
+        self.unbelieved: set[str] = set()  # relays logged as not in [publisher] relays
         self.desk = Desk(self.table, self.operators, self.roster)  # the admin channel's verbs
         # A new state is young until the nodes and a peer hub have rebuilt it.
         young_until = self.store.young_until()
@@ -785,6 +786,7 @@ class Publisher:
             return {"failed": str(error)}
         settings = self.config.publisher
         self.heartbeat_interval = settings.heartbeat_interval
+        self.unbelieved.clear()  # a relay still not named is logged again
         self.admission.set_allowlist(settings.allowlist)
         self.operators.set_configured(settings.allowlist.networks)
         self.admission.set_operated(self.operators.allowlist)
@@ -929,19 +931,18 @@ class Publisher:
             send_or_drop(self.snapshots, [peer, *protocol.encode_holds(holds.current(now))])
 
     def take_relayed(self, relay: str, presence: Presence, now: float) -> None:
-        """A relay's word for a node behind it: taken from the relays [publisher] relays
-        names only, for a node whose key this hub accepts (made-up names can't grow the
-        roster); `nodes` says which relay told it. The relay passes that node the holds."""
-        if relay not in self.config.publisher.relays:
-            self.refusals.warning(
-                f"relayed {relay}",
-                "ignored where %s says its nodes stand: it is not in [publisher] relays",
+        """A relay's word for a node behind it, as Roster.on_relayed judges it; a relay the
+        configuration does not name is logged once (until a reload)."""
+        relays = self.config.publisher.relays
+        if self.roster.on_relayed(relay, presence, relays, self.admission.authorized, now):
+            return
+        if relay not in self.unbelieved:  # names of accepted keys only: a bounded set
+            self.unbelieved.add(relay)
+            log.warning(
+                "ignoring where %s says the nodes behind it stand: name it in [publisher] "
+                "relays to list them through it",
                 relay,
             )
-            return
-        node = presence.node
-        if node != relay and node in self.admission.authorized and not presence.relay:
-            self.roster.on_relayed(node, presence, relay, now)
 
     def push_holds(self, now: float) -> None:
         """Every subscriber heard lately gets the holds at once: an address its node's own

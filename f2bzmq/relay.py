@@ -15,7 +15,8 @@ where its copy stands (a presence that says it is a relay) and gets the hub's ho
 its snapshot connection; its own subscribers tell the relay, and get that message,
 unchanged, when they lack it (`holds.RelayedHolds`), or at once when the hub's changes.
 Their presences go on to the hub in the names their keys have here, paced, so that the
-hub's `nodes` knows where they stand.
+hub's `nodes` knows where they stand: to a hub whose snapshots say it takes them (a relay
+this one follows does not), which believes only the relays its configuration names.
 
 The relay's heartbeats are the hub's, forwarded: when the hub is silent, so is the relay,
 and its nodes see the silence or the new state themselves. Requests that come while the
@@ -258,6 +259,7 @@ class Relay:
             if part.presence and not self.link.takes_presence:
                 self.link.takes_presence = True
                 self.link.next_presence = 0.0  # at once: the hub's holds come in answer
+            self.link.takes_relayed = part.relayed
             self.follow(self.mirror.on_snapshot_part(part, now))
             if self.link.snapshots is not sock:  # a part was missing: a new socket asks again
                 break
@@ -375,8 +377,10 @@ class Relay:
         if self.holds.on_presence(peer, presence.holds, now):
             # Not waited for: a full queue misses it, and the next presence asks again.
             send_or_drop(self.snapshots, [peer, *self.holds.message])
-        if self.auth is None or presence.relay or not self.link.takes_presence:
-            return  # a relay that follows this one is no node the hub lists through it
+        if self.auth is None or presence.relay or not self.link.takes_relayed:
+            # Without keys no names; a relay following this one is listed through no one;
+            # a hub before RELAYED (or a relay this one follows) would refuse them.
+            return
         kind, node = self.auth.identify(last.get("User-Id"))
         if kind == "node" and self.holds.pass_on(node, now):
             told = dataclasses.replace(presence, node=node)

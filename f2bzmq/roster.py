@@ -11,6 +11,7 @@ touches a socket, the disk or a clock.
 
 from __future__ import annotations
 
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 from .protocol import Presence
@@ -94,14 +95,30 @@ class Roster:
         heard.subscriber, heard.presence, heard.peer, heard.via = now, presence, peer, None
         heard.address = address or heard.address
 
-    def on_relayed(self, node: str, presence: Presence, relay: str, now: float) -> None:
-        """A relay tells of `node`'s subscriber, which follows it. What the node told this
-        hub itself lately counts first: a relay's word does not replace it. The node gets
-        the holds from the relay, so none are pushed to it from here."""
+    def on_relayed(
+        self,
+        relay: str,
+        presence: Presence,
+        relays: Iterable[str],
+        accepted: Container[str],
+        now: float,
+    ) -> bool:
+        """Node `relay` tells of the subscriber of node `presence.node`, which follows it:
+        False when this hub does not believe it. Only the relays the hub's configuration
+        names (`relays`) are believed, each for another node whose key the hub accepts
+        (made-up names can't grow the roster), of a node that is no relay itself. What
+        the node told this hub itself lately counts first. The node gets the holds from
+        the relay, so none are pushed to it from here."""
+        node = presence.node
+        if relay not in relays:
+            return False
+        if node is None or node == relay or node not in accepted or presence.relay:
+            return True  # believed, and of no node the hub lists through a relay
         heard = self.heard.setdefault(node, Heard())
         if heard.via is None and heard.peer is not None and _recent(heard.subscriber, now):
-            return
+            return True
         heard.subscriber, heard.presence, heard.peer, heard.via = now, presence, None, relay
+        return True
 
     def subscribers(self, now: float) -> list[tuple[str, bytes]]:
         """(node, snapshot connection) of each subscriber heard lately."""

@@ -102,6 +102,7 @@ class HubLink:
         self.snapshots_watch = HandshakeWatch(self.snapshots)
         self.next_presence = 0.0  # when to tell the hub where this node stands
         self.takes_presence = False  # the hub said so in a snapshot: hubs before it do not
+        self.takes_relayed = False  # likewise, of what a relay passes on (a relay does not)
 
     def _updates_socket(self) -> zmq.Socket:
         sock = self.context.socket(zmq.SUB)

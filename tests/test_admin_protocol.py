@@ -225,7 +225,12 @@ def test_malformed_holds_are_refused_whole(item, reason):
 
 def test_a_snapshot_says_whether_its_hub_takes_presence():
     (part,) = protocol.encode_snapshot(STATE, 0, [], presence=True)
-    assert protocol.decode_snapshot_part(part).presence
+    decoded = protocol.decode_snapshot_part(part)
+    assert decoded.presence and not decoded.relayed  # a relay's
+    (part,) = protocol.encode_snapshot(STATE, 0, [], presence=True, relayed=True)
+    decoded = protocol.decode_snapshot_part(part)
+    assert decoded.presence and decoded.relayed  # a hub's
     (part,) = protocol.encode_snapshot(STATE, 0, [])
-    assert not protocol.decode_snapshot_part(part).presence
-    assert b"presence" not in part[2]
+    decoded = protocol.decode_snapshot_part(part)
+    assert not decoded.presence and not decoded.relayed
+    assert b"presence" not in part[2] and b"relayed" not in part[2]

@@ -1,6 +1,8 @@
 """Who is in the cluster, without a socket: join requests, accepting and removing, and what
 `nodes` lists of each node from its monitor's hellos and its subscriber's presence."""
 
+import dataclasses
+
 import pytest
 
 from f2bzmq.protocol import Presence
@@ -140,19 +142,47 @@ def test_a_relay_is_listed_as_one_and_applies_no_ban():
     assert roster.subscribers(NOW) == [("relay1", b"relay"), ("web1", b"one")]  # holds go to both
 
 
+def relayed(seq: int, node: str = "web2", relay: bool = False) -> Presence:
+    """A relay's word for `node`."""
+    return dataclasses.replace(presence(seq), node=node, relay=relay)
+
+
+ACCEPTED = {"relay1", "relay2", "web1", "web2"}
+
+
+@pytest.mark.parametrize(
+    "sender, told, believed, listed",
+    [
+        ("relay1", relayed(10), True, "relay1"),
+        ("relay2", relayed(10), False, None),  # a relay the configuration does not name
+        ("web1", relayed(10), False, None),  # a node speaking for another
+        ("relay1", relayed(10, node="web9"), True, None),  # a name the hub does not accept
+        ("relay1", relayed(10, node="relay1"), True, None),  # for itself: it says so itself
+        ("relay1", relayed(10, relay=True), True, None),  # a relay behind it: listed by none
+    ],
+)
+def test_whose_word_for_a_node_behind_a_relay_the_hub_takes(sender, told, believed, listed):
+    roster = Roster()
+    assert roster.on_relayed(sender, told, ["relay1"], ACCEPTED, NOW) is believed
+    heard = roster.heard.get(told.node)
+    assert (heard.via if heard else None) == listed
+    if heard is None:
+        assert told.node not in roster.heard  # nothing kept of a name not believed
+
+
 def test_a_node_behind_a_relay_is_listed_by_the_relays_word():
     roster = Roster()
-    roster.on_relayed("web2", presence(10), "relay1", NOW)
+    roster.on_relayed("relay1", relayed(10), ["relay1"], ACCEPTED, NOW)
     (row,) = roster.node_rows({KEY1: "web2"}, {}, {}, STATE, 12, NOW)
     assert (row["subscriber"], row["via"], row["synced"], row["lag"]) == (True, "relay1", True, 2)
     assert roster.applied(STATE, NOW) == {"web2": 10}  # it applies the bans
     assert roster.subscribers(NOW) == []  # its holds come from the relay
     # What the node tells this hub itself counts first while it is recent.
     roster.on_presence("web2", presence(12), "", b"own", NOW)
-    roster.on_relayed("web2", presence(3), "relay1", NOW + 1)
+    roster.on_relayed("relay1", relayed(3), ["relay1"], ACCEPTED, NOW + 1)
     (row,) = roster.node_rows({KEY1: "web2"}, {}, {}, STATE, 12, NOW + 1)
     assert (row["via"], row["lag"]) == (None, 0)
-    roster.on_relayed("web2", presence(11), "relay1", NOW + CONNECTED + 1)
+    roster.on_relayed("relay1", relayed(11), ["relay1"], ACCEPTED, NOW + CONNECTED + 1)
     (row,) = roster.node_rows({KEY1: "web2"}, {}, {}, STATE, 12, NOW + CONNECTED + 1)
     assert (row["via"], row["lag"]) == ("relay1", 1)
     assert roster.subscribers(NOW + CONNECTED + 1) == []
