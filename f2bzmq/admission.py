@@ -140,9 +140,10 @@ class Admission:
 
     def handle_legacy(
         self, request: list[bytes], peer: str, now: float
-    ) -> tuple[bytes | None, Update | None]:
+    ) -> tuple[bytes | None, list[Update]]:
         """One old monitor's request (the frames after its envelope) from address `peer`:
-        the reply (the report echoed, or the old NAK) and what to broadcast once stored.
+        the reply (the report echoed, or the old NAK) and what to broadcast once stored:
+        its ban or unban, and what the cluster jails decide of it, as of a node's.
         No reply (None) when the sender is past its rate limit: an old monitor never sends
         a refused report again, so it waits for its answer instead (REQ sends one request
         at a time), and the shell asks again at `legacy_ready_at`."""
@@ -154,20 +155,23 @@ class Admission:
                 # be borrowed on the plain one.
                 raise ProtocolError(f"node {event.node} has a key: it must use it")
             self._authorize(event, None, now)
-            _, update = self._admit(event, legacy_sender(peer), now, buckets=self.legacy_buckets)
+            outcome, update = self._admit(
+                event, legacy_sender(peer), now, buckets=self.legacy_buckets
+            )
         except TryLater as error:
             self.refusals.warning(
                 f"legacy:{peer}", "holding a legacy report from %s: %s", peer, error
             )
-            return None, None
+            return None, []
         except ProtocolError as error:
             self.counters["refused"] += 1
             # Keyed by the peer's address, not by the reason: that holds the sender's text.
             self.refusals.warning(
                 f"legacy:{peer}", "refused a legacy report from %s: %s", peer, error
             )
-            return legacy.LEGACY_NAK, None
-        return report.echo, update
+            return legacy.LEGACY_NAK, []
+        decided = self._follow(event, outcome, now)
+        return report.echo, decided if update is None else [update, *decided]
 
     def legacy_ready_at(self, peer: str, now: float) -> float:
         """When an old monitor at `peer`, held back by its rate limit or by a store that

@@ -223,7 +223,7 @@ class LegacyEndpoints:
         self,
         context: zmq.Context,
         settings: PublisherSettings,
-        judge: Callable[[list[bytes], str, float], tuple[bytes | None, Update | None]],
+        judge: Callable[[list[bytes], str, float], tuple[bytes | None, list[Update]]],
         commit: Callable[[zmq.Socket | None, list[list[bytes]], list[Update], str], None],
         ready_at: Callable[[str, float], float],
     ) -> None:
@@ -302,14 +302,13 @@ class LegacyEndpoints:
             request = frames[1:] if held.delimited else frames  # REQ's envelope: b"" first
             if held.message.dropped:
                 request = [*request, b""]  # what it held beyond is refused all the same
-            reply, update = self.judge(request, held.address, now)
+            reply, judged = self.judge(request, held.address, now)
             if reply is None and len(self.held) < MAX_HELD:
                 held.until = self.ready_at(held.address, now)
                 self.held.append(held)
                 continue
             replies.append((held, reply or LEGACY_NAK))
-            if update is not None:
-                updates.append(update)
+            updates.extend(judged)
         if not replies:
             return
         if not self.commit([], updates, " (legacy report)"):

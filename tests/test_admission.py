@@ -314,17 +314,18 @@ def test_a_key_withdrawn_after_its_node_connected_speaks_no_more():
 def test_old_reports_are_held_to_the_same_rules(request_, authorized, reply, why, caplog):
     admission = hub(authorized)
     with caplog.at_level(logging.WARNING, "f2bzmq.admission"):
-        answer, update = admission.handle_legacy([request_.encode()], PEER, NOW)
+        answer, updates = admission.handle_legacy([request_.encode()], PEER, NOW)
     assert answer == reply.encode()
     if reply == "NAK":
-        assert answer == LEGACY_NAK and update is None and admission.table.seen == {}
+        assert answer == LEGACY_NAK and updates == [] and admission.table.seen == {}
         (line,) = caplog.messages
         assert line.startswith(f"refused a legacy report from {PEER}: ") and why in line
         assert admission.counters["refused"] == 1
     elif "|Ban|" in request_:
+        (update,) = updates
         assert (update.seq, update.event.ip, update.event.bantime) == (1, "198.51.100.22", None)
     else:
-        assert update is None  # nothing was banned
+        assert updates == []  # nothing was banned
     assert admission.counters["reports"] == 0  # "reports" counts the native endpoint's
 
 
@@ -524,6 +525,29 @@ def test_a_nodes_ban_of_an_address_banned_before_gets_the_clusters_longer_ban():
     active = admission.table.bans[("sshd", "192.0.2.7")]
     assert (active.event.node, active.event.bantime) == (CLUSTER, 1200)
     assert admission.detection.status()["escalations"] == 1
+
+
+def test_an_old_monitors_ban_counts_in_the_address_history_as_a_nodes():
+    """A cluster that still has fail2ban-zmq-tools monitors: their bans lengthen the next
+    ban of an address, and are lengthened, as keyed nodes' are."""
+    admission = detecting_hub(**{"bantime.increment": "true"})
+    admission.legacy_token = TOKEN
+    earlier = NOW - 5000
+    judge(admission, report(ban("192.0.2.7", "node1", when=earlier)), "node1", earlier)
+    judge(
+        admission, report(ban("192.0.2.7", "node1", UNBAN, earlier + 600)), "node1", earlier + 600
+    )
+    request = f"{TOKEN}|oldweb|sshd|Ban|192.0.2.7".encode()
+    answer, updates = admission.handle_legacy([request], PEER, NOW)
+    assert answer == b"oldweb|sshd|Ban|192.0.2.7"  # echoed, as the old hub did
+    # The old monitor's ban, then the cluster's twice as long in its place.
+    assert [(u.seq, u.event.node, u.event.action) for u in updates] == [
+        (3, "oldweb", "ban"),
+        (4, "hub", "unban"),  # the hub lifts it to ban it again, longer
+        (5, CLUSTER, "ban"),
+    ]
+    active = admission.table.bans[("sshd", "192.0.2.7")]
+    assert (active.event.node, active.event.bantime) == (CLUSTER, 1200)
 
 
 def test_a_node_unbanning_early_lets_the_failures_count_again():
