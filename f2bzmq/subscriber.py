@@ -81,6 +81,12 @@ LIVE_KEYS = frozenset(
 # its restarts so that only those are ever taken out again.
 HOLDS_FILE = "subscriber-holds.json"
 HOLDS_RETRY = 2.0  # seconds before fail2ban is asked again when it failed to do the holds
+# A hub (or relay) whose snapshots do not say it takes presences is asked for its table
+# again every PROBE_EVERY resync intervals (an hour by default): once it is upgraded, in
+# place and back before the heartbeat timeout, its next snapshot says so, and the
+# operators' holds reach this node from then on. A hub that predates them costs a
+# snapshot an hour per node.
+PROBE_EVERY = 12
 
 
 class HubLink:
@@ -103,6 +109,7 @@ class HubLink:
         self.next_presence = 0.0  # when to tell the hub where this node stands
         self.takes_presence = False  # the hub said so in a snapshot: hubs before it do not
         self.takes_relayed = False  # likewise, of what a relay passes on (a relay does not)
+        self.next_probe = 0.0  # when to ask again a hub that does not say it takes them
 
     def _updates_socket(self) -> zmq.Socket:
         sock = self.context.socket(zmq.SUB)
@@ -214,6 +221,8 @@ class Subscriber:
         ]
         self.resync_interval = config.subscriber.resync_interval
         self.next_resync = now + self.resync_interval
+        for link in self.links:
+            link.next_probe = now + PROBE_EVERY * self.resync_interval
         self.next_expiry = now  # when held bans of young hubs are next checked
         self.started = now
         self.holds_path = config.state_path(HOLDS_FILE)
@@ -304,8 +313,12 @@ class Subscriber:
             if now >= self.next_jails:
                 self.read_jails(now)
             for link in self.links:
-                if link.takes_presence and now >= link.next_presence:
-                    self.send_presence(link, now)
+                if link.takes_presence:
+                    if now >= link.next_presence:
+                        self.send_presence(link, now)
+                elif now >= link.next_probe:
+                    link.next_probe = now + PROBE_EVERY * self.resync_interval
+                    self.follow(link, link.sync.refresh(now))
         self.close()
 
     def read_jails(self, now: float) -> None:

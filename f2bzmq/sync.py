@@ -327,6 +327,16 @@ class HubSync:
             self._ask(outcome, now)
         return outcome
 
+    def refresh(self, now: float) -> Outcome:
+        """Ask for the table again though nothing is amiss (the shell does so now and then
+        of a hub whose snapshots did not say it takes presences: one upgraded in place,
+        and back within the heartbeat timeout, gave no other cause to ask). Not before a
+        snapshot was taken, nor while one is under way."""
+        outcome = Outcome()
+        if self.synced and self.snapshot_asked is None:
+            self._ask(outcome, now)
+        return outcome
+
     def _hear(self, now: float) -> None:
         self.heard = now
         self.streamed = True

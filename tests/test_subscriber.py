@@ -46,6 +46,8 @@ class PlayedHub:
         self.table: dict[str, BanEvent] = {}  # ip -> the ban in force
         self.subscriptions = 0
         self.snapshot_requests = 0
+        self.presences = 0
+        self.takes_presence = False  # what its snapshots say: a hub before presences
         self.beating = True
         self.next_hugz = 0.0
 
@@ -68,10 +70,15 @@ class PlayedHub:
                 self.subscriptions += 1
         while self.snapshots.poll(0):
             peer, *request = self.snapshots.recv_multipart()
+            if protocol.is_presence(request):
+                protocol.decode_presence(request)
+                self.presences += 1
+                continue
             protocol.decode_snapshot_request(request)
             self.snapshot_requests += 1
             table = list(self.table.values())
-            for part in protocol.encode_snapshot(STATE, self.sequence, table):
+            presence = self.takes_presence
+            for part in protocol.encode_snapshot(STATE, self.sequence, table, presence=presence):
                 self.snapshots.send_multipart([peer, *part])
         if self.beating and time.monotonic() >= self.next_hugz:
             self.updates.send_multipart(protocol.encode_heartbeat(STATE, self.sequence, True))
@@ -228,6 +235,30 @@ def test_an_ipv4_compatible_address_stays_banned_through_full_reconciles(
         settle(lambda: subscriber.next_resync > rereads + 1.5, "two more full reconciles")
         assert (subscriber.jails.banned, subscriber.jails.unbanned) == (1, 1)
         assert server.banned("cluster") == []
+
+
+def test_a_hub_upgraded_in_place_is_heard_to_take_presences_within_the_probe(
+    tmp_path: Path, own_signals: None, played_hub: tuple[PlayedHub, list[int]]
+) -> None:
+    """A hub that did not take presences comes back upgraded before the heartbeat timeout:
+    no gap, no silence, no new state would make the subscriber ask for its table again,
+    and without it the node would never tell it where it stands nor get the operators'
+    holds. It asks again every PROBE_EVERY resync intervals, and once the hub says so,
+    it sends presences and asks no more."""
+    hub, ports = played_hub
+    hub.change(ban("192.0.2.1"))
+    settings = {"subscriber": {"resync_interval": "1"}}  # a probe every 12 s
+    with following(tmp_path, [hub], ports, **settings) as (subscriber, server, settle):
+        settle(lambda: server.banned("cluster") == ["192.0.2.1"], "the ban")
+        assert hub.snapshot_requests == 1 and hub.presences == 0
+        hub.takes_presence = True  # upgraded, in place
+        settle(lambda: hub.presences > 0, "a presence", timeout=12 * 1 + 10)
+        assert hub.snapshot_requests == 2
+        hub.change(ban("192.0.2.2"))
+        settle(lambda: server.banned("cluster") == ["192.0.2.1", "192.0.2.2"], "the next ban")
+        presences = hub.presences
+        settle(lambda: hub.presences > presences + 2, "presences every 2 s")
+        assert hub.snapshot_requests == 2  # no more probes: it says it takes them
 
 
 def test_special_ranges_the_hubs_and_the_jails_ignoreip_are_never_banned(

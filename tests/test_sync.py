@@ -44,7 +44,7 @@ YOUNG = "young"  # the last item of an input: the hub's state is young
 def feed(core: HubSync, given: tuple, now: float) -> Outcome:
     """One input, written as a tuple: ("update", state, first seq, n…), ("hugz", state,
     seq), ("part", state, seq, n…) with an optional ("part", …, {"number", "last"}),
-    ("tick",) or ("start",); any but the last two may end with YOUNG."""
+    ("tick",), ("refresh",) or ("start",); any but the last three may end with YOUNG."""
     kind, *rest = given
     young = bool(rest) and rest[-1] == YOUNG
     rest = rest[:-1] if young else rest
@@ -52,6 +52,8 @@ def feed(core: HubSync, given: tuple, now: float) -> Outcome:
         return core.start(now)
     if kind == "tick":
         return core.on_tick(now)
+    if kind == "refresh":
+        return core.refresh(now)
     if kind == "hugz":
         return core.on_heartbeat(rest[0], rest[1], now, young)
     if kind == "update":
@@ -283,6 +285,24 @@ SCENARIOS = {
             (0.5, ("part", NEW, 0, 3, YOUNG), REPLACED, [SnapshotTaken(1, 0)]),
         ],
         ({3}, 0, True),
+    ),
+    "a refresh asks for the table though nothing is amiss; updates meanwhile wait": (
+        [
+            *SYNCED,
+            (60, ("refresh",), ASK, []),
+            (60.1, ("update", OLD, 3, 3), "", []),
+            (60.2, ("refresh",), "", []),  # one under way: not asked again
+            (60.5, ("part", OLD, 2, 1, 2), REPLACED, [SnapshotTaken(3, 3)]),  # .3 replayed
+        ],
+        ({1, 2, 3}, 3, True),
+    ),
+    "no refresh before the first snapshot": (
+        [
+            (0, ("start",), ASK, []),
+            (1, ("refresh",), "", []),
+            (1.5, ("part", OLD, 2, 1, 2), REPLACED, [SnapshotTaken(2, 2)]),
+        ],
+        ({1, 2}, 2, True),
     ),
     "a snapshot that does not come is asked for again on a fresh socket": (
         [
