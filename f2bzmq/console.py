@@ -120,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--last", type=int, default=50, metavar="N", help="default: 50")
 
     join = command("join")
-    join.add_argument("--hub-key", metavar="KEY", help="the hubs' public key (z85), once")
+    join.add_argument(
+        "--hub-key",
+        metavar="KEY",
+        help="the hubs' public key (z85), once; give it as --hub-key='KEY': a key may begin "
+        "with '-'",
+    )
     join.add_argument(
         "--wait", metavar="TIME", default="0", help="wait that long for an operator to accept"
     )
@@ -389,7 +394,8 @@ class Console:
                 text += f"\n\n{_table(headers, refused)}{len(refused)} keys refused lately"
             if result.get("hub_key"):
                 key = result["hub_key"]
-                text += f"\nA new node asks with: f2bzmq-cluster join --hub-key '{key}'"
+                # With "=": a z85 key may begin with "-", which would read as an option.
+                text += f"\nA new node asks with: {join_command(key)}"
             return self.emit(result["pending"], text)
         result = self.ask("nodes")
         rows = [
@@ -579,3 +585,10 @@ def _subscriber(node: dict) -> str:
     if node.get("relay"):
         return "relay"
     return f"via {node['via']}" if node.get("via") else "connected"
+
+
+def join_command(hub_key: str) -> str:
+    """The command a new node joins with, as `nodes pending` prints it: single quotes hold
+    any z85 key for the shell, and "=" keeps argparse from reading one that begins with
+    "-" as an option."""
+    return f"f2bzmq-cluster join --hub-key='{hub_key}'"

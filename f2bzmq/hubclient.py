@@ -106,7 +106,7 @@ def join(
         write_public(hub_path, hub_key)
     elif not hub_path.exists():
         raise ValueError(
-            f"no hub key {hub_path}: give the hubs' public key with --hub-key KEY "
+            f"no hub key {hub_path}: give the hubs' public key with --hub-key='KEY' "
             "(`f2bzmq-cluster nodes pending` on a hub shows it)"
         )
     secret = folder / f"{node}.key_secret"

@@ -6,12 +6,14 @@ live. Every command runs as an operator runs it: `python3 -m f2bzmq cluster …`
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 
 import pytest
 
 from f2bzmq import protocol
+from f2bzmq.console import build_parser, join_command
 from f2bzmq.keys import keygen, load_public
 from f2bzmq.lab import Cluster, Hub, Node, free_ports, make_keys, wait_until
 from f2bzmq.protocol import BanEvent
@@ -134,13 +136,24 @@ def test_an_import_of_1000_addresses_lands_everywhere_and_its_export_round_trips
     assert set(again) == set(left)
 
 
+def test_a_hub_key_that_begins_with_a_dash_is_taken_as_printed():
+    """About one key in 85 begins with "-" (z85): printed with "=", it is no option."""
+    key = "-F+o3vOevK2nSAV[uL5-Tb:hI?3Tn$w5ia38r0n("
+    args = build_parser().parse_args(shlex.split(join_command(key))[1:])
+    assert (args.command, args.hub_key) == ("join", key)
+    with pytest.raises(SystemExit):  # the form it was printed in before
+        build_parser().parse_args(["join", "--hub-key", key])
+
+
 def test_a_node_joins_is_accepted_and_removed_without_a_file_copied(site, tmp_path):
     hub = site.hub.config
     own_keys = tmp_path / "node4-keys"  # nothing of the cluster's in it
     root = site.hub.directory.parent
     node4 = Node(root, "node4", site.ports, {"jails": no_sync_action}, keys_dir=own_keys)
-    hub_key = load_public(site.keys_dir / "hub.key").decode()  # as `nodes pending` shows it
-    out = ok(node4.config, "join", "--hub-key", hub_key)
+    # The command `nodes pending` prints, as a new node's operator pastes it.
+    said = ok(hub, "nodes", "pending").rsplit("A new node asks with: ", 1)[1].strip()
+    assert said == join_command(load_public(site.keys_dir / "hub.key").decode())
+    out = ok(node4.config, *shlex.split(said)[1:])
     printed = out.split("key ", 1)[1].split()[0]
     assert "pending" in out and printed.startswith("SHA256:")
     node4.start()
