@@ -256,10 +256,7 @@ class Relay:
                 self.refused += 1
                 self.refusals.warning("snapshot", "ignored a snapshot part: %s", error)
                 continue
-            if part.presence and not self.link.takes_presence:
-                self.link.takes_presence = True
-                self.link.next_presence = 0.0  # at once: the hub's holds come in answer
-            self.link.takes_relayed = part.relayed
+            self.link.heard_part(part)
             self.follow(self.mirror.on_snapshot_part(part, now))
             if self.link.snapshots is not sock:  # a part was missing: a new socket asks again
                 break
@@ -289,8 +286,7 @@ class Relay:
         presence = Presence(
             sync.state_id, sync.sequence, whole, __version__, (), self.holds.digest, relay=True
         )
-        try_send_frames(self.link.snapshots, protocol.encode_presence(presence))
-        self.link.next_presence = now + PRESENCE_INTERVAL
+        self.link.tell(presence, now)
 
     def follow(self, outcome: Outcome) -> None:
         """Do what the copy's core decided: log, move the sockets (the forwarder's SUB with

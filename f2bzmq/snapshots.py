@@ -51,7 +51,14 @@ class Snapshot:
         events = self.events[start : start + protocol.SNAPSHOT_EVENTS]
         last = number == self.parts - 1
         return protocol.encode_snapshot_part(
-            self.instance, self.sequence, number, last, events, self.young, True, True
+            self.instance,
+            self.sequence,
+            number,
+            last,
+            events,
+            self.young,
+            presence=True,
+            relayed=True,
         )
 
 

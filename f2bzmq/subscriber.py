@@ -33,7 +33,7 @@ from .holds import HoldPlan, LocalHolds
 from .jails import HandUnbans, LocalJails, LocalPolicy
 from .keys import Security
 from .metrics import counter, gauge, histogram
-from .protocol import BanEvent, Hold, Presence, ProtocolError
+from .protocol import BanEvent, Hold, Presence, ProtocolError, SnapshotPart
 from .reload import LOGLEVEL, node_keys, reread
 from .roster import PRESENCE_INTERVAL
 from .runtime import (
@@ -110,6 +110,19 @@ class HubLink:
         self.takes_presence = False  # the hub said so in a snapshot: hubs before it do not
         self.takes_relayed = False  # likewise, of what a relay passes on (a relay does not)
         self.next_probe = 0.0  # when to ask again a hub that does not say it takes them
+
+    def heard_part(self, part: SnapshotPart) -> None:
+        """What a snapshot part's header says the hub takes: one that takes presences hears
+        one at once (its holds come in answer)."""
+        if part.presence and not self.takes_presence:
+            self.takes_presence = True
+            self.next_presence = 0.0
+        self.takes_relayed = part.relayed
+
+    def tell(self, presence: Presence, now: float) -> None:
+        """A presence to the hub, the next one PRESENCE_INTERVAL later. Not waited for."""
+        try_send_frames(self.snapshots, protocol.encode_presence(presence))
+        self.next_presence = now + PRESENCE_INTERVAL
 
     def _updates_socket(self) -> zmq.Socket:
         sock = self.context.socket(zmq.SUB)
@@ -341,8 +354,7 @@ class Subscriber:
             tuple(self.local_jails),
             self.holds.digest(link.publish_endpoint),
         )
-        try_send_frames(link.snapshots, protocol.encode_presence(presence))
-        link.next_presence = now + PRESENCE_INTERVAL
+        link.tell(presence, now)
 
     def apply_holds(self, now: float) -> None:
         """Make the node's own jails do what the holds say: ignore the held addresses, lift
@@ -482,9 +494,7 @@ class Subscriber:
                     error,
                 )
                 continue
-            if part.presence and not link.takes_presence:
-                link.takes_presence = True
-                link.next_presence = 0.0  # at once: the hub learns the node is here
+            link.heard_part(part)
             self.follow(link, link.sync.on_snapshot_part(part, now))
             if link.snapshots is not sock:  # a part was missing: a new socket asks again
                 break
